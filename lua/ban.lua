@@ -1,0 +1,23 @@
+-- ban.lua: an operator's ban of one subject (an IP key).
+--
+-- Keeps the subject's strike count (a manual ban is not a strike) and sets
+-- the ban's end from Redis' clock, so every node agrees on it.
+--
+-- KEYS[1]  ban hash <prefix>{<subject>}:ban
+-- ARGV[1]  duration, ms
+-- ARGV[2]  reason
+-- ARGV[3]  memory, ms (how long strikes are remembered after the ban)
+-- ARGV[4]  source ('manual', or 'auto' when a ban made during a Redis
+--          outage is written back)
+-- Returns {until_ms, strikes, now_ms}.
+
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local dur = tonumber(ARGV[1])
+local strikes = tonumber(redis.call('HGET', KEYS[1], 'strikes')) or 0
+local ban_until = now_ms + dur
+redis.call('HSET', KEYS[1], 'until', ban_until, 'strikes', strikes,
+  'reason', ARGV[2], 'source', ARGV[4], 'at', now_ms, 'dur', dur)
+redis.call('PEXPIRE', KEYS[1], dur + tonumber(ARGV[3]))
+return {ban_until, strikes, now_ms}

@@ -1,0 +1,14 @@
+-- inspect.lua: read a subject's ban and one bucket without changing them.
+--
+-- KEYS[1]  ban hash   <prefix>{<subject>}:ban
+-- KEYS[2]  state hash <prefix>{<subject>}:b
+-- ARGV[1]  bucket field (rule name), or '' for none
+-- Returns {now_us, until_ms, strikes, reason, source, at_ms, dur_ms, tat_us}
+-- with '' for what does not exist.
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local b = redis.call('HMGET', KEYS[1], 'until', 'strikes', 'reason', 'source', 'at', 'dur')
+local tat = false
+if ARGV[1] ~= '' then tat = redis.call('HGET', KEYS[2], ARGV[1]) end
+return {tostring(now), b[1] or '', b[2] or '', b[3] or '', b[4] or '', b[5] or '', b[6] or '', tat or ''}

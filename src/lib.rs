@@ -1,0 +1,19 @@
+//! floodgate: a distributed rate-limiting HTTP gateway.
+//!
+//! The modules follow a request's path: [`client_ip`] says who is asking,
+//! [`rules`] which limits apply, [`limiter`] decides (Redis or in-process),
+//! [`bans`] keeps every node's view of bans and the allowlist, [`proxy`]
+//! forwards allowed traffic, [`admin`] serves operators, and [`server`]
+//! wires them into listeners.
+
+pub mod admin;
+pub mod bans;
+pub mod client_ip;
+pub mod config;
+pub mod keys;
+pub mod limiter;
+pub mod metrics;
+pub mod proxy;
+pub mod redis_link;
+pub mod rules;
+pub mod server;

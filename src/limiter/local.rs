@@ -1,0 +1,339 @@
+//! The in-process store: the same decision as `lua/decide.lua`, per node.
+//!
+//! Used when no Redis is configured, and as the fallback while Redis is
+//! unavailable (`on_failure = "local"`). It is a line-by-line port of the
+//! script (same GCRA integers, same violation window, same escalation), so
+//! both stores decide identically on the same traffic; a differential test
+//! holds them to it.
+//!
+//! Why not `governor`'s keyed limiter: it decides one rule per call and
+//! cannot give tokens back, so it cannot decide a subject's rules
+//! all-or-nothing, which SPEC §3 requires. The math here is governor's GCRA.
+//!
+//! Memory is bounded: subjects live in sharded maps, idle ones are swept
+//! (like Redis TTLs), and each shard holds at most `max_subjects / shards`
+//! entries; past that an arbitrary idle-most entry is evicted.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::{BanParams, BucketReply, BucketState, Mode, Status, SubjectCall, SubjectReply};
+
+const SHARDS: usize = 32;
+
+#[derive(Debug, Default)]
+struct SubjectState {
+    /// (rule name, TAT in µs)
+    tats: Vec<(Arc<str>, u64)>,
+    /// Violation window start (ms) and count.
+    window: Option<(u64, u32)>,
+    state_expires_ms: u64,
+    ban_until_ms: u64,
+    strikes: u32,
+    reason: String,
+    source: &'static str,
+    ban_at_ms: u64,
+    ban_dur_ms: u64,
+    ban_expires_ms: u64,
+}
+
+impl SubjectState {
+    /// Applies the TTLs a Redis key would have.
+    fn expire(&mut self, now_ms: u64) {
+        if self.state_expires_ms < now_ms {
+            self.tats.clear();
+            self.window = None;
+        }
+        if self.ban_expires_ms < now_ms {
+            self.ban_until_ms = 0;
+            self.strikes = 0;
+        }
+    }
+
+    fn is_idle(&self, now_ms: u64) -> bool {
+        self.state_expires_ms < now_ms && self.ban_expires_ms < now_ms
+    }
+}
+
+/// A ban the local store made or holds, as the admin API shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalBan {
+    pub tag: String,
+    pub until_ms: u64,
+    pub strikes: u32,
+    pub reason: String,
+    pub source: &'static str,
+    pub dur_ms: u64,
+}
+
+/// The in-process decision store.
+pub struct LocalStore {
+    shards: Vec<Mutex<HashMap<String, SubjectState>>>,
+    ban: BanParams,
+    per_shard: usize,
+    /// Bans made while Redis was unavailable, to write back when it returns.
+    made: Mutex<Vec<LocalBan>>,
+}
+
+impl LocalStore {
+    pub fn new(ban: BanParams, max_subjects: usize) -> LocalStore {
+        LocalStore {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            ban,
+            per_shard: (max_subjects / SHARDS).max(16),
+            made: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn shard(&self, tag: &str) -> &Mutex<HashMap<String, SubjectState>> {
+        // FNV-1a: stable, cheap, and good enough to spread subjects.
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in tag.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
+        }
+        &self.shards[(h % SHARDS as u64) as usize]
+    }
+
+    /// Decides one subject, exactly as `lua/decide.lua` does.
+    pub fn decide(&self, call: &SubjectCall<'_>) -> SubjectReply {
+        let now = call.now_us.unwrap_or_else(wall_clock_us);
+        let now_ms = now / 1000;
+        let mut shard = self.shard(call.tag).lock().unwrap_or_else(|p| p.into_inner());
+        if !shard.contains_key(call.tag) && shard.len() >= self.per_shard {
+            shard.retain(|_, s| !s.is_idle(now_ms));
+            if shard.len() >= self.per_shard {
+                // Evict the entry that would expire first: the least to lose.
+                if let Some(k) = shard.iter().min_by_key(|(_, s)| s.state_expires_ms.max(s.ban_expires_ms)).map(|(k, _)| k.clone()) {
+                    shard.remove(&k);
+                }
+            }
+        }
+        let s = shard.entry(call.tag.to_string()).or_default();
+        s.expire(now_ms);
+
+        if call.bannable && matches!(call.mode, Mode::Decide) && s.ban_until_ms > now_ms {
+            return SubjectReply {
+                status: Status::BannedBefore,
+                ban_ms: s.ban_until_ms - now_ms,
+                strikes: s.strikes,
+                until_ms: s.ban_until_ms,
+                buckets: Vec::new(),
+            };
+        }
+
+        let mut buckets = Vec::with_capacity(call.rules.len());
+        let mut tats = Vec::with_capacity(call.rules.len());
+        let mut refused: Option<&str> = None;
+        for rule in call.rules {
+            let t = rule.bucket.interval_us;
+            let cap = t * u64::from(rule.bucket.burst);
+            let cost = t * u64::from(rule.bucket.cost);
+            let stored = s.tats.iter().find(|(n, _)| **n == *rule.name).map(|(_, v)| *v);
+            let mut tat = stored.unwrap_or(now).max(now);
+            let reply = match call.mode {
+                Mode::Refund { .. } => {
+                    tat = tat.saturating_sub(cost).max(now);
+                    charged(cap, tat, now)
+                }
+                Mode::Decide if tat + cost - now <= cap => {
+                    tat += cost;
+                    charged(cap, tat, now)
+                }
+                Mode::Decide => {
+                    let state = if rule.shadow { BucketState::ShadowRefusing } else { BucketState::Refusing };
+                    if state == BucketState::Refusing && refused.is_none() {
+                        refused = Some(&rule.name);
+                    }
+                    BucketReply {
+                        state,
+                        room_us: cap as i64 - (tat - now) as i64,
+                        wait_us: (tat + cost) as i64 - cap as i64 - now as i64,
+                    }
+                }
+            };
+            tats.push(tat);
+            buckets.push(reply);
+        }
+        let ttl = call.ttl_ms;
+        let write = |s: &mut SubjectState, only_charged: bool| {
+            for ((rule, reply), tat) in call.rules.iter().zip(&buckets).zip(&tats) {
+                if only_charged && reply.state != BucketState::Charged {
+                    continue;
+                }
+                match s.tats.iter_mut().find(|(n, _)| **n == *rule.name) {
+                    Some(slot) => slot.1 = *tat,
+                    None => s.tats.push((rule.name.clone(), *tat)),
+                }
+            }
+            s.state_expires_ms = now_ms + ttl;
+        };
+
+        let mut reply = SubjectReply { status: Status::Allowed, ban_ms: 0, strikes: 0, until_ms: 0, buckets: Vec::new() };
+        let refused_rule = match call.mode {
+            Mode::Decide => match refused {
+                None => {
+                    if reply_has_charge(&buckets) {
+                        write(s, true);
+                    }
+                    reply.buckets = buckets;
+                    return reply;
+                }
+                Some(r) => r.to_string(),
+            },
+            Mode::Refund { rule } => {
+                write(s, false);
+                rule.to_string()
+            }
+        };
+
+        reply.status = Status::Limited;
+        if !call.bannable || self.ban.after == 0 {
+            reply.buckets = buckets;
+            return reply;
+        }
+        let (mut vs, mut vc) = s.window.unwrap_or((now_ms, 0));
+        if s.window.is_none() || now_ms - vs >= self.ban.within_ms {
+            vs = now_ms;
+            vc = 0;
+        }
+        vc += 1;
+        if vc < self.ban.after {
+            s.window = Some((vs, vc));
+            let keep = (vs + self.ban.within_ms - now_ms).max(ttl);
+            s.state_expires_ms = now_ms + keep;
+            reply.buckets = buckets;
+            return reply;
+        }
+        s.strikes += 1;
+        let dur = self.ban.duration_for(s.strikes);
+        s.ban_until_ms = now_ms + dur;
+        s.reason = format!("rule {refused_rule}");
+        s.source = "auto";
+        s.ban_at_ms = now_ms;
+        s.ban_dur_ms = dur;
+        s.ban_expires_ms = now_ms + dur + self.ban.memory_ms;
+        s.window = None;
+        self.made.lock().unwrap_or_else(|p| p.into_inner()).push(LocalBan {
+            tag: call.tag.to_string(),
+            until_ms: s.ban_until_ms,
+            strikes: s.strikes,
+            reason: s.reason.clone(),
+            source: "auto",
+            dur_ms: dur,
+        });
+        reply.status = Status::BannedNow;
+        reply.ban_ms = dur;
+        reply.strikes = s.strikes;
+        reply.until_ms = s.ban_until_ms;
+        reply.buckets = buckets;
+        reply
+    }
+
+    /// An operator's ban (no-Redis mode), keeping the strike count.
+    pub fn ban(&self, tag: &str, dur_ms: u64, reason: &str, source: &'static str) -> LocalBan {
+        let now_ms = wall_clock_us() / 1000;
+        let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
+        let s = shard.entry(tag.to_string()).or_default();
+        s.expire(now_ms);
+        s.ban_until_ms = now_ms + dur_ms;
+        s.reason = reason.to_string();
+        s.source = source;
+        s.ban_at_ms = now_ms;
+        s.ban_dur_ms = dur_ms;
+        s.ban_expires_ms = now_ms + dur_ms + self.ban.memory_ms;
+        LocalBan { tag: tag.to_string(), until_ms: s.ban_until_ms, strikes: s.strikes, reason: s.reason.clone(), source, dur_ms }
+    }
+
+    /// Lifts a ban; true if one was active.
+    pub fn unban(&self, tag: &str) -> bool {
+        let now_ms = wall_clock_us() / 1000;
+        let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
+        match shard.get_mut(tag) {
+            Some(s) if s.ban_until_ms > now_ms => {
+                s.ban_until_ms = 0;
+                s.window = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Active bans, for the admin API in no-Redis mode.
+    pub fn active_bans(&self) -> Vec<LocalBan> {
+        let now_ms = wall_clock_us() / 1000;
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for (tag, s) in shard.iter() {
+                if s.ban_until_ms > now_ms && s.ban_expires_ms > now_ms {
+                    out.push(LocalBan {
+                        tag: tag.clone(),
+                        until_ms: s.ban_until_ms,
+                        strikes: s.strikes,
+                        reason: s.reason.clone(),
+                        source: s.source,
+                        dur_ms: s.ban_dur_ms,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.tag.cmp(&b.tag));
+        out
+    }
+
+    /// Tokens left in a rule's bucket without charging it: (room µs, µs to full).
+    pub fn peek(&self, tag: &str, rule: &crate::rules::Rule) -> (u64, u64) {
+        let now = wall_clock_us();
+        let shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
+        let cap = rule.bucket.capacity_us();
+        let tat = shard
+            .get(tag)
+            .filter(|s| s.state_expires_ms > now / 1000)
+            .and_then(|s| s.tats.iter().find(|(n, _)| **n == *rule.name).map(|(_, t)| *t))
+            .unwrap_or(now)
+            .max(now);
+        (cap.saturating_sub(tat - now), tat - now)
+    }
+
+    /// Takes the bans made since the last call (for write-back to Redis).
+    pub fn take_made_bans(&self) -> Vec<LocalBan> {
+        std::mem::take(&mut *self.made.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Forgets idle subjects and returns memory; run periodically.
+    pub fn sweep(&self) {
+        let now_ms = wall_clock_us() / 1000;
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.retain(|_, s| !s.is_idle(now_ms));
+            if shard.capacity() > 64 && shard.capacity() > shard.len() * 4 {
+                shard.shrink_to_fit();
+            }
+        }
+    }
+
+    /// Subjects tracked now (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn charged(cap: u64, tat: u64, now: u64) -> BucketReply {
+    BucketReply { state: BucketState::Charged, room_us: cap as i64 - (tat - now) as i64, wait_us: (tat - now) as i64 }
+}
+
+fn reply_has_charge(buckets: &[BucketReply]) -> bool {
+    buckets.iter().any(|b| b.state == BucketState::Charged)
+}
+
+/// Microseconds since the Unix epoch, from this machine's clock.
+pub fn wall_clock_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,349 @@
+//! The decision: may this request pass, and if not, why and for how long.
+//!
+//! A request's matching rules are grouped by subject (see [`crate::rules`]).
+//! Each subject is decided by one call to a [`DecisionStore`]: Redis (the
+//! shared, exact store) or the in-process [`LocalStore`]. The IP subject goes
+//! first; if it refuses, no other subject is asked. If a later subject
+//! refuses, the earlier ones are refunded, so a refused request costs no
+//! tokens anywhere (Redis Cluster cannot run one script across slots, so
+//! cross-subject atomicity is by compensation, not by one transaction).
+//!
+//! The [`Limiter`] owns the choice of store: Redis while its circuit breaker
+//! is closed, otherwise `redis.on_failure` (local, allow, deny).
+
+mod breaker;
+pub mod local;
+mod redis_store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use breaker::Breaker;
+pub use local::LocalStore;
+pub use redis_store::RedisStore;
+
+use crate::config::{BanConfig, OnFailure};
+use crate::metrics::GatewayMetrics;
+use crate::redis_link::RedisFailure;
+use crate::rules::{ceil_secs, Rule, SubjectGroup};
+
+/// The escalation settings both stores apply.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BanParams {
+    /// Denials within `within_ms` that make a ban; 0 = no automatic bans.
+    pub after: u32,
+    pub within_ms: u64,
+    pub duration_ms: u64,
+    pub factor: f64,
+    pub max_ms: u64,
+    pub memory_ms: u64,
+}
+
+impl BanParams {
+    pub fn from_config(b: &BanConfig) -> BanParams {
+        BanParams {
+            after: if b.enabled { b.after } else { 0 },
+            within_ms: b.within.as_millis() as u64,
+            duration_ms: b.duration.as_millis() as u64,
+            factor: b.factor,
+            max_ms: b.max_duration.as_millis() as u64,
+            memory_ms: b.memory.as_millis() as u64,
+        }
+    }
+
+    /// The length of the `strikes`-th ban: `duration x factor^(strikes-1)`,
+    /// capped at `max_duration` (the same formula as the script).
+    pub fn duration_for(&self, strikes: u32) -> u64 {
+        let d = self.duration_ms as f64 * self.factor.powi(strikes.saturating_sub(1) as i32);
+        d.min(self.max_ms as f64).floor() as u64
+    }
+}
+
+/// Decide, or give back the tokens of a request another subject refused.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode<'a> {
+    Decide,
+    Refund { rule: &'a str },
+}
+
+/// One store call: a subject and its matching rules.
+#[derive(Debug, Clone)]
+pub struct SubjectCall<'a> {
+    pub tag: &'a str,
+    pub rules: &'a [&'a Rule],
+    pub ttl_ms: u64,
+    pub bannable: bool,
+    pub mode: Mode<'a>,
+    /// Pins the clock (µs since the epoch); `None` = the store's own clock.
+    pub now_us: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Allowed,
+    Limited,
+    BannedBefore,
+    BannedNow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketState {
+    Charged,
+    Refusing,
+    /// Would refuse, but the rule is in shadow mode: not charged, not refused.
+    ShadowRefusing,
+}
+
+/// One bucket after the call: `room_us / interval` tokens left; `wait_us`
+/// until it would pass (refusing) or until it is full (otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketReply {
+    pub state: BucketState,
+    pub room_us: i64,
+    pub wait_us: i64,
+}
+
+/// A store's answer for one subject.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubjectReply {
+    pub status: Status,
+    pub ban_ms: u64,
+    pub strikes: u32,
+    pub until_ms: u64,
+    pub buckets: Vec<BucketReply>,
+}
+
+/// Where subjects are decided: Redis, or this process.
+pub trait DecisionStore {
+    fn decide(&self, call: &SubjectCall<'_>) -> impl Future<Output = Result<SubjectReply, RedisFailure>>;
+}
+
+impl DecisionStore for LocalStore {
+    fn decide(&self, call: &SubjectCall<'_>) -> impl Future<Output = Result<SubjectReply, RedisFailure>> {
+        std::future::ready(Ok(LocalStore::decide(self, call)))
+    }
+}
+
+/// The numbers of the RateLimit headers, for one rule.
+#[derive(Debug, Clone)]
+pub struct RateInfo<'r> {
+    pub rule: &'r Rule,
+    /// Whole tokens left.
+    pub remaining: u64,
+    /// Whole seconds until the bucket is full.
+    pub reset_s: u64,
+}
+
+/// A ban this request just made.
+#[derive(Debug, Clone)]
+pub struct BanMade {
+    pub tag: String,
+    pub dur_ms: u64,
+    pub strikes: u32,
+    pub until_ms: u64,
+    pub reason: String,
+}
+
+/// What happens to a request.
+#[derive(Debug)]
+pub enum Decision<'r> {
+    /// Forward; `info` is the most restrictive matched rule, if any.
+    Allowed { info: Option<RateInfo<'r>> },
+    Limited { info: RateInfo<'r>, retry_after_s: u64 },
+    Banned { remaining_ms: u64, made: Option<BanMade>, known_until_ms: u64 },
+    /// Redis is unavailable and `on_failure = "deny"`.
+    Unavailable,
+}
+
+/// The decision maker: stores, breaker and failure policy.
+pub struct Limiter {
+    redis: Option<RedisStore>,
+    local: Arc<LocalStore>,
+    breaker: Arc<Breaker>,
+    on_failure: OnFailure,
+    metrics: GatewayMetrics,
+}
+
+impl Limiter {
+    pub fn new(redis: Option<RedisStore>, local: Arc<LocalStore>, breaker: Arc<Breaker>, on_failure: OnFailure, metrics: GatewayMetrics) -> Limiter {
+        Limiter { redis, local, breaker, on_failure, metrics }
+    }
+
+    pub fn local(&self) -> &Arc<LocalStore> {
+        &self.local
+    }
+
+    pub fn redis(&self) -> Option<&RedisStore> {
+        self.redis.as_ref()
+    }
+
+    pub fn breaker(&self) -> &Arc<Breaker> {
+        &self.breaker
+    }
+
+    /// Decides a request whose matching rules are `groups`.
+    pub async fn decide<'r>(&self, groups: &[SubjectGroup<'r>]) -> Decision<'r> {
+        let tags: Vec<String> = groups.iter().map(|g| g.subject.tag()).collect();
+        if let Some(redis) = &self.redis {
+            if self.breaker.is_closed() {
+                let started = Instant::now();
+                let result = run(redis, groups, &tags, &self.metrics).await;
+                self.metrics.redis_seconds.record(started.elapsed().as_secs_f64());
+                match result {
+                    Ok(d) => {
+                        self.breaker.success();
+                        return self.count(groups, d);
+                    }
+                    Err(e) => {
+                        self.metrics.redis_errors.increment(1);
+                        self.breaker.failure(&e);
+                    }
+                }
+            }
+            match self.on_failure {
+                OnFailure::Allow => return Decision::Allowed { info: None },
+                OnFailure::Deny => {
+                    self.metrics.unavailable.increment(1);
+                    return Decision::Unavailable;
+                }
+                OnFailure::Local => {}
+            }
+        }
+        let d = run(self.local.as_ref(), groups, &tags, &self.metrics).await.unwrap_or(Decision::Allowed { info: None });
+        self.count(groups, d)
+    }
+
+    fn count<'r>(&self, groups: &[SubjectGroup<'r>], d: Decision<'r>) -> Decision<'r> {
+        match &d {
+            Decision::Allowed { .. } => {
+                for rule in groups.iter().flat_map(|g| g.rules.iter()) {
+                    if let Some(c) = self.metrics.rules.get(rule.index) {
+                        c.allowed.increment(1);
+                    }
+                }
+            }
+            Decision::Limited { info, .. } => {
+                if let Some(c) = self.metrics.rules.get(info.rule.index) {
+                    c.limited.increment(1);
+                }
+            }
+            Decision::Banned { .. } => self.metrics.banned.increment(1),
+            Decision::Unavailable => {}
+        }
+        d
+    }
+
+}
+
+/// Records a shadow refusal: a metric and a log line, never a refusal.
+fn shadow_refusal(metrics: &GatewayMetrics, rule: &Rule, tag: &str) {
+    if let Some(c) = metrics.rules.get(rule.index) {
+        c.shadow_limited.increment(1);
+    }
+    log::info!("shadow rule {} would limit {}", rule.name, tag);
+}
+
+/// Decides every group on `store`, refunding earlier subjects when a later
+/// one refuses.
+async fn run<'r, S: DecisionStore>(
+    store: &S,
+    groups: &[SubjectGroup<'r>],
+    tags: &[String],
+    metrics: &GatewayMetrics,
+) -> Result<Decision<'r>, RedisFailure> {
+    let mut best: Option<RateInfo<'r>> = None;
+    for (i, g) in groups.iter().enumerate() {
+        let call = SubjectCall {
+            tag: &tags[i],
+            rules: &g.rules,
+            ttl_ms: g.ttl_ms,
+            bannable: g.subject.bannable(),
+            mode: Mode::Decide,
+            now_us: None,
+        };
+        let reply = store.decide(&call).await?;
+        match reply.status {
+            Status::Allowed => {
+                for (rule, b) in g.rules.iter().zip(&reply.buckets) {
+                    if b.state == BucketState::ShadowRefusing {
+                        shadow_refusal(metrics, rule, &tags[i]);
+                    }
+                    if rule.shadow {
+                        continue;
+                    }
+                    let info = rate_info(rule, b);
+                    if best.as_ref().is_none_or(|x| info.remaining < x.remaining) {
+                        best = Some(info);
+                    }
+                }
+            }
+            Status::BannedBefore | Status::BannedNow => {
+                let made = (reply.status == Status::BannedNow).then(|| BanMade {
+                    tag: tags[i].clone(),
+                    dur_ms: reply.ban_ms,
+                    strikes: reply.strikes,
+                    until_ms: reply.until_ms,
+                    reason: refusing_reason(g, &reply),
+                });
+                return Ok(Decision::Banned { remaining_ms: reply.ban_ms, made, known_until_ms: reply.until_ms });
+            }
+            Status::Limited => {
+                let (rule, bucket) = g
+                    .rules
+                    .iter()
+                    .zip(&reply.buckets)
+                    .filter(|(_, b)| b.state == BucketState::Refusing)
+                    .max_by_key(|(_, b)| b.wait_us)
+                    .map(|(r, b)| (*r, *b))
+                    .unwrap_or((g.rules[0], reply.buckets.first().copied().unwrap_or(BucketReply { state: BucketState::Refusing, room_us: 0, wait_us: 1 })));
+                // Give the earlier subjects their tokens back; the first
+                // bannable one also counts the violation.
+                let mut ban: Option<BanMade> = None;
+                for (j, earlier) in groups[..i].iter().enumerate() {
+                    let call = SubjectCall {
+                        tag: &tags[j],
+                        rules: &earlier.rules,
+                        ttl_ms: earlier.ttl_ms,
+                        bannable: earlier.subject.bannable(),
+                        mode: Mode::Refund { rule: &rule.name },
+                        now_us: None,
+                    };
+                    match store.decide(&call).await {
+                        Ok(r) if r.status == Status::BannedNow => {
+                            ban = Some(BanMade { tag: tags[j].clone(), dur_ms: r.ban_ms, strikes: r.strikes, until_ms: r.until_ms, reason: format!("rule {}", rule.name) });
+                        }
+                        Ok(_) => {}
+                        Err(e) => log::warn!("could not refund {} after a refusal: {e}", tags[j]),
+                    }
+                }
+                if let Some(made) = ban {
+                    return Ok(Decision::Banned { remaining_ms: made.dur_ms, known_until_ms: made.until_ms, made: Some(made) });
+                }
+                let retry_after_s = ceil_secs(bucket.wait_us.max(1) as u64).max(1);
+                return Ok(Decision::Limited { info: rate_info(rule, &bucket), retry_after_s });
+            }
+        }
+    }
+    Ok(Decision::Allowed { info: best })
+}
+
+fn refusing_reason(g: &SubjectGroup<'_>, reply: &SubjectReply) -> String {
+    g.rules
+        .iter()
+        .zip(&reply.buckets)
+        .find(|(_, b)| b.state == BucketState::Refusing)
+        .map(|(r, _)| format!("rule {}", r.name))
+        .unwrap_or_else(|| "repeated refusals".into())
+}
+
+fn rate_info<'r>(rule: &'r Rule, b: &BucketReply) -> RateInfo<'r> {
+    let interval = rule.bucket.interval_us.max(1) as i64;
+    let cap = rule.bucket.capacity_us() as i64;
+    RateInfo {
+        rule,
+        remaining: (b.room_us.max(0) / interval) as u64,
+        reset_s: ceil_secs((cap - b.room_us).max(0) as u64),
+    }
+}
+

@@ -1,0 +1,293 @@
+//! The gateway's connection to Redis, standalone or Cluster.
+//!
+//! One multiplexed connection carries every request's script call, so
+//! concurrent requests pipeline on one socket instead of each checking a
+//! connection out of a pool. Standalone uses redis-rs' `ConnectionManager`
+//! (reconnects by itself); Cluster uses the cluster-aware connection with
+//! explicit connect/response timeouts and few retries, because its defaults
+//! (no response timeout, 16 retries) would let a dead node hang requests.
+//! Every call is bounded again by `redis.timeout` here, whatever the client
+//! library does.
+//!
+//! Scripts are sent with EVALSHA; on `NOSCRIPT` (Redis restarted, failed
+//! over, or `SCRIPT FLUSH`) the same call is re-sent as EVAL with the body,
+//! routed by its first key, which also caches the script on that node. No
+//! request fails because a script is missing, and no `SCRIPT LOAD` to every
+//! cluster node (which fails while any node is down) is needed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind, Value};
+
+use crate::config::RedisConfig;
+
+/// Why a Redis call did not give an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisFailure {
+    #[error("not connected to Redis")]
+    NotConnected,
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("Redis error: {0}")]
+    Redis(#[from] RedisError),
+    #[error("unexpected reply from Redis: {0}")]
+    Reply(#[from] redis::ParsingError),
+}
+
+/// A Lua script from `lua/`, with its SHA1 computed once.
+#[derive(Debug)]
+pub struct LuaScript {
+    body: &'static str,
+    sha: String,
+}
+
+impl LuaScript {
+    pub fn new(body: &'static str) -> LuaScript {
+        LuaScript { body, sha: redis::Script::new(body).get_hash().to_string() }
+    }
+}
+
+/// The scripts the gateway runs, loaded into the binary at build time.
+pub mod scripts {
+    use super::LuaScript;
+    use std::sync::LazyLock;
+
+    pub static DECIDE: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(include_str!("../lua/decide.lua")));
+    pub static BAN: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(include_str!("../lua/ban.lua")));
+    pub static UNBAN: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(include_str!("../lua/unban.lua")));
+    pub static INSPECT: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(include_str!("../lua/inspect.lua")));
+}
+
+#[derive(Clone)]
+enum Conn {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// A connection to Redis that may not exist yet: the gateway starts (and
+/// serves from its local store) even when Redis is down at start-up.
+pub struct RedisLink {
+    conn: ArcSwapOption<Conn>,
+    config: RedisConfig,
+}
+
+impl RedisLink {
+    pub fn new(config: RedisConfig) -> Arc<RedisLink> {
+        Arc::new(RedisLink { conn: ArcSwapOption::empty(), config })
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        !self.config.cluster.is_empty()
+    }
+
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.conn.load().is_some()
+    }
+
+    /// Establishes the connection, bounded by `redis.connect_timeout`.
+    pub async fn connect(&self) -> Result<(), RedisFailure> {
+        if self.is_connected() {
+            return Ok(());
+        }
+        let c = &self.config;
+        let limit = c.connect_timeout;
+        let conn = if self.is_cluster() {
+            let client = redis::cluster::ClusterClientBuilder::new(c.cluster.clone())
+                .connection_timeout(c.connect_timeout)
+                .response_timeout(c.timeout)
+                .retries(2)
+                .min_retry_wait(10)
+                .max_retry_wait(100)
+                .build()?;
+            let fut = client.get_async_connection();
+            match tokio::time::timeout(limit, fut).await {
+                Ok(r) => Conn::Cluster(r?),
+                Err(_) => return Err(RedisFailure::Timeout(limit)),
+            }
+        } else {
+            let client = redis::Client::open(c.url.clone().unwrap_or_default())?;
+            let cfg = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(c.connect_timeout))
+                .set_response_timeout(Some(c.timeout.max(Duration::from_secs(1))))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(200));
+            let fut = ConnectionManager::new_with_config(client, cfg);
+            match tokio::time::timeout(limit, fut).await {
+                Ok(r) => Conn::Standalone(r?),
+                Err(_) => return Err(RedisFailure::Timeout(limit)),
+            }
+        };
+        self.conn.store(Some(Arc::new(conn)));
+        Ok(())
+    }
+
+    fn current(&self) -> Result<Conn, RedisFailure> {
+        self.conn.load_full().map(|c| (*c).clone()).ok_or(RedisFailure::NotConnected)
+    }
+
+    /// Runs one command, bounded by `redis.timeout`.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, RedisFailure> {
+        self.query_within(cmd, self.config.timeout).await
+    }
+
+    /// Runs one command, bounded by `limit` (admin calls may take longer
+    /// than the per-request budget).
+    pub async fn query_within<T: FromRedisValue>(&self, cmd: &Cmd, limit: Duration) -> Result<T, RedisFailure> {
+        let value = self.send(cmd, limit).await?;
+        Ok(T::from_redis_value(value)?)
+    }
+
+    async fn send(&self, cmd: &Cmd, limit: Duration) -> Result<Value, RedisFailure> {
+        let mut conn = self.current()?;
+        let fut = async move {
+            match &mut conn {
+                Conn::Standalone(c) => cmd.query_async::<Value>(c).await,
+                Conn::Cluster(c) => cmd.query_async::<Value>(c).await,
+            }
+        };
+        match tokio::time::timeout(limit, fut).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(RedisFailure::Timeout(limit)),
+        }
+    }
+
+    /// Runs a script (EVALSHA, falling back to EVAL on NOSCRIPT), bounded by
+    /// `limit` as a whole. `args` appends the script's ARGV to a command.
+    pub async fn eval(
+        &self,
+        script: &LuaScript,
+        keys: &[&str],
+        args: impl Fn(&mut Cmd),
+        limit: Duration,
+    ) -> Result<Value, RedisFailure> {
+        let call = |evalsha: bool| {
+            let mut cmd = redis::cmd(if evalsha { "EVALSHA" } else { "EVAL" });
+            cmd.arg(if evalsha { script.sha.as_str() } else { script.body }).arg(keys.len()).arg(keys);
+            args(&mut cmd);
+            cmd
+        };
+        let started = tokio::time::Instant::now();
+        match self.send(&call(true), limit).await {
+            Err(RedisFailure::Redis(e)) if is_noscript(&e) => {
+                let left = limit.saturating_sub(started.elapsed());
+                log::info!("Redis lost the script cache (NOSCRIPT); sending the script body");
+                self.send(&call(false), left).await
+            }
+            other => other,
+        }
+    }
+
+    /// The addresses (`host:port`) of every master, or of the one server.
+    pub async fn masters(&self) -> Result<Vec<(String, u16)>, RedisFailure> {
+        let conn = self.current()?;
+        let Conn::Cluster(_) = conn else {
+            return Ok(Vec::new());
+        };
+        let text: String = self.query_within(&redis::cmd("CLUSTER").arg("NODES").clone(), self.admin_timeout()).await?;
+        Ok(parse_cluster_masters(&text))
+    }
+
+    /// A bound for admin and background calls: they may walk many keys.
+    pub fn admin_timeout(&self) -> Duration {
+        (self.config.timeout * 20).max(Duration::from_secs(2))
+    }
+
+    /// All keys matching `pattern`, with SCAN on every master (never KEYS,
+    /// which blocks Redis).
+    pub async fn scan(&self, pattern: &str) -> Result<Vec<String>, RedisFailure> {
+        let masters = self.masters().await?;
+        let mut keys = Vec::new();
+        let targets: Vec<Option<(String, u16)>> =
+            if masters.is_empty() { vec![None] } else { masters.into_iter().map(Some).collect() };
+        for target in targets {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut cmd = redis::cmd("SCAN");
+                cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000);
+                let (next, batch): (u64, Vec<String>) = match &target {
+                    None => self.query_within(&cmd, self.admin_timeout()).await?,
+                    Some((host, port)) => {
+                        let Conn::Cluster(mut c) = self.current()? else { return Err(RedisFailure::NotConnected) };
+                        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port: *port });
+                        let fut = c.route_command(cmd, routing);
+                        let v = tokio::time::timeout(self.admin_timeout(), fut)
+                            .await
+                            .map_err(|_| RedisFailure::Timeout(self.admin_timeout()))??;
+                        FromRedisValue::from_redis_value(v)?
+                    }
+                };
+                keys.extend(batch);
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    /// Opens a dedicated pub/sub connection. On a cluster any node will do:
+    /// classic PUBLISH reaches every node's subscribers.
+    pub async fn pubsub(&self, attempt: usize) -> Result<redis::aio::PubSub, RedisFailure> {
+        let url = match &self.config.url {
+            Some(u) => u.clone(),
+            None => self.config.cluster[attempt % self.config.cluster.len()].clone(),
+        };
+        let client = redis::Client::open(url)?;
+        match tokio::time::timeout(self.config.connect_timeout, client.get_async_pubsub()).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(RedisFailure::Timeout(self.config.connect_timeout)),
+        }
+    }
+}
+
+/// True when Redis does not have the script (flushed, restarted, failed over).
+pub fn is_noscript(e: &RedisError) -> bool {
+    matches!(e.kind(), ErrorKind::Server(ServerErrorKind::NoScript)) || e.code() == Some("NOSCRIPT")
+}
+
+/// Masters that are up, from `CLUSTER NODES` text.
+fn parse_cluster_masters(text: &str) -> Vec<(String, u16)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut parts = line.split_whitespace();
+            let _id = parts.next()?;
+            let addr = parts.next()?;
+            let flags = parts.next()?;
+            if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+                return None;
+            }
+            let hostport = addr.split('@').next()?;
+            let (host, port) = hostport.rsplit_once(':')?;
+            Some((host.to_string(), port.parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_nodes_text_gives_live_masters() {
+        let text = "a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+                    b 127.0.0.1:7001@17001 master,fail - 0 0 2 connected\n\
+                    c 127.0.0.1:7003@17003 slave a 0 0 1 connected\n\
+                    d 127.0.0.1:7004@17004 master - 0 0 4 connected 5461-10922\n";
+        assert_eq!(
+            parse_cluster_masters(text),
+            vec![("127.0.0.1".to_string(), 7000), ("127.0.0.1".to_string(), 7004)]
+        );
+    }
+}

@@ -1,0 +1,293 @@
+//! Which rules apply to a request, and on whose bucket.
+//!
+//! Rules are compiled once from the config. For each request the matching
+//! rules are grouped by *subject* (the client's IP key, one header value, or
+//! the whole gateway): a subject's rules are decided together in one atomic
+//! store call, so a refused request charges none of them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::Method;
+use actix_web::HttpRequest;
+
+use crate::client_ip::ClientKey;
+use crate::config::RuleConfig;
+
+/// Header values longer than this cannot be a rate-limit key: the request is
+/// refused with 400 rather than the key being truncated into collisions.
+pub const MAX_KEY_HEADER_LEN: usize = 256;
+
+/// What a rule's bucket is keyed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyKind {
+    /// The client's IP key (IPv6 grouped per prefix).
+    Ip,
+    /// The value of a request header; requests without it skip the rule.
+    Header(HeaderName),
+    /// One bucket for the whole gateway.
+    Global,
+}
+
+impl KeyKind {
+    /// Parses `ip`, `global` or `header:<Name>`.
+    pub fn parse(s: &str) -> Result<KeyKind, String> {
+        match s {
+            "ip" => Ok(KeyKind::Ip),
+            "global" => Ok(KeyKind::Global),
+            _ => match s.strip_prefix("header:") {
+                Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
+                    .map(KeyKind::Header)
+                    .map_err(|_| format!("`{name}` is not a valid header name")),
+                None => Err(format!("`{s}` is not one of \"ip\", \"global\", \"header:<Name>\"")),
+            },
+        }
+    }
+}
+
+/// A token bucket in the exact integer form both stores use (GCRA):
+/// one token every `interval_us` microseconds, `burst` tokens at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketSpec {
+    pub interval_us: u64,
+    pub burst: u32,
+    pub cost: u32,
+}
+
+impl BucketSpec {
+    /// `rate` tokens per `per`, rounded to whole microseconds per token.
+    pub fn new(rate: f64, per: Duration, burst: u32, cost: u32) -> BucketSpec {
+        let interval_us = ((per.as_secs_f64() * 1e6) / rate).round().max(1.0) as u64;
+        BucketSpec { interval_us, burst, cost }
+    }
+
+    /// Time for an empty bucket to fill: `burst x interval`.
+    pub fn capacity_us(&self) -> u64 {
+        self.interval_us * u64::from(self.burst)
+    }
+}
+
+/// A compiled rule.
+#[derive(Debug)]
+pub struct Rule {
+    /// Position in the config; indexes per-rule metric handles.
+    pub index: usize,
+    pub name: Arc<str>,
+    pub key: KeyKind,
+    pub bucket: BucketSpec,
+    pub shadow: bool,
+    path_prefix: Option<String>,
+    methods: Option<Vec<Method>>,
+    host: Option<String>,
+    /// `RateLimit-Policy` value, rendered once.
+    pub policy_header: HeaderValue,
+}
+
+impl Rule {
+    fn compile(index: usize, c: &RuleConfig) -> Rule {
+        let bucket = BucketSpec::new(c.rate, c.per, c.burst, c.cost);
+        let window = ceil_secs(bucket.capacity_us()).max(1);
+        let policy = format!("\"{}\";q={};w={}", c.name, c.burst, window);
+        Rule {
+            index,
+            name: Arc::from(c.name.as_str()),
+            key: KeyKind::parse(&c.key).unwrap_or(KeyKind::Ip),
+            bucket,
+            shadow: c.shadow,
+            path_prefix: c.matcher.path_prefix.clone(),
+            methods: c.matcher.methods.as_ref().map(|ms| {
+                ms.iter()
+                    .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
+                    .collect()
+            }),
+            host: c.matcher.host.as_ref().map(|h| h.to_ascii_lowercase()),
+            policy_header: HeaderValue::from_str(&policy).unwrap_or_else(|_| HeaderValue::from_static("")),
+        }
+    }
+
+    fn matches(&self, req: &HttpRequest) -> bool {
+        if let Some(p) = &self.path_prefix {
+            if !req.path().starts_with(p.as_str()) {
+                return false;
+            }
+        }
+        if let Some(ms) = &self.methods {
+            if !ms.contains(req.method()) {
+                return false;
+            }
+        }
+        if let Some(h) = &self.host {
+            // The Host header itself: X-Forwarded-Host is client-controlled.
+            let host = req
+                .headers()
+                .get(actix_web::http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .or_else(|| req.uri().host())
+                .unwrap_or("");
+            let bare = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+            if !bare.eq_ignore_ascii_case(h) && !host.eq_ignore_ascii_case(h) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Whole seconds, rounded up.
+pub fn ceil_secs(us: u64) -> u64 {
+    us.div_ceil(1_000_000)
+}
+
+/// Who a group of rules is charged to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    Ip(ClientKey),
+    Header { name: HeaderName, value: String },
+    Global,
+}
+
+impl Subject {
+    /// The subject's name inside Redis hash tags: `ip:203.0.113.7`,
+    /// `hdr:x-api-key:abc`, `global`. Never contains `{` or `}`.
+    pub fn tag(&self) -> String {
+        match self {
+            Subject::Ip(k) => format!("ip:{k}"),
+            Subject::Header { name, value } => format!("hdr:{}:{value}", name.as_str()),
+            Subject::Global => "global".to_string(),
+        }
+    }
+
+    /// Only client addresses are banned; a header value or the gateway
+    /// itself cannot be.
+    pub fn bannable(&self) -> bool {
+        matches!(self, Subject::Ip(_))
+    }
+}
+
+/// Percent-encodes a header value for use in a key: printable ASCII stays,
+/// `{`, `}`, `%` and everything else are escaped.
+pub fn encode_key_value(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for &b in raw {
+        if (0x21..0x7f).contains(&b) && b != b'{' && b != b'}' && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The rules of one subject that match a request.
+#[derive(Debug)]
+pub struct SubjectGroup<'r> {
+    pub subject: Subject,
+    pub rules: Vec<&'r Rule>,
+    /// How long the subject's state may live in the store once idle: long
+    /// enough for every bucket of this subject kind to refill.
+    pub ttl_ms: u64,
+}
+
+/// A request header that cannot serve as a rate-limit key.
+#[derive(Debug, thiserror::Error)]
+#[error("header {0} is longer than {MAX_KEY_HEADER_LEN} bytes and cannot be a rate-limit key")]
+pub struct KeyHeaderTooLong(pub String);
+
+/// All compiled rules.
+#[derive(Debug)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+}
+
+impl RuleSet {
+    pub fn compile(configs: &[RuleConfig]) -> RuleSet {
+        RuleSet { rules: configs.iter().enumerate().map(|(i, c)| Rule::compile(i, c)).collect() }
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| &*r.name == name)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Idle lifetime of a subject of the same kind as `key`.
+    pub fn ttl_ms(&self, key: &KeyKind) -> u64 {
+        let us = self
+            .rules
+            .iter()
+            .filter(|r| same_subject_kind(&r.key, key))
+            .map(|r| r.bucket.capacity_us())
+            .max()
+            .unwrap_or(0);
+        us.div_ceil(1000) + 1000
+    }
+
+    /// The matching rules of `req`, grouped by subject; the IP group (if
+    /// any) comes first so that a refusal there saves the other calls.
+    pub fn groups<'r>(
+        &'r self,
+        req: &HttpRequest,
+        client: ClientKey,
+    ) -> Result<Vec<SubjectGroup<'r>>, KeyHeaderTooLong> {
+        let mut groups: Vec<SubjectGroup<'r>> = Vec::new();
+        for rule in self.rules.iter().filter(|r| r.matches(req)) {
+            let subject = match &rule.key {
+                KeyKind::Ip => Subject::Ip(client),
+                KeyKind::Global => Subject::Global,
+                KeyKind::Header(name) => {
+                    let Some(v) = req.headers().get(name) else { continue };
+                    if v.len() > MAX_KEY_HEADER_LEN {
+                        return Err(KeyHeaderTooLong(name.to_string()));
+                    }
+                    Subject::Header { name: name.clone(), value: encode_key_value(v.as_bytes()) }
+                }
+            };
+            match groups.iter_mut().find(|g| g.subject == subject) {
+                Some(g) => g.rules.push(rule),
+                None => groups.push(SubjectGroup { ttl_ms: self.ttl_ms(&rule.key), subject, rules: vec![rule] }),
+            }
+        }
+        groups.sort_by_key(|g| !g.subject.bannable());
+        Ok(groups)
+    }
+}
+
+fn same_subject_kind(a: &KeyKind, b: &KeyKind) -> bool {
+    match (a, b) {
+        (KeyKind::Header(x), KeyKind::Header(y)) => x == y,
+        _ => std::mem::discriminant(a) == std::mem::discriminant(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sub_second_periods_keep_their_rate() {
+        let b = BucketSpec::new(1.0, Duration::from_millis(250), 1, 1);
+        assert_eq!(b.interval_us, 250_000);
+        let b = BucketSpec::new(3.0, Duration::from_secs(1), 3, 1);
+        assert_eq!(b.interval_us, 333_333);
+    }
+
+    #[test]
+    fn key_values_never_break_hash_tags() {
+        assert_eq!(encode_key_value(b"a{b}c%d e"), "a%7Bb%7Dc%25d%20e");
+    }
+
+    #[test]
+    fn key_kinds_parse() {
+        assert_eq!(KeyKind::parse("ip").unwrap(), KeyKind::Ip);
+        assert!(matches!(KeyKind::parse("header:X-Api-Key").unwrap(), KeyKind::Header(_)));
+        assert!(KeyKind::parse("cookie:x").is_err());
+        assert!(KeyKind::parse("header:bad name").is_err());
+    }
+}
