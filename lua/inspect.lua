@@ -4,11 +4,18 @@
 -- KEYS[2]  state hash <prefix>{<subject>}:b
 -- ARGV[1]  bucket field (rule name), or '' for none
 -- Returns {now_us, until_ms, strikes, reason, source, at_ms, dur_ms, tat_us}
--- with '' for what does not exist.
+-- as strings, '' for what does not exist. Numbers are formatted as whole
+-- decimals (Lua's own tostring would give 1.7e+15).
+
+local function whole(x)
+  local n = tonumber(x)
+  if n == nil then return '' end
+  return string.format('%.0f', n)
+end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local b = redis.call('HMGET', KEYS[1], 'until', 'strikes', 'reason', 'source', 'at', 'dur')
 local tat = false
 if ARGV[1] ~= '' then tat = redis.call('HGET', KEYS[2], ARGV[1]) end
-return {tostring(now), b[1] or '', b[2] or '', b[3] or '', b[4] or '', b[5] or '', b[6] or '', tat or ''}
+return {whole(now), whole(b[1]), whole(b[2]), b[3] or '', b[4] or '', whole(b[5]), whole(b[6]), whole(tat)}

@@ -1,0 +1,431 @@
+//! The admin listener: ban and allowlist management, bucket inspection, the
+//! audit log, health and metrics.
+//!
+//! It is served only on `server.admin_listen`, never on the public port.
+//! Every `/admin/*` call needs `Authorization: Bearer <token>`, compared in
+//! constant time; with no token configured `/admin/*` answers 503 and says
+//! how to set one. Request bodies are read whole (they are small and capped)
+//! and parsed by hand so that every mistake gets a precise 400 message and
+//! changes nothing.
+
+// Handlers answer errors with a ready HttpResponse; boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
+use std::time::Duration;
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::bans::{BanError, BanTarget};
+use crate::config::{parse_cidr, Config};
+use crate::keys;
+use crate::redis_link::scripts;
+use crate::rules::{encode_key_value, KeyKind, Subject};
+use crate::server::{json_error, Gateway};
+
+/// Largest admin request body accepted.
+const MAX_BODY: usize = 16 * 1024;
+/// Longest ban an operator can set in one call.
+const MAX_BAN: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// State of the admin listener.
+pub struct AdminState {
+    token: Option<String>,
+    token_env: String,
+    gateway: web::Data<Gateway>,
+    prom: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+impl AdminState {
+    pub fn new(
+        config: &Config,
+        gateway: web::Data<Gateway>,
+        prom: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    ) -> AdminState {
+        let env = config.server.admin_token_env.clone();
+        let token = std::env::var(&env).ok().filter(|t| !t.trim().is_empty());
+        if token.is_none() {
+            log::warn!("no admin token in ${env}: /admin/* answers 503 until one is set");
+        }
+        AdminState {
+            token,
+            token_env: env,
+            gateway,
+            prom,
+        }
+    }
+
+    fn authorize(&self, req: &HttpRequest) -> Result<(), HttpResponse> {
+        let Some(token) = &self.token else {
+            return Err(json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "admin_disabled", "message": format!("no admin token is set: put one in the environment variable {} and restart floodgate", self.token_env)}),
+            ));
+        };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .unwrap_or("");
+        if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+            Ok(())
+        } else {
+            let mut r = json_error(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "unauthorized", "message": "missing or wrong bearer token"}),
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            Err(r)
+        }
+    }
+}
+
+/// Registers every admin route.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(web::PayloadConfig::new(MAX_BODY))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
+        .route("/admin/bans", web::get().to(list_bans))
+        .route("/admin/bans", web::post().to(add_ban))
+        .route("/admin/bans/{subject}", web::get().to(get_ban))
+        .route("/admin/bans/{subject}", web::delete().to(delete_ban))
+        .route("/admin/allowlist", web::get().to(list_allow))
+        .route("/admin/allowlist", web::post().to(add_allow))
+        .route("/admin/allowlist/{cidr}", web::delete().to(delete_allow))
+        .route("/admin/buckets/{rule}/{subject}", web::get().to(bucket))
+        .route("/admin/audit", web::get().to(audit))
+        .default_service(web::to(|| async {
+            json_error(StatusCode::NOT_FOUND, json!({"error": "not_found"}))
+        }));
+}
+
+fn bad_request(message: impl Into<String>) -> HttpResponse {
+    json_error(
+        StatusCode::BAD_REQUEST,
+        json!({"error": "bad_request", "message": message.into()}),
+    )
+}
+
+fn not_found(message: impl Into<String>) -> HttpResponse {
+    json_error(
+        StatusCode::NOT_FOUND,
+        json!({"error": "not_found", "message": message.into()}),
+    )
+}
+
+fn failed(e: BanError) -> HttpResponse {
+    match e {
+        BanError::BadInput(m) => bad_request(m),
+        BanError::Unavailable(e) => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "redis_unavailable", "message": e.to_string()}),
+        ),
+    }
+}
+
+/// A path segment, percent-decoded (so a CIDR's `/` may come as `%2F`).
+fn segment(req: &HttpRequest, name: &str) -> String {
+    let raw = req.match_info().get(name).unwrap_or("");
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, HttpResponse> {
+    serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain").body("ok\n")
+}
+
+async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
+    let Some(redis) = state.gateway.limiter.redis() else {
+        return HttpResponse::Ok()
+            .content_type("text/plain")
+            .body("ready: no Redis configured; in-process store\n");
+    };
+    let link = redis.link();
+    match link.query::<String>(&redis::cmd("PING")).await {
+        Ok(_) if state.gateway.limiter.breaker().is_closed() => HttpResponse::Ok().content_type("text/plain").body("ready: Redis answers\n"),
+        Ok(_) => HttpResponse::ServiceUnavailable().content_type("text/plain").body("not ready: Redis answers again; the gateway returns to it within a probe interval\n"),
+        Err(e) => HttpResponse::ServiceUnavailable().content_type("text/plain").body(format!("not ready: {e}; serving with on_failure\n")),
+    }
+}
+
+async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
+    match &state.prom {
+        Some(p) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4")
+            .body(p.render()),
+        None => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "metrics_unavailable"}),
+        ),
+    }
+}
+
+async fn list_bans(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Err(r) = state.authorize(&req) {
+        return r;
+    }
+    match state.gateway.bans.list().await {
+        Ok(list) => HttpResponse::Ok().json(list),
+        Err(e) => failed(e),
+    }
+}
+
+fn target(state: &AdminState, raw: &str) -> Result<BanTarget, HttpResponse> {
+    BanTarget::parse(raw, state.gateway.bans.ipv6_prefix()).map_err(bad_request)
+}
+
+async fn get_ban(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Err(r) = state.authorize(&req) {
+        return r;
+    }
+    let t = match target(&state, &segment(&req, "subject")) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match state.gateway.bans.get(t).await {
+        Ok(Some(b)) => HttpResponse::Ok().json(b),
+        Ok(None) => not_found(format!("{} is not banned", t.subject())),
+        Err(e) => failed(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewBan {
+    subject: String,
+    duration: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn add_ban(req: HttpRequest, body: web::Bytes, state: web::Data<AdminState>) -> HttpResponse {
+    if let Err(r) = state.authorize(&req) {
+        return r;
+    }
+    let nb: NewBan = match parse_json(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let t = match target(&state, &nb.subject) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let duration = match humantime::parse_duration(nb.duration.trim()) {
+        Ok(d) if !d.is_zero() && d <= MAX_BAN => d,
+        Ok(_) => {
+            return bad_request(format!(
+                "duration `{}` must be more than 0 and at most 366 days",
+                nb.duration
+            ))
+        }
+        Err(_) => {
+            return bad_request(format!(
+                "duration `{}` is not a duration like \"10m\" or \"24h\"",
+                nb.duration
+            ))
+        }
+    };
+    let reason = nb.reason.unwrap_or_else(|| "manual".into());
+    if reason.len() > 512 {
+        return bad_request("reason is longer than 512 bytes");
+    }
+    if let BanTarget::Key(k) = t {
+        if state.gateway.bans.cache().is_allowlisted(k.addr()) {
+            return json_error(
+                StatusCode::CONFLICT,
+                json!({"error": "allowlisted", "message": format!("{} is on the allowlist; remove it there first", k)}),
+            );
+        }
+    }
+    match state.gateway.bans.ban(t, duration, &reason).await {
+        Ok(view) => HttpResponse::Created().json(view),
+        Err(e) => failed(e),
+    }
+}
+
+async fn delete_ban(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Err(r) = state.authorize(&req) {
+        return r;
+    }
+    let t = match target(&state, &segment(&req, "subject")) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match state.gateway.bans.unban(t, "lifted by an operator").await {
+        Ok(true) => HttpResponse::NoContent().finish(),
+        Ok(false) => not_found(format!("{} is not banned", t.subject())),
+        Err(e) => failed(e),
+    }
+}
+
+async fn list_allow(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Err(r) = state.authorize(&req) {
+        return r;
+    }
+    match state.gateway.bans.allowlist().await {
+        Ok(runtime) => {
+            let config: Vec<String> = state
+                .gateway
+                .bans
+                .cache()
+                .config_allowlist()
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
+            let runtime: Vec<String> = runtime.iter().map(|n| n.to_string()).collect();
+            HttpResponse::Ok().json(json!({"config": config, "runtime": runtime}))
+        }
+        Err(e) => failed(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewAllow {
+    cidr: String,
+}
+
+async fn add_allow(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AdminState>,
+) -> HttpResponse {
+    if let Err(r) = state.authorize(&req) {
+        return r;
+    }
+    let na: NewAllow = match parse_json(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let net: IpNet = match parse_cidr(&na.cidr) {
+        Ok(n) => n,
+        Err(m) => return bad_request(m),
+    };
+    match state.gateway.bans.allow(net).await {
+        Ok(lifted) => {
+            HttpResponse::Created().json(json!({"cidr": net.to_string(), "lifted": lifted}))
+        }
+        Err(e) => failed(e),
+    }
+}
+
+async fn delete_allow(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Err(r) = state.authorize(&req) {
+        return r;
+    }
+    let net = match parse_cidr(&segment(&req, "cidr")) {
+        Ok(n) => n,
+        Err(m) => return bad_request(m),
+    };
+    match state.gateway.bans.unallow(net).await {
+        Ok(true) => HttpResponse::NoContent().finish(),
+        Ok(false) => not_found(format!("{net} is not on the runtime allowlist")),
+        Err(e) => failed(e),
+    }
+}
+
+async fn bucket(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Err(r) = state.authorize(&req) {
+        return r;
+    }
+    let rule_name = segment(&req, "rule");
+    let raw_subject = segment(&req, "subject");
+    let gw = &state.gateway;
+    let Some(rule) = gw.rules.by_name(&rule_name) else {
+        return not_found(format!("no rule named `{rule_name}`"));
+    };
+    let subject = match &rule.key {
+        KeyKind::Ip => match BanTarget::parse(&raw_subject, gw.bans.ipv6_prefix()) {
+            Ok(BanTarget::Key(k)) => Subject::Ip(k),
+            _ => {
+                return bad_request(format!(
+                    "`{raw_subject}` is not an IP address (rule {rule_name} is keyed by ip)"
+                ))
+            }
+        },
+        KeyKind::Header(name) => Subject::Header {
+            name: name.clone(),
+            value: encode_key_value(raw_subject.as_bytes()),
+        },
+        KeyKind::Global => Subject::Global,
+    };
+    let tag = subject.tag();
+    let cap = rule.bucket.capacity_us();
+    let (room_us, full_in_us) = match gw.limiter.redis() {
+        None => gw.limiter.local().peek(&tag, rule),
+        Some(redis) => {
+            let link = redis.link();
+            let prefix = redis.prefix();
+            let v = link
+                .eval(
+                    &scripts::INSPECT,
+                    &[&keys::ban(prefix, &tag), &keys::state(prefix, &tag)],
+                    |c| {
+                        c.arg(&*rule.name);
+                    },
+                    link.admin_timeout(),
+                )
+                .await;
+            let fields: Vec<String> = match v.map(redis::FromRedisValue::from_redis_value) {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => return failed(BanError::Unavailable(e.into())),
+                Err(e) => return failed(BanError::Unavailable(e)),
+            };
+            let now: u64 = fields.first().and_then(|s| s.parse().ok()).unwrap_or(0);
+            let tat: u64 = fields
+                .get(7)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(now)
+                .max(now);
+            (cap.saturating_sub(tat - now), tat - now)
+        }
+    };
+    HttpResponse::Ok().json(json!({
+        "rule": &*rule.name,
+        "subject": raw_subject,
+        "tokens": room_us as f64 / rule.bucket.interval_us as f64,
+        "burst": rule.bucket.burst,
+        "full_in_ms": full_in_us / 1000,
+    }))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    count: Option<String>,
+}
+
+async fn audit(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Err(r) = state.authorize(&req) {
+        return r;
+    }
+    let q = match web::Query::<AuditQuery>::from_query(req.query_string()) {
+        Ok(q) => q.into_inner(),
+        Err(e) => return bad_request(format!("bad query: {e}")),
+    };
+    let count = match q.count.as_deref().map(str::parse::<usize>) {
+        None => 100,
+        Some(Ok(n)) if (1..=10_000).contains(&n) => n,
+        _ => return bad_request("count must be a whole number from 1 to 10000"),
+    };
+    match state.gateway.bans.audit_log(count).await {
+        Ok(events) => HttpResponse::Ok().json(events),
+        Err(e) => failed(e),
+    }
+}

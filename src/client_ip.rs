@@ -36,7 +36,11 @@ impl ClientKey {
                 Some(v4) => ClientKey::V4(v4),
                 None => {
                     let prefix = ipv6_prefix.min(128);
-                    let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix)) };
+                    let mask = if prefix == 0 {
+                        0
+                    } else {
+                        u128::MAX << (128 - u32::from(prefix))
+                    };
                     ClientKey::V6 {
                         net: Ipv6Addr::from(u128::from(v6) & mask),
                         prefix,
@@ -85,7 +89,10 @@ pub struct ClientIpResolver {
 
 impl ClientIpResolver {
     pub fn new(trusted: Vec<IpNet>, ipv6_prefix: u8) -> Self {
-        Self { trusted, ipv6_prefix }
+        Self {
+            trusted,
+            ipv6_prefix,
+        }
     }
 
     /// Whether `ip` is one of the trusted proxies.
@@ -103,7 +110,10 @@ impl ClientIpResolver {
         }
         let mut client = peer;
         // Several X-Forwarded-For headers form one list, in order.
-        let values: Vec<&[u8]> = headers.get_all(&X_FORWARDED_FOR).map(|v| v.as_bytes()).collect();
+        let values: Vec<&[u8]> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .map(|v| v.as_bytes())
+            .collect();
         for value in values.iter().rev() {
             let Ok(text) = std::str::from_utf8(value) else {
                 return client;
@@ -149,7 +159,9 @@ fn parse_entry(entry: &str) -> Option<IpAddr> {
     if let Ok(ip) = e.parse::<IpAddr>() {
         return Some(canonical(ip));
     }
-    e.parse::<std::net::SocketAddr>().ok().map(|s| canonical(s.ip()))
+    e.parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|s| canonical(s.ip()))
 }
 
 #[cfg(test)]
@@ -158,7 +170,13 @@ mod tests {
     use actix_web::http::header::HeaderValue;
 
     fn resolver() -> ClientIpResolver {
-        ClientIpResolver::new(vec!["127.0.0.1/32".parse().unwrap(), "10.0.0.0/8".parse().unwrap()], 64)
+        ClientIpResolver::new(
+            vec![
+                "127.0.0.1/32".parse().unwrap(),
+                "10.0.0.0/8".parse().unwrap(),
+            ],
+            64,
+        )
     }
 
     fn xff(values: &[&str]) -> HeaderMap {
@@ -188,9 +206,15 @@ mod tests {
     fn malformed_entry_stops_at_last_good_address() {
         let r = resolver();
         let peer: IpAddr = "127.0.0.1".parse().unwrap();
-        assert_eq!(r.resolve(peer, &xff(&["garbage, 10.2.2.2"])), "10.2.2.2".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            r.resolve(peer, &xff(&["garbage, 10.2.2.2"])),
+            "10.2.2.2".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(r.resolve(peer, &xff(&[",,,"])), peer);
-        assert_eq!(r.resolve(peer, &xff(&["[2001:db8::1]:443"])), "2001:db8::1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            r.resolve(peer, &xff(&["[2001:db8::1]:443"])),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
@@ -201,6 +225,9 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(a.to_string(), "2001:db8:1:2::/64");
-        assert_eq!(ClientKey::new("::ffff:1.2.3.4".parse().unwrap(), 64).to_string(), "1.2.3.4");
+        assert_eq!(
+            ClientKey::new("::ffff:1.2.3.4".parse().unwrap(), 64).to_string(),
+            "1.2.3.4"
+        );
     }
 }

@@ -341,7 +341,10 @@ impl Config {
             return err("upstream.max_connections", "must be at least 1".into());
         }
         if self.server.admin_token_env.trim().is_empty() {
-            return err("server.admin_token_env", "must name an environment variable".into());
+            return err(
+                "server.admin_token_env",
+                "must name an environment variable".into(),
+            );
         }
         if self.server.listen == self.server.admin_listen {
             return err(
@@ -353,21 +356,35 @@ impl Config {
         if let Some(r) = &self.redis {
             match (&r.url, r.cluster.is_empty()) {
                 (Some(_), false) => {
-                    return err("redis.cluster", "give either redis.url or redis.cluster, not both".into())
+                    return err(
+                        "redis.cluster",
+                        "give either redis.url or redis.cluster, not both".into(),
+                    )
                 }
                 (None, true) => {
-                    return err("redis.url", "give redis.url, redis.cluster, or leave out [redis] to run without Redis".into())
+                    return err(
+                        "redis.url",
+                        "give redis.url, redis.cluster, or leave out [redis] to run without Redis"
+                            .into(),
+                    )
                 }
                 _ => {}
             }
             for (i, u) in r.url.iter().chain(r.cluster.iter()).enumerate() {
                 if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
-                    let key = if r.url.is_some() { "redis.url".to_string() } else { format!("redis.cluster[{i}]") };
+                    let key = if r.url.is_some() {
+                        "redis.url".to_string()
+                    } else {
+                        format!("redis.cluster[{i}]")
+                    };
                     return err(&key, format!("`{u}` is not a redis:// URL"));
                 }
             }
             if r.key_prefix.contains(['{', '}']) {
-                return err("redis.key_prefix", "must not contain `{` or `}` (they mark hash tags)".into());
+                return err(
+                    "redis.key_prefix",
+                    "must not contain `{` or `}` (they mark hash tags)".into(),
+                );
             }
             if r.timeout.is_zero() {
                 return err("redis.timeout", "must be greater than 0".into());
@@ -391,25 +408,42 @@ impl Config {
             let n = &rule.name;
             if n.is_empty()
                 || n.len() > 64
-                || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             {
-                return err(&at("name"), format!("`{n}`: use 1-64 characters of A-Z a-z 0-9 - _ ."));
+                return err(
+                    &at("name"),
+                    format!("`{n}`: use 1-64 characters of A-Z a-z 0-9 - _ ."),
+                );
             }
             if !names.insert(n.clone()) {
-                return err(&at("name"), format!("`{n}` is used by two rules; names must be unique"));
+                return err(
+                    &at("name"),
+                    format!("`{n}` is used by two rules; names must be unique"),
+                );
             }
             if !rule.rate.is_finite() || rule.rate <= 0.0 {
-                return err(&at("rate"), format!("must be greater than 0, got {}", rule.rate));
+                return err(
+                    &at("rate"),
+                    format!("must be greater than 0, got {}", rule.rate),
+                );
             }
             if rule.per.is_zero() {
                 return err(&at("per"), "must be greater than 0".into());
             }
             let interval_us = rule.per.as_secs_f64() * 1e6 / rule.rate;
             if interval_us < 1.0 {
-                return err(&at("rate"), "refills faster than one token per microsecond; lower rate or raise per".into());
+                return err(
+                    &at("rate"),
+                    "refills faster than one token per microsecond; lower rate or raise per".into(),
+                );
             }
             if interval_us * f64::from(rule.burst) > 1e13 {
-                return err(&at("per"), "one token per more than ~115 days is not supported".into());
+                return err(
+                    &at("per"),
+                    "one token per more than ~115 days is not supported".into(),
+                );
             }
             if rule.burst == 0 {
                 return err(&at("burst"), "must be at least 1".into());
@@ -418,7 +452,13 @@ impl Config {
                 return err(&at("cost"), "must be at least 1".into());
             }
             if rule.cost > rule.burst {
-                return err(&at("cost"), format!("{} is larger than burst {}: no request could ever pass", rule.cost, rule.burst));
+                return err(
+                    &at("cost"),
+                    format!(
+                        "{} is larger than burst {}: no request could ever pass",
+                        rule.cost, rule.burst
+                    ),
+                );
             }
             if let Err(m) = crate::rules::KeyKind::parse(&rule.key) {
                 return err(&at("key"), m);
@@ -430,7 +470,10 @@ impl Config {
             }
             if let Some(ms) = &rule.matcher.methods {
                 for m in ms {
-                    if actix_web::http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()).is_err() || m.is_empty() {
+                    if actix_web::http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                        .is_err()
+                        || m.is_empty()
+                    {
                         return err(&at("match.methods"), format!("`{m}` is not an HTTP method"));
                     }
                 }
@@ -448,14 +491,20 @@ impl Config {
                 return err("ban.duration", "must be greater than 0".into());
             }
             if !b.factor.is_finite() || b.factor < 1.0 {
-                return err("ban.factor", format!("must be at least 1.0, got {}", b.factor));
+                return err(
+                    "ban.factor",
+                    format!("must be at least 1.0, got {}", b.factor),
+                );
             }
             if b.max_duration < b.duration {
                 return err("ban.max_duration", "must be at least ban.duration".into());
             }
         }
         if b.status != 429 && b.status != 403 {
-            return err("ban.status", format!("must be 429 or 403, got {}", b.status));
+            return err(
+                "ban.status",
+                format!("must be 429 or 403, got {}", b.status),
+            );
         }
         if b.audit_max_len == 0 {
             return err("ban.audit_max_len", "must be at least 1".into());
@@ -471,7 +520,11 @@ impl Config {
         use std::fmt::Write;
         let mut s = String::new();
         let _ = writeln!(s, "listen        {} (public)", self.server.listen);
-        let _ = writeln!(s, "admin_listen  {} (admin API, /metrics, health)", self.server.admin_listen);
+        let _ = writeln!(
+            s,
+            "admin_listen  {} (admin API, /metrics, health)",
+            self.server.admin_listen
+        );
         let store = match &self.redis {
             None => "in-process only (no [redis] section)".to_string(),
             Some(r) if !r.cluster.is_empty() => format!(
@@ -535,7 +588,9 @@ fn locate(text: &str, offset: usize) -> (String, usize) {
     }
     let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
     let key = if line.starts_with('[') {
-        line.trim_matches(|c| c == '[' || c == ']').trim().to_string()
+        line.trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_string()
     } else {
         let k = line.split('=').next().unwrap_or("").trim();
         match (section.is_empty(), k.is_empty()) {
@@ -570,7 +625,11 @@ mod tests {
     fn unknown_key_names_section_and_key() {
         let e = parse("[server]\nlisten = \"0.0.0.0:1\"\nbogus = 1\n").unwrap_err();
         assert_eq!(e.key, "server.bogus");
-        assert!(e.to_string().starts_with("t.toml: server.bogus: unknown field"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("t.toml: server.bogus: unknown field"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -581,14 +640,24 @@ mod tests {
 
     #[test]
     fn cost_above_burst_is_refused() {
-        let e = parse("[[rules]]\nname=\"a\"\nkey=\"ip\"\nrate=1\nper=\"1s\"\nburst=2\ncost=3\n").unwrap_err();
+        let e = parse("[[rules]]\nname=\"a\"\nkey=\"ip\"\nrate=1\nper=\"1s\"\nburst=2\ncost=3\n")
+            .unwrap_err();
         assert_eq!(e.key, "rules[0].cost");
     }
 
     #[test]
     fn bad_cidr_is_refused() {
-        let e = parse("allowlist = [\"10.0.0.0/33\"]\n").unwrap_err();
+        let e =
+            Config::parse(&format!("allowlist = [\"10.0.0.0/33\"]\n{BASE}"), "t.toml").unwrap_err();
         assert!(e.message.contains("10.0.0.0/33"), "{e}");
+        assert_eq!(e.key, "allowlist");
+    }
+
+    #[test]
+    fn allowlist_after_ban_section_is_read_too() {
+        let c =
+            parse("allowlist = [\"10.0.0.0/8\"]\n[ban]\nallowlist = [\"192.0.2.1\"]\n").unwrap();
+        assert_eq!(c.allowlist.len(), 2);
     }
 
     #[test]

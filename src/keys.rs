@@ -23,7 +23,9 @@ pub fn ban_pattern(prefix: &str) -> String {
 
 /// The subject tag inside a ban key, if `key` is one.
 pub fn tag_of_ban_key<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
-    key.strip_prefix(prefix)?.strip_prefix('{')?.strip_suffix("}:ban")
+    key.strip_prefix(prefix)?
+        .strip_prefix('{')?
+        .strip_suffix("}:ban")
 }
 
 /// Hash of CIDR bans: field = CIDR, value = JSON record.

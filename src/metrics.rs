@@ -22,7 +22,9 @@ pub const NO_RULE: &str = "-";
 /// Installs the global recorder; returns the handle `/metrics` renders.
 /// A second call (tests in one process) returns `None`.
 pub fn install() -> Option<PrometheusHandle> {
-    let latency = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+    let latency = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(REDIS_SECONDS.into()), &latency)
         .ok()?
@@ -35,7 +37,10 @@ pub fn install() -> Option<PrometheusHandle> {
     metrics::describe_histogram!(UPSTREAM_SECONDS, "Time until the upstream's response head");
     metrics::describe_counter!(REDIS_ERRORS, "Redis calls that failed or timed out");
     metrics::describe_gauge!(BANS_ACTIVE, "Bans this node knows to be active");
-    metrics::describe_gauge!(DEGRADED, "1 while Redis is unavailable and on_failure applies");
+    metrics::describe_gauge!(
+        DEGRADED,
+        "1 while Redis is unavailable and on_failure applies"
+    );
     metrics::describe_counter!(BANS_TOTAL, "Bans made, by source");
     metrics::describe_counter!(UPSTREAM_ERRORS, "Upstream failures, by kind");
     Some(handle)
@@ -52,7 +57,11 @@ pub struct RuleCounters {
 impl RuleCounters {
     pub fn new(rule: &str) -> RuleCounters {
         let c = |d: &'static str| metrics::counter!(REQUESTS, "rule" => rule.to_string(), "decision" => d);
-        RuleCounters { allowed: c("allowed"), limited: c("limited"), shadow_limited: c("shadow_limited") }
+        RuleCounters {
+            allowed: c("allowed"),
+            limited: c("limited"),
+            shadow_limited: c("shadow_limited"),
+        }
     }
 }
 
@@ -73,7 +82,8 @@ pub struct GatewayMetrics {
 
 impl GatewayMetrics {
     pub fn new(rule_names: &[&str]) -> GatewayMetrics {
-        let other = |d: &'static str| metrics::counter!(REQUESTS, "rule" => NO_RULE, "decision" => d);
+        let other =
+            |d: &'static str| metrics::counter!(REQUESTS, "rule" => NO_RULE, "decision" => d);
         GatewayMetrics {
             rules: rule_names.iter().map(|n| RuleCounters::new(n)).collect(),
             allowed_unmatched: other("allowed"),

@@ -1,0 +1,329 @@
+//! Forwarding allowed requests to the upstream, streaming both ways.
+//!
+//! One [`Upstream`] per worker thread (awc clients are not `Send`), each with
+//! its own keep-alive pool. Bodies are never collected: the request body is
+//! handed to the upstream as a stream (sized when the client gave a length),
+//! and the upstream's body flows back the same way, so memory per request
+//! stays at a few buffers whatever the size.
+//!
+//! Header handling follows RFC 9110 §7.6.1: hop-by-hop headers and every
+//! header named in `Connection` are dropped in both directions;
+//! `X-Forwarded-For/Proto/Host` are set, trusting the client's own values
+//! only when the peer is a trusted proxy.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use actix_web::body::SizedStream;
+use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
+use awc::error::{ConnectError, SendRequestError};
+use bytes::Bytes;
+use futures_util::Stream;
+
+use crate::client_ip::X_FORWARDED_FOR;
+use crate::config::UpstreamConfig;
+
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), plus `Expect` (the front door has
+/// already answered it) and `Host` (the upstream gets its own).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == KEEP_ALIVE
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == PROXY_CONNECTION
+        || name.as_str().starts_with("proxy-")
+}
+
+/// Headers the `Connection` header names are hop-by-hop too.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// Copies end-to-end headers from `from` to `to`, skipping `extra` too.
+fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap, extra: &[&HeaderName]) {
+    let listed = connection_listed(from);
+    for (name, value) in from.iter() {
+        if is_hop_by_hop(name) || listed.contains(name) || extra.contains(&name) {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
+    }
+}
+
+/// The outcome of forwarding that is not the upstream's own response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// Refused, unreachable, or no connection within `connect_timeout`.
+    Unreachable,
+    /// No response head within `timeout`.
+    Timeout,
+    /// The upstream broke the exchange (bad response, reset mid-request).
+    Broken,
+}
+
+impl UpstreamFailure {
+    pub fn status(self) -> StatusCode {
+        match self {
+            UpstreamFailure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            UpstreamFailure::Unreachable => "upstream_unreachable",
+            UpstreamFailure::Timeout => "upstream_timeout",
+            UpstreamFailure::Broken => "bad_gateway",
+        }
+    }
+}
+
+/// One worker's connection to the upstreams.
+pub struct Upstream {
+    client: awc::Client,
+    bases: Vec<String>,
+    next: AtomicUsize,
+    idle_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Upstream {
+        let connector = awc::Connector::new()
+            .timeout(config.connect_timeout)
+            .limit(config.max_connections)
+            .conn_keep_alive(Duration::from_secs(30));
+        let client = awc::Client::builder()
+            .connector(connector)
+            .timeout(config.timeout)
+            .disable_redirects()
+            .no_default_headers()
+            .finish();
+        Upstream {
+            client,
+            bases: config
+                .urls
+                .iter()
+                .map(|u| u.trim_end_matches('/').to_string())
+                .collect(),
+            next: AtomicUsize::new(0),
+            idle_timeout: config.timeout,
+        }
+    }
+
+    /// Forwards `req` with its body; `client_ip` is who asked, `trusted`
+    /// whether the peer is a trusted proxy (its X-Forwarded-* are kept).
+    pub async fn forward(
+        &self,
+        req: &HttpRequest,
+        payload: web::Payload,
+        trusted_peer: bool,
+        peer: IpAddr,
+    ) -> Result<UpstreamResponse, UpstreamFailure> {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let headers = req.headers();
+        let length: Option<u64> = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        let chunked = headers.get(header::TRANSFER_ENCODING).is_some();
+        let has_body = chunked || length.is_some_and(|l| l > 0);
+
+        // Only a bodiless request can be tried on the next upstream: a body
+        // stream cannot be replayed.
+        let attempts = if has_body { 1 } else { self.bases.len() };
+        let mut payload = Some(payload);
+        let mut last = UpstreamFailure::Unreachable;
+        for _ in 0..attempts {
+            let i = self.next.fetch_add(1, Ordering::Relaxed) % self.bases.len();
+            let mut creq = self
+                .client
+                .request(req.method().clone(), format!("{}{}", self.bases[i], path))
+                .no_decompress();
+            let out = creq.headers_mut();
+            copy_end_to_end(
+                headers,
+                out,
+                &[
+                    &header::HOST,
+                    &header::CONTENT_LENGTH,
+                    &header::EXPECT,
+                    &X_FORWARDED_FOR,
+                    &X_FORWARDED_PROTO,
+                    &X_FORWARDED_HOST,
+                ],
+            );
+            set_forwarded(headers, out, trusted_peer, peer);
+            let send = match (length, chunked, payload.take()) {
+                (_, true, Some(p)) => creq.send_stream(p),
+                (Some(len), false, Some(p)) if len > 0 => creq.send_body(SizedStream::new(len, p)),
+                _ => creq.send(),
+            };
+            match send.await {
+                Ok(resp) => {
+                    let mut builder = HttpResponse::build(resp.status());
+                    let listed = connection_listed(resp.headers());
+                    for (name, value) in resp.headers().iter() {
+                        if is_hop_by_hop(name)
+                            || listed.contains(name)
+                            || name == header::CONTENT_LENGTH
+                        {
+                            continue;
+                        }
+                        builder.append_header((name.clone(), value.clone()));
+                    }
+                    let size: Option<u64> = resp
+                        .headers()
+                        .get(header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok());
+                    let status = resp.status();
+                    let body = ResponseBody {
+                        inner: Box::pin(resp),
+                        idle: self.idle_timeout,
+                        deadline: None,
+                        size,
+                    };
+                    return Ok(UpstreamResponse {
+                        builder,
+                        body,
+                        status,
+                    });
+                }
+                Err(SendRequestError::Timeout) => return Err(UpstreamFailure::Timeout),
+                Err(SendRequestError::Connect(ConnectError::Timeout))
+                | Err(SendRequestError::Connect(_)) => {
+                    last = UpstreamFailure::Unreachable;
+                    log::warn!("upstream {} unreachable", self.bases[i]);
+                }
+                Err(e) => {
+                    log::warn!("upstream {} failed: {e}", self.bases[i]);
+                    return Err(UpstreamFailure::Broken);
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+fn set_forwarded(incoming: &HeaderMap, out: &mut HeaderMap, trusted_peer: bool, peer: IpAddr) {
+    let peer_text = peer.to_string();
+    let xff = match (
+        trusted_peer,
+        incoming
+            .get_all(&X_FORWARDED_FOR)
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>(),
+    ) {
+        (true, prior) if !prior.is_empty() => format!("{}, {peer_text}", prior.join(", ")),
+        _ => peer_text,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        out.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    let keep = |name: &HeaderName| {
+        if trusted_peer {
+            incoming.get(name).cloned()
+        } else {
+            None
+        }
+    };
+    out.insert(
+        X_FORWARDED_PROTO.clone(),
+        keep(&X_FORWARDED_PROTO).unwrap_or_else(|| HeaderValue::from_static("http")),
+    );
+    if let Some(host) = keep(&X_FORWARDED_HOST).or_else(|| incoming.get(header::HOST).cloned()) {
+        out.insert(X_FORWARDED_HOST.clone(), host);
+    }
+}
+
+type BoxedBody = Pin<Box<dyn Stream<Item = Result<Bytes, awc::error::PayloadError>>>>;
+
+/// The upstream's response body, streamed, aborted if the upstream sends
+/// nothing for `upstream.timeout` (a stalled upstream never pins a
+/// connection forever; a slow large download still completes).
+pub struct ResponseBody {
+    inner: BoxedBody,
+    idle: Duration,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The upstream's Content-Length, kept so the client gets it too.
+    size: Option<u64>,
+}
+
+impl Stream for ResponseBody {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match this.inner.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(b))) => {
+                this.deadline = None;
+                Poll::Ready(Some(Ok(b)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                Poll::Ready(Some(Err(std::io::Error::other(e.to_string()))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let idle = this.idle;
+                let sleep = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        log::warn!("upstream body stalled for {idle:?}; closing the response");
+                        Poll::Ready(Some(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "upstream body stalled",
+                        ))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+/// The upstream's answer, ready to be decorated and sent to the client.
+pub struct UpstreamResponse {
+    pub builder: HttpResponseBuilder,
+    body: ResponseBody,
+    status: StatusCode,
+}
+
+impl UpstreamResponse {
+    /// Streams the body back: sized when the upstream gave its length.
+    pub fn into_response(mut self) -> HttpResponse {
+        let s = self.status;
+        if s.is_informational() || s == StatusCode::NO_CONTENT || s == StatusCode::NOT_MODIFIED {
+            return self.builder.finish();
+        }
+        match self.body.size {
+            Some(n) => self.builder.body(SizedStream::new(n, self.body)),
+            None => self.builder.streaming(self.body),
+        }
+    }
+}

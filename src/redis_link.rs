@@ -48,7 +48,10 @@ pub struct LuaScript {
 
 impl LuaScript {
     pub fn new(body: &'static str) -> LuaScript {
-        LuaScript { body, sha: redis::Script::new(body).get_hash().to_string() }
+        LuaScript {
+            body,
+            sha: redis::Script::new(body).get_hash().to_string(),
+        }
     }
 }
 
@@ -57,10 +60,14 @@ pub mod scripts {
     use super::LuaScript;
     use std::sync::LazyLock;
 
-    pub static DECIDE: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(include_str!("../lua/decide.lua")));
-    pub static BAN: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(include_str!("../lua/ban.lua")));
-    pub static UNBAN: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(include_str!("../lua/unban.lua")));
-    pub static INSPECT: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(include_str!("../lua/inspect.lua")));
+    pub static DECIDE: LazyLock<LuaScript> =
+        LazyLock::new(|| LuaScript::new(include_str!("../lua/decide.lua")));
+    pub static BAN: LazyLock<LuaScript> =
+        LazyLock::new(|| LuaScript::new(include_str!("../lua/ban.lua")));
+    pub static UNBAN: LazyLock<LuaScript> =
+        LazyLock::new(|| LuaScript::new(include_str!("../lua/unban.lua")));
+    pub static INSPECT: LazyLock<LuaScript> =
+        LazyLock::new(|| LuaScript::new(include_str!("../lua/inspect.lua")));
 }
 
 #[derive(Clone)]
@@ -78,7 +85,10 @@ pub struct RedisLink {
 
 impl RedisLink {
     pub fn new(config: RedisConfig) -> Arc<RedisLink> {
-        Arc::new(RedisLink { conn: ArcSwapOption::empty(), config })
+        Arc::new(RedisLink {
+            conn: ArcSwapOption::empty(),
+            config,
+        })
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -131,7 +141,10 @@ impl RedisLink {
     }
 
     fn current(&self) -> Result<Conn, RedisFailure> {
-        self.conn.load_full().map(|c| (*c).clone()).ok_or(RedisFailure::NotConnected)
+        self.conn
+            .load_full()
+            .map(|c| (*c).clone())
+            .ok_or(RedisFailure::NotConnected)
     }
 
     /// Runs one command, bounded by `redis.timeout`.
@@ -141,7 +154,11 @@ impl RedisLink {
 
     /// Runs one command, bounded by `limit` (admin calls may take longer
     /// than the per-request budget).
-    pub async fn query_within<T: FromRedisValue>(&self, cmd: &Cmd, limit: Duration) -> Result<T, RedisFailure> {
+    pub async fn query_within<T: FromRedisValue>(
+        &self,
+        cmd: &Cmd,
+        limit: Duration,
+    ) -> Result<T, RedisFailure> {
         let value = self.send(cmd, limit).await?;
         Ok(T::from_redis_value(value)?)
     }
@@ -171,7 +188,13 @@ impl RedisLink {
     ) -> Result<Value, RedisFailure> {
         let call = |evalsha: bool| {
             let mut cmd = redis::cmd(if evalsha { "EVALSHA" } else { "EVAL" });
-            cmd.arg(if evalsha { script.sha.as_str() } else { script.body }).arg(keys.len()).arg(keys);
+            cmd.arg(if evalsha {
+                script.sha.as_str()
+            } else {
+                script.body
+            })
+            .arg(keys.len())
+            .arg(keys);
             args(&mut cmd);
             cmd
         };
@@ -192,7 +215,12 @@ impl RedisLink {
         let Conn::Cluster(_) = conn else {
             return Ok(Vec::new());
         };
-        let text: String = self.query_within(&redis::cmd("CLUSTER").arg("NODES").clone(), self.admin_timeout()).await?;
+        let text: String = self
+            .query_within(
+                &redis::cmd("CLUSTER").arg("NODES").clone(),
+                self.admin_timeout(),
+            )
+            .await?;
         Ok(parse_cluster_masters(&text))
     }
 
@@ -206,18 +234,30 @@ impl RedisLink {
     pub async fn scan(&self, pattern: &str) -> Result<Vec<String>, RedisFailure> {
         let masters = self.masters().await?;
         let mut keys = Vec::new();
-        let targets: Vec<Option<(String, u16)>> =
-            if masters.is_empty() { vec![None] } else { masters.into_iter().map(Some).collect() };
+        let targets: Vec<Option<(String, u16)>> = if masters.is_empty() {
+            vec![None]
+        } else {
+            masters.into_iter().map(Some).collect()
+        };
         for target in targets {
             let mut cursor: u64 = 0;
             loop {
                 let mut cmd = redis::cmd("SCAN");
-                cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000);
+                cmd.arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000);
                 let (next, batch): (u64, Vec<String>) = match &target {
                     None => self.query_within(&cmd, self.admin_timeout()).await?,
                     Some((host, port)) => {
-                        let Conn::Cluster(mut c) = self.current()? else { return Err(RedisFailure::NotConnected) };
-                        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port: *port });
+                        let Conn::Cluster(mut c) = self.current()? else {
+                            return Err(RedisFailure::NotConnected);
+                        };
+                        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port: *port,
+                        });
                         let fut = c.route_command(cmd, routing);
                         let v = tokio::time::timeout(self.admin_timeout(), fut)
                             .await
@@ -287,7 +327,10 @@ mod tests {
                     d 127.0.0.1:7004@17004 master - 0 0 4 connected 5461-10922\n";
         assert_eq!(
             parse_cluster_masters(text),
-            vec![("127.0.0.1".to_string(), 7000), ("127.0.0.1".to_string(), 7004)]
+            vec![
+                ("127.0.0.1".to_string(), 7000),
+                ("127.0.0.1".to_string(), 7004)
+            ]
         );
     }
 }

@@ -40,7 +40,9 @@ impl KeyKind {
                 Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
                     .map(KeyKind::Header)
                     .map_err(|_| format!("`{name}` is not a valid header name")),
-                None => Err(format!("`{s}` is not one of \"ip\", \"global\", \"header:<Name>\"")),
+                None => Err(format!(
+                    "`{s}` is not one of \"ip\", \"global\", \"header:<Name>\""
+                )),
             },
         }
     }
@@ -59,7 +61,11 @@ impl BucketSpec {
     /// `rate` tokens per `per`, rounded to whole microseconds per token.
     pub fn new(rate: f64, per: Duration, burst: u32, cost: u32) -> BucketSpec {
         let interval_us = ((per.as_secs_f64() * 1e6) / rate).round().max(1.0) as u64;
-        BucketSpec { interval_us, burst, cost }
+        BucketSpec {
+            interval_us,
+            burst,
+            cost,
+        }
     }
 
     /// Time for an empty bucket to fill: `burst x interval`.
@@ -102,7 +108,8 @@ impl Rule {
                     .collect()
             }),
             host: c.matcher.host.as_ref().map(|h| h.to_ascii_lowercase()),
-            policy_header: HeaderValue::from_str(&policy).unwrap_or_else(|_| HeaderValue::from_static("")),
+            policy_header: HeaderValue::from_str(&policy)
+                .unwrap_or_else(|_| HeaderValue::from_static("")),
         }
     }
 
@@ -202,7 +209,13 @@ pub struct RuleSet {
 
 impl RuleSet {
     pub fn compile(configs: &[RuleConfig]) -> RuleSet {
-        RuleSet { rules: configs.iter().enumerate().map(|(i, c)| Rule::compile(i, c)).collect() }
+        RuleSet {
+            rules: configs
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Rule::compile(i, c))
+                .collect(),
+        }
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -242,16 +255,25 @@ impl RuleSet {
                 KeyKind::Ip => Subject::Ip(client),
                 KeyKind::Global => Subject::Global,
                 KeyKind::Header(name) => {
-                    let Some(v) = req.headers().get(name) else { continue };
+                    let Some(v) = req.headers().get(name) else {
+                        continue;
+                    };
                     if v.len() > MAX_KEY_HEADER_LEN {
                         return Err(KeyHeaderTooLong(name.to_string()));
                     }
-                    Subject::Header { name: name.clone(), value: encode_key_value(v.as_bytes()) }
+                    Subject::Header {
+                        name: name.clone(),
+                        value: encode_key_value(v.as_bytes()),
+                    }
                 }
             };
             match groups.iter_mut().find(|g| g.subject == subject) {
                 Some(g) => g.rules.push(rule),
-                None => groups.push(SubjectGroup { ttl_ms: self.ttl_ms(&rule.key), subject, rules: vec![rule] }),
+                None => groups.push(SubjectGroup {
+                    ttl_ms: self.ttl_ms(&rule.key),
+                    subject,
+                    rules: vec![rule],
+                }),
             }
         }
         groups.sort_by_key(|g| !g.subject.bannable());
@@ -286,7 +308,10 @@ mod tests {
     #[test]
     fn key_kinds_parse() {
         assert_eq!(KeyKind::parse("ip").unwrap(), KeyKind::Ip);
-        assert!(matches!(KeyKind::parse("header:X-Api-Key").unwrap(), KeyKind::Header(_)));
+        assert!(matches!(
+            KeyKind::parse("header:X-Api-Key").unwrap(),
+            KeyKind::Header(_)
+        ));
         assert!(KeyKind::parse("cookie:x").is_err());
         assert!(KeyKind::parse("header:bad name").is_err());
     }

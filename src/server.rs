@@ -1,0 +1,451 @@
+//! Wiring: the front door's request phases, the two listeners, background
+//! tasks and graceful shutdown.
+//!
+//! A request goes through named phases, cheapest first, so that the common
+//! refusals cost the least:
+//!
+//! 1. identity - peer address, trusted proxies, X-Forwarded-For;
+//! 2. allowlist - in memory, then forward with no Redis call;
+//! 3. ban cache - in memory, answer with no Redis call;
+//! 4. rules - the matching rules, grouped by subject;
+//! 5. decision - one store call per subject;
+//! 6. answer - forward (plus RateLimit headers), 429, ban status, or 503.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::header::{HeaderName, HeaderValue, RETRY_AFTER};
+use actix_web::http::StatusCode;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpResponseBuilder, HttpServer};
+use serde_json::json;
+
+use crate::admin::{self, AdminState};
+use crate::bans::{BanCache, Bans};
+use crate::client_ip::{ClientIpResolver, ClientKey};
+use crate::config::Config;
+use crate::limiter::{BanParams, Breaker, Decision, Limiter, LocalStore, RateInfo, RedisStore};
+use crate::metrics::GatewayMetrics;
+use crate::proxy::Upstream;
+use crate::redis_link::RedisLink;
+use crate::rules::RuleSet;
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+/// Subjects the in-process store tracks at most (bounded memory).
+const LOCAL_MAX_SUBJECTS: usize = 1_000_000;
+
+/// Everything the front door needs, shared by all workers.
+pub struct Gateway {
+    pub resolver: ClientIpResolver,
+    pub rules: RuleSet,
+    pub limiter: Arc<Limiter>,
+    pub bans: Arc<Bans>,
+    pub metrics: GatewayMetrics,
+    pub ban_status: StatusCode,
+}
+
+/// JSON error answer, the one shape every refusal of the gateway uses.
+pub fn json_error(status: StatusCode, body: serde_json::Value) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("application/json")
+        .body(body.to_string())
+}
+
+fn add_rate_headers(b: &mut HttpResponseBuilder, info: &RateInfo<'_>) {
+    let r = info.rule;
+    b.insert_header((RATELIMIT_POLICY.clone(), r.policy_header.clone()));
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "\"{}\";r={};t={}",
+        r.name, info.remaining, info.reset_s
+    )) {
+        b.insert_header((RATELIMIT.clone(), v));
+    }
+    b.insert_header((RATELIMIT_LIMIT.clone(), HeaderValue::from(r.bucket.burst)));
+    b.insert_header((
+        RATELIMIT_REMAINING.clone(),
+        HeaderValue::from(info.remaining),
+    ));
+    b.insert_header((RATELIMIT_RESET.clone(), HeaderValue::from(info.reset_s)));
+}
+
+fn banned_response(status: StatusCode, remaining: Duration) -> HttpResponse {
+    let secs = remaining.as_millis().div_ceil(1000).max(1) as u64;
+    HttpResponse::build(status)
+        .insert_header((RETRY_AFTER, secs))
+        .content_type("application/json")
+        .body(json!({"error": "banned", "retry_after": secs}).to_string())
+}
+
+async fn forward(
+    req: HttpRequest,
+    payload: web::Payload,
+    up: &Upstream,
+    gw: &Gateway,
+    peer: IpAddr,
+    info: Option<RateInfo<'_>>,
+) -> HttpResponse {
+    let trusted = gw.resolver.is_trusted(peer);
+    let started = std::time::Instant::now();
+    let result = up.forward(&req, payload, trusted, peer).await;
+    gw.metrics
+        .upstream_seconds
+        .record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(mut resp) => {
+            if let Some(info) = &info {
+                add_rate_headers(&mut resp.builder, info);
+            }
+            resp.into_response()
+        }
+        Err(failure) => {
+            crate::metrics::upstream_error(failure.code());
+            json_error(failure.status(), json!({"error": failure.code()}))
+        }
+    }
+}
+
+/// The front door: every public request comes here.
+async fn front_door(
+    req: HttpRequest,
+    payload: web::Payload,
+    gw: web::Data<Gateway>,
+    up: web::Data<Upstream>,
+) -> HttpResponse {
+    // 1. identity
+    let peer = req
+        .peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let ip = gw.resolver.resolve(peer, req.headers());
+    let key = gw.resolver.key(ip);
+
+    // 2. allowlist
+    if gw.bans.cache().is_allowlisted(ip) {
+        gw.metrics.allowlisted.increment(1);
+        return forward(req, payload, &up, &gw, peer, None).await;
+    }
+    // 3. ban cache
+    if let Some(left) = gw.bans.cache().banned(ip, &key) {
+        gw.metrics.banned.increment(1);
+        return banned_response(gw.ban_status, left);
+    }
+    // 4. rules
+    let groups = match gw.rules.groups(&req, key) {
+        Ok(g) => g,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "bad_request", "message": e.to_string()}),
+            )
+        }
+    };
+    if groups.is_empty() {
+        gw.metrics.allowed_unmatched.increment(1);
+        return forward(req, payload, &up, &gw, peer, None).await;
+    }
+    // 5. decision, 6. answer
+    match gw.limiter.decide(&groups).await {
+        Decision::Allowed { info } => forward(req, payload, &up, &gw, peer, info).await,
+        Decision::Limited {
+            info,
+            retry_after_s,
+        } => {
+            let mut b = HttpResponse::build(StatusCode::TOO_MANY_REQUESTS);
+            add_rate_headers(&mut b, &info);
+            b.insert_header((RETRY_AFTER, retry_after_s))
+                .content_type("application/json")
+                .body(json!({"error": "rate_limited", "rule": &*info.rule.name, "retry_after": retry_after_s}).to_string())
+        }
+        Decision::Banned {
+            remaining_ms, made, ..
+        } => {
+            note_ban(&gw, key, remaining_ms, made);
+            banned_response(gw.ban_status, Duration::from_millis(remaining_ms))
+        }
+        Decision::Unavailable => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "unavailable", "message": "the rate-limit store is unavailable and on_failure is \"deny\""}),
+        ),
+    }
+}
+
+fn note_ban(
+    gw: &Gateway,
+    key: ClientKey,
+    remaining_ms: u64,
+    made: Option<crate::limiter::BanMade>,
+) {
+    match made {
+        Some(made) => {
+            gw.bans.learn(key, made.dur_ms);
+            let bans = gw.bans.clone();
+            actix_web::rt::spawn(async move { bans.on_auto_ban(key, made).await });
+        }
+        None => gw.bans.learn(key, remaining_ms),
+    }
+}
+
+fn node_id(config: &Config) -> String {
+    config.server.node_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "node".into());
+        format!("{host}:{}", std::process::id())
+    })
+}
+
+/// Runs the gateway until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> std::io::Result<()> {
+    let prom = crate::metrics::install();
+    let rules = RuleSet::compile(&config.rules);
+    let names: Vec<&str> = rules.rules().iter().map(|r| &*r.name).collect();
+    let metrics = GatewayMetrics::new(&names);
+    let params = BanParams::from_config(&config.ban);
+    let local = Arc::new(LocalStore::new(params, LOCAL_MAX_SUBJECTS));
+
+    let link = config.redis.clone().map(RedisLink::new);
+    let mut connected = false;
+    if let Some(link) = &link {
+        let target = link
+            .config()
+            .url
+            .clone()
+            .unwrap_or_else(|| link.config().cluster.join(","));
+        match link.connect().await {
+            Ok(()) => {
+                connected = true;
+                log::info!("connected to Redis at {target}");
+            }
+            Err(e) => log::warn!(
+                "Redis at {target} is unreachable ({e}); serving with on_failure = {:?} until it answers",
+                link.config().on_failure
+            ),
+        }
+    } else {
+        log::warn!("no [redis] section: limits and bans are kept in this process only, per node");
+    }
+    let breaker = Arc::new(Breaker::new(
+        config
+            .redis
+            .as_ref()
+            .map(|r| r.breaker_failures)
+            .unwrap_or(1),
+        link.is_some() && !connected,
+        metrics.degraded.clone(),
+    ));
+    let redis_store = link.clone().map(|l| RedisStore::new(l, params));
+    let on_failure = config
+        .redis
+        .as_ref()
+        .map(|r| r.on_failure)
+        .unwrap_or(crate::config::OnFailure::Local);
+    let limiter = Arc::new(Limiter::new(
+        redis_store,
+        local.clone(),
+        breaker.clone(),
+        on_failure,
+        metrics.clone(),
+    ));
+    let cache = Arc::new(BanCache::new(
+        config.allowlist.clone(),
+        metrics.bans_active.clone(),
+    ));
+    let prefix = config
+        .redis
+        .as_ref()
+        .map(|r| r.key_prefix.clone())
+        .unwrap_or_default();
+    let bans = Arc::new(Bans::new(
+        cache,
+        link.clone(),
+        local.clone(),
+        prefix,
+        params,
+        node_id(&config),
+        config.ban.audit_max_len,
+        config.client_ip.ipv6_prefix,
+    ));
+    if connected {
+        if let Err(e) = bans.reconcile().await {
+            log::warn!("could not read bans from Redis at start-up: {e}");
+        }
+    }
+
+    let gateway = web::Data::new(Gateway {
+        resolver: ClientIpResolver::new(
+            config.client_ip.trusted_proxies.clone(),
+            config.client_ip.ipv6_prefix,
+        ),
+        rules,
+        limiter: limiter.clone(),
+        bans: bans.clone(),
+        metrics,
+        ban_status: StatusCode::from_u16(config.ban.status)
+            .unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+    });
+
+    spawn_background(
+        &config,
+        link.clone(),
+        limiter.clone(),
+        bans.clone(),
+        local.clone(),
+        prom.clone(),
+    );
+
+    let upstream_config = config.upstream.clone();
+    let workers = if config.server.workers == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    } else {
+        config.server.workers
+    };
+    let public = HttpServer::new({
+        let gateway = gateway.clone();
+        move || {
+            App::new()
+                .app_data(gateway.clone())
+                .app_data(web::Data::new(Upstream::new(&upstream_config)))
+                .default_service(web::to(front_door))
+        }
+    })
+    .workers(workers)
+    .backlog(4096)
+    .max_connections(100_000)
+    .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1))
+    .disable_signals()
+    .bind(config.server.listen)
+    .map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot listen on {} (server.listen): {e}",
+                config.server.listen
+            ),
+        )
+    })?
+    .run();
+
+    let admin_state = web::Data::new(AdminState::new(&config, gateway.clone(), prom));
+    let admin_server = HttpServer::new(move || {
+        App::new()
+            .app_data(admin_state.clone())
+            .configure(admin::routes)
+    })
+    .workers(1)
+    .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1))
+    .disable_signals()
+    .bind(config.server.admin_listen)
+    .map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot listen on {} (server.admin_listen): {e}",
+                config.server.admin_listen
+            ),
+        )
+    })?
+    .run();
+
+    let (public_handle, admin_handle) = (public.handle(), admin_server.handle());
+    actix_web::rt::spawn(async move {
+        wait_for_stop_signal().await;
+        log::info!("stopping: no new connections; finishing requests in flight");
+        let _ = futures_util::future::join(public_handle.stop(true), admin_handle.stop(true)).await;
+    });
+    log::info!(
+        "floodgate {} listening on {} (admin on {})",
+        env!("CARGO_PKG_VERSION"),
+        config.server.listen,
+        config.server.admin_listen
+    );
+    let (a, b) = futures_util::future::join(public, admin_server).await;
+    a?;
+    b?;
+    log::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// The tasks that keep a node's view fresh: Redis probing and recovery, ban
+/// events, periodic reconcile, local-store sweeping, metric upkeep.
+fn spawn_background(
+    config: &Config,
+    link: Option<Arc<RedisLink>>,
+    limiter: Arc<Limiter>,
+    bans: Arc<Bans>,
+    local: Arc<LocalStore>,
+    prom: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) {
+    if let Some(link) = link {
+        let probe_every = link.config().probe_interval;
+        {
+            let (limiter, bans, link) = (limiter.clone(), bans.clone(), link.clone());
+            actix_web::rt::spawn(async move {
+                loop {
+                    tokio::time::sleep(probe_every).await;
+                    if limiter.breaker().is_closed() {
+                        continue;
+                    }
+                    if link.connect().await.is_err() {
+                        continue;
+                    }
+                    if link.query::<String>(&redis::cmd("PING")).await.is_ok() {
+                        limiter.breaker().close();
+                        bans.write_back_local_bans().await;
+                        if let Err(e) = bans.reconcile().await {
+                            log::warn!("reconcile after Redis came back failed: {e}");
+                        }
+                    }
+                }
+            });
+        }
+        actix_web::rt::spawn(bans.clone().run_subscriber());
+        let every = config.ban.reconcile_interval;
+        let b = bans.clone();
+        actix_web::rt::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if limiter.breaker().is_closed() {
+                    if let Err(e) = b.reconcile().await {
+                        log::debug!("periodic reconcile failed: {e}");
+                    }
+                }
+            }
+        });
+    }
+    let b = bans;
+    actix_web::rt::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            local.sweep();
+            b.cache().purge();
+            if let Some(p) = &prom {
+                p.run_upkeep();
+            }
+        }
+    });
+}

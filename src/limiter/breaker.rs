@@ -59,8 +59,14 @@ impl Breaker {
         self.failures.store(0, Ordering::Relaxed);
         if self.open.swap(false, Ordering::AcqRel) {
             self.degraded.set(0.0);
-            let since = self.opened_at.lock().unwrap_or_else(|p| p.into_inner()).take();
-            let took = since.map(|t| format!(" after {:.1}s", t.elapsed().as_secs_f64())).unwrap_or_default();
+            let since = self
+                .opened_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            let took = since
+                .map(|t| format!(" after {:.1}s", t.elapsed().as_secs_f64()))
+                .unwrap_or_default();
             log::warn!("Redis answers again{took}; decisions go through Redis");
         }
     }

@@ -98,12 +98,19 @@ impl LocalStore {
     pub fn decide(&self, call: &SubjectCall<'_>) -> SubjectReply {
         let now = call.now_us.unwrap_or_else(wall_clock_us);
         let now_ms = now / 1000;
-        let mut shard = self.shard(call.tag).lock().unwrap_or_else(|p| p.into_inner());
+        let mut shard = self
+            .shard(call.tag)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if !shard.contains_key(call.tag) && shard.len() >= self.per_shard {
             shard.retain(|_, s| !s.is_idle(now_ms));
             if shard.len() >= self.per_shard {
                 // Evict the entry that would expire first: the least to lose.
-                if let Some(k) = shard.iter().min_by_key(|(_, s)| s.state_expires_ms.max(s.ban_expires_ms)).map(|(k, _)| k.clone()) {
+                if let Some(k) = shard
+                    .iter()
+                    .min_by_key(|(_, s)| s.state_expires_ms.max(s.ban_expires_ms))
+                    .map(|(k, _)| k.clone())
+                {
                     shard.remove(&k);
                 }
             }
@@ -128,7 +135,11 @@ impl LocalStore {
             let t = rule.bucket.interval_us;
             let cap = t * u64::from(rule.bucket.burst);
             let cost = t * u64::from(rule.bucket.cost);
-            let stored = s.tats.iter().find(|(n, _)| **n == *rule.name).map(|(_, v)| *v);
+            let stored = s
+                .tats
+                .iter()
+                .find(|(n, _)| **n == *rule.name)
+                .map(|(_, v)| *v);
             let mut tat = stored.unwrap_or(now).max(now);
             let reply = match call.mode {
                 Mode::Refund { .. } => {
@@ -140,7 +151,11 @@ impl LocalStore {
                     charged(cap, tat, now)
                 }
                 Mode::Decide => {
-                    let state = if rule.shadow { BucketState::ShadowRefusing } else { BucketState::Refusing };
+                    let state = if rule.shadow {
+                        BucketState::ShadowRefusing
+                    } else {
+                        BucketState::Refusing
+                    };
                     if state == BucketState::Refusing && refused.is_none() {
                         refused = Some(&rule.name);
                     }
@@ -168,7 +183,13 @@ impl LocalStore {
             s.state_expires_ms = now_ms + ttl;
         };
 
-        let mut reply = SubjectReply { status: Status::Allowed, ban_ms: 0, strikes: 0, until_ms: 0, buckets: Vec::new() };
+        let mut reply = SubjectReply {
+            status: Status::Allowed,
+            ban_ms: 0,
+            strikes: 0,
+            until_ms: 0,
+            buckets: Vec::new(),
+        };
         let refused_rule = match call.mode {
             Mode::Decide => match refused {
                 None => {
@@ -213,14 +234,17 @@ impl LocalStore {
         s.ban_dur_ms = dur;
         s.ban_expires_ms = now_ms + dur + self.ban.memory_ms;
         s.window = None;
-        self.made.lock().unwrap_or_else(|p| p.into_inner()).push(LocalBan {
-            tag: call.tag.to_string(),
-            until_ms: s.ban_until_ms,
-            strikes: s.strikes,
-            reason: s.reason.clone(),
-            source: "auto",
-            dur_ms: dur,
-        });
+        self.made
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(LocalBan {
+                tag: call.tag.to_string(),
+                until_ms: s.ban_until_ms,
+                strikes: s.strikes,
+                reason: s.reason.clone(),
+                source: "auto",
+                dur_ms: dur,
+            });
         reply.status = Status::BannedNow;
         reply.ban_ms = dur;
         reply.strikes = s.strikes;
@@ -241,7 +265,14 @@ impl LocalStore {
         s.ban_at_ms = now_ms;
         s.ban_dur_ms = dur_ms;
         s.ban_expires_ms = now_ms + dur_ms + self.ban.memory_ms;
-        LocalBan { tag: tag.to_string(), until_ms: s.ban_until_ms, strikes: s.strikes, reason: s.reason.clone(), source, dur_ms }
+        LocalBan {
+            tag: tag.to_string(),
+            until_ms: s.ban_until_ms,
+            strikes: s.strikes,
+            reason: s.reason.clone(),
+            source,
+            dur_ms,
+        }
     }
 
     /// Lifts a ban; true if one was active.
@@ -289,7 +320,12 @@ impl LocalStore {
         let tat = shard
             .get(tag)
             .filter(|s| s.state_expires_ms > now / 1000)
-            .and_then(|s| s.tats.iter().find(|(n, _)| **n == *rule.name).map(|(_, t)| *t))
+            .and_then(|s| {
+                s.tats
+                    .iter()
+                    .find(|(n, _)| **n == *rule.name)
+                    .map(|(_, t)| *t)
+            })
             .unwrap_or(now)
             .max(now);
         (cap.saturating_sub(tat - now), tat - now)
@@ -314,7 +350,10 @@ impl LocalStore {
 
     /// Subjects tracked now (for tests and metrics).
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len()).sum()
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -323,7 +362,11 @@ impl LocalStore {
 }
 
 fn charged(cap: u64, tat: u64, now: u64) -> BucketReply {
-    BucketReply { state: BucketState::Charged, room_us: cap as i64 - (tat - now) as i64, wait_us: (tat - now) as i64 }
+    BucketReply {
+        state: BucketState::Charged,
+        room_us: cap as i64 - (tat - now) as i64,
+        wait_us: (tat - now) as i64,
+    }
 }
 
 fn reply_has_charge(buckets: &[BucketReply]) -> bool {

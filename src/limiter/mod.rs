@@ -116,11 +116,17 @@ pub struct SubjectReply {
 
 /// Where subjects are decided: Redis, or this process.
 pub trait DecisionStore {
-    fn decide(&self, call: &SubjectCall<'_>) -> impl Future<Output = Result<SubjectReply, RedisFailure>>;
+    fn decide(
+        &self,
+        call: &SubjectCall<'_>,
+    ) -> impl Future<Output = Result<SubjectReply, RedisFailure>>;
 }
 
 impl DecisionStore for LocalStore {
-    fn decide(&self, call: &SubjectCall<'_>) -> impl Future<Output = Result<SubjectReply, RedisFailure>> {
+    fn decide(
+        &self,
+        call: &SubjectCall<'_>,
+    ) -> impl Future<Output = Result<SubjectReply, RedisFailure>> {
         std::future::ready(Ok(LocalStore::decide(self, call)))
     }
 }
@@ -150,8 +156,15 @@ pub struct BanMade {
 pub enum Decision<'r> {
     /// Forward; `info` is the most restrictive matched rule, if any.
     Allowed { info: Option<RateInfo<'r>> },
-    Limited { info: RateInfo<'r>, retry_after_s: u64 },
-    Banned { remaining_ms: u64, made: Option<BanMade>, known_until_ms: u64 },
+    Limited {
+        info: RateInfo<'r>,
+        retry_after_s: u64,
+    },
+    Banned {
+        remaining_ms: u64,
+        made: Option<BanMade>,
+        known_until_ms: u64,
+    },
     /// Redis is unavailable and `on_failure = "deny"`.
     Unavailable,
 }
@@ -166,8 +179,20 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    pub fn new(redis: Option<RedisStore>, local: Arc<LocalStore>, breaker: Arc<Breaker>, on_failure: OnFailure, metrics: GatewayMetrics) -> Limiter {
-        Limiter { redis, local, breaker, on_failure, metrics }
+    pub fn new(
+        redis: Option<RedisStore>,
+        local: Arc<LocalStore>,
+        breaker: Arc<Breaker>,
+        on_failure: OnFailure,
+        metrics: GatewayMetrics,
+    ) -> Limiter {
+        Limiter {
+            redis,
+            local,
+            breaker,
+            on_failure,
+            metrics,
+        }
     }
 
     pub fn local(&self) -> &Arc<LocalStore> {
@@ -189,7 +214,9 @@ impl Limiter {
             if self.breaker.is_closed() {
                 let started = Instant::now();
                 let result = run(redis, groups, &tags, &self.metrics).await;
-                self.metrics.redis_seconds.record(started.elapsed().as_secs_f64());
+                self.metrics
+                    .redis_seconds
+                    .record(started.elapsed().as_secs_f64());
                 match result {
                     Ok(d) => {
                         self.breaker.success();
@@ -210,7 +237,9 @@ impl Limiter {
                 OnFailure::Local => {}
             }
         }
-        let d = run(self.local.as_ref(), groups, &tags, &self.metrics).await.unwrap_or(Decision::Allowed { info: None });
+        let d = run(self.local.as_ref(), groups, &tags, &self.metrics)
+            .await
+            .unwrap_or(Decision::Allowed { info: None });
         self.count(groups, d)
     }
 
@@ -233,7 +262,6 @@ impl Limiter {
         }
         d
     }
-
 }
 
 /// Records a shadow refusal: a metric and a log line, never a refusal.
@@ -286,7 +314,11 @@ async fn run<'r, S: DecisionStore>(
                     until_ms: reply.until_ms,
                     reason: refusing_reason(g, &reply),
                 });
-                return Ok(Decision::Banned { remaining_ms: reply.ban_ms, made, known_until_ms: reply.until_ms });
+                return Ok(Decision::Banned {
+                    remaining_ms: reply.ban_ms,
+                    made,
+                    known_until_ms: reply.until_ms,
+                });
             }
             Status::Limited => {
                 let (rule, bucket) = g
@@ -296,7 +328,14 @@ async fn run<'r, S: DecisionStore>(
                     .filter(|(_, b)| b.state == BucketState::Refusing)
                     .max_by_key(|(_, b)| b.wait_us)
                     .map(|(r, b)| (*r, *b))
-                    .unwrap_or((g.rules[0], reply.buckets.first().copied().unwrap_or(BucketReply { state: BucketState::Refusing, room_us: 0, wait_us: 1 })));
+                    .unwrap_or((
+                        g.rules[0],
+                        reply.buckets.first().copied().unwrap_or(BucketReply {
+                            state: BucketState::Refusing,
+                            room_us: 0,
+                            wait_us: 1,
+                        }),
+                    ));
                 // Give the earlier subjects their tokens back; the first
                 // bannable one also counts the violation.
                 let mut ban: Option<BanMade> = None;
@@ -311,17 +350,30 @@ async fn run<'r, S: DecisionStore>(
                     };
                     match store.decide(&call).await {
                         Ok(r) if r.status == Status::BannedNow => {
-                            ban = Some(BanMade { tag: tags[j].clone(), dur_ms: r.ban_ms, strikes: r.strikes, until_ms: r.until_ms, reason: format!("rule {}", rule.name) });
+                            ban = Some(BanMade {
+                                tag: tags[j].clone(),
+                                dur_ms: r.ban_ms,
+                                strikes: r.strikes,
+                                until_ms: r.until_ms,
+                                reason: format!("rule {}", rule.name),
+                            });
                         }
                         Ok(_) => {}
                         Err(e) => log::warn!("could not refund {} after a refusal: {e}", tags[j]),
                     }
                 }
                 if let Some(made) = ban {
-                    return Ok(Decision::Banned { remaining_ms: made.dur_ms, known_until_ms: made.until_ms, made: Some(made) });
+                    return Ok(Decision::Banned {
+                        remaining_ms: made.dur_ms,
+                        known_until_ms: made.until_ms,
+                        made: Some(made),
+                    });
                 }
                 let retry_after_s = ceil_secs(bucket.wait_us.max(1) as u64).max(1);
-                return Ok(Decision::Limited { info: rate_info(rule, &bucket), retry_after_s });
+                return Ok(Decision::Limited {
+                    info: rate_info(rule, &bucket),
+                    retry_after_s,
+                });
             }
         }
     }
@@ -346,4 +398,3 @@ fn rate_info<'r>(rule: &'r Rule, b: &BucketReply) -> RateInfo<'r> {
         reset_s: ceil_secs((cap - b.room_us).max(0) as u64),
     }
 }
-

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use redis::Value;
 
-use super::{BanParams, BucketReply, BucketState, DecisionStore, Mode, Status, SubjectCall, SubjectReply};
+use super::{
+    BanParams, BucketReply, BucketState, DecisionStore, Mode, Status, SubjectCall, SubjectReply,
+};
 use crate::keys;
 use crate::redis_link::{scripts, RedisFailure, RedisLink};
 
@@ -28,7 +30,12 @@ impl RedisStore {
             ban.max_ms.to_string(),
             ban.memory_ms.to_string(),
         ];
-        RedisStore { link, prefix, ban, ban_args }
+        RedisStore {
+            link,
+            prefix,
+            ban,
+            ban_args,
+        }
     }
 
     pub fn link(&self) -> &Arc<RedisLink> {
@@ -64,23 +71,36 @@ impl RedisStore {
                         Some(t) => cmd.arg(t),
                         None => cmd.arg(""),
                     };
-                    cmd.arg(mode).arg(call.ttl_ms).arg(if call.bannable { "1" } else { "0" }).arg(&self.ban_args[..]);
+                    cmd.arg(mode)
+                        .arg(call.ttl_ms)
+                        .arg(if call.bannable { "1" } else { "0" })
+                        .arg(&self.ban_args[..]);
                     for rule in call.rules {
                         let b = rule.bucket;
-                        cmd.arg(&*rule.name).arg(b.interval_us).arg(b.burst).arg(b.cost).arg(if rule.shadow { "1" } else { "0" });
+                        cmd.arg(&*rule.name)
+                            .arg(b.interval_us)
+                            .arg(b.burst)
+                            .arg(b.cost)
+                            .arg(if rule.shadow { "1" } else { "0" });
                     }
                 },
                 self.link.config().timeout,
             )
             .await?;
         parse_reply(&value).ok_or_else(|| {
-            RedisFailure::Redis(redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "decide.lua returned an unexpected reply")))
+            RedisFailure::Redis(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "decide.lua returned an unexpected reply",
+            )))
         })
     }
 }
 
 impl DecisionStore for RedisStore {
-    fn decide(&self, call: &SubjectCall<'_>) -> impl std::future::Future<Output = Result<SubjectReply, RedisFailure>> {
+    fn decide(
+        &self,
+        call: &SubjectCall<'_>,
+    ) -> impl std::future::Future<Output = Result<SubjectReply, RedisFailure>> {
         self.call(call)
     }
 }
@@ -112,7 +132,11 @@ fn parse_reply(v: &Value) -> Option<SubjectReply> {
             1 => BucketState::Refusing,
             _ => BucketState::ShadowRefusing,
         };
-        buckets.push(BucketReply { state, room_us: int(&chunk[1])?, wait_us: int(&chunk[2])? });
+        buckets.push(BucketReply {
+            state,
+            room_us: int(&chunk[1])?,
+            wait_us: int(&chunk[2])?,
+        });
     }
     Some(SubjectReply {
         status,
