@@ -655,8 +655,9 @@ mod tests {
 
     #[test]
     fn allowlist_after_ban_section_is_read_too() {
-        let c =
-            parse("allowlist = [\"10.0.0.0/8\"]\n[ban]\nallowlist = [\"192.0.2.1\"]\n").unwrap();
+        let text =
+            format!("allowlist = [\"10.0.0.0/8\"]\n{BASE}[ban]\nallowlist = [\"192.0.2.1\"]\n");
+        let c = Config::parse(&text, "t.toml").unwrap();
         assert_eq!(c.allowlist.len(), 2);
     }
 
