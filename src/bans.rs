@@ -321,6 +321,8 @@ pub struct Bans {
     ipv6_prefix: u8,
     local_audit: Mutex<VecDeque<AuditEvent>>,
     local_seq: std::sync::atomic::AtomicU64,
+    /// The Redis dataset marker last seen (see [`keys::epoch`]).
+    epoch: Mutex<Option<String>>,
 }
 
 impl Bans {
@@ -346,6 +348,7 @@ impl Bans {
             ipv6_prefix,
             local_audit: Mutex::new(VecDeque::new()),
             local_seq: std::sync::atomic::AtomicU64::new(0),
+            epoch: Mutex::new(None),
         }
     }
 
@@ -919,12 +922,94 @@ impl Bans {
             .collect())
     }
 
-    /// Re-reads every ban and the allowlist from Redis into the cache.
+    /// True when Redis lost its data since this node last looked (the
+    /// dataset marker changed or vanished); sets the marker if missing.
+    async fn redis_lost_data(&self, link: &RedisLink) -> Result<bool, RedisFailure> {
+        let key = keys::epoch(&self.prefix);
+        let fresh = format!(
+            "{:x}-{}",
+            crate::limiter::local::wall_clock_us(),
+            std::process::id()
+        );
+        let set = redis::cmd("SET").arg(&key).arg(&fresh).arg("NX").clone();
+        link.query_within::<Option<String>>(&set, link.admin_timeout())
+            .await?;
+        let current: Option<String> = link
+            .query_within(&redis::cmd("GET").arg(&key).clone(), link.admin_timeout())
+            .await?;
+        let mut seen = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
+        let lost = seen.is_some() && *seen != current;
+        *seen = current;
+        Ok(lost)
+    }
+
+    /// Writes this node's view of bans and the runtime allowlist back to a
+    /// Redis that lost its data, so a Redis restart does not lift bans.
+    async fn restore(&self) -> Result<(), BanError> {
+        let now = Instant::now();
+        let keys: Vec<(ClientKey, Duration)> = {
+            let map = self.cache.keys.read().unwrap_or_else(|p| p.into_inner());
+            map.iter()
+                .filter(|(_, e)| e.until > now)
+                .map(|(k, e)| (*k, e.until - now))
+                .collect()
+        };
+        let cidrs = self.cache.cidr_bans();
+        log::warn!(
+            "Redis lost its data; writing back {} bans and {} CIDR bans known to this node",
+            keys.len(),
+            cidrs.len()
+        );
+        let reason = "restored after Redis lost its data";
+        let Some(link) = &self.link else {
+            return Ok(());
+        };
+        // Skip what Redis already holds again (e.g. written back just now).
+        for (k, left) in keys {
+            if self.inspect_tag(link, &key_tag(&k)).await?.is_none() {
+                self.write_ban(BanTarget::Key(k), left.as_millis() as u64, reason, "auto")
+                    .await?;
+            }
+        }
+        let present: Vec<IpNet> = self
+            .cidr_bans_from_redis(link)
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        for (n, left) in cidrs {
+            if !present.contains(&n) {
+                self.write_ban(
+                    BanTarget::Cidr(n),
+                    left.as_millis() as u64,
+                    reason,
+                    "manual",
+                )
+                .await?;
+            }
+        }
+        {
+            for net in self.cache.runtime_allowlist() {
+                let cmd = redis::cmd("SADD")
+                    .arg(keys::allowlist(&self.prefix))
+                    .arg(net.to_string())
+                    .clone();
+                link.query_within::<i64>(&cmd, link.admin_timeout()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads every ban and the allowlist from Redis into the cache (after
+    /// restoring them first if Redis lost its data).
     pub async fn reconcile(&self) -> Result<(), BanError> {
         let Some(link) = &self.link else {
             self.cache.purge();
             return Ok(());
         };
+        if self.redis_lost_data(link).await? {
+            self.restore().await?;
+        }
         let mut keys_map = HashMap::new();
         for key in link.scan(&keys::ban_pattern(&self.prefix)).await? {
             let Some(tag) = keys::tag_of_ban_key(&self.prefix, &key) else {

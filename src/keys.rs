@@ -43,6 +43,12 @@ pub fn audit(prefix: &str) -> String {
     format!("{prefix}audit")
 }
 
+/// A marker written once per Redis dataset: if it vanishes, Redis lost its
+/// data (restarted without persistence) and nodes restore what they know.
+pub fn epoch(prefix: &str) -> String {
+    format!("{prefix}epoch")
+}
+
 /// The pub/sub channel of ban, unban and allowlist events.
 pub fn events(prefix: &str) -> String {
     format!("{prefix}events")

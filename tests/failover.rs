@@ -1,0 +1,350 @@
+//! When Redis fails: kill -9 and SIGSTOP under load, each `on_failure` mode,
+//! recovery, starting without Redis, and a Redis that comes back empty.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const RULES: &str =
+    "[[rules]]\nname = \"per-ip\"\nkey = \"ip\"\nrate = 10\nper = \"1s\"\nburst = 10\n";
+const TIMEOUT_MS: u64 = 100;
+
+fn gateway(redis_url: &str, up: &Upstream, mode: &str, extra: &str) -> Gateway {
+    let p = prefix();
+    let setup = Setup {
+        redis: Some(redis_url.to_string()),
+        upstream: &up.url(),
+        prefix: &p,
+        rules: RULES,
+        extra,
+    };
+    let (port, admin) = (free_port(), free_port());
+    let config = Gateway::config(port, admin, &setup).replace(
+        "timeout = \"200ms\"\n",
+        &format!(
+            "timeout = \"{TIMEOUT_MS}ms\"\non_failure = \"{mode}\"\nprobe_interval = \"200ms\"\n"
+        ),
+    );
+    Gateway::start_config(port, admin, config, &[], &[])
+}
+
+/// One answer seen by a load thread.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    at: Instant,
+    status: u16,
+    took: Duration,
+}
+
+/// Sends requests as `ip` until stopped, recording every answer.
+struct Load {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(url: String, ip: &'static str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (s, v) = (stop.clone(), seen.clone());
+        let handle = thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                let r = get_as(&url, ip);
+                v.lock().unwrap().push(Seen {
+                    at,
+                    status: r.status,
+                    took: at.elapsed(),
+                });
+                thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Load {
+            stop,
+            seen,
+            handle: Some(handle),
+        }
+    }
+
+    fn between(&self, from: Instant, to: Instant) -> Vec<Seen> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.at >= from && s.at < to)
+            .copied()
+            .collect()
+    }
+
+    fn finish(mut self) -> Vec<Seen> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            h.join().unwrap();
+        }
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn degraded(gw: &Gateway) -> bool {
+    get(&gw.admin_url("/metrics"), &[])
+        .body
+        .lines()
+        .any(|l| l == "floodgate_degraded 1")
+}
+
+fn assert_no_5xx_and_bounded(seen: &[Seen], allowed_5xx: Option<u16>) {
+    for s in seen {
+        if Some(s.status) != allowed_5xx {
+            assert!(s.status < 500, "a {} during the outage", s.status);
+        }
+        assert!(
+            s.took < Duration::from_millis(TIMEOUT_MS + 400),
+            "an answer took {:?}",
+            s.took
+        );
+    }
+}
+
+#[test]
+fn redis_killed_under_load_local_mode_keeps_limits_and_bans_then_recovers() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start();
+    let gw = gateway(&redis.url(), &up, "local", "");
+    assert_eq!(
+        gw.admin(
+            "POST",
+            "/admin/bans",
+            Some("{\"subject\":\"198.51.100.66\",\"duration\":\"10m\"}")
+        )
+        .status,
+        201
+    );
+    let load = Load::start(gw.url("/"), "203.0.113.1");
+    thread::sleep(Duration::from_millis(500));
+
+    let killed = Instant::now();
+    redis.kill9();
+    let mut detected = None;
+    while killed.elapsed() < Duration::from_secs(5) {
+        if degraded(&gw) {
+            detected = Some(killed.elapsed());
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let detected = detected.expect("the gateway never noticed Redis was gone");
+    thread::sleep(Duration::from_millis(2500));
+    let outage_end = Instant::now();
+    // Bans this node knew still apply; limits are enforced locally.
+    assert_eq!(
+        get_as(&gw.url("/"), "198.51.100.66").json()["error"],
+        "banned"
+    );
+    assert_eq!(get(&gw.admin_url("/readyz"), &[]).status, 503);
+    let during = load.between(killed + detected, outage_end);
+    assert_no_5xx_and_bounded(&during, None);
+    let allowed = during.iter().filter(|s| s.status == 200).count() as f64;
+    let secs = outage_end.duration_since(killed + detected).as_secs_f64();
+    assert!(
+        allowed <= 10.0 + 10.0 * secs + 1.0,
+        "local mode let {allowed} through in {secs:.1}s"
+    );
+    assert!(
+        during.iter().any(|s| s.status == 429),
+        "local mode enforced nothing"
+    );
+
+    redis.restart();
+    let restarted = Instant::now();
+    wait_until("decisions back on Redis", Duration::from_secs(5), || {
+        !degraded(&gw) && redis.calls("evalsha") + redis.calls("eval") > 0
+    });
+    let recovered = restarted.elapsed();
+    assert_eq!(get(&gw.admin_url("/readyz"), &[]).status, 200);
+    let seen = load.finish();
+    assert_no_5xx_and_bounded(&seen, None);
+    // Redis came back empty: the node wrote back the ban it knew.
+    wait_until(
+        "the ban restored into Redis",
+        Duration::from_secs(3),
+        || gw.admin("GET", "/admin/bans/198.51.100.66", None).status == 200,
+    );
+    assert!(gw.log().contains("Redis lost its data"));
+    let transitions = gw.log().matches("Redis unavailable after").count();
+    assert_eq!(transitions, 1, "one log line per transition:\n{}", gw.log());
+    eprintln!("outage detected after {detected:?}; back on Redis {recovered:?} after restart");
+}
+
+#[test]
+fn allow_mode_forwards_everything_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start();
+    let gw = gateway(&redis.url(), &up, "allow", "");
+    redis.kill9();
+    let start = Instant::now();
+    for _ in 0..40 {
+        let at = Instant::now();
+        let r = get_as(&gw.url("/"), "203.0.113.2");
+        assert_eq!(r.status, 200, "allow mode refused: {}", r.body);
+        assert!(at.elapsed() < Duration::from_millis(TIMEOUT_MS + 400));
+    }
+    assert!(degraded(&gw));
+    redis.restart();
+    wait_until("back on Redis", Duration::from_secs(5), || !degraded(&gw));
+    let statuses: Vec<u16> = (0..15)
+        .map(|_| get_as(&gw.url("/"), "203.0.113.2").status)
+        .collect();
+    assert!(
+        statuses.contains(&429),
+        "limits apply again after recovery: {statuses:?} ({:?})",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn deny_mode_answers_503_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start();
+    let gw = gateway(&redis.url(), &up, "deny", "");
+    assert_eq!(get_as(&gw.url("/"), "203.0.113.3").status, 200);
+    redis.kill9();
+    for _ in 0..10 {
+        let at = Instant::now();
+        let r = get_as(&gw.url("/"), "203.0.113.3");
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert_eq!(r.json()["error"], "unavailable");
+        assert!(at.elapsed() < Duration::from_millis(TIMEOUT_MS + 400));
+    }
+    redis.restart();
+    wait_until("back on Redis", Duration::from_secs(5), || {
+        get_as(&gw.url("/"), "203.0.113.3").status == 200
+    });
+}
+
+#[test]
+fn frozen_redis_never_hangs_a_request() {
+    let redis = RedisServer::start();
+    let up = Upstream::start();
+    let gw = gateway(&redis.url(), &up, "local", "");
+    let load = Load::start(gw.url("/"), "203.0.113.4");
+    thread::sleep(Duration::from_millis(300));
+    let frozen = Instant::now();
+    redis.freeze();
+    thread::sleep(Duration::from_secs(2));
+    redis.thaw();
+    let thawed = Instant::now();
+    wait_until(
+        "back on Redis after SIGCONT",
+        Duration::from_secs(5),
+        || !degraded(&gw),
+    );
+    let back = thawed.elapsed();
+    let seen = load.finish();
+    assert_no_5xx_and_bounded(&seen, None);
+    let during = seen
+        .iter()
+        .filter(|s| s.at >= frozen && s.at < thawed)
+        .count();
+    assert!(
+        during > 20,
+        "requests stalled while Redis was frozen: {during}"
+    );
+    eprintln!("frozen Redis: {during} answers during 2 s; back on Redis {back:?} after SIGCONT");
+}
+
+#[test]
+fn starts_and_serves_with_no_redis_at_all() {
+    let up = Upstream::start();
+    let dead = format!("redis://127.0.0.1:{}", free_port());
+    let gw = gateway(&dead, &up, "local", "");
+    let log = gw.log();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+    assert!(log.contains("is unreachable"), "{log}");
+    assert_eq!(
+        warnings
+            .iter()
+            .filter(|l| l.contains("unreachable"))
+            .count(),
+        1
+    );
+    let statuses: Vec<u16> = (0..15)
+        .map(|_| get_as(&gw.url("/"), "203.0.113.5").status)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(get(&gw.admin_url("/readyz"), &[]).status, 503);
+
+    // And with no [redis] section: in-process by design, ready.
+    let p = prefix();
+    let local = Gateway::start(&Setup {
+        redis: None,
+        upstream: &up.url(),
+        prefix: &p,
+        rules: RULES,
+        extra: "",
+    });
+    let statuses: Vec<u16> = (0..15)
+        .map(|_| get_as(&local.url("/"), "203.0.113.5").status)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(get(&local.admin_url("/readyz"), &[]).status, 200);
+    let r = local.admin(
+        "POST",
+        "/admin/bans",
+        Some("{\"subject\":\"203.0.113.77\",\"duration\":\"1m\"}"),
+    );
+    assert_eq!(r.status, 201);
+    assert_eq!(
+        get_as(&local.url("/"), "203.0.113.77").json()["error"],
+        "banned"
+    );
+    assert_eq!(
+        local
+            .admin("GET", "/admin/bans", None)
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn bans_made_during_an_outage_are_written_back() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start();
+    let extra = "[ban]\nenabled = true\nafter = 2\nwithin = \"10s\"\nduration = \"5m\"\n";
+    let gw = gateway(&redis.url(), &up, "local", extra);
+    redis.kill9();
+    wait_until("degraded", Duration::from_secs(5), || {
+        get_as(&gw.url("/"), "203.0.113.9");
+        degraded(&gw)
+    });
+    let mut banned = false;
+    for _ in 0..30 {
+        if get_as(&gw.url("/"), "203.0.113.8").json()["error"] == "banned" {
+            banned = true;
+            break;
+        }
+    }
+    assert!(banned, "the local store did not ban during the outage");
+    redis.restart();
+    wait_until("back on Redis", Duration::from_secs(5), || !degraded(&gw));
+    wait_until("the outage ban in Redis", Duration::from_secs(3), || {
+        let r = gw.admin("GET", "/admin/bans/203.0.113.8", None);
+        r.status == 200 && r.json()["reason"].as_str().unwrap_or("").contains("outage")
+    });
+}
