@@ -221,6 +221,17 @@ impl RedisCluster {
         );
         let c = RedisCluster { nodes };
         c.wait_ok();
+        wait_until("every replica in sync", Duration::from_secs(30), || {
+            c.nodes
+                .iter()
+                .filter(|n| n.cli(&["ROLE"]).starts_with("slave"))
+                .count()
+                == 3
+                && c.nodes.iter().all(|n| {
+                    let info = n.cli(&["INFO", "replication"]);
+                    info.contains("role:master") || info.contains("master_link_status:up")
+                })
+        });
         c
     }
 
@@ -243,6 +254,12 @@ impl RedisCluster {
 
     /// Index of the node that is master for `key`'s slot now.
     pub fn master_of(&self, key: &str) -> usize {
+        self.try_master_of(key)
+            .unwrap_or_else(|| panic!("no master owns the slot of {key}"))
+    }
+
+    /// Like [`Self::master_of`], `None` while no live master owns the slot.
+    pub fn try_master_of(&self, key: &str) -> Option<usize> {
         let live = self
             .nodes
             .iter()
@@ -271,12 +288,11 @@ impl RedisCluster {
                     .split('@')
                     .next()
                     .and_then(|a| a.rsplit(':').next())
-                    .and_then(|p| p.parse().ok())
-                    .unwrap();
-                return self.nodes.iter().position(|n| n.port == port).unwrap();
+                    .and_then(|p| p.parse().ok())?;
+                return self.nodes.iter().position(|n| n.port == port);
             }
         }
-        panic!("no master owns the slot of {key}");
+        None
     }
 }
 

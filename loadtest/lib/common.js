@@ -1,0 +1,211 @@
+// Helpers shared by the floodgate k6 scripts: environment, synthetic client
+// addresses, and the checks of SPEC §3 (headers and bodies of allowed,
+// limited and banned answers).
+
+import { check } from 'k6';
+
+// ------------------------------------------------------------ environment
+
+export function env(name, fallback) {
+  const v = __ENV[name];
+  return v === undefined || v === '' ? fallback : v;
+}
+
+export function num(name, fallback) {
+  const v = env(name, undefined);
+  if (v === undefined) return fallback;
+  const n = Number(v);
+  if (!Number.isFinite(n)) throw new Error(`${name}=${v} is not a number`);
+  return n;
+}
+
+// BASE_URL: one gateway, or a comma-separated list of nodes.
+export function nodes() {
+  return env('BASE_URL', 'http://127.0.0.1:8080')
+    .split(',')
+    .map((s) => s.trim().replace(/\/+$/, ''))
+    .filter((s) => s.length > 0);
+}
+
+// "250ms", "10s", "2m", "1h" or plain seconds -> seconds.
+export function seconds(d) {
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(String(d).trim());
+  if (!m) throw new Error(`bad duration: ${d}`);
+  const n = Number(m[1]);
+  return { ms: n / 1000, s: n, m: n * 60, h: n * 3600, undefined: n }[m[2]];
+}
+
+// The limits the gateway under test enforces, as the scripts expect them.
+// RULE_PER is the rule's `per`, as a duration; RULE_RATE tokens per RULE_PER.
+export function ruleFromEnv(prefix, defaults) {
+  const rate = num(`${prefix}_RATE`, defaults.rate);
+  const per = seconds(env(`${prefix}_PER`, defaults.per || '1s'));
+  return {
+    name: env(`${prefix}_NAME`, defaults.name),
+    rate, // tokens per `per`
+    per, // seconds
+    perSecond: rate / per,
+    burst: num(`${prefix}_BURST`, defaults.burst),
+  };
+}
+
+// Most requests one subject can be allowed over `t` seconds: a full bucket
+// plus what refills meanwhile, plus one for a refill landing on the edge.
+export function bucketBound(rule, t) {
+  return Math.floor(rule.burst + rule.perSecond * t) + 1;
+}
+
+// ---------------------------------------------------------------- clients
+
+// Synthetic client addresses come from 198.18.0.0/15 (RFC 2544, reserved
+// for benchmarks): client i of run `run` is address run*1024 + i of it, so
+// runs against a long-lived gateway do not inherit each other's buckets or
+// bans. They only ever appear in X-Forwarded-For, which the gateway honours
+// from trusted proxies (loopback by default).
+export function clientIp(run, i) {
+  const n = (run * 1024 + i) % 131072;
+  return `198.${18 + (n >> 16)}.${(n >> 8) & 255}.${n & 255}`;
+}
+
+// RUN_ID pins the address block (0..127); by default setup() draws one.
+export function runId() {
+  const pinned = env('RUN_ID', undefined);
+  return pinned !== undefined ? Number(pinned) % 128 : Math.floor(Math.random() * 128);
+}
+
+// ---------------------------------------------------------------- headers
+
+export function header(res, name) {
+  const want = name.toLowerCase();
+  for (const k in res.headers) {
+    if (k.toLowerCase() === want) return res.headers[k];
+  }
+  return undefined;
+}
+
+// `"per-ip";q=200;w=2` -> {name, q, w}
+export function parsePolicy(v) {
+  const m = /^"([^"]*)";q=(\d+);w=(\d+)$/.exec(v || '');
+  return m ? { name: m[1], q: Number(m[2]), w: Number(m[3]) } : null;
+}
+
+// `"per-ip";r=57;t=1` -> {name, r, t}
+export function parseRateLimit(v) {
+  const m = /^"([^"]*)";r=(\d+);t=(\d+)$/.exec(v || '');
+  return m ? { name: m[1], r: Number(m[2]), t: Number(m[3]) } : null;
+}
+
+function isUint(v) {
+  return typeof v === 'string' && /^\d+$/.test(v);
+}
+
+function json(res) {
+  try {
+    return JSON.parse(res.body);
+  } catch (_) {
+    return null;
+  }
+}
+
+// The five RateLimit headers agree with each other and, when `rules` is
+// given (a map name -> rule), with the configured limits of the rule they
+// name. Returns the parsed `RateLimit` header (or null).
+export function rateHeadersOk(res, rules, tags) {
+  const policy = parsePolicy(header(res, 'RateLimit-Policy'));
+  const rl = parseRateLimit(header(res, 'RateLimit'));
+  const limit = header(res, 'RateLimit-Limit');
+  const remaining = header(res, 'RateLimit-Remaining');
+  const reset = header(res, 'RateLimit-Reset');
+  const rule = policy && rules ? rules[policy.name] : undefined;
+  check(
+    res,
+    {
+      'RateLimit-Policy is "<rule>";q=<burst>;w=<secs>': () => policy !== null,
+      'RateLimit is "<rule>";r=<remaining>;t=<secs>': () => rl !== null,
+      'RateLimit-Limit, -Remaining, -Reset are integers': () =>
+        isUint(limit) && isUint(remaining) && isUint(reset),
+      'RateLimit names the same rule as RateLimit-Policy': () =>
+        policy !== null && rl !== null && policy.name === rl.name,
+      'legacy trio repeats q, r and t': () =>
+        policy !== null &&
+        rl !== null &&
+        Number(limit) === policy.q &&
+        Number(remaining) === rl.r &&
+        Number(reset) === rl.t,
+      'remaining <= burst': () => policy !== null && rl !== null && rl.r <= policy.q,
+      'policy matches the configured rule': () =>
+        !rules ||
+        (rule !== undefined &&
+          policy.q === rule.burst &&
+          policy.w === Math.max(1, Math.ceil(rule.burst / rule.perSecond - 1e-9))),
+    },
+    tags,
+  );
+  return rl;
+}
+
+// A 429 from a rule: Retry-After, RateLimit headers, the JSON body.
+// Returns the body (or null).
+export function limitedOk(res, rules, tags) {
+  const body = json(res);
+  const ra = header(res, 'Retry-After');
+  check(
+    res,
+    {
+      'limited: status 429': (r) => r.status === 429,
+      'limited: Retry-After is a whole number >= 1': () => isUint(ra) && Number(ra) >= 1,
+      'limited: body is {"error":"rate_limited","rule","retry_after"}': () =>
+        body !== null &&
+        body.error === 'rate_limited' &&
+        typeof body.rule === 'string' &&
+        Number.isInteger(body.retry_after),
+      'limited: body retry_after equals Retry-After': () =>
+        body !== null && String(body.retry_after) === ra,
+      'limited: body names a configured rule': () =>
+        !rules || (body !== null && rules[body.rule] !== undefined),
+      'limited: content-type is JSON': () =>
+        /application\/json/.test(header(res, 'Content-Type') || ''),
+    },
+    tags,
+  );
+  const rl = rateHeadersOk(res, rules, tags);
+  check(
+    res,
+    {
+      'limited: RateLimit names the refusing rule': () =>
+        body !== null && rl !== null && rl.name === body.rule,
+    },
+    tags,
+  );
+  return body;
+}
+
+// An answer to a banned client: ban status, Retry-After, the JSON body.
+export function bannedOk(res, status, tags) {
+  const body = json(res);
+  const ra = header(res, 'Retry-After');
+  check(
+    res,
+    {
+      'banned: status is ban.status': (r) => r.status === status,
+      'banned: Retry-After is a whole number >= 1': () => isUint(ra) && Number(ra) >= 1,
+      'banned: body is {"error":"banned","retry_after"}': () =>
+        body !== null && body.error === 'banned' && Number.isInteger(body.retry_after),
+      'banned: body retry_after equals Retry-After': () =>
+        body !== null && String(body.retry_after) === ra,
+    },
+    tags,
+  );
+  return body;
+}
+
+// What kind of answer this is: 'allowed' (2xx from the upstream),
+// 'limited', 'banned', or 'error' (anything else: 5xx, timeouts, junk).
+export function kind(res) {
+  if (res.status >= 200 && res.status < 300) return 'allowed';
+  if (res.status === 0) return 'error';
+  const body = json(res);
+  if (body && body.error === 'rate_limited' && res.status === 429) return 'limited';
+  if (body && body.error === 'banned') return 'banned';
+  return 'error';
+}

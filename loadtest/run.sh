@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# loadtest/run.sh <script> [nodes]
+#
+# Runs one k6 script of loadtest/ against a throw-away local setup:
+# redis-server (own free port, no persistence), a small upstream (nginx
+# answering 200 with a ~100-byte body, or a python server when nginx is
+# missing), and `nodes` floodgate gateways on loopback sharing that Redis,
+# each with a config written to a temp dir. The limits in that config are
+# handed to k6 as environment variables, so the script checks the bounds the
+# gateways really enforce. Everything started here is stopped on exit.
+#
+#   script  smoke | steady | limits | bans | multi-node  (".js" optional)
+#   nodes   gateways to start (default 1; multi-node: 3)
+#
+# Environment (all optional): DURATION (default 20s) and every knob the
+# script lists in its header (RATE, CLIENTS, RULE_RATE, RULE_BURST, ...):
+# what is set here is used both in the gateway config and by k6.
+# FLOODGATE_BIN picks the binary (default target/release/floodgate, built
+# when missing); KEEP_TMP=1 keeps configs and logs; RUST_LOG sets the
+# gateways' log level (default warn).
+#
+# The exit code is k6's: 0 when every threshold held, 99 when one failed.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=lib.sh
+source "$here/lib.sh"
+
+usage() {
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+[[ $# -ge 1 && $# -le 2 ]] || usage
+script="${1%.js}"
+script="${script##*/}"
+[[ -f "$here/$script.js" ]] || { echo "no such script: $here/$script.js" >&2; usage; }
+case "$script" in
+    multi-node) nodes="${2:-3}" ;;
+    *) nodes="${2:-1}" ;;
+esac
+[[ "$nodes" =~ ^[1-9][0-9]*$ ]] || usage
+if [[ "$script" == multi-node && "$nodes" -lt 2 ]]; then
+    echo "multi-node needs at least 2 nodes" >&2
+    exit 2
+fi
+
+# ------------------------------------------------------------- settings
+
+export DURATION="${DURATION:-20s}"
+ADMIN_TOKEN="${FLOODGATE_ADMIN_TOKEN:-loadtest-admin-token}"
+
+# Per-script limits: small enough that k6 on one machine goes over them
+# (or stays under them) by a wide margin. Each can be overridden from the
+# environment; the same value then goes into the config and to k6.
+ban_enabled=true
+case "$script" in
+    smoke)
+        : "${RULE_RATE:=5}" "${RULE_BURST:=10}"
+        ;;
+    steady)
+        # 100 requests/s over 20 clients = 5/s each, a tenth of their rate.
+        : "${RULE_RATE:=50}" "${RULE_BURST:=100}" "${RATE:=100}" "${CLIENTS:=20}"
+        export RATE CLIENTS
+        ;;
+    limits)
+        # Each client asks 3x its rate; bans off so the bucket alone decides.
+        : "${RULE_RATE:=5}" "${RULE_BURST:=10}" "${CLIENTS:=20}" "${CLIENT_RATE:=15}"
+        export CLIENTS CLIENT_RATE
+        ban_enabled=false
+        ;;
+    bans)
+        : "${RULE_RATE:=5}" "${RULE_BURST:=10}"
+        : "${BAN_AFTER:=10}" "${BAN_WITHIN:=10s}" "${BAN_DURATION:=5m}" "${BAN_STATUS:=429}"
+        export BAN_AFTER BAN_WITHIN BAN_DURATION BAN_STATUS
+        ;;
+    multi-node)
+        # 20 clients x 10/s = 200/s offered; the shared global rule (50/s)
+        # binds before the per-ip one (5/s each = 100/s in all).
+        : "${RULE_RATE:=5}" "${RULE_BURST:=10}" "${CLIENTS:=20}" "${CLIENT_RATE:=10}"
+        : "${GLOBAL_NAME:=global}" "${GLOBAL_RATE:=50}" "${GLOBAL_BURST:=100}" "${GLOBAL_PER:=1s}"
+        export CLIENTS CLIENT_RATE GLOBAL_NAME GLOBAL_RATE GLOBAL_BURST GLOBAL_PER
+        ban_enabled=false
+        ;;
+esac
+: "${RULE_NAME:=per-ip}" "${RULE_PER:=1s}"
+export RULE_NAME RULE_RATE RULE_PER RULE_BURST
+
+rules="[[rules]]
+name = \"$RULE_NAME\"
+key = \"ip\"
+rate = $RULE_RATE
+per = \"$RULE_PER\"
+burst = $RULE_BURST"
+if [[ "$script" == multi-node ]]; then
+    rules+="
+
+[[rules]]
+name = \"$GLOBAL_NAME\"
+key = \"global\"
+rate = $GLOBAL_RATE
+per = \"$GLOBAL_PER\"
+burst = $GLOBAL_BURST"
+fi
+if [[ "$script" == bans ]]; then
+    ban="[ban]
+enabled = true
+after = $BAN_AFTER
+within = \"$BAN_WITHIN\"
+duration = \"$BAN_DURATION\"
+status = $BAN_STATUS"
+elif [[ "$ban_enabled" == true ]]; then
+    ban="[ban]
+enabled = true"
+else
+    ban="[ban]
+enabled = false"
+fi
+
+# ------------------------------------------------------------- start
+
+lt_init
+lt_ensure_k6
+FLOODGATE="$(lt_floodgate_bin)"
+lt_start_redis
+lt_start_upstream
+lt_log "redis :$REDIS_PORT, upstream :$UPSTREAM_PORT"
+
+base_urls=()
+for ((n = 1; n <= nodes; n++)); do
+    lt_free_port port
+    lt_free_port admin
+    config="# loadtest/run.sh $script: node $n of $nodes
+[server]
+listen = \"127.0.0.1:$port\"
+admin_listen = \"127.0.0.1:$admin\"
+shutdown_timeout = \"2s\"
+workers = 1
+node_id = \"loadtest-$n\"
+
+[redis]
+url = \"redis://127.0.0.1:$REDIS_PORT\"
+key_prefix = \"lt:\"
+timeout = \"200ms\"
+
+[upstream]
+urls = [\"http://127.0.0.1:$UPSTREAM_PORT\"]
+timeout = \"5s\"
+
+$rules
+
+$ban"
+    lt_start_gateway "gateway-$n" "$config" "$admin"
+    base_urls+=("http://127.0.0.1:$port")
+    # The first node's admin API, for scripts that look at it (bans.js).
+    if ((n == 1)); then
+        export ADMIN_URL="http://127.0.0.1:$admin"
+    fi
+    lt_log "gateway $n: http://127.0.0.1:$port (admin :$admin, pid $LT_LAST_PID)"
+done
+BASE_URL="$(IFS=,; echo "${base_urls[*]}")"
+export BASE_URL ADMIN_TOKEN
+
+# ------------------------------------------------------------- run k6
+
+# Bounded: the scenario's own duration plus a margin for setup, graceful
+# stop and teardown.
+limit=$(($(lt_seconds "$DURATION") + 90))
+lt_log "k6 run $script.js (DURATION=$DURATION, nodes=$nodes, at most ${limit}s)"
+set +e
+K6_NO_USAGE_REPORT=true timeout --kill-after=10 "$limit" \
+    k6 run --no-usage-report --quiet "$here/$script.js"
+rc=$?
+set -e
+if ((rc != 0)); then
+    lt_log "k6 exited $rc; last gateway log lines:"
+    for ((n = 1; n <= nodes; n++)); do
+        tail -n 5 "$LT_DIR/gateway-$n/stderr.log" >&2 || true
+    done
+fi
+exit "$rc"
