@@ -52,6 +52,7 @@ if (RATE / CLIENTS >= RULE.perSecond) {
 }
 
 const refused = new Counter('refused');
+let logged = 0; // a few examples of what went wrong, per VU
 const errors = new Counter('errors');
 
 export const options = {
@@ -97,9 +98,11 @@ export default function (data) {
     check(res, { 'upstream body came through': (r) => r.body && r.body.length > 0 });
   } else if (k === 'limited' || k === 'banned') {
     refused.add(1);
-    if (refused.value === undefined) console.error(`refused: ${res.status} ${res.body}`);
+    if (logged++ < 3) console.error(`refused: ${res.status} ${res.body}`);
   } else {
     errors.add(1);
-    console.error(`error answer: ${res.status} ${res.error || ''} ${String(res.body).slice(0, 200)}`);
+    if (logged++ < 3) {
+      console.error(`error answer: ${res.status} ${res.error || ''} ${String(res.body).slice(0, 200)}`);
+    }
   }
 }
