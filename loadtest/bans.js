@@ -5,7 +5,7 @@
 // one request at a time (so each sees its answers in order). Each must be
 // banned after BAN_AFTER refusals (BAN_AFTER - 1 limited answers and the
 // banning one, or BAN_AFTER limited answers and then the ban), and while
-// its ban lasts it is never allowed again and gets the ban answer of SPEC §3:
+// its ban lasts it is never allowed again and gets the documented ban answer:
 // status BAN_STATUS, Retry-After, {"error":"banned","retry_after":N}.
 // Meanwhile GOOD_CLIENTS clients send GOOD_RATE requests/s each, under
 // their limit: none of them may ever be refused. Requests are spread over
@@ -46,6 +46,7 @@ import {
   env,
   header,
   kind,
+  note,
   limitedOk,
   nodes,
   num,
@@ -82,7 +83,6 @@ const banned = new Counter('banned');
 const allowedWhileBanned = new Counter('allowed_while_banned');
 const goodRefused = new Counter('good_refused');
 const errors = new Counter('errors');
-let logged = 0;
 
 const thresholds = {
   checks: ['rate==1'],
@@ -120,7 +120,7 @@ export const options = {
 
 function unexpected(res, who) {
   errors.add(1);
-  if (logged++ < 3) console.error(`${who}: unexpected answer ${res.status} ${res.error || ''} ${res.body}`);
+  note(`${who}: unexpected answer ${res.status} ${res.error || ''} ${res.body}`);
 }
 
 export function setup() {
@@ -191,7 +191,7 @@ export function good(data) {
     rateHeadersOk(res, RULES);
   } else if (k === 'limited' || k === 'banned') {
     goodRefused.add(1);
-    if (logged++ < 3) console.error(`good client refused: ${res.status} ${res.body}`);
+    note(`good client refused: ${res.status} ${res.body}`);
   } else {
     unexpected(res, 'good client');
   }

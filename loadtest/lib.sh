@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # loadtest/lib.sh: helpers shared by run.sh, bench.sh and memory mode.
 #
 # Sourced, not run. Everything it starts listens on 127.0.0.1 only, lives in
@@ -48,6 +49,29 @@ lt_cleanup() {
         fi
     fi
     return "$rc"
+}
+
+# lt_run CMD...: runs a (bounded) command in the background and waits for
+# it. Bash runs no trap until a foreground command ends; `wait` is cut short
+# by a signal, so Ctrl-C or TERM reach the cleanup at once, and the cleanup
+# stops the command. Returns the command's status.
+lt_run() {
+    "$@" &
+    local pid=$! rc=0
+    LT_PIDS+=("$pid")
+    wait "$pid" || rc=$?
+    lt_forget "$pid"
+    return "$rc"
+}
+
+# Drops a pid that has ended from LT_PIDS (so that the cleanup never signals
+# a pid the system may have reused).
+lt_forget() {
+    local keep=() p
+    for p in "${LT_PIDS[@]}"; do
+        [[ "$p" == "$1" ]] || keep+=("$p")
+    done
+    LT_PIDS=("${keep[@]}")
 }
 
 # lt_free_port VAR: a free TCP port on 127.0.0.1 (bound to port 0, then
@@ -229,6 +253,9 @@ port, body = int(sys.argv[1]), sys.argv[2].encode()
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY, Nagle and
+    # delayed ACKs would add ~40 ms to every keep-alive request.
+    disable_nagle_algorithm = True
 
     def answer(self):
         length = int(self.headers.get("Content-Length") or 0)

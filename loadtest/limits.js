@@ -39,6 +39,7 @@ import {
   clientIp,
   env,
   kind,
+  note,
   limitedOk,
   nodes,
   num,
@@ -70,7 +71,6 @@ const LOWER = Math.floor(MIN_RATIO * Math.min(CLIENT_RATE * D, RULE.burst + RULE
 const allowed = new Counter('allowed');
 const limited = new Counter('limited');
 const errors = new Counter('errors');
-let logged = 0;
 
 const thresholds = {
   checks: ['rate==1'],
@@ -127,6 +127,6 @@ export default function (data) {
       break;
     default:
       errors.add(1, tags);
-      if (logged++ < 3) console.error(`unexpected answer: ${res.status} ${res.error || ''} ${res.body}`);
+      note(`unexpected answer: ${res.status} ${res.error || ''} ${res.body}`);
   }
 }

@@ -40,6 +40,7 @@ import {
   clientIp,
   env,
   kind,
+  note,
   limitedOk,
   nodes,
   num,
@@ -77,7 +78,6 @@ const CLIENT_LOWER = HAS_GLOBAL
 const allowed = new Counter('allowed');
 const limited = new Counter('limited');
 const errors = new Counter('errors');
-let logged = 0;
 
 const thresholds = {
   checks: ['rate==1'],
@@ -139,6 +139,6 @@ export default function (data) {
       break;
     default:
       errors.add(1, tags);
-      if (logged++ < 3) console.error(`unexpected answer: ${res.status} ${res.error || ''} ${res.body}`);
+      note(`unexpected answer: ${res.status} ${res.error || ''} ${res.body}`);
   }
 }

@@ -20,6 +20,9 @@
 # gateways' log level (default warn).
 #
 # The exit code is k6's: 0 when every threshold held, 99 when one failed.
+
+# Ports are assigned through lt_free_port's printf -v, which shellcheck cannot follow.
+# shellcheck disable=SC2154
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -27,7 +30,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/lib.sh"
 
 usage() {
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+    # The header comment is the usage text.
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
     exit 2
 }
 
@@ -168,7 +172,8 @@ export BASE_URL ADMIN_TOKEN
 limit=$(($(lt_seconds "$DURATION") + 90))
 lt_log "k6 run $script.js (DURATION=$DURATION, nodes=$nodes, at most ${limit}s)"
 set +e
-K6_NO_USAGE_REPORT=true timeout --kill-after=10 "$limit" \
+export K6_NO_USAGE_REPORT=true
+lt_run timeout --kill-after=10 "$limit" \
     k6 run --no-usage-report --quiet "$here/$script.js"
 rc=$?
 set -e

@@ -1,5 +1,5 @@
 // smoke.js: one fresh client per gateway node is allowed, then limited,
-// and every answer has the headers and bodies of SPEC §3.
+// and every answer has the documented headers and bodies.
 //
 // Per node: send requests until the first 429 (at most MAX_REQUESTS);
 // every allowed answer carries the five RateLimit headers for the

@@ -29,6 +29,7 @@ import {
   clientIp,
   env,
   kind,
+  note,
   nodes,
   num,
   rateHeadersOk,
@@ -52,7 +53,6 @@ if (RATE / CLIENTS >= RULE.perSecond) {
 }
 
 const refused = new Counter('refused');
-let logged = 0; // a few examples of what went wrong, per VU
 const errors = new Counter('errors');
 
 export const options = {
@@ -98,11 +98,9 @@ export default function (data) {
     check(res, { 'upstream body came through': (r) => r.body && r.body.length > 0 });
   } else if (k === 'limited' || k === 'banned') {
     refused.add(1);
-    if (logged++ < 3) console.error(`refused: ${res.status} ${res.body}`);
+    note(`refused: ${res.status} ${res.body}`);
   } else {
     errors.add(1);
-    if (logged++ < 3) {
-      console.error(`error answer: ${res.status} ${res.error || ''} ${String(res.body).slice(0, 200)}`);
-    }
+    note(`error answer: ${res.status} ${res.error || ''} ${String(res.body).slice(0, 200)}`);
   }
 }

@@ -9,13 +9,16 @@
 -- ARGV[3]  memory, ms (how long strikes are remembered after the ban)
 -- ARGV[4]  source ('manual', or 'auto' when a ban made during a Redis
 --          outage is written back)
+-- ARGV[5]  strikes the subject has at least (a written-back automatic ban
+--          keeps its escalation; 0 for an operator's ban)
 -- Returns {until_ms, strikes, now_ms}.
 
-if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local dur = tonumber(ARGV[1])
 local strikes = tonumber(redis.call('HGET', KEYS[1], 'strikes')) or 0
+local least = tonumber(ARGV[5]) or 0
+if least > strikes then strikes = least end
 local ban_until = now_ms + dur
 redis.call('HSET', KEYS[1], 'until', ban_until, 'strikes', strikes,
   'reason', ARGV[2], 'source', ARGV[4], 'at', now_ms, 'dur', dur)

@@ -31,8 +31,9 @@
 -- this request, 3 banned by this request; bucket state is 0 charged,
 -- 1 refusing, 2 would refuse but shadow (not charged); room_us = tokens
 -- left x T; wait_us = time until allowed (refusing) or until full.
+--
+-- Needs Redis >= 5 (effects replication, so TIME may precede writes).
 
-if redis.replicate_commands then redis.replicate_commands() end
 
 local now
 if ARGV[1] ~= '' then
@@ -106,6 +107,12 @@ if refused == nil and mode == 'd' then
   end
   if #args > 0 then
     redis.call('HSET', KEYS[1], unpack(args))
+    -- Never cut short an open violation window.
+    local vs = tonumber(cur[n + 1])
+    if vs ~= nil and bannable and after > 0 then
+      local keep = vs + tonumber(ARGV[6]) - now_ms
+      if keep > ttl then ttl = keep end
+    end
     redis.call('PEXPIRE', KEYS[1], ttl)
   end
   return out

@@ -7,7 +7,6 @@
 -- KEYS[2]  state hash <prefix>{<subject>}:b
 -- Returns 1 if a ban was active, 0 if there was none.
 
-if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ban_until = tonumber(redis.call('HGET', KEYS[1], 'until')) or 0

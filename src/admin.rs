@@ -246,13 +246,15 @@ async fn add_ban(req: HttpRequest, body: web::Bytes, state: web::Data<AdminState
     if reason.len() > 512 {
         return bad_request("reason is longer than 512 bytes");
     }
-    if let BanTarget::Key(k) = t {
-        if state.gateway.bans.cache().is_allowlisted(k.addr()) {
-            return json_error(
-                StatusCode::CONFLICT,
-                json!({"error": "allowlisted", "message": format!("{} is on the allowlist; remove it there first", k)}),
-            );
-        }
+    let covered = match t {
+        BanTarget::Key(k) => state.gateway.bans.cache().is_allowlisted(k.addr()),
+        BanTarget::Cidr(n) => state.gateway.bans.cache().allowlist_covers(&n),
+    };
+    if covered {
+        return json_error(
+            StatusCode::CONFLICT,
+            json!({"error": "allowlisted", "message": format!("{} is on the allowlist; remove it there first", t.subject())}),
+        );
     }
     match state.gateway.bans.ban(t, duration, &reason).await {
         Ok(view) => HttpResponse::Created().json(view),

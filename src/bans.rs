@@ -104,6 +104,12 @@ impl BanCache {
             || self.runtime_allow.load().iter().any(|n| n.contains(&ip))
     }
 
+    /// Whether one allowlist entry contains the whole of `net`.
+    pub fn allowlist_covers(&self, net: &IpNet) -> bool {
+        self.config_allow.iter().any(|n| n.contains(net))
+            || self.runtime_allow.load().iter().any(|n| n.contains(net))
+    }
+
     /// Time left of a ban on `ip` (its key or a CIDR holding it), if any.
     pub fn banned(&self, ip: IpAddr, key: &ClientKey) -> Option<Duration> {
         let now = Instant::now();
@@ -123,31 +129,29 @@ impl BanCache {
     }
 
     pub fn insert_key(&self, key: ClientKey, remaining: Duration) {
-        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
-        keys.insert(
-            key,
-            Entry {
-                until: Instant::now() + remaining,
-            },
-        );
-        self.gauge.set(keys.len() as f64);
+        let until = Instant::now() + remaining;
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, Entry { until });
+        self.update_gauge();
     }
 
     pub fn remove_key(&self, key: &ClientKey) {
-        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
-        keys.remove(key);
-        self.gauge.set(keys.len() as f64);
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        self.update_gauge();
     }
 
     pub fn insert_cidr(&self, net: IpNet, remaining: Duration) {
+        let until = Instant::now() + remaining;
         let mut cidrs = self.cidrs.write().unwrap_or_else(|p| p.into_inner());
         cidrs.retain(|(n, _)| *n != net);
-        cidrs.push((
-            net,
-            Entry {
-                until: Instant::now() + remaining,
-            },
-        ));
+        cidrs.push((net, Entry { until }));
+        drop(cidrs);
+        self.update_gauge();
     }
 
     pub fn remove_cidr(&self, net: &IpNet) {
@@ -155,6 +159,14 @@ impl BanCache {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(n, _)| n != net);
+        self.update_gauge();
+    }
+
+    /// `floodgate_bans_active`: the client and CIDR bans this node holds.
+    fn update_gauge(&self) {
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner()).len();
+        let cidrs = self.cidrs.read().unwrap_or_else(|p| p.into_inner()).len();
+        self.gauge.set((keys + cidrs) as f64);
     }
 
     /// CIDR bans active now, with time left.
@@ -175,12 +187,12 @@ impl BanCache {
             .into_iter()
             .map(|(k, d)| (k, Entry { until: now + d }))
             .collect();
-        self.gauge.set(keys.len() as f64);
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
         *self.cidrs.write().unwrap_or_else(|p| p.into_inner()) = cidrs
             .into_iter()
             .map(|(n, d)| (n, Entry { until: now + d }))
             .collect();
+        self.update_gauge();
     }
 
     pub fn set_runtime_allowlist(&self, nets: Vec<IpNet>) {
@@ -217,14 +229,15 @@ impl BanCache {
     /// Drops expired entries.
     pub fn purge(&self) {
         let now = Instant::now();
-        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
-        keys.retain(|_, e| e.until > now);
-        self.gauge.set(keys.len() as f64);
-        drop(keys);
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, e| e.until > now);
         self.cidrs
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(_, e)| e.until > now);
+        self.update_gauge();
     }
 }
 
@@ -494,7 +507,7 @@ impl Bans {
         reason: &str,
     ) -> Result<BanView, BanError> {
         let dur_ms = duration.as_millis() as u64;
-        let view = self.write_ban(target, dur_ms, reason, "manual").await?;
+        let view = self.write_ban(target, dur_ms, reason, "manual", 0).await?;
         crate::metrics::ban_made("manual");
         log::warn!(
             "banned {} for {} by an operator: {reason}",
@@ -510,6 +523,7 @@ impl Bans {
         dur_ms: u64,
         reason: &str,
         source: &'static str,
+        strikes: u32,
     ) -> Result<BanView, BanError> {
         let subject = target.subject();
         let view = match (&self.link, target) {
@@ -523,7 +537,8 @@ impl Bans {
                             c.arg(dur_ms)
                                 .arg(reason)
                                 .arg(self.params.memory_ms)
-                                .arg(source);
+                                .arg(source)
+                                .arg(strikes);
                         },
                         link.admin_timeout(),
                     )
@@ -967,8 +982,14 @@ impl Bans {
         // Skip what Redis already holds again (e.g. written back just now).
         for (k, left) in keys {
             if self.inspect_tag(link, &key_tag(&k)).await?.is_none() {
-                self.write_ban(BanTarget::Key(k), left.as_millis() as u64, reason, "auto")
-                    .await?;
+                self.write_ban(
+                    BanTarget::Key(k),
+                    left.as_millis() as u64,
+                    reason,
+                    "auto",
+                    0,
+                )
+                .await?;
             }
         }
         let present: Vec<IpNet> = self
@@ -984,6 +1005,7 @@ impl Bans {
                     left.as_millis() as u64,
                     reason,
                     "manual",
+                    0,
                 )
                 .await?;
             }
@@ -1126,6 +1148,7 @@ impl Bans {
                     left,
                     &format!("{} (during Redis outage)", b.reason),
                     "auto",
+                    b.strikes,
                 )
                 .await
             {

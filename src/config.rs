@@ -86,6 +86,16 @@ pub enum OnFailure {
     Deny,
 }
 
+impl std::fmt::Display for OnFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnFailure::Local => "local",
+            OnFailure::Allow => "allow",
+            OnFailure::Deny => "deny",
+        })
+    }
+}
+
 /// `[redis]`: where the shared state lives.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -371,7 +381,18 @@ impl Config {
                 _ => {}
             }
             for (i, u) in r.url.iter().chain(r.cluster.iter()).enumerate() {
-                if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                if u.starts_with("rediss://") {
+                    let key = if r.url.is_some() {
+                        "redis.url".to_string()
+                    } else {
+                        format!("redis.cluster[{i}]")
+                    };
+                    return err(
+                        &key,
+                        "TLS to Redis (rediss://) is not supported yet; use redis://".into(),
+                    );
+                }
+                if !u.starts_with("redis://") {
                     let key = if r.url.is_some() {
                         "redis.url".to_string()
                     } else {
@@ -441,8 +462,9 @@ impl Config {
             }
             if interval_us * f64::from(rule.burst) > 1e13 {
                 return err(
-                    &at("per"),
-                    "one token per more than ~115 days is not supported".into(),
+                    &at("burst"),
+                    "an empty bucket would take more than ~115 days to refill (burst x per / rate)"
+                        .into(),
                 );
             }
             if rule.burst == 0 {
@@ -528,13 +550,13 @@ impl Config {
         let store = match &self.redis {
             None => "in-process only (no [redis] section)".to_string(),
             Some(r) if !r.cluster.is_empty() => format!(
-                "Redis Cluster {} (timeout {}, on_failure {:?})",
+                "Redis Cluster {} (timeout {}, on_failure {})",
                 r.cluster.join(", "),
                 humantime::format_duration(r.timeout),
                 r.on_failure
             ),
             Some(r) => format!(
-                "Redis {} (timeout {}, on_failure {:?})",
+                "Redis {} (timeout {}, on_failure {})",
                 r.url.as_deref().unwrap_or("-"),
                 humantime::format_duration(r.timeout),
                 r.on_failure

@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc: the request path allocates many small, short-lived buffers;
+/// glibc malloc showed up at ~8% of the gateway's profile.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A distributed rate-limiting HTTP gateway.
 #[derive(Parser)]
 #[command(name = "floodgate", version, about)]

@@ -70,6 +70,39 @@ pub mod scripts {
         LazyLock::new(|| LuaScript::new(include_str!("../lua/inspect.lua")));
 }
 
+thread_local! {
+    /// Per-thread connections, by link (`None` while one is opening).
+    static THREAD_CONNS: std::cell::RefCell<std::collections::HashMap<usize, Option<Conn>>> = Default::default();
+}
+
+/// Opens a connection as `config` says, bounded by `connect_timeout`.
+async fn open(c: &RedisConfig) -> Result<Conn, RedisFailure> {
+    let limit = c.connect_timeout;
+    if !c.cluster.is_empty() {
+        let client = redis::cluster::ClusterClientBuilder::new(c.cluster.clone())
+            .connection_timeout(c.connect_timeout)
+            .response_timeout(c.timeout)
+            .retries(2)
+            .min_retry_wait(10)
+            .max_retry_wait(100)
+            .build()?;
+        return match tokio::time::timeout(limit, client.get_async_connection()).await {
+            Ok(r) => Ok(Conn::Cluster(r?)),
+            Err(_) => Err(RedisFailure::Timeout(limit)),
+        };
+    }
+    let client = redis::Client::open(c.url.clone().unwrap_or_default())?;
+    let cfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(c.connect_timeout))
+        .set_response_timeout(Some(c.timeout.max(Duration::from_secs(1))))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(200));
+    match tokio::time::timeout(limit, ConnectionManager::new_with_config(client, cfg)).await {
+        Ok(r) => Ok(Conn::Standalone(r?)),
+        Err(_) => Err(RedisFailure::Timeout(limit)),
+    }
+}
+
 #[derive(Clone)]
 enum Conn {
     Standalone(ConnectionManager),
@@ -103,40 +136,27 @@ impl RedisLink {
         self.conn.load().is_some()
     }
 
-    /// Establishes the connection, bounded by `redis.connect_timeout`.
+    /// Establishes the shared connection, bounded by `redis.connect_timeout`,
+    /// and loads the scripts so that the first requests find them cached.
     pub async fn connect(&self) -> Result<(), RedisFailure> {
         if self.is_connected() {
             return Ok(());
         }
-        let c = &self.config;
-        let limit = c.connect_timeout;
-        let conn = if self.is_cluster() {
-            let client = redis::cluster::ClusterClientBuilder::new(c.cluster.clone())
-                .connection_timeout(c.connect_timeout)
-                .response_timeout(c.timeout)
-                .retries(2)
-                .min_retry_wait(10)
-                .max_retry_wait(100)
-                .build()?;
-            let fut = client.get_async_connection();
-            match tokio::time::timeout(limit, fut).await {
-                Ok(r) => Conn::Cluster(r?),
-                Err(_) => return Err(RedisFailure::Timeout(limit)),
-            }
-        } else {
-            let client = redis::Client::open(c.url.clone().unwrap_or_default())?;
-            let cfg = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(c.connect_timeout))
-                .set_response_timeout(Some(c.timeout.max(Duration::from_secs(1))))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_millis(200));
-            let fut = ConnectionManager::new_with_config(client, cfg);
-            match tokio::time::timeout(limit, fut).await {
-                Ok(r) => Conn::Standalone(r?),
-                Err(_) => return Err(RedisFailure::Timeout(limit)),
-            }
-        };
+        let conn = open(&self.config).await?;
         self.conn.store(Some(Arc::new(conn)));
+        for script in [
+            &*scripts::DECIDE,
+            &*scripts::BAN,
+            &*scripts::UNBAN,
+            &*scripts::INSPECT,
+        ] {
+            let load = redis::cmd("SCRIPT").arg("LOAD").arg(script.body).clone();
+            // On a cluster this goes to every node and fails while one is
+            // down; EVAL on NOSCRIPT covers whatever is missed.
+            if let Err(e) = self.send(&load, self.admin_timeout()).await {
+                log::debug!("SCRIPT LOAD: {e}");
+            }
+        }
         Ok(())
     }
 
@@ -145,6 +165,32 @@ impl RedisLink {
             .load_full()
             .map(|c| (*c).clone())
             .ok_or(RedisFailure::NotConnected)
+    }
+
+    /// The connection for a call from this thread. Each actix worker thread
+    /// gets a connection of its own, driven on that thread, so a request's
+    /// Redis round trip never hops threads; until it is open (it opens in
+    /// the background at the thread's first call) the shared one serves.
+    fn for_this_thread(&self) -> Result<Conn, RedisFailure> {
+        let id = self as *const RedisLink as usize;
+        let mine = THREAD_CONNS.with(|m| m.borrow().get(&id).cloned());
+        match mine {
+            Some(Some(conn)) => return Ok(conn),
+            Some(None) => {}
+            None if actix_web::rt::System::try_current().is_some() && self.is_connected() => {
+                THREAD_CONNS.with(|m| m.borrow_mut().insert(id, None));
+                let config = self.config.clone();
+                actix_web::rt::spawn(async move {
+                    let opened = open(&config).await.ok();
+                    THREAD_CONNS.with(|m| match opened {
+                        Some(c) => m.borrow_mut().insert(id, Some(c)),
+                        None => m.borrow_mut().remove(&id),
+                    });
+                });
+            }
+            None => {}
+        }
+        self.current()
     }
 
     /// Runs one command, bounded by `redis.timeout`.
@@ -164,7 +210,7 @@ impl RedisLink {
     }
 
     async fn send(&self, cmd: &Cmd, limit: Duration) -> Result<Value, RedisFailure> {
-        let mut conn = self.current()?;
+        let mut conn = self.for_this_thread()?;
         let fut = async move {
             match &mut conn {
                 Conn::Standalone(c) => cmd.query_async::<Value>(c).await,

@@ -206,7 +206,11 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     let names: Vec<&str> = rules.rules().iter().map(|r| &*r.name).collect();
     let metrics = GatewayMetrics::new(&names);
     let params = BanParams::from_config(&config.ban);
-    let local = Arc::new(LocalStore::new(params, LOCAL_MAX_SUBJECTS));
+    let local = Arc::new(LocalStore::new(
+        params,
+        LOCAL_MAX_SUBJECTS,
+        config.redis.is_some(),
+    ));
 
     let link = config.redis.clone().map(RedisLink::new);
     let mut connected = false;
@@ -222,7 +226,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
                 log::info!("connected to Redis at {target}");
             }
             Err(e) => log::warn!(
-                "Redis at {target} is unreachable ({e}); serving with on_failure = {:?} until it answers",
+                "Redis at {target} is unreachable ({e}); serving with on_failure = {} until it answers",
                 link.config().on_failure
             ),
         }

@@ -107,6 +107,35 @@ fn violations_outside_the_window_do_not_add_up() {
 }
 
 #[test]
+fn an_allowed_request_does_not_cut_the_violation_window_short() {
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let p = prefix();
+    let rules = "[[rules]]\nname = \"quick\"\nkey = \"ip\"\nrate = 1\nper = \"250ms\"\nburst = 1\n";
+    let extra = ban_section(3, "10s", "1m", 2.0, "1h");
+    let gw = Gateway::start(&Setup {
+        redis: Some(redis.url()),
+        upstream: &up.url(),
+        prefix: &p,
+        rules,
+        extra: &extra,
+    });
+    let ip = "203.0.113.13";
+    assert_eq!(get_as(&gw.url("/"), ip).status, 200);
+    assert_eq!(get_as(&gw.url("/"), ip).json()["error"], "rate_limited");
+    assert_eq!(get_as(&gw.url("/"), ip).json()["error"], "rate_limited");
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(get_as(&gw.url("/"), ip).status, 200);
+    // Idle for longer than the bucket's own lifetime, inside `within`.
+    thread::sleep(Duration::from_millis(1600));
+    assert_eq!(get_as(&gw.url("/"), ip).status, 200);
+    assert_eq!(
+        get_as(&gw.url("/"), ip).json()["error"],
+        "banned",
+        "the third violation within 10 s bans"
+    );
+}
+
+#[test]
 fn a_banned_client_costs_no_redis_command_on_a_node_that_knows() {
     let (redis, up) = (RedisServer::start(), Upstream::start());
     let gw = start(
@@ -264,6 +293,16 @@ fn cidr_bans_and_allowlists_interplay() {
     assert_eq!(
         r.status, 409,
         "an allowlisted address cannot be banned: {}",
+        r.body
+    );
+    let r = gw.admin(
+        "POST",
+        "/admin/bans",
+        Some("{\"subject\":\"192.0.2.0/25\",\"duration\":\"1m\"}"),
+    );
+    assert_eq!(
+        r.status, 409,
+        "nor a network inside the allowlist: {}",
         r.body
     );
     // A CIDR ban covers its network only.

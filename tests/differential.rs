@@ -79,7 +79,7 @@ fn redis_and_local_stores_decide_identically() {
     .unwrap();
     let rules = RuleSet::compile(&config.rules);
     let params = BanParams::from_config(&config.ban);
-    let local = LocalStore::new(params, 10_000);
+    let local = LocalStore::new(params, 10_000, true);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

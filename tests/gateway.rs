@@ -486,6 +486,11 @@ fn header_and_global_keys_and_shadow_rules() {
     assert_eq!(r.json()["rule"], "everyone");
     // The shadow rule would have refused all but the first request.
     assert!(gw.requests_metric("watch", "shadow_limited") >= 5);
+    assert_eq!(
+        gw.requests_metric("watch", "allowed"),
+        1,
+        "a shadow refusal is not also counted as allowed"
+    );
     assert!(gw.log().contains("shadow rule watch would limit"));
     // A key header too long to be a key is a client error, not a 5xx.
     let long = "k".repeat(300);
@@ -682,6 +687,10 @@ fn bad_configs_exit_2_naming_file_and_key() {
         ),
         (format!("{base}[ban]\nstatus = 500\n"), "ban.status"),
         ("[upstream]\nurls = []\n".to_string(), "upstream.urls"),
+        (
+            format!("{base}[redis]\nurl = \"rediss://127.0.0.1\"\n"),
+            "redis.url",
+        ),
         ("[upstream\n".to_string(), "upstream"),
     ];
     for (config, key) in cases {

@@ -1,8 +1,9 @@
 // Helpers shared by the floodgate k6 scripts: environment, synthetic client
-// addresses, and the checks of SPEC §3 (headers and bodies of allowed,
-// limited and banned answers).
+// addresses, and checks of the documented headers and bodies of allowed,
+// limited and banned answers.
 
 import { check } from 'k6';
+import exec from 'k6/execution';
 
 // ------------------------------------------------------------ environment
 
@@ -53,6 +54,13 @@ export function ruleFromEnv(prefix, defaults) {
 // plus what refills meanwhile, plus one for a refill landing on the edge.
 export function bucketBound(rule, t) {
   return Math.floor(rule.burst + rule.perSecond * t) + 1;
+}
+
+// An example of what went wrong, without flooding the output: one line per
+// VU, from the first few VUs only (the counters and thresholds say how many).
+let noted = 0;
+export function note(msg) {
+  if (noted++ === 0 && exec.vu.idInTest <= 5) console.error(msg);
 }
 
 // ---------------------------------------------------------------- clients

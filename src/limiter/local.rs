@@ -71,17 +71,25 @@ pub struct LocalStore {
     shards: Vec<Mutex<HashMap<String, SubjectState>>>,
     ban: BanParams,
     per_shard: usize,
-    /// Bans made while Redis was unavailable, to write back when it returns.
+    /// Bans made while Redis was unavailable, to write back when it returns
+    /// (kept only when there is a Redis to write them to; capped).
     made: Mutex<Vec<LocalBan>>,
+    remember_bans: bool,
 }
 
+/// Bans remembered for write-back at most; older ones are dropped first.
+const MAX_REMEMBERED_BANS: usize = 100_000;
+
 impl LocalStore {
-    pub fn new(ban: BanParams, max_subjects: usize) -> LocalStore {
+    /// `remember_bans`: keep the bans this store makes for
+    /// [`LocalStore::take_made_bans`] (true when it stands in for Redis).
+    pub fn new(ban: BanParams, max_subjects: usize, remember_bans: bool) -> LocalStore {
         LocalStore {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             ban,
             per_shard: (max_subjects / SHARDS).max(16),
             made: Mutex::new(Vec::new()),
+            remember_bans,
         }
     }
 
@@ -180,7 +188,12 @@ impl LocalStore {
                     None => s.tats.push((rule.name.clone(), *tat)),
                 }
             }
-            s.state_expires_ms = now_ms + ttl;
+            // Never cut short an open violation window (as the script).
+            let window_end = match s.window {
+                Some((vs, _)) if call.bannable && self.ban.after > 0 => vs + self.ban.within_ms,
+                _ => 0,
+            };
+            s.state_expires_ms = (now_ms + ttl).max(window_end);
         };
 
         let mut reply = SubjectReply {
@@ -234,10 +247,12 @@ impl LocalStore {
         s.ban_dur_ms = dur;
         s.ban_expires_ms = now_ms + dur + self.ban.memory_ms;
         s.window = None;
-        self.made
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(LocalBan {
+        if self.remember_bans {
+            let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+            if made.len() >= MAX_REMEMBERED_BANS {
+                made.remove(0);
+            }
+            made.push(LocalBan {
                 tag: call.tag.to_string(),
                 until_ms: s.ban_until_ms,
                 strikes: s.strikes,
@@ -245,6 +260,7 @@ impl LocalStore {
                 source: "auto",
                 dur_ms: dur,
             });
+        }
         reply.status = Status::BannedNow;
         reply.ban_ms = dur;
         reply.strikes = s.strikes;

@@ -207,7 +207,8 @@ impl Limiter {
         &self.breaker
     }
 
-    /// Decides a request whose matching rules are `groups`.
+    /// Decides a request whose matching rules are `groups`, and counts the
+    /// outcome per rule in the metrics.
     pub async fn decide<'r>(&self, groups: &[SubjectGroup<'r>]) -> Decision<'r> {
         let tags: Vec<String> = groups.iter().map(|g| g.subject.tag()).collect();
         if let Some(redis) = &self.redis {
@@ -220,7 +221,7 @@ impl Limiter {
                 match result {
                     Ok(d) => {
                         self.breaker.success();
-                        return self.count(groups, d);
+                        return d;
                     }
                     Err(e) => {
                         self.metrics.redis_errors.increment(1);
@@ -229,7 +230,14 @@ impl Limiter {
                 }
             }
             match self.on_failure {
-                OnFailure::Allow => return Decision::Allowed { info: None },
+                OnFailure::Allow => {
+                    for rule in groups.iter().flat_map(|g| g.rules.iter()) {
+                        if let Some(c) = self.metrics.rules.get(rule.index) {
+                            c.allowed.increment(1);
+                        }
+                    }
+                    return Decision::Allowed { info: None };
+                }
                 OnFailure::Deny => {
                     self.metrics.unavailable.increment(1);
                     return Decision::Unavailable;
@@ -237,50 +245,21 @@ impl Limiter {
                 OnFailure::Local => {}
             }
         }
-        let d = run(self.local.as_ref(), groups, &tags, &self.metrics)
+        run(self.local.as_ref(), groups, &tags, &self.metrics)
             .await
-            .unwrap_or(Decision::Allowed { info: None });
-        self.count(groups, d)
+            .unwrap_or(Decision::Allowed { info: None })
     }
-
-    fn count<'r>(&self, groups: &[SubjectGroup<'r>], d: Decision<'r>) -> Decision<'r> {
-        match &d {
-            Decision::Allowed { .. } => {
-                for rule in groups.iter().flat_map(|g| g.rules.iter()) {
-                    if let Some(c) = self.metrics.rules.get(rule.index) {
-                        c.allowed.increment(1);
-                    }
-                }
-            }
-            Decision::Limited { info, .. } => {
-                if let Some(c) = self.metrics.rules.get(info.rule.index) {
-                    c.limited.increment(1);
-                }
-            }
-            Decision::Banned { .. } => self.metrics.banned.increment(1),
-            Decision::Unavailable => {}
-        }
-        d
-    }
-}
-
-/// Records a shadow refusal: a metric and a log line, never a refusal.
-fn shadow_refusal(metrics: &GatewayMetrics, rule: &Rule, tag: &str) {
-    if let Some(c) = metrics.rules.get(rule.index) {
-        c.shadow_limited.increment(1);
-    }
-    log::info!("shadow rule {} would limit {}", rule.name, tag);
 }
 
 /// Decides every group on `store`, refunding earlier subjects when a later
-/// one refuses.
+/// one refuses; counts the outcome in `metrics`.
 async fn run<'r, S: DecisionStore>(
     store: &S,
     groups: &[SubjectGroup<'r>],
     tags: &[String],
     metrics: &GatewayMetrics,
 ) -> Result<Decision<'r>, RedisFailure> {
-    let mut best: Option<RateInfo<'r>> = None;
+    let mut replies: Vec<SubjectReply> = Vec::with_capacity(groups.len());
     for (i, g) in groups.iter().enumerate() {
         let call = SubjectCall {
             tag: &tags[i],
@@ -292,20 +271,7 @@ async fn run<'r, S: DecisionStore>(
         };
         let reply = store.decide(&call).await?;
         match reply.status {
-            Status::Allowed => {
-                for (rule, b) in g.rules.iter().zip(&reply.buckets) {
-                    if b.state == BucketState::ShadowRefusing {
-                        shadow_refusal(metrics, rule, &tags[i]);
-                    }
-                    if rule.shadow {
-                        continue;
-                    }
-                    let info = rate_info(rule, b);
-                    if best.as_ref().is_none_or(|x| info.remaining < x.remaining) {
-                        best = Some(info);
-                    }
-                }
-            }
+            Status::Allowed => replies.push(reply),
             Status::BannedBefore | Status::BannedNow => {
                 let made = (reply.status == Status::BannedNow).then(|| BanMade {
                     tag: tags[i].clone(),
@@ -314,6 +280,8 @@ async fn run<'r, S: DecisionStore>(
                     until_ms: reply.until_ms,
                     reason: refusing_reason(g, &reply),
                 });
+                refund(store, &groups[..i], tags, &replies, None).await;
+                metrics.banned.increment(1);
                 return Ok(Decision::Banned {
                     remaining_ms: reply.ban_ms,
                     made,
@@ -321,48 +289,26 @@ async fn run<'r, S: DecisionStore>(
                 });
             }
             Status::Limited => {
-                let (rule, bucket) = g
+                let refusing = g
                     .rules
                     .iter()
                     .zip(&reply.buckets)
-                    .filter(|(_, b)| b.state == BucketState::Refusing)
+                    .filter(|(_, b)| b.state == BucketState::Refusing);
+                let Some((rule, bucket)) = refusing
                     .max_by_key(|(_, b)| b.wait_us)
                     .map(|(r, b)| (*r, *b))
-                    .unwrap_or((
-                        g.rules[0],
-                        reply.buckets.first().copied().unwrap_or(BucketReply {
-                            state: BucketState::Refusing,
-                            room_us: 0,
-                            wait_us: 1,
-                        }),
-                    ));
-                // Give the earlier subjects their tokens back; the first
-                // bannable one also counts the violation.
-                let mut ban: Option<BanMade> = None;
-                for (j, earlier) in groups[..i].iter().enumerate() {
-                    let call = SubjectCall {
-                        tag: &tags[j],
-                        rules: &earlier.rules,
-                        ttl_ms: earlier.ttl_ms,
-                        bannable: earlier.subject.bannable(),
-                        mode: Mode::Refund { rule: &rule.name },
-                        now_us: None,
-                    };
-                    match store.decide(&call).await {
-                        Ok(r) if r.status == Status::BannedNow => {
-                            ban = Some(BanMade {
-                                tag: tags[j].clone(),
-                                dur_ms: r.ban_ms,
-                                strikes: r.strikes,
-                                until_ms: r.until_ms,
-                                reason: format!("rule {}", rule.name),
-                            });
-                        }
-                        Ok(_) => {}
-                        Err(e) => log::warn!("could not refund {} after a refusal: {e}", tags[j]),
-                    }
+                else {
+                    return Err(RedisFailure::Reply(redis::ParsingError::from(
+                        "a refusal without a refusing bucket",
+                    )));
+                };
+                if let Some(c) = metrics.rules.get(rule.index) {
+                    c.limited.increment(1);
                 }
-                if let Some(made) = ban {
+                if let Some(made) =
+                    refund(store, &groups[..i], tags, &replies, Some(&rule.name)).await
+                {
+                    metrics.banned.increment(1);
                     return Ok(Decision::Banned {
                         remaining_ms: made.dur_ms,
                         known_until_ms: made.until_ms,
@@ -377,9 +323,91 @@ async fn run<'r, S: DecisionStore>(
             }
         }
     }
+    // Allowed: the most restrictive non-shadow rule gives the headers.
+    let mut best: Option<RateInfo<'r>> = None;
+    for ((g, reply), tag) in groups.iter().zip(&replies).zip(tags) {
+        for (rule, b) in g.rules.iter().zip(&reply.buckets) {
+            if let Some(c) = metrics.rules.get(rule.index) {
+                if b.state == BucketState::ShadowRefusing {
+                    c.shadow_limited.increment(1);
+                    log::info!("shadow rule {} would limit {}", rule.name, tag);
+                } else {
+                    c.allowed.increment(1);
+                }
+            }
+            if rule.shadow {
+                continue;
+            }
+            let info = rate_info(rule, b);
+            if best.as_ref().is_none_or(|x| info.remaining < x.remaining) {
+                best = Some(info);
+            }
+        }
+    }
     Ok(Decision::Allowed { info: best })
 }
 
+/// Gives the subjects decided before a refusal back exactly the tokens they
+/// were charged; with `rule`, the first bannable one also counts a
+/// violation (which may ban: returned).
+async fn refund<S: DecisionStore>(
+    store: &S,
+    earlier: &[SubjectGroup<'_>],
+    tags: &[String],
+    replies: &[SubjectReply],
+    rule: Option<&str>,
+) -> Option<BanMade> {
+    let mut ban = None;
+    for (j, (g, reply)) in earlier.iter().zip(replies).enumerate() {
+        let charged: Vec<&Rule> = g
+            .rules
+            .iter()
+            .zip(&reply.buckets)
+            .filter(|(_, b)| b.state == BucketState::Charged)
+            .map(|(r, _)| *r)
+            .collect();
+        let Some(rule) = rule else {
+            // Banned by a later subject: nothing to count, only give back.
+            if charged.is_empty() {
+                continue;
+            }
+            let call = SubjectCall {
+                tag: &tags[j],
+                rules: &charged,
+                ttl_ms: g.ttl_ms,
+                bannable: false,
+                mode: Mode::Refund { rule: "" },
+                now_us: None,
+            };
+            if let Err(e) = store.decide(&call).await {
+                log::warn!("could not refund {} after a refusal: {e}", tags[j]);
+            }
+            continue;
+        };
+        let call = SubjectCall {
+            tag: &tags[j],
+            rules: &charged,
+            ttl_ms: g.ttl_ms,
+            bannable: g.subject.bannable(),
+            mode: Mode::Refund { rule },
+            now_us: None,
+        };
+        match store.decide(&call).await {
+            Ok(r) if r.status == Status::BannedNow => {
+                ban = Some(BanMade {
+                    tag: tags[j].clone(),
+                    dur_ms: r.ban_ms,
+                    strikes: r.strikes,
+                    until_ms: r.until_ms,
+                    reason: format!("rule {rule}"),
+                });
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("could not refund {} after a refusal: {e}", tags[j]),
+        }
+    }
+    ban
+}
 fn refusing_reason(g: &SubjectGroup<'_>, reply: &SubjectReply) -> String {
     g.rules
         .iter()
