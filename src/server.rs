@@ -336,6 +336,12 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     })?
     .run();
 
+    if !config.server.admin_listen.ip().is_loopback() {
+        log::warn!(
+            "the admin API listens on {}, not on loopback: keep it behind a firewall",
+            config.server.admin_listen
+        );
+    }
     let admin_state = web::Data::new(AdminState::new(&config, gateway.clone(), prom));
     let admin_server = HttpServer::new(move || {
         App::new()

@@ -163,7 +163,6 @@ pub enum Decision<'r> {
     Banned {
         remaining_ms: u64,
         made: Option<BanMade>,
-        known_until_ms: u64,
     },
     /// Redis is unavailable and `on_failure = "deny"`.
     Unavailable,
@@ -285,7 +284,6 @@ async fn run<'r, S: DecisionStore>(
                 return Ok(Decision::Banned {
                     remaining_ms: reply.ban_ms,
                     made,
-                    known_until_ms: reply.until_ms,
                 });
             }
             Status::Limited => {
@@ -311,7 +309,6 @@ async fn run<'r, S: DecisionStore>(
                     metrics.banned.increment(1);
                     return Ok(Decision::Banned {
                         remaining_ms: made.dur_ms,
-                        known_until_ms: made.until_ms,
                         made: Some(made),
                     });
                 }
