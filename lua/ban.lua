@@ -11,12 +11,19 @@
 --          outage is written back)
 -- ARGV[5]  strikes the subject has at least (a written-back automatic ban
 --          keeps its escalation; 0 for an operator's ban)
+-- ARGV[6]  '1' to keep a longer ban already in place untouched (writing
+--          back what a node knew must never shorten a ban made elsewhere)
 -- Returns {until_ms, strikes, now_ms}.
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local dur = tonumber(ARGV[1])
-local strikes = tonumber(redis.call('HGET', KEYS[1], 'strikes')) or 0
+local current = redis.call('HMGET', KEYS[1], 'until', 'strikes')
+local strikes = tonumber(current[2]) or 0
+local current_until = tonumber(current[1]) or 0
+if ARGV[6] == '1' and current_until >= now_ms + dur then
+  return {current_until, strikes, now_ms}
+end
 local least = tonumber(ARGV[5]) or 0
 if least > strikes then strikes = least end
 local ban_until = now_ms + dur

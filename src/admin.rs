@@ -48,7 +48,12 @@ impl AdminState {
         prom: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ) -> AdminState {
         let env = config.server.admin_token_env.clone();
-        let token = std::env::var(&env).ok().filter(|t| !t.trim().is_empty());
+        // Trimmed like the presented token: a secret file's trailing
+        // newline must not make every call a 401.
+        let token = std::env::var(&env)
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty());
         if token.is_none() {
             log::warn!("no admin token in ${env}: /admin/* answers 503 until one is set");
         }
@@ -77,7 +82,7 @@ impl AdminState {
             })
             .map(str::trim)
             .unwrap_or("");
-        if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        if tokens_match(given.as_bytes(), token.as_bytes()) {
             Ok(())
         } else {
             let mut r = json_error(
@@ -89,6 +94,18 @@ impl AdminState {
             Err(r)
         }
     }
+}
+
+/// Compares in constant time, including the length: both sides are padded
+/// to the same size before the byte comparison.
+fn tokens_match(given: &[u8], token: &[u8]) -> bool {
+    let n = given.len().max(token.len());
+    let mut a = vec![0u8; n];
+    let mut b = vec![0u8; n];
+    a[..given.len()].copy_from_slice(given);
+    b[..token.len()].copy_from_slice(token);
+    let same_len = (given.len() as u64).ct_eq(&(token.len() as u64));
+    bool::from(a.ct_eq(&b) & same_len)
 }
 
 /// Registers every admin route.

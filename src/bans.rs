@@ -75,6 +75,8 @@ pub fn key_tag(key: &ClientKey) -> String {
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     until: Instant,
+    /// The change number that wrote it (0: from a reconcile snapshot).
+    gen: u64,
 }
 
 /// One node's in-memory view of bans and the allowlist: the per-request
@@ -85,6 +87,12 @@ pub struct BanCache {
     config_allow: Vec<IpNet>,
     runtime_allow: ArcSwap<Vec<IpNet>>,
     gauge: metrics::Gauge,
+    /// Change numbers, so that a reconcile never undoes a newer change.
+    gen: std::sync::atomic::AtomicU64,
+    allow_gen: std::sync::atomic::AtomicU64,
+    /// Bans lifted here, with their change number, until a reconcile that
+    /// started after them has run.
+    tombstones: Mutex<Vec<(BanTarget, u64)>>,
 }
 
 impl BanCache {
@@ -95,6 +103,9 @@ impl BanCache {
             config_allow,
             runtime_allow: ArcSwap::from_pointee(Vec::new()),
             gauge,
+            gen: std::sync::atomic::AtomicU64::new(0),
+            allow_gen: std::sync::atomic::AtomicU64::new(0),
+            tombstones: Mutex::new(Vec::new()),
         }
     }
 
@@ -128,37 +139,59 @@ impl BanCache {
             .max()
     }
 
+    /// A new change number (every mutation gets one; see [`Self::replace`]).
+    fn next_gen(&self) -> u64 {
+        self.gen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1
+    }
+
+    /// The change number now: taken before a reconcile reads Redis.
+    pub fn generation(&self) -> u64 {
+        self.gen.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn insert_key(&self, key: ClientKey, remaining: Duration) {
         let until = Instant::now() + remaining;
+        let gen = self.next_gen();
         self.keys
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key, Entry { until });
+            .insert(key, Entry { until, gen });
         self.update_gauge();
     }
 
     pub fn remove_key(&self, key: &ClientKey) {
+        let gen = self.next_gen();
         self.keys
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
+        self.tombstones
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((BanTarget::Key(*key), gen));
         self.update_gauge();
     }
 
     pub fn insert_cidr(&self, net: IpNet, remaining: Duration) {
         let until = Instant::now() + remaining;
+        let gen = self.next_gen();
         let mut cidrs = self.cidrs.write().unwrap_or_else(|p| p.into_inner());
         cidrs.retain(|(n, _)| *n != net);
-        cidrs.push((net, Entry { until }));
+        cidrs.push((net, Entry { until, gen }));
         drop(cidrs);
         self.update_gauge();
     }
 
     pub fn remove_cidr(&self, net: &IpNet) {
+        let gen = self.next_gen();
         self.cidrs
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(n, _)| n != net);
+        self.tombstones
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((BanTarget::Cidr(*net), gen));
         self.update_gauge();
     }
 
@@ -180,26 +213,86 @@ impl BanCache {
             .collect()
     }
 
-    /// Replaces the whole ban view (after a reconcile).
-    pub fn replace(&self, keys: HashMap<ClientKey, Duration>, cidrs: Vec<(IpNet, Duration)>) {
+    /// Replaces the ban view with a snapshot read from Redis since change
+    /// number `since`. Changes this node applied meanwhile (events, admin
+    /// calls, its own decisions) win over the older snapshot: a ban lifted
+    /// while the snapshot was read stays lifted.
+    pub fn replace(
+        &self,
+        keys: HashMap<ClientKey, Duration>,
+        cidrs: Vec<(IpNet, Duration)>,
+        since: u64,
+    ) {
         let now = Instant::now();
-        let keys: HashMap<ClientKey, Entry> = keys
-            .into_iter()
-            .map(|(k, d)| (k, Entry { until: now + d }))
+        let mut tombstones = self.tombstones.lock().unwrap_or_else(|p| p.into_inner());
+        let lifted: Vec<BanTarget> = tombstones
+            .iter()
+            .filter(|(_, g)| *g > since)
+            .map(|(t, _)| *t)
             .collect();
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
-        *self.cidrs.write().unwrap_or_else(|p| p.into_inner()) = cidrs
-            .into_iter()
-            .map(|(n, d)| (n, Entry { until: now + d }))
-            .collect();
+        tombstones.retain(|(_, g)| *g > since);
+        drop(tombstones);
+        let fresh = |gen: u64| gen > since;
+        {
+            let mut current = self.keys.write().unwrap_or_else(|p| p.into_inner());
+            let mut next: HashMap<ClientKey, Entry> = keys
+                .into_iter()
+                .map(|(k, d)| {
+                    (
+                        k,
+                        Entry {
+                            until: now + d,
+                            gen: 0,
+                        },
+                    )
+                })
+                .collect();
+            for (k, e) in current.iter().filter(|(_, e)| fresh(e.gen)) {
+                next.insert(*k, *e);
+            }
+            for t in &lifted {
+                if let BanTarget::Key(k) = t {
+                    if next.get(k).is_some_and(|e| !fresh(e.gen)) {
+                        next.remove(k);
+                    }
+                }
+            }
+            *current = next;
+        }
+        {
+            let mut current = self.cidrs.write().unwrap_or_else(|p| p.into_inner());
+            let mut next: Vec<(IpNet, Entry)> = cidrs
+                .into_iter()
+                .filter(|(n, _)| !current.iter().any(|(c, e)| c == n && fresh(e.gen)))
+                .filter(|(n, _)| !lifted.contains(&BanTarget::Cidr(*n)))
+                .map(|(n, d)| {
+                    (
+                        n,
+                        Entry {
+                            until: now + d,
+                            gen: 0,
+                        },
+                    )
+                })
+                .collect();
+            next.extend(current.iter().filter(|(_, e)| fresh(e.gen)).copied());
+            *current = next;
+        }
         self.update_gauge();
     }
 
-    pub fn set_runtime_allowlist(&self, nets: Vec<IpNet>) {
+    /// Sets the runtime allowlist from Redis unless it changed here since
+    /// change number `since` (then the next reconcile brings it in).
+    pub fn set_runtime_allowlist(&self, nets: Vec<IpNet>, since: u64) {
+        if self.allow_gen.load(std::sync::atomic::Ordering::Acquire) > since {
+            return;
+        }
         self.runtime_allow.store(Arc::new(nets));
     }
 
     pub fn add_runtime_allow(&self, net: IpNet) {
+        self.allow_gen
+            .store(self.next_gen(), std::sync::atomic::Ordering::Release);
         let mut v = (**self.runtime_allow.load()).clone();
         if !v.contains(&net) {
             v.push(net);
@@ -208,6 +301,8 @@ impl BanCache {
     }
 
     pub fn remove_runtime_allow(&self, net: &IpNet) {
+        self.allow_gen
+            .store(self.next_gen(), std::sync::atomic::Ordering::Release);
         let v: Vec<IpNet> = self
             .runtime_allow
             .load()
@@ -298,10 +393,23 @@ pub struct AuditEvent {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum BanEvent {
-    Ban { subject: String, remaining_ms: u64 },
-    Unban { subject: String },
-    Allow { cidr: String },
-    Unallow { cidr: String },
+    Ban {
+        subject: String,
+        remaining_ms: u64,
+    },
+    Unban {
+        subject: String,
+    },
+    Allow {
+        cidr: String,
+    },
+    Unallow {
+        cidr: String,
+    },
+    /// A node is alive: keeps subscriptions from looking dead when quiet.
+    Heartbeat {
+        node: String,
+    },
 }
 
 /// What went wrong with an operator's request.
@@ -507,7 +615,9 @@ impl Bans {
         reason: &str,
     ) -> Result<BanView, BanError> {
         let dur_ms = duration.as_millis() as u64;
-        let view = self.write_ban(target, dur_ms, reason, "manual", 0).await?;
+        let view = self
+            .write_ban(target, dur_ms, reason, "manual", 0, false)
+            .await?;
         crate::metrics::ban_made("manual");
         log::warn!(
             "banned {} for {} by an operator: {reason}",
@@ -524,6 +634,7 @@ impl Bans {
         reason: &str,
         source: &'static str,
         strikes: u32,
+        keep_longer: bool,
     ) -> Result<BanView, BanError> {
         let subject = target.subject();
         let view = match (&self.link, target) {
@@ -538,7 +649,8 @@ impl Bans {
                                 .arg(reason)
                                 .arg(self.params.memory_ms)
                                 .arg(source)
-                                .arg(strikes);
+                                .arg(strikes)
+                                .arg(if keep_longer { "1" } else { "0" });
                         },
                         link.admin_timeout(),
                     )
@@ -939,7 +1051,12 @@ impl Bans {
 
     /// True when Redis lost its data since this node last looked (the
     /// dataset marker changed or vanished); sets the marker if missing.
-    async fn redis_lost_data(&self, link: &RedisLink) -> Result<bool, RedisFailure> {
+    /// Returns the marker to remember once whatever it calls for is done
+    /// (`None` when nothing changed).
+    async fn redis_lost_data(
+        &self,
+        link: &RedisLink,
+    ) -> Result<(bool, Option<String>), RedisFailure> {
         let key = keys::epoch(&self.prefix);
         let fresh = format!(
             "{:x}-{}",
@@ -952,15 +1069,17 @@ impl Bans {
         let current: Option<String> = link
             .query_within(&redis::cmd("GET").arg(&key).clone(), link.admin_timeout())
             .await?;
-        let mut seen = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
         let lost = seen.is_some() && *seen != current;
-        *seen = current;
-        Ok(lost)
+        Ok((lost, current))
     }
 
     /// Writes this node's view of bans and the runtime allowlist back to a
     /// Redis that lost its data, so a Redis restart does not lift bans.
     async fn restore(&self) -> Result<(), BanError> {
+        // Bans made by the local store go first, with their own reason and
+        // strikes; what is left of the cache is restored after them.
+        self.write_back_local_bans().await;
         let now = Instant::now();
         let keys: Vec<(ClientKey, Duration)> = {
             let map = self.cache.keys.read().unwrap_or_else(|p| p.into_inner());
@@ -988,6 +1107,7 @@ impl Bans {
                     reason,
                     "auto",
                     0,
+                    true,
                 )
                 .await?;
             }
@@ -1006,6 +1126,7 @@ impl Bans {
                     reason,
                     "manual",
                     0,
+                    true,
                 )
                 .await?;
             }
@@ -1029,9 +1150,14 @@ impl Bans {
             self.cache.purge();
             return Ok(());
         };
-        if self.redis_lost_data(link).await? {
+        let (lost, marker) = self.redis_lost_data(link).await?;
+        if lost {
+            // Remember the new marker only once the restore went through: a
+            // failed restore is retried at the next reconcile.
             self.restore().await?;
         }
+        *self.epoch.lock().unwrap_or_else(|p| p.into_inner()) = marker;
+        let since = self.cache.generation();
         let mut keys_map = HashMap::new();
         for key in link.scan(&keys::ban_pattern(&self.prefix)).await? {
             let Some(tag) = keys::tag_of_ban_key(&self.prefix, &key) else {
@@ -1050,8 +1176,8 @@ impl Bans {
             .map(|(n, v)| (n, Duration::from_secs(v.remaining)))
             .collect();
         let allow = self.allowlist_from_redis(link).await?;
-        self.cache.replace(keys_map, cidrs);
-        self.cache.set_runtime_allowlist(allow);
+        self.cache.replace(keys_map, cidrs, since);
+        self.cache.set_runtime_allowlist(allow, since);
         Ok(())
     }
 
@@ -1088,12 +1214,15 @@ impl Bans {
                     self.cache.remove_runtime_allow(&n);
                 }
             }
+            BanEvent::Heartbeat { .. } => {}
         }
     }
 
     /// Keeps a pub/sub subscription open for as long as the process runs;
     /// after every (re)subscription, reconciles from Redis.
-    pub async fn run_subscriber(self: Arc<Self>) {
+    /// A subscription silent for `idle` (every node publishes a heartbeat
+    /// each reconcile interval) is taken as dead and opened again.
+    pub async fn run_subscriber(self: Arc<Self>, idle: Duration) {
         let Some(link) = self.link.clone() else {
             return;
         };
@@ -1101,13 +1230,21 @@ impl Bans {
         let mut attempt = 0usize;
         loop {
             match link.pubsub(attempt).await {
-                Ok(mut ps) => match ps.subscribe(&channel).await {
-                    Ok(()) => {
+                Ok(mut ps) => match tokio::time::timeout(idle, ps.subscribe(&channel)).await {
+                    Ok(Ok(())) => {
                         if let Err(e) = self.reconcile().await {
                             log::debug!("reconcile after subscribing failed: {e}");
                         }
                         let mut stream = ps.into_on_message();
-                        while let Some(msg) = stream.next().await {
+                        loop {
+                            let msg = match tokio::time::timeout(idle, stream.next()).await {
+                                Ok(Some(msg)) => msg,
+                                Ok(None) => break,
+                                Err(_) => {
+                                    log::warn!("no ban events for {idle:?}, not even heartbeats; subscribing again");
+                                    break;
+                                }
+                            };
                             let Ok(payload) = msg.get_payload::<String>() else {
                                 continue;
                             };
@@ -1118,7 +1255,8 @@ impl Bans {
                         }
                         log::debug!("ban event subscription lost; reconnecting");
                     }
-                    Err(e) => log::debug!("could not subscribe to ban events: {e}"),
+                    Ok(Err(e)) => log::debug!("could not subscribe to ban events: {e}"),
+                    Err(_) => log::debug!("subscribing to ban events timed out"),
                 },
                 Err(e) => log::debug!("could not open the ban event subscription: {e}"),
             }
@@ -1127,10 +1265,19 @@ impl Bans {
         }
     }
 
+    /// Tells the other nodes' subscriptions that this one is alive.
+    pub async fn heartbeat(&self) {
+        self.publish(&BanEvent::Heartbeat {
+            node: self.node.clone(),
+        })
+        .await;
+    }
+
     /// Writes bans made by the local store during an outage back to Redis,
     /// so they hold on every node and survive restarts.
     pub async fn write_back_local_bans(&self) {
         let now_ms = crate::limiter::local::wall_clock_us() / 1000;
+        let mut failed = Vec::new();
         for b in self.local.take_made_bans() {
             let left = b.until_ms.saturating_sub(now_ms);
             if left == 0 {
@@ -1149,12 +1296,19 @@ impl Bans {
                     &format!("{} (during Redis outage)", b.reason),
                     "auto",
                     b.strikes,
+                    true,
                 )
                 .await
             {
                 Ok(_) => log::info!("wrote back the ban of {subject} made during the Redis outage"),
-                Err(e) => log::warn!("could not write back the ban of {subject}: {e}"),
+                Err(e) => {
+                    log::warn!("could not write back the ban of {subject} (will retry): {e}");
+                    failed.push(b.clone());
+                }
             }
+        }
+        if !failed.is_empty() {
+            self.local.return_made_bans(failed);
         }
     }
 }

@@ -115,11 +115,11 @@ impl ClientIpResolver {
             .map(|v| v.as_bytes())
             .collect();
         for value in values.iter().rev() {
-            let Ok(text) = std::str::from_utf8(value) else {
-                return client;
-            };
-            for entry in text.rsplit(',') {
-                let Some(ip) = parse_entry(entry) else {
+            // Split the raw bytes: a client's junk (even invalid UTF-8) on the
+            // left of a line a proxy appended to must not void the entries
+            // the proxy wrote on the right.
+            for entry in value.rsplit(|b| *b == b',') {
+                let Some(ip) = std::str::from_utf8(entry).ok().and_then(parse_entry) else {
                     return client;
                 };
                 client = ip;
@@ -214,6 +214,21 @@ mod tests {
         assert_eq!(
             r.resolve(peer, &xff(&["[2001:db8::1]:443"])),
             "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_on_the_left_does_not_hide_the_client() {
+        let r = resolver();
+        let peer: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.append(
+            X_FORWARDED_FOR.clone(),
+            HeaderValue::from_bytes(b"\xff\xfe, 203.0.113.5").unwrap(),
+        );
+        assert_eq!(
+            r.resolve(peer, &h),
+            "203.0.113.5".parse::<IpAddr>().unwrap()
         );
     }
 

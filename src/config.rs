@@ -314,6 +314,41 @@ impl Config {
 
     fn validate(&self) -> Result<(), (String, String)> {
         let err = |k: &str, m: String| Err((k.to_string(), m));
+        // Upper bounds keep every later conversion (ms in u64/i64, Redis
+        // PEXPIRE, RFC 3339 dates) far from overflow.
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        const TEN_YEARS: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+        let mut bounded: Vec<(&str, Duration, Duration)> = vec![
+            ("server.shutdown_timeout", self.server.shutdown_timeout, DAY),
+            ("upstream.timeout", self.upstream.timeout, DAY),
+            (
+                "upstream.connect_timeout",
+                self.upstream.connect_timeout,
+                DAY,
+            ),
+            ("ban.within", self.ban.within, TEN_YEARS),
+            ("ban.duration", self.ban.duration, TEN_YEARS),
+            ("ban.max_duration", self.ban.max_duration, TEN_YEARS),
+            ("ban.memory", self.ban.memory, TEN_YEARS),
+            ("ban.reconcile_interval", self.ban.reconcile_interval, DAY),
+        ];
+        if let Some(r) = &self.redis {
+            bounded.push(("redis.timeout", r.timeout, DAY));
+            bounded.push(("redis.connect_timeout", r.connect_timeout, DAY));
+            bounded.push(("redis.probe_interval", r.probe_interval, DAY));
+        }
+        for (key, value, max) in bounded {
+            if value > max {
+                return err(
+                    key,
+                    format!(
+                        "{} is longer than the most allowed, {}",
+                        humantime::format_duration(value),
+                        humantime::format_duration(max)
+                    ),
+                );
+            }
+        }
         if self.upstream.urls.is_empty() {
             return err("upstream.urls", "needs at least one URL".into());
         }
@@ -400,6 +435,13 @@ impl Config {
                     };
                     return err(&key, format!("`{u}` is not a redis:// URL"));
                 }
+            }
+            if r.key_prefix.contains(['*', '?', '[', ']', '\\']) {
+                return err(
+                    "redis.key_prefix",
+                    "must not contain glob characters * ? [ ] \\ (keys are listed with SCAN MATCH)"
+                        .into(),
+                );
             }
             if r.key_prefix.contains(['{', '}']) {
                 return err(

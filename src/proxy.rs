@@ -31,6 +31,7 @@ use crate::config::UpstreamConfig;
 
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -177,12 +178,37 @@ impl Upstream {
                 ],
             );
             set_forwarded(headers, out, trusted_peer, peer);
-            let send = match (length, chunked, payload.take()) {
-                (_, true, Some(p)) => creq.send_stream(p),
-                (Some(len), false, Some(p)) if len > 0 => creq.send_body(SizedStream::new(len, p)),
-                _ => creq.send(),
+            // `upstream.timeout` bounds the wait for the response head. With
+            // a body, that wait starts when the upload ends: a large upload
+            // may take as long as it keeps moving (a stalled client is cut
+            // after `upstream.timeout` without a byte).
+            let sent = match (length, chunked, payload.take()) {
+                (length, chunked, Some(p)) if chunked || length.is_some_and(|l| l > 0) => {
+                    let done = std::rc::Rc::new(tokio::sync::Notify::new());
+                    let body = UploadBody {
+                        inner: p,
+                        idle: self.idle_timeout,
+                        deadline: None,
+                        done: done.clone(),
+                    };
+                    let creq = creq.timeout(UNBOUNDED_UPLOAD);
+                    let send = match length {
+                        Some(len) if !chunked => creq.send_body(SizedStream::new(len, body)),
+                        _ => creq.send_stream(body),
+                    };
+                    let head_deadline = async {
+                        done.notified().await;
+                        tokio::time::sleep(self.idle_timeout).await;
+                    };
+                    tokio::pin!(head_deadline);
+                    match futures_util::future::select(send, head_deadline).await {
+                        futures_util::future::Either::Left((r, _)) => r,
+                        futures_util::future::Either::Right(_) => Err(SendRequestError::Timeout),
+                    }
+                }
+                _ => creq.send().await,
             };
-            match send.await {
+            match sent {
                 Ok(resp) => {
                     let mut builder = HttpResponse::build(resp.status());
                     let listed = connection_listed(resp.headers());
@@ -230,19 +256,24 @@ impl Upstream {
 }
 
 fn set_forwarded(incoming: &HeaderMap, out: &mut HeaderMap, trusted_peer: bool, peer: IpAddr) {
-    let peer_text = peer.to_string();
-    let xff = match (
-        trusted_peer,
-        incoming
-            .get_all(&X_FORWARDED_FOR)
-            .filter_map(|v| v.to_str().ok())
-            .collect::<Vec<_>>(),
-    ) {
-        (true, prior) if !prior.is_empty() => format!("{}, {peer_text}", prior.join(", ")),
-        _ => peer_text,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    // Raw bytes: a trusted chain is passed on as it came, even where a
+    // client wrote bytes that are not text on its left.
+    let mut xff: Vec<u8> = Vec::new();
+    if trusted_peer {
+        for v in incoming.get_all(&X_FORWARDED_FOR) {
+            xff.extend_from_slice(v.as_bytes());
+            xff.extend_from_slice(b", ");
+        }
+    }
+    xff.extend_from_slice(peer.to_string().as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&xff) {
         out.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    if !trusted_peer {
+        // Other headers naming the client are only believable from a
+        // trusted proxy.
+        out.remove(header::FORWARDED);
+        out.remove(&X_REAL_IP);
     }
     let keep = |name: &HeaderName| {
         if trusted_peer {
@@ -257,6 +288,52 @@ fn set_forwarded(incoming: &HeaderMap, out: &mut HeaderMap, trusted_peer: bool, 
     );
     if let Some(host) = keep(&X_FORWARDED_HOST).or_else(|| incoming.get(header::HOST).cloned()) {
         out.insert(X_FORWARDED_HOST.clone(), host);
+    }
+}
+
+/// A per-request bound for uploads that effectively turns awc's own one
+/// off; [`UploadBody`] and the head deadline bound them instead.
+const UNBOUNDED_UPLOAD: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The client's request body on its way upstream: fails when the client
+/// sends nothing for `idle`, and signals `done` when it has all been read.
+struct UploadBody {
+    inner: web::Payload,
+    idle: Duration,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    done: std::rc::Rc<tokio::sync::Notify>,
+}
+
+impl Stream for UploadBody {
+    type Item = Result<Bytes, actix_web::error::PayloadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(item)) => {
+                this.deadline = None;
+                Poll::Ready(Some(item))
+            }
+            Poll::Ready(None) => {
+                this.done.notify_one();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let idle = this.idle;
+                let sleep = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(actix_web::error::PayloadError::Io(
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "client stopped sending the request body",
+                        ),
+                    )))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
     }
 }
 

@@ -267,6 +267,13 @@ impl RedisLink {
                 self.admin_timeout(),
             )
             .await?;
+        if slots_on_failed_master(&text) {
+            // A partial walk would look like "no bans" for those slots.
+            return Err(RedisFailure::Redis(RedisError::from((
+                ErrorKind::Server(ServerErrorKind::ClusterDown),
+                "a failed master still owns slots; retry after the failover",
+            ))));
+        }
         Ok(parse_cluster_masters(&text))
     }
 
@@ -361,9 +368,27 @@ fn parse_cluster_masters(text: &str) -> Vec<(String, u16)> {
         .collect()
 }
 
+/// True while a master marked failed still owns slots (failover pending).
+fn slots_on_failed_master(text: &str) -> bool {
+    text.lines().any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() > 8 && f[2].contains("master") && f[2].contains("fail")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_master_with_slots_is_noticed() {
+        assert!(slots_on_failed_master(
+            "b 127.0.0.1:7001@17001 master,fail - 0 0 2 connected 5461-10922\n"
+        ));
+        assert!(!slots_on_failed_master(
+            "b 127.0.0.1:7001@17001 master,fail - 0 0 2 connected\n"
+        ));
+    }
 
     #[test]
     fn cluster_nodes_text_gives_live_masters() {

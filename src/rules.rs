@@ -113,9 +113,9 @@ impl Rule {
         }
     }
 
-    fn matches(&self, req: &HttpRequest) -> bool {
+    fn matches(&self, req: &HttpRequest, path: &str) -> bool {
         if let Some(p) = &self.path_prefix {
-            if !req.path().starts_with(p.as_str()) {
+            if !path.starts_with(p.as_str()) {
                 return false;
             }
         }
@@ -139,6 +139,61 @@ impl Rule {
         }
         true
     }
+}
+
+/// The path as upstreams commonly resolve it, for rule matching:
+/// percent-encoded unreserved characters decoded, repeated slashes merged,
+/// `.` and `..` segments resolved. Without this `/%61pi`, `//api` or
+/// `/x/../api` would slip past a rule on `/api`. The request is forwarded
+/// with its path unchanged.
+pub fn normalize_path(raw: &str) -> std::borrow::Cow<'_, str> {
+    let simple = !raw.contains('%') && !raw.contains("//") && !raw.contains("/.");
+    if simple {
+        return std::borrow::Cow::Borrowed(raw);
+    }
+    let bytes = raw.as_bytes();
+    let mut decoded: Vec<u8> = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' && i + 2 < bytes.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let c = (h * 16 + l) as u8;
+                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                    decoded.push(c);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        decoded.push(b);
+        i += 1;
+    }
+    let decoded = String::from_utf8_lossy(&decoded);
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut path = String::with_capacity(decoded.len());
+    for seg in &out {
+        path.push('/');
+        path.push_str(seg);
+    }
+    if path.is_empty()
+        || decoded.ends_with('/')
+        || decoded.ends_with("/.")
+        || decoded.ends_with("/..")
+    {
+        path.push('/');
+    }
+    std::borrow::Cow::Owned(path)
 }
 
 /// Whole seconds, rounded up.
@@ -250,7 +305,8 @@ impl RuleSet {
         client: ClientKey,
     ) -> Result<Vec<SubjectGroup<'r>>, KeyHeaderTooLong> {
         let mut groups: Vec<SubjectGroup<'r>> = Vec::new();
-        for rule in self.rules.iter().filter(|r| r.matches(req)) {
+        let path = normalize_path(req.path());
+        for rule in self.rules.iter().filter(|r| r.matches(req, &path)) {
             let subject = match &rule.key {
                 KeyKind::Ip => Subject::Ip(client),
                 KeyKind::Global => Subject::Global,
@@ -298,6 +354,23 @@ mod tests {
         assert_eq!(b.interval_us, 250_000);
         let b = BucketSpec::new(3.0, Duration::from_secs(1), 3, 1);
         assert_eq!(b.interval_us, 333_333);
+    }
+
+    #[test]
+    fn paths_are_normalised_for_matching() {
+        assert_eq!(normalize_path("/api/login"), "/api/login");
+        assert_eq!(normalize_path("/%61pi/login"), "/api/login");
+        assert_eq!(normalize_path("//api//login"), "/api/login");
+        assert_eq!(normalize_path("/x/../api/./login"), "/api/login");
+        assert_eq!(normalize_path("/../../api"), "/api");
+        assert_eq!(normalize_path("/api/"), "/api/");
+        assert_eq!(
+            normalize_path("/a%2Fb"),
+            "/a%2Fb",
+            "an encoded slash stays encoded"
+        );
+        assert_eq!(normalize_path("/bad%zz%"), "/bad%zz%");
+        assert_eq!(normalize_path("/é/%C3%A9"), "/é/%C3%A9");
     }
 
     #[test]

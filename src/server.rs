@@ -433,13 +433,18 @@ fn spawn_background(
                 }
             });
         }
-        actix_web::rt::spawn(bans.clone().run_subscriber());
+        actix_web::rt::spawn(
+            bans.clone()
+                .run_subscriber(config.ban.reconcile_interval * 3),
+        );
         let every = config.ban.reconcile_interval;
         let b = bans.clone();
         actix_web::rt::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 if limiter.breaker().is_closed() {
+                    b.write_back_local_bans().await;
+                    b.heartbeat().await;
                     if let Err(e) = b.reconcile().await {
                         log::debug!("periodic reconcile failed: {e}");
                     }

@@ -136,6 +136,43 @@ fn an_allowed_request_does_not_cut_the_violation_window_short() {
 }
 
 #[test]
+fn a_full_global_bucket_bans_nobody() {
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let p = prefix();
+    let rules = "[[rules]]\nname = \"per-ip\"\nkey = \"ip\"\nrate = 1\nper = \"60s\"\nburst = 100\n\n[[rules]]\nname = \"everyone\"\nkey = \"global\"\nrate = 1\nper = \"60s\"\nburst = 2\n";
+    let extra = ban_section(2, "10s", "1m", 2.0, "1h");
+    let gw = Gateway::start(&Setup {
+        redis: Some(redis.url()),
+        upstream: &up.url(),
+        prefix: &p,
+        rules,
+        extra: &extra,
+    });
+    let errors: Vec<String> = (0..8)
+        .map(|_| {
+            let r = get_as(&gw.url("/"), "203.0.113.14");
+            if r.status == 200 {
+                "allowed".to_string()
+            } else {
+                r.json()["error"].as_str().unwrap_or("").to_string()
+            }
+        })
+        .collect();
+    assert_eq!(&errors[..2], &["allowed", "allowed"]);
+    assert!(
+        errors[2..].iter().all(|e| e == "rate_limited"),
+        "a shared bucket's refusals banned a client: {errors:?}"
+    );
+    // Its own bucket was refunded each time: 2 charged, not 8.
+    let t = gw
+        .admin("GET", "/admin/buckets/per-ip/203.0.113.14", None)
+        .json()["tokens"]
+        .as_f64()
+        .unwrap();
+    assert!((97.9..98.1).contains(&t), "{t}");
+}
+
+#[test]
 fn a_banned_client_costs_no_redis_command_on_a_node_that_knows() {
     let (redis, up) = (RedisServer::start(), Upstream::start());
     let gw = start(

@@ -725,3 +725,47 @@ fn check_prints_a_summary_and_version_works() {
     assert!(v.status.success());
     assert!(String::from_utf8_lossy(&v.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
+
+#[test]
+fn rules_match_the_normalised_path() {
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let rules = "[[rules]]\nname = \"login\"\nkey = \"ip\"\nrate = 1\nper = \"60s\"\nburst = 1\nmatch = { path_prefix = \"/api/login\" }\n";
+    let gw = start(&redis, &up, rules);
+    assert_eq!(get(&gw.url("/api/login"), &[]).status, 200);
+    for sneaky in [
+        "/%61pi/login",
+        "//api//login",
+        "/x/../api/login",
+        "/api/./login",
+    ] {
+        let req = format!("GET {sneaky} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        assert_eq!(
+            raw_status(&raw_request(gw.port, req.as_bytes())),
+            429,
+            "{sneaky} slipped past the rule"
+        );
+    }
+    assert_eq!(get(&gw.url("/api/other"), &[]).status, 200);
+}
+
+#[test]
+fn a_slow_upload_longer_than_the_upstream_timeout_still_goes_through() {
+    use std::io::Write;
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let gw = start(&redis, &up, &rule("per-ip", "ip", 100, "1s", 100, 1));
+    // upstream.timeout is 2 s in these tests; the upload takes about 3 s.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    write!(
+        s,
+        "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    for _ in 0..3 {
+        thread::sleep(Duration::from_millis(1000));
+        s.write_all(b"0123456789").unwrap();
+    }
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\"received\":30"), "{out}");
+}

@@ -73,7 +73,7 @@ pub struct LocalStore {
     per_shard: usize,
     /// Bans made while Redis was unavailable, to write back when it returns
     /// (kept only when there is a Redis to write them to; capped).
-    made: Mutex<Vec<LocalBan>>,
+    made: Mutex<std::collections::VecDeque<LocalBan>>,
     remember_bans: bool,
 }
 
@@ -88,7 +88,7 @@ impl LocalStore {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             ban,
             per_shard: (max_subjects / SHARDS).max(16),
-            made: Mutex::new(Vec::new()),
+            made: Mutex::new(std::collections::VecDeque::new()),
             remember_bans,
         }
     }
@@ -104,12 +104,14 @@ impl LocalStore {
 
     /// Decides one subject, exactly as `lua/decide.lua` does.
     pub fn decide(&self, call: &SubjectCall<'_>) -> SubjectReply {
-        let now = call.now_us.unwrap_or_else(wall_clock_us);
-        let now_ms = now / 1000;
         let mut shard = self
             .shard(call.tag)
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        // Read the clock under the lock, so time never runs backwards for a
+        // subject between two decisions.
+        let now = call.now_us.unwrap_or_else(wall_clock_us);
+        let now_ms = now / 1000;
         if !shard.contains_key(call.tag) && shard.len() >= self.per_shard {
             shard.retain(|_, s| !s.is_idle(now_ms));
             if shard.len() >= self.per_shard {
@@ -226,14 +228,14 @@ impl LocalStore {
             return reply;
         }
         let (mut vs, mut vc) = s.window.unwrap_or((now_ms, 0));
-        if s.window.is_none() || now_ms - vs >= self.ban.within_ms {
+        if s.window.is_none() || now_ms.saturating_sub(vs) >= self.ban.within_ms {
             vs = now_ms;
             vc = 0;
         }
         vc += 1;
         if vc < self.ban.after {
             s.window = Some((vs, vc));
-            let keep = (vs + self.ban.within_ms - now_ms).max(ttl);
+            let keep = (vs + self.ban.within_ms).saturating_sub(now_ms).max(ttl);
             s.state_expires_ms = now_ms + keep;
             reply.buckets = buckets;
             return reply;
@@ -250,9 +252,9 @@ impl LocalStore {
         if self.remember_bans {
             let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
             if made.len() >= MAX_REMEMBERED_BANS {
-                made.remove(0);
+                made.pop_front();
             }
-            made.push(LocalBan {
+            made.push_back(LocalBan {
                 tag: call.tag.to_string(),
                 until_ms: s.ban_until_ms,
                 strikes: s.strikes,
@@ -349,7 +351,15 @@ impl LocalStore {
 
     /// Takes the bans made since the last call (for write-back to Redis).
     pub fn take_made_bans(&self) -> Vec<LocalBan> {
-        std::mem::take(&mut *self.made.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *self.made.lock().unwrap_or_else(|p| p.into_inner())).into()
+    }
+
+    /// Puts back bans whose write-back failed, to try again later.
+    pub fn return_made_bans(&self, bans: Vec<LocalBan>) {
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        for b in bans.into_iter().rev() {
+            made.push_front(b);
+        }
     }
 
     /// Forgets idle subjects and returns memory; run periodically.

@@ -55,7 +55,8 @@ impl BanParams {
     /// The length of the `strikes`-th ban: `duration x factor^(strikes-1)`,
     /// capped at `max_duration` (the same formula as the script).
     pub fn duration_for(&self, strikes: u32) -> u64 {
-        let d = self.duration_ms as f64 * self.factor.powi(strikes.saturating_sub(1) as i32);
+        // powf, like Lua's `^` (C pow), so both stores floor the same value.
+        let d = self.duration_ms as f64 * self.factor.powf(f64::from(strikes.saturating_sub(1)));
         d.min(self.max_ms as f64).floor() as u64
     }
 }
@@ -303,9 +304,11 @@ async fn run<'r, S: DecisionStore>(
                 if let Some(c) = metrics.rules.get(rule.index) {
                     c.limited.increment(1);
                 }
-                if let Some(made) =
-                    refund(store, &groups[..i], tags, &replies, Some(&rule.name)).await
-                {
+                // Only a refusal by the client's own (IP-keyed) rules counts
+                // towards its ban: a full global or shared-key bucket is not
+                // this client's offence.
+                let violation = g.subject.bannable().then_some(&*rule.name);
+                if let Some(made) = refund(store, &groups[..i], tags, &replies, violation).await {
                     metrics.banned.increment(1);
                     return Ok(Decision::Banned {
                         remaining_ms: made.dur_ms,
