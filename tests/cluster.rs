@@ -32,6 +32,16 @@ fn cluster_setup<'a>(
     }
 }
 
+fn redis_errors(g: &Gateway) -> u64 {
+    let text = get(&g.admin_url("/metrics"), &[]).body;
+    text.lines()
+        .find(|l| l.starts_with("floodgate_redis_errors_total "))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
 /// One test per cluster: starting 6 servers and forming the cluster is the
 /// slow part, so the scenarios share it and run in sequence.
 #[test]
@@ -111,6 +121,54 @@ fn cluster_limits_bans_failover_and_script_flush() {
         "SCRIPT FLUSH opened the breaker:\n{}",
         a.log()
     );
+
+    // Move the slot of a client's keys to another master, as `redis-cli
+    // --cluster reshard` does: afterwards MOVED is followed and the bucket
+    // has moved along. (Mid-move, a script whose keys are half-moved gets
+    // TRYAGAIN; that request is decided by on_failure, never a 5xx.)
+    let mover = "203.0.113.77";
+    let key = format!("{p}{{ip:{mover}}}:b");
+    assert_eq!(get_as(&a.url("/"), mover).status, 200);
+    let source = cluster.master_of(&key);
+    let target = (0..cluster.nodes.len())
+        .find(|&i| i != source && cluster.nodes[i].cli(&["ROLE"]).starts_with("master"))
+        .unwrap();
+    let slot = cluster.nodes[source]
+        .cli(&["CLUSTER", "KEYSLOT", &key])
+        .trim()
+        .to_string();
+    let id = |i: usize| {
+        cluster.nodes[i]
+            .cli(&["CLUSTER", "MYID"])
+            .trim()
+            .to_string()
+    };
+    let (source_id, target_id) = (id(source), id(target));
+    cluster.nodes[target].cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id]);
+    cluster.nodes[source].cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id]);
+    let keys = cluster.nodes[source].cli(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+    let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+    assert!(keys.contains(&key.as_str()), "{keys:?}");
+    let port = cluster.nodes[target].port.to_string();
+    let mut migrate = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+    migrate.extend(keys.iter().copied());
+    assert_eq!(cluster.nodes[source].cli(&migrate).trim(), "OK");
+    for n in cluster
+        .nodes
+        .iter()
+        .filter(|n| n.cli(&["ROLE"]).starts_with("master"))
+    {
+        n.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &target_id]);
+    }
+    let errors_before = redis_errors(&a);
+    let statuses: Vec<u16> = (0..3).map(|_| get_as(&a.url("/"), mover).status).collect();
+    assert_eq!(
+        statuses,
+        vec![200, 200, 429],
+        "the bucket did not move with its slot"
+    );
+    assert_eq!(cluster.master_of(&key), target);
+    assert_eq!(redis_errors(&a), errors_before, "MOVED was not followed");
 
     // kill -9 the master holding a banned subject, under load.
     let victim_ip = "198.51.100.10";
