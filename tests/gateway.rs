@@ -769,3 +769,28 @@ fn a_slow_upload_longer_than_the_upstream_timeout_still_goes_through() {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(out.contains("\"received\":30"), "{out}");
 }
+
+#[test]
+fn head_chunked_uploads_and_expect_continue_are_forwarded() {
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let gw = start(&redis, &up, &rule("per-ip", "ip", 100, "1s", 100, 1));
+    let head = raw_request(
+        gw.port,
+        b"HEAD /bytes/1000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(raw_status(&head), 200, "{head}");
+    assert!(
+        head.ends_with("\r\n\r\n"),
+        "a HEAD answer has no body: {head:?}"
+    );
+    let chunked = raw_request(
+        gw.port,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    );
+    assert!(chunked.contains("\"received\":11"), "{chunked}");
+    let expect = raw_request(
+        gw.port,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\nConnection: close\r\n\r\nabcd",
+    );
+    assert!(expect.contains("\"received\":4"), "{expect}");
+}
