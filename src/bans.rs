@@ -1318,6 +1318,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_reconcile_snapshot_never_undoes_newer_changes() {
+        let cache = BanCache::new(Vec::new(), metrics::gauge!("test_bans_active"));
+        let key = |s: &str| ClientKey::new(s.parse().unwrap(), 64);
+        let (a, b, c) = (
+            key("198.51.100.1"),
+            key("198.51.100.2"),
+            key("198.51.100.3"),
+        );
+        let minute = Duration::from_secs(60);
+        cache.insert_key(a, minute);
+        let since = cache.generation();
+        // While the snapshot is being read: a is lifted, b is banned.
+        cache.remove_key(&a);
+        cache.insert_key(b, minute);
+        // The snapshot still has a, lacks b, and has c (an event missed here).
+        cache.replace(HashMap::from([(a, minute), (c, minute)]), Vec::new(), since);
+        assert!(
+            cache.banned(a.addr(), &a).is_none(),
+            "a lifted ban came back"
+        );
+        assert!(
+            cache.banned(b.addr(), &b).is_some(),
+            "a newer ban was dropped"
+        );
+        assert!(
+            cache.banned(c.addr(), &c).is_some(),
+            "the missed ban was not learnt"
+        );
+        // A later snapshot is authoritative again.
+        let since = cache.generation();
+        cache.replace(HashMap::new(), Vec::new(), since);
+        assert!(cache.banned(b.addr(), &b).is_none());
+    }
+
+    #[test]
     fn targets_parse_to_keys_or_networks() {
         assert_eq!(
             BanTarget::parse("203.0.113.7", 64).unwrap().subject(),

@@ -187,8 +187,7 @@ impl Upstream {
                     let done = std::rc::Rc::new(tokio::sync::Notify::new());
                     let body = UploadBody {
                         inner: p,
-                        idle: self.idle_timeout,
-                        deadline: None,
+                        idle: IdleDeadline::new(self.idle_timeout),
                         done: done.clone(),
                     };
                     let creq = creq.timeout(UNBOUNDED_UPLOAD);
@@ -229,8 +228,7 @@ impl Upstream {
                     let status = resp.status();
                     let body = ResponseBody {
                         inner: Box::pin(resp),
-                        idle: self.idle_timeout,
-                        deadline: None,
+                        idle: IdleDeadline::new(self.idle_timeout),
                         size,
                     };
                     return Ok(UpstreamResponse {
@@ -299,9 +297,34 @@ const UNBOUNDED_UPLOAD: Duration = Duration::from_secs(365 * 24 * 3600);
 /// sends nothing for `idle`, and signals `done` when it has all been read.
 struct UploadBody {
     inner: web::Payload,
-    idle: Duration,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    idle: IdleDeadline,
     done: std::rc::Rc<tokio::sync::Notify>,
+}
+
+/// Fails a body stream that makes no progress for a while: armed when the
+/// inner stream is pending, cleared by every chunk.
+struct IdleDeadline {
+    idle: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl IdleDeadline {
+    fn new(idle: Duration) -> IdleDeadline {
+        IdleDeadline { idle, sleep: None }
+    }
+
+    fn progress(&mut self) {
+        self.sleep = None;
+    }
+
+    /// True once `idle` has passed since the last progress.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let idle = self.idle;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        sleep.as_mut().poll(cx).is_ready()
+    }
 }
 
 impl Stream for UploadBody {
@@ -311,28 +334,21 @@ impl Stream for UploadBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Ready(Some(item)) => {
-                this.deadline = None;
+                this.idle.progress();
                 Poll::Ready(Some(item))
             }
             Poll::Ready(None) => {
                 this.done.notify_one();
                 Poll::Ready(None)
             }
-            Poll::Pending => {
-                let idle = this.idle;
-                let sleep = this
-                    .deadline
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                match sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(actix_web::error::PayloadError::Io(
-                        std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "client stopped sending the request body",
-                        ),
-                    )))),
-                    Poll::Pending => Poll::Pending,
-                }
+            Poll::Pending if this.idle.expired(cx) => {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client stopped sending the request body",
+                );
+                Poll::Ready(Some(Err(actix_web::error::PayloadError::Io(e))))
             }
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -344,8 +360,7 @@ type BoxedBody = Pin<Box<dyn Stream<Item = Result<Bytes, awc::error::PayloadErro
 /// connection forever; a slow large download still completes).
 pub struct ResponseBody {
     inner: BoxedBody,
-    idle: Duration,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    idle: IdleDeadline,
     /// The upstream's Content-Length, kept so the client gets it too.
     size: Option<u64>,
 }
@@ -357,29 +372,24 @@ impl Stream for ResponseBody {
         let this = &mut *self;
         match this.inner.as_mut().poll_next(cx) {
             Poll::Ready(Some(Ok(b))) => {
-                this.deadline = None;
+                this.idle.progress();
                 Poll::Ready(Some(Ok(b)))
             }
             Poll::Ready(Some(Err(e))) => {
                 Poll::Ready(Some(Err(std::io::Error::other(e.to_string()))))
             }
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => {
-                let idle = this.idle;
-                let sleep = this
-                    .deadline
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                match sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        log::warn!("upstream body stalled for {idle:?}; closing the response");
-                        Poll::Ready(Some(Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "upstream body stalled",
-                        ))))
-                    }
-                    Poll::Pending => Poll::Pending,
-                }
+            Poll::Pending if this.idle.expired(cx) => {
+                log::warn!(
+                    "upstream body stalled for {:?}; closing the response",
+                    this.idle.idle
+                );
+                Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "upstream body stalled",
+                ))))
             }
+            Poll::Pending => Poll::Pending,
         }
     }
 }
