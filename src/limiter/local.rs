@@ -113,14 +113,31 @@ impl LocalStore {
         let now = call.now_us.unwrap_or_else(wall_clock_us);
         let now_ms = now / 1000;
         if !shard.contains_key(call.tag) && shard.len() >= self.per_shard {
+            // Full: drop idle subjects, then, if still full, an eighth of the
+            // shard (those that would expire first), so that the cost of
+            // making room is paid once per many new subjects, not per
+            // request. Banned subjects are evicted last.
             shard.retain(|_, s| !s.is_idle(now_ms));
-            if shard.len() >= self.per_shard {
-                // Evict the entry that would expire first: the least to lose.
-                if let Some(k) = shard
+            if shard.len() >= self.per_shard * 7 / 8 {
+                let mut by_expiry: Vec<(u64, String)> = shard
                     .iter()
-                    .min_by_key(|(_, s)| s.state_expires_ms.max(s.ban_expires_ms))
-                    .map(|(k, _)| k.clone())
-                {
+                    .map(|(k, s)| {
+                        let banned = if s.ban_until_ms > now_ms {
+                            u64::MAX / 2
+                        } else {
+                            0
+                        };
+                        (
+                            s.state_expires_ms
+                                .max(s.ban_expires_ms)
+                                .saturating_add(banned),
+                            k.clone(),
+                        )
+                    })
+                    .collect();
+                let drop = (self.per_shard / 8).max(1).min(by_expiry.len() - 1);
+                by_expiry.select_nth_unstable_by_key(drop, |(t, _)| *t);
+                for (_, k) in by_expiry.into_iter().take(drop) {
                     shard.remove(&k);
                 }
             }
@@ -405,4 +422,33 @@ pub fn wall_clock_us() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::rules::{Rule, RuleSet};
+
+    #[test]
+    fn memory_stays_bounded_with_many_subjects() {
+        let text = "[upstream]\nurls = [\"http://127.0.0.1:1\"]\n[[rules]]\nname = \"r\"\nkey = \"ip\"\nrate = 1\nper = \"1h\"\nburst = 5\n";
+        let config = Config::parse(text, "t").unwrap();
+        let rules = RuleSet::compile(&config.rules);
+        let rule: Vec<&Rule> = rules.rules().iter().collect();
+        let store = LocalStore::new(BanParams::from_config(&config.ban), SHARDS * 16, false);
+        for i in 0..20_000u32 {
+            let tag = format!("ip:10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
+            let call = SubjectCall {
+                tag: &tag,
+                rules: &rule,
+                ttl_ms: 3_600_000,
+                bannable: true,
+                mode: Mode::Decide,
+                now_us: None,
+            };
+            assert_eq!(store.decide(&call).status, Status::Allowed);
+        }
+        assert!(store.len() <= SHARDS * 16, "{} subjects kept", store.len());
+    }
 }
