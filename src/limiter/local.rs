@@ -12,7 +12,8 @@
 //!
 //! Memory is bounded: subjects live in sharded maps, idle ones are swept
 //! (like Redis TTLs), and each shard holds at most `max_subjects / shards`
-//! entries; past that an arbitrary idle-most entry is evicted.
+//! entries; past that the eighth closest to expiry is evicted at once
+//! (banned subjects last).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
