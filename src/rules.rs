@@ -88,6 +88,8 @@ pub struct Rule {
     host: Option<String>,
     /// `RateLimit-Policy` value, rendered once.
     pub policy_header: HeaderValue,
+    /// Idle TTL of this rule's subject state (see [`RuleSet::ttl_ms`]).
+    pub subject_ttl_ms: u64,
 }
 
 impl Rule {
@@ -110,6 +112,7 @@ impl Rule {
             host: c.matcher.host.as_ref().map(|h| h.to_ascii_lowercase()),
             policy_header: HeaderValue::from_str(&policy)
                 .unwrap_or_else(|_| HeaderValue::from_static("")),
+            subject_ttl_ms: 0,
         }
     }
 
@@ -264,13 +267,20 @@ pub struct RuleSet {
 
 impl RuleSet {
     pub fn compile(configs: &[RuleConfig]) -> RuleSet {
-        RuleSet {
+        let mut set = RuleSet {
             rules: configs
                 .iter()
                 .enumerate()
                 .map(|(i, c)| Rule::compile(i, c))
                 .collect(),
+        };
+        // Each rule carries its subject kind's idle TTL, so requests never
+        // recompute it.
+        let ttls: Vec<u64> = set.rules.iter().map(|r| set.ttl_ms(&r.key)).collect();
+        for (rule, ttl) in set.rules.iter_mut().zip(ttls) {
+            rule.subject_ttl_ms = ttl;
         }
+        set
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -326,7 +336,7 @@ impl RuleSet {
             match groups.iter_mut().find(|g| g.subject == subject) {
                 Some(g) => g.rules.push(rule),
                 None => groups.push(SubjectGroup {
-                    ttl_ms: self.ttl_ms(&rule.key),
+                    ttl_ms: rule.subject_ttl_ms,
                     subject,
                     rules: vec![rule],
                 }),

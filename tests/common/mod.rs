@@ -50,6 +50,37 @@ pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     panic!("timed out after {limit:?} waiting for {what}");
 }
 
+/// A child process this harness started, killed when dropped.
+#[derive(Default)]
+pub struct Proc(Option<Child>);
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// `kill -9`, then reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            signal(c.id(), "CONT");
+        }
+        self.kill9();
+    }
+}
+
 fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")
         .arg(format!("-{sig}"))
@@ -62,7 +93,7 @@ fn signal(pid: u32, sig: &str) {
 /// One `redis-server` process.
 pub struct RedisServer {
     pub port: u16,
-    child: Option<Child>,
+    child: Proc,
     dir: tempfile::TempDir,
     extra: Vec<String>,
 }
@@ -75,7 +106,7 @@ impl RedisServer {
     pub fn start_with(port: u16, extra: &[&str]) -> RedisServer {
         let mut r = RedisServer {
             port,
-            child: None,
+            child: Proc::default(),
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
@@ -102,7 +133,7 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (apt-get install -y redis-server)");
-        self.child = Some(child);
+        self.child = Proc(Some(child));
         let port = self.port;
         wait_until("redis-server to answer", Duration::from_secs(10), || {
             redis_cli(port, &["PING"]).trim() == "PONG"
@@ -118,15 +149,12 @@ impl RedisServer {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.child.pid()
     }
 
     /// `kill -9`: the server vanishes mid-whatever.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child.kill9();
     }
 
     /// Starts again on the same port (empty: no persistence).
@@ -146,15 +174,6 @@ impl RedisServer {
     /// Calls of `command` (e.g. "evalsha") so far, from INFO commandstats.
     pub fn calls(&self, command: &str) -> u64 {
         command_calls(&self.cli(&["INFO", "commandstats"]), command)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            signal(c.id(), "CONT");
-        }
-        self.kill9();
     }
 }
 
@@ -242,7 +261,7 @@ impl RedisCluster {
             || {
                 self.nodes
                     .iter()
-                    .filter(|n| n.child.is_some())
+                    .filter(|n| n.child.is_running())
                     .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
             },
         );
@@ -263,7 +282,7 @@ impl RedisCluster {
         let live = self
             .nodes
             .iter()
-            .find(|n| n.child.is_some())
+            .find(|n| n.child.is_running())
             .expect("a live node");
         let slot: u16 = live
             .cli(&["CLUSTER", "KEYSLOT", key])
@@ -465,7 +484,7 @@ pub fn prefix() -> String {
 pub struct Gateway {
     pub port: u16,
     pub admin_port: u16,
-    child: Option<Child>,
+    child: Proc,
     dir: tempfile::TempDir,
     config: String,
     env: Vec<(String, String)>,
@@ -533,7 +552,7 @@ impl Gateway {
         let mut g = Gateway {
             port,
             admin_port,
-            child: None,
+            child: Proc::default(),
             dir: tempfile::tempdir().unwrap(),
             config,
             env: env
@@ -571,11 +590,11 @@ impl Gateway {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        self.child = Some(cmd.spawn().unwrap());
+        self.child = Proc(Some(cmd.spawn().unwrap()));
         let admin = self.admin_port;
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(15) {
-            if let Some(c) = self.child.as_mut() {
+            if let Some(c) = self.child.0.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
                     panic!("gateway exited at start ({status}):\n{}", self.log());
                 }
@@ -609,14 +628,11 @@ impl Gateway {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.child.pid()
     }
 
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child.kill9();
     }
 
     pub fn restart(&mut self) {
@@ -626,7 +642,7 @@ impl Gateway {
 
     /// SIGTERM, then the exit code (None: killed after `limit`).
     pub fn terminate(&mut self, limit: Duration) -> Option<i32> {
-        let mut c = self.child.take()?;
+        let mut c = self.child.0.take()?;
         signal(c.id(), "TERM");
         let start = Instant::now();
         while start.elapsed() < limit {
@@ -673,12 +689,6 @@ impl Gateway {
             .and_then(|v| v.parse::<f64>().ok())
             .map(|v| v as u64)
             .unwrap_or(0)
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 
