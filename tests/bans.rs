@@ -571,7 +571,7 @@ fn admin_without_a_configured_token_answers_503_saying_how() {
         "[server]\n",
         "[server]\nadmin_token_env = \"FLOODGATE_TEST_UNSET_TOKEN\"\n",
     );
-    let gw = Gateway::start_config(port, admin, config, &[], &[]);
+    let gw = Gateway::start_config(port, admin, config, &[]);
     let r = get(
         &gw.admin_url("/admin/bans"),
         &[("Authorization", &format!("Bearer {ADMIN_TOKEN}"))],

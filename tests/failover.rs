@@ -30,7 +30,7 @@ fn gateway(redis_url: &str, up: &Upstream, mode: &str, extra: &str) -> Gateway {
             "timeout = \"{TIMEOUT_MS}ms\"\non_failure = \"{mode}\"\nprobe_interval = \"200ms\"\n"
         ),
     );
-    Gateway::start_config(port, admin, config, &[], &[])
+    Gateway::start_config(port, admin, config, &[])
 }
 
 /// One answer seen by a load thread.

@@ -488,7 +488,6 @@ pub struct Gateway {
     dir: tempfile::TempDir,
     config: String,
     env: Vec<(String, String)>,
-    wrapper: Vec<String>,
 }
 
 /// Settings that vary between tests; the rest is [`Gateway::config`].
@@ -531,23 +530,15 @@ impl Gateway {
 
     pub fn start(setup: &Setup<'_>) -> Gateway {
         let (port, admin_port) = (free_port(), free_port());
-        Self::start_config(
-            port,
-            admin_port,
-            Self::config(port, admin_port, setup),
-            &[],
-            &[],
-        )
+        Self::start_config(port, admin_port, Self::config(port, admin_port, setup), &[])
     }
 
-    /// Starts with an explicit config text, environment and command prefix
-    /// (e.g. `faketime`).
+    /// Starts with an explicit config text and extra environment.
     pub fn start_config(
         port: u16,
         admin_port: u16,
         config: String,
         env: &[(&str, &str)],
-        wrapper: &[&str],
     ) -> Gateway {
         let mut g = Gateway {
             port,
@@ -559,7 +550,6 @@ impl Gateway {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         g.spawn();
         g
@@ -573,14 +563,7 @@ impl Gateway {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut cmd = match self.wrapper.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(binary());
-                c
-            }
-            None => Command::new(binary()),
-        };
+        let mut cmd = Command::new(binary());
         cmd.arg("--config")
             .arg(&path)
             .env("FLOODGATE_ADMIN_TOKEN", ADMIN_TOKEN)
