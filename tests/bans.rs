@@ -18,14 +18,8 @@ fn ban_section(after: u32, within: &str, duration: &str, factor: f64, max: &str)
     )
 }
 
-fn start(redis: &RedisServer, up: &Upstream, prefix: &str, extra: &str) -> Gateway {
-    Gateway::start(&Setup {
-        redis: Some(redis.url()),
-        upstream: &up.url(),
-        prefix,
-        rules: ONE_TOKEN_A_MINUTE,
-        extra,
-    })
+fn start(redis: &RedisServer, up: &Upstream, extra: &str) -> Gateway {
+    Gateway::on(redis, up, ONE_TOKEN_A_MINUTE, extra)
 }
 
 /// Sends requests as `ip` until one is banned; returns its Retry-After.
@@ -42,12 +36,7 @@ fn offend_until_banned(gw: &Gateway, ip: &str, most: usize) -> u64 {
 #[test]
 fn bans_escalate_by_factor_up_to_the_cap() {
     let (redis, up) = (RedisServer::start(), Upstream::start());
-    let gw = start(
-        &redis,
-        &up,
-        &prefix(),
-        &ban_section(3, "10s", "1s", 2.0, "3s"),
-    );
+    let gw = start(&redis, &up, &ban_section(3, "10s", "1s", 2.0, "3s"));
     let ip = "203.0.113.10";
     assert_eq!(get_as(&gw.url("/"), ip).status, 200);
     // Two refusals, then the third makes the first ban.
@@ -84,12 +73,7 @@ fn bans_escalate_by_factor_up_to_the_cap() {
 #[test]
 fn violations_outside_the_window_do_not_add_up() {
     let (redis, up) = (RedisServer::start(), Upstream::start());
-    let gw = start(
-        &redis,
-        &up,
-        &prefix(),
-        &ban_section(3, "400ms", "1m", 2.0, "1h"),
-    );
+    let gw = start(&redis, &up, &ban_section(3, "400ms", "1m", 2.0, "1h"));
     let ip = "203.0.113.11";
     assert_eq!(get_as(&gw.url("/"), ip).status, 200);
     for _ in 0..2 {
@@ -109,16 +93,9 @@ fn violations_outside_the_window_do_not_add_up() {
 #[test]
 fn an_allowed_request_does_not_cut_the_violation_window_short() {
     let (redis, up) = (RedisServer::start(), Upstream::start());
-    let p = prefix();
     let rules = "[[rules]]\nname = \"quick\"\nkey = \"ip\"\nrate = 1\nper = \"250ms\"\nburst = 1\n";
     let extra = ban_section(3, "10s", "1m", 2.0, "1h");
-    let gw = Gateway::start(&Setup {
-        redis: Some(redis.url()),
-        upstream: &up.url(),
-        prefix: &p,
-        rules,
-        extra: &extra,
-    });
+    let gw = Gateway::on(&redis, &up, rules, &extra);
     let ip = "203.0.113.13";
     assert_eq!(get_as(&gw.url("/"), ip).status, 200);
     assert_eq!(get_as(&gw.url("/"), ip).json()["error"], "rate_limited");
@@ -138,16 +115,9 @@ fn an_allowed_request_does_not_cut_the_violation_window_short() {
 #[test]
 fn a_full_global_bucket_bans_nobody() {
     let (redis, up) = (RedisServer::start(), Upstream::start());
-    let p = prefix();
     let rules = "[[rules]]\nname = \"per-ip\"\nkey = \"ip\"\nrate = 1\nper = \"60s\"\nburst = 100\n\n[[rules]]\nname = \"everyone\"\nkey = \"global\"\nrate = 1\nper = \"60s\"\nburst = 2\n";
     let extra = ban_section(2, "10s", "1m", 2.0, "1h");
-    let gw = Gateway::start(&Setup {
-        redis: Some(redis.url()),
-        upstream: &up.url(),
-        prefix: &p,
-        rules,
-        extra: &extra,
-    });
+    let gw = Gateway::on(&redis, &up, rules, &extra);
     let errors: Vec<String> = (0..8)
         .map(|_| {
             let r = get_as(&gw.url("/"), "203.0.113.14");
@@ -175,12 +145,7 @@ fn a_full_global_bucket_bans_nobody() {
 #[test]
 fn a_banned_client_costs_no_redis_command_on_a_node_that_knows() {
     let (redis, up) = (RedisServer::start(), Upstream::start());
-    let gw = start(
-        &redis,
-        &up,
-        &prefix(),
-        &ban_section(2, "10s", "1m", 2.0, "1h"),
-    );
+    let gw = start(&redis, &up, &ban_section(2, "10s", "1m", 2.0, "1h"));
     offend_until_banned(&gw, "203.0.113.12", 5);
     thread::sleep(Duration::from_millis(300));
     let before =
@@ -299,12 +264,7 @@ fn an_automatic_ban_on_one_node_reaches_the_others() {
 #[test]
 fn a_restarted_node_still_refuses_a_banned_client() {
     let (redis, up) = (RedisServer::start(), Upstream::start());
-    let mut gw = start(
-        &redis,
-        &up,
-        &prefix(),
-        &ban_section(2, "10s", "1m", 2.0, "1h"),
-    );
+    let mut gw = start(&redis, &up, &ban_section(2, "10s", "1m", 2.0, "1h"));
     offend_until_banned(&gw, "198.51.100.40", 5);
     gw.restart();
     let r = get_as(&gw.url("/"), "198.51.100.40");
@@ -317,7 +277,7 @@ fn a_restarted_node_still_refuses_a_banned_client() {
 fn cidr_bans_and_allowlists_interplay() {
     let (redis, up) = (RedisServer::start(), Upstream::start());
     let extra = ban_section(2, "10s", "1m", 2.0, "1h") + "allowlist = [\"192.0.2.0/24\"]\n";
-    let gw = start(&redis, &up, &prefix(), &extra);
+    let gw = start(&redis, &up, &extra);
     // Config allowlist: never limited, never banned.
     for _ in 0..10 {
         assert_eq!(get_as(&gw.url("/"), "192.0.2.5").status, 200);
@@ -421,12 +381,7 @@ fn cidr_bans_and_allowlists_interplay() {
 #[test]
 fn admin_calls_need_the_token_and_valid_input() {
     let (redis, up) = (RedisServer::start(), Upstream::start());
-    let gw = start(
-        &redis,
-        &up,
-        &prefix(),
-        &ban_section(2, "10s", "1m", 2.0, "1h"),
-    );
+    let gw = start(&redis, &up, &ban_section(2, "10s", "1m", 2.0, "1h"));
     let endpoints = [
         ("GET", "/admin/bans", None),
         ("GET", "/admin/bans/1.2.3.4", None),
@@ -587,12 +542,7 @@ fn admin_without_a_configured_token_answers_503_saying_how() {
 #[test]
 fn audit_log_keeps_every_ban_and_unban_in_order() {
     let (redis, up) = (RedisServer::start(), Upstream::start());
-    let gw = start(
-        &redis,
-        &up,
-        &prefix(),
-        &ban_section(2, "10s", "1m", 2.0, "1h"),
-    );
+    let gw = start(&redis, &up, &ban_section(2, "10s", "1m", 2.0, "1h"));
     gw.admin(
         "POST",
         "/admin/bans",
@@ -676,12 +626,7 @@ fn wait_for_audit(gw: &Gateway, n: usize) -> Vec<serde_json::Value> {
 #[test]
 fn metrics_are_labelled_by_rule_and_decision() {
     let (redis, up) = (RedisServer::start(), Upstream::start());
-    let gw = start(
-        &redis,
-        &up,
-        &prefix(),
-        &ban_section(2, "10s", "1m", 2.0, "1h"),
-    );
+    let gw = start(&redis, &up, &ban_section(2, "10s", "1m", 2.0, "1h"));
     offend_until_banned(&gw, "203.0.113.60", 5);
     get_as(&gw.url("/"), "203.0.113.60");
     assert_eq!(gw.requests_metric("per-ip", "allowed"), 1);

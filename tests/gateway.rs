@@ -18,14 +18,7 @@ fn rule(name: &str, key: &str, rate: u32, per: &str, burst: u32, cost: u32) -> S
 }
 
 fn start(redis: &RedisServer, up: &Upstream, rules: &str) -> Gateway {
-    let p = prefix();
-    Gateway::start(&Setup {
-        redis: Some(redis.url()),
-        upstream: &up.url(),
-        prefix: &p,
-        rules,
-        extra: "",
-    })
+    Gateway::on(redis, up, rules, "")
 }
 
 #[test]

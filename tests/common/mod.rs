@@ -528,6 +528,18 @@ impl Gateway {
         )
     }
 
+    /// A gateway on `redis` in front of `up`, with its own key prefix.
+    pub fn on(redis: &RedisServer, up: &Upstream, rules: &str, extra: &str) -> Gateway {
+        let p = prefix();
+        Self::start(&Setup {
+            redis: Some(redis.url()),
+            upstream: &up.url(),
+            prefix: &p,
+            rules,
+            extra,
+        })
+    }
+
     pub fn start(setup: &Setup<'_>) -> Gateway {
         let (port, admin_port) = (free_port(), free_port());
         Self::start_config(port, admin_port, Self::config(port, admin_port, setup), &[])
