@@ -104,8 +104,14 @@ impl ClientIpResolver {
     /// The client address: `peer` itself unless it is a trusted proxy, in
     /// which case the right-most untrusted `X-Forwarded-For` entry.
     pub fn resolve(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        self.resolve_from(peer, self.is_trusted(peer), headers)
+    }
+
+    /// [`Self::resolve`] for a caller that already knows whether `peer` is
+    /// a trusted proxy (the front door needs that answer again to forward).
+    pub fn resolve_from(&self, peer: IpAddr, peer_trusted: bool, headers: &HeaderMap) -> IpAddr {
         let peer = canonical(peer);
-        if !self.is_trusted(peer) {
+        if !peer_trusted {
             return peer;
         }
         let mut client = peer;

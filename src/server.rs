@@ -87,9 +87,9 @@ async fn forward(
     up: &Upstream,
     gw: &Gateway,
     peer: IpAddr,
+    trusted: bool,
     info: Option<RateInfo<'_>>,
 ) -> HttpResponse {
-    let trusted = gw.resolver.is_trusted(peer);
     let started = std::time::Instant::now();
     let result = up.forward(&req, payload, trusted, peer).await;
     gw.metrics
@@ -121,13 +121,14 @@ async fn front_door(
         .peer_addr()
         .map(|a| a.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let ip = gw.resolver.resolve(peer, req.headers());
+    let trusted = gw.resolver.is_trusted(peer);
+    let ip = gw.resolver.resolve_from(peer, trusted, req.headers());
     let key = gw.resolver.key(ip);
 
     // 2. allowlist
     if gw.bans.cache().is_allowlisted(ip) {
         gw.metrics.allowlisted.increment(1);
-        return forward(req, payload, &up, &gw, peer, None).await;
+        return forward(req, payload, &up, &gw, peer, trusted, None).await;
     }
     // 3. ban cache
     if let Some(left) = gw.bans.cache().banned(ip, &key) {
@@ -146,11 +147,11 @@ async fn front_door(
     };
     if groups.is_empty() {
         gw.metrics.allowed_unmatched.increment(1);
-        return forward(req, payload, &up, &gw, peer, None).await;
+        return forward(req, payload, &up, &gw, peer, trusted, None).await;
     }
     // 5. decision, 6. answer
     match gw.limiter.decide(&groups).await {
-        Decision::Allowed { info } => forward(req, payload, &up, &gw, peer, info).await,
+        Decision::Allowed { info } => forward(req, payload, &up, &gw, peer, trusted, info).await,
         Decision::Limited {
             info,
             retry_after_s,
