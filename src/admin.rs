@@ -23,10 +23,11 @@ use subtle::ConstantTimeEq;
 
 use crate::bans::{BanError, BanTarget};
 use crate::config::{parse_cidr, Config};
+use crate::front_door::Gateway;
 use crate::keys;
 use crate::redis_link::scripts;
+use crate::responses::json_error;
 use crate::rules::{encode_key_value, KeyKind, Subject};
-use crate::server::{json_error, Gateway};
 
 /// Largest admin request body accepted.
 const MAX_BODY: usize = 16 * 1024;

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use actix_web::http::header::HeaderName;
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -184,6 +185,35 @@ pub struct MatchConfig {
     pub path_prefix: Option<String>,
     pub methods: Option<Vec<String>>,
     pub host: Option<String>,
+}
+
+/// What a rule's bucket is keyed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyKind {
+    /// The client's IP key (IPv6 grouped per prefix).
+    Ip,
+    /// The value of a request header; requests without it skip the rule.
+    Header(HeaderName),
+    /// One bucket for the whole gateway.
+    Global,
+}
+
+impl KeyKind {
+    /// Parses `ip`, `global` or `header:<Name>`.
+    pub fn parse(s: &str) -> Result<KeyKind, String> {
+        match s {
+            "ip" => Ok(KeyKind::Ip),
+            "global" => Ok(KeyKind::Global),
+            _ => match s.strip_prefix("header:") {
+                Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
+                    .map(KeyKind::Header)
+                    .map_err(|_| format!("`{name}` is not a valid header name")),
+                None => Err(format!(
+                    "`{s}` is not one of \"ip\", \"global\", \"header:<Name>\""
+                )),
+            },
+        }
+    }
 }
 
 /// One `[[rules]]` entry.
@@ -524,7 +554,7 @@ impl Config {
                     ),
                 );
             }
-            if let Err(m) = crate::rules::KeyKind::parse(&rule.key) {
+            if let Err(m) = KeyKind::parse(&rule.key) {
                 return err(&at("key"), m);
             }
             if let Some(p) = &rule.matcher.path_prefix {

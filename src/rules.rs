@@ -13,40 +13,12 @@ use actix_web::http::Method;
 use actix_web::HttpRequest;
 
 use crate::client_ip::ClientKey;
+pub use crate::config::KeyKind;
 use crate::config::RuleConfig;
 
 /// Header values longer than this cannot be a rate-limit key: the request is
 /// refused with 400 rather than the key being truncated into collisions.
 pub const MAX_KEY_HEADER_LEN: usize = 256;
-
-/// What a rule's bucket is keyed by.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyKind {
-    /// The client's IP key (IPv6 grouped per prefix).
-    Ip,
-    /// The value of a request header; requests without it skip the rule.
-    Header(HeaderName),
-    /// One bucket for the whole gateway.
-    Global,
-}
-
-impl KeyKind {
-    /// Parses `ip`, `global` or `header:<Name>`.
-    pub fn parse(s: &str) -> Result<KeyKind, String> {
-        match s {
-            "ip" => Ok(KeyKind::Ip),
-            "global" => Ok(KeyKind::Global),
-            _ => match s.strip_prefix("header:") {
-                Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
-                    .map(KeyKind::Header)
-                    .map_err(|_| format!("`{name}` is not a valid header name")),
-                None => Err(format!(
-                    "`{s}` is not one of \"ip\", \"global\", \"header:<Name>\""
-                )),
-            },
-        }
-    }
-}
 
 /// A token bucket in the exact integer form both stores use (GCRA):
 /// one token every `interval_us` microseconds, `burst` tokens at most.

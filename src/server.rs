@@ -1,195 +1,26 @@
-//! Wiring: the front door's request phases, the two listeners, background
-//! tasks and graceful shutdown.
-//!
-//! A request goes through named phases, cheapest first, so that the common
-//! refusals cost the least:
-//!
-//! 1. identity - peer address, trusted proxies, X-Forwarded-For;
-//! 2. allowlist - in memory, then forward with no Redis call;
-//! 3. ban cache - in memory, answer with no Redis call;
-//! 4. rules - the matching rules, grouped by subject;
-//! 5. decision - one store call per subject;
-//! 6. answer - forward (plus RateLimit headers), 429, ban status, or 503.
+//! Wiring: the two listeners, start-up, background tasks and graceful
+//! shutdown. The per-request logic is [`crate::front_door`]; this module
+//! only builds what it needs and serves it.
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use actix_web::http::StatusCode;
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpResponseBuilder, HttpServer};
-use serde_json::json;
+use actix_web::{web, App, HttpServer};
 
 use crate::admin::{self, AdminState};
 use crate::bans::{BanCache, Bans};
-use crate::client_ip::{ClientIpResolver, ClientKey};
+use crate::client_ip::ClientIpResolver;
 use crate::config::Config;
-use crate::limiter::{BanParams, Breaker, Decision, Limiter, LocalStore, RateInfo, RedisStore};
+use crate::front_door::{self, Gateway};
+use crate::limiter::{BanParams, Breaker, Limiter, LocalStore, RedisStore};
 use crate::metrics::GatewayMetrics;
 use crate::proxy::Upstream;
 use crate::redis_link::RedisLink;
 use crate::rules::RuleSet;
 
-static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
-static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
-static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
-
 /// Subjects the in-process store tracks at most (bounded memory).
 const LOCAL_MAX_SUBJECTS: usize = 1_000_000;
-
-/// Everything the front door needs, shared by all workers.
-pub struct Gateway {
-    pub resolver: ClientIpResolver,
-    pub rules: RuleSet,
-    pub limiter: Arc<Limiter>,
-    pub bans: Arc<Bans>,
-    pub metrics: GatewayMetrics,
-    pub ban_status: StatusCode,
-}
-
-/// JSON error answer, the one shape every refusal of the gateway uses.
-pub fn json_error(status: StatusCode, body: serde_json::Value) -> HttpResponse {
-    HttpResponse::build(status)
-        .content_type("application/json")
-        .body(body.to_string())
-}
-
-fn add_rate_headers(b: &mut HttpResponseBuilder, info: &RateInfo<'_>) {
-    let r = info.rule;
-    b.insert_header((RATELIMIT_POLICY.clone(), r.policy_header.clone()));
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "\"{}\";r={};t={}",
-        r.name, info.remaining, info.reset_s
-    )) {
-        b.insert_header((RATELIMIT.clone(), v));
-    }
-    b.insert_header((RATELIMIT_LIMIT.clone(), HeaderValue::from(r.bucket.burst)));
-    b.insert_header((
-        RATELIMIT_REMAINING.clone(),
-        HeaderValue::from(info.remaining),
-    ));
-    b.insert_header((RATELIMIT_RESET.clone(), HeaderValue::from(info.reset_s)));
-}
-
-fn banned_response(status: StatusCode, remaining: Duration) -> HttpResponse {
-    let secs = remaining.as_millis().div_ceil(1000).max(1) as u64;
-    HttpResponse::build(status)
-        .insert_header((RETRY_AFTER, secs))
-        .content_type("application/json")
-        .body(json!({"error": "banned", "retry_after": secs}).to_string())
-}
-
-async fn forward(
-    req: HttpRequest,
-    payload: web::Payload,
-    up: &Upstream,
-    gw: &Gateway,
-    peer: IpAddr,
-    trusted: bool,
-    info: Option<RateInfo<'_>>,
-) -> HttpResponse {
-    let started = std::time::Instant::now();
-    let result = up.forward(&req, payload, trusted, peer).await;
-    gw.metrics
-        .upstream_seconds
-        .record(started.elapsed().as_secs_f64());
-    match result {
-        Ok(mut resp) => {
-            if let Some(info) = &info {
-                add_rate_headers(&mut resp.builder, info);
-            }
-            resp.into_response()
-        }
-        Err(failure) => {
-            crate::metrics::upstream_error(failure.code());
-            json_error(failure.status(), json!({"error": failure.code()}))
-        }
-    }
-}
-
-/// The front door: every public request comes here.
-async fn front_door(
-    req: HttpRequest,
-    payload: web::Payload,
-    gw: web::Data<Gateway>,
-    up: web::Data<Upstream>,
-) -> HttpResponse {
-    // 1. identity
-    let peer = req
-        .peer_addr()
-        .map(|a| a.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let trusted = gw.resolver.is_trusted(peer);
-    let ip = gw.resolver.resolve_from(peer, trusted, req.headers());
-    let key = gw.resolver.key(ip);
-
-    // 2. allowlist
-    if gw.bans.cache().is_allowlisted(ip) {
-        gw.metrics.allowlisted.increment(1);
-        return forward(req, payload, &up, &gw, peer, trusted, None).await;
-    }
-    // 3. ban cache
-    if let Some(left) = gw.bans.cache().banned(ip, &key) {
-        gw.metrics.banned.increment(1);
-        return banned_response(gw.ban_status, left);
-    }
-    // 4. rules
-    let groups = match gw.rules.groups(&req, key) {
-        Ok(g) => g,
-        Err(e) => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                json!({"error": "bad_request", "message": e.to_string()}),
-            )
-        }
-    };
-    if groups.is_empty() {
-        gw.metrics.allowed_unmatched.increment(1);
-        return forward(req, payload, &up, &gw, peer, trusted, None).await;
-    }
-    // 5. decision, 6. answer
-    match gw.limiter.decide(&groups).await {
-        Decision::Allowed { info } => forward(req, payload, &up, &gw, peer, trusted, info).await,
-        Decision::Limited {
-            info,
-            retry_after_s,
-        } => {
-            let mut b = HttpResponse::build(StatusCode::TOO_MANY_REQUESTS);
-            add_rate_headers(&mut b, &info);
-            b.insert_header((RETRY_AFTER, retry_after_s))
-                .content_type("application/json")
-                .body(json!({"error": "rate_limited", "rule": &*info.rule.name, "retry_after": retry_after_s}).to_string())
-        }
-        Decision::Banned {
-            remaining_ms, made, ..
-        } => {
-            note_ban(&gw, key, remaining_ms, made);
-            banned_response(gw.ban_status, Duration::from_millis(remaining_ms))
-        }
-        Decision::Unavailable => json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"error": "unavailable", "message": "the rate-limit store is unavailable and on_failure is \"deny\""}),
-        ),
-    }
-}
-
-fn note_ban(
-    gw: &Gateway,
-    key: ClientKey,
-    remaining_ms: u64,
-    made: Option<crate::limiter::BanMade>,
-) {
-    match made {
-        Some(made) => {
-            gw.bans.learn(key, made.dur_ms);
-            let bans = gw.bans.clone();
-            actix_web::rt::spawn(async move { bans.on_auto_ban(key, made).await });
-        }
-        None => gw.bans.learn(key, remaining_ms),
-    }
-}
 
 fn node_id(config: &Config) -> String {
     config.server.node_id.clone().unwrap_or_else(|| {
@@ -317,7 +148,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             App::new()
                 .app_data(gateway.clone())
                 .app_data(web::Data::new(Upstream::new(&upstream_config)))
-                .default_service(web::to(front_door))
+                .default_service(web::to(front_door::front_door))
         }
     })
     .workers(workers)
