@@ -1,10 +1,11 @@
 //! floodgate: a distributed rate-limiting HTTP gateway.
 //!
-//! The modules follow a request's path: [`client_ip`] says who is asking,
-//! [`rules`] which limits apply, [`limiter`] decides (Redis or in-process),
-//! [`bans`] keeps every node's view of bans and the allowlist, [`proxy`]
-//! forwards allowed traffic, [`admin`] serves operators, and [`server`]
-//! wires them into listeners.
+//! The modules follow a request's path: [`front_door`] runs its phases,
+//! [`client_ip`] says who is asking, [`rules`] which limits apply,
+//! [`limiter`] decides (Redis or in-process), [`bans`] keeps every node's
+//! view of bans and the allowlist, [`proxy`] forwards allowed traffic, and
+//! [`responses`] is everything the gateway answers by itself. [`admin`]
+//! serves operators, and [`server`] wires them into listeners.
 
 pub mod admin;
 pub mod bans;
