@@ -119,56 +119,68 @@ pub fn read_back(rendered: &str) -> (BTreeMap<String, u64>, u64) {
     let mut decisions = BTreeMap::new();
     let mut bans_active = 0;
     for line in rendered.lines() {
-        let Some((name, labels, value)) = sample(line) else {
+        let Some(s) = Sample::parse(line) else {
             continue;
         };
-        if name == REQUESTS {
-            if let Some(d) = labels.into_iter().find(|(k, _)| k == "decision") {
-                *decisions.entry(d.1).or_insert(0) += value as u64;
+        if s.name == REQUESTS {
+            if let Some((_, d)) = s.labels.into_iter().find(|(k, _)| k == "decision") {
+                *decisions.entry(d).or_insert(0) += s.value as u64;
             }
-        } else if name == BANS_ACTIVE {
-            bans_active = value.max(0.0) as u64;
+        } else if s.name == BANS_ACTIVE {
+            bans_active = s.value.max(0.0) as u64;
         }
     }
     (decisions, bans_active)
 }
 
-/// One sample line of the Prometheus text format: name, labels, value.
-/// Comments and lines that do not parse give `None`.
-fn sample(line: &str) -> Option<(&str, Vec<(String, String)>, f64)> {
-    if line.starts_with('#') {
-        return None;
-    }
-    let name_end = line.find(['{', ' '])?;
-    let (name, mut rest) = line.split_at(name_end);
-    let mut labels = Vec::new();
-    if let Some(inner) = rest.strip_prefix('{') {
-        rest = inner;
-        loop {
-            rest = rest.trim_start_matches(',');
-            if let Some(after) = rest.strip_prefix('}') {
-                rest = after;
-                break;
-            }
-            let (key, after) = rest.split_once("=\"")?;
-            let mut value = String::new();
-            let mut chars = after.char_indices();
-            let end = loop {
-                match chars.next()? {
-                    (i, '"') => break i,
-                    (_, '\\') => match chars.next()?.1 {
-                        'n' => value.push('\n'),
-                        c => value.push(c),
-                    },
-                    (_, c) => value.push(c),
-                }
-            };
-            labels.push((key.to_string(), value));
-            rest = &after[end + 1..];
+/// One sample line of the Prometheus text format.
+struct Sample<'a> {
+    name: &'a str,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+impl Sample<'_> {
+    /// Comments and lines that do not parse give `None`.
+    fn parse(line: &str) -> Option<Sample<'_>> {
+        if line.starts_with('#') {
+            return None;
         }
+        let name_end = line.find(['{', ' '])?;
+        let (name, mut rest) = line.split_at(name_end);
+        let mut labels = Vec::new();
+        if let Some(inner) = rest.strip_prefix('{') {
+            rest = inner;
+            loop {
+                rest = rest.trim_start_matches(',');
+                if let Some(after) = rest.strip_prefix('}') {
+                    rest = after;
+                    break;
+                }
+                let (key, after) = rest.split_once("=\"")?;
+                let mut value = String::new();
+                let mut chars = after.char_indices();
+                let end = loop {
+                    match chars.next()? {
+                        (i, '"') => break i,
+                        (_, '\\') => match chars.next()?.1 {
+                            'n' => value.push('\n'),
+                            c => value.push(c),
+                        },
+                        (_, c) => value.push(c),
+                    }
+                };
+                labels.push((key.to_string(), value));
+                rest = &after[end + 1..];
+            }
+        }
+        let value = rest.split_whitespace().next()?.parse().ok()?;
+        Some(Sample {
+            name,
+            labels,
+            value,
+        })
     }
-    let value = rest.split_whitespace().next()?.parse().ok()?;
-    Some((name, labels, value))
 }
 
 #[cfg(test)]

@@ -23,7 +23,8 @@ const HOSTILE_REASON: &str =
 
 /// Generous enough for the test's own clients, tight enough to ban a
 /// client that hammers it.
-const RULES: &str = "[[rules]]\nname = \"per-ip\"\nkey = \"ip\"\nrate = 1\nper = \"1s\"\nburst = 5\n";
+const RULES: &str =
+    "[[rules]]\nname = \"per-ip\"\nkey = \"ip\"\nrate = 1\nper = \"1s\"\nburst = 5\n";
 const BAN: &str = "[ban]\nenabled = true\nafter = 3\nwithin = \"10s\"\nduration = \"5m\"\nstatus = 403\nreconcile_interval = \"1h\"\n";
 
 /// `chromedriver` on a free loopback port, killed with the test.
@@ -100,7 +101,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -126,7 +130,12 @@ async fn type_into(c: &Client, css: &str, value: &str) {
 }
 
 async fn click(c: &Client, css: &str) {
-    c.find(Locator::Css(css)).await.unwrap().click().await.unwrap();
+    c.find(Locator::Css(css))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
 }
 
 /// Steady, bounded traffic from a few clients so the chart has something
@@ -154,8 +163,14 @@ fn operators_ban_and_unban_from_the_dashboard() {
     // The page itself needs no token, holds no data, and forbids inline code.
     let page = get(&gw.admin_url("/dashboard"), &[]);
     assert_eq!(page.status, 200);
-    let csp = page.header("content-security-policy").unwrap_or("").to_string();
-    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe"), "{csp}");
+    let csp = page
+        .header("content-security-policy")
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+        "{csp}"
+    );
     assert!(csp.contains("require-trusted-types-for 'script'"), "{csp}");
     assert!(!page.body.contains(ADMIN_TOKEN));
 

@@ -144,7 +144,11 @@ pub fn judge(method: &str, path: &str, reply: Reply, token_env: &str) -> Result<
         .get("message")
         .and_then(Value::as_str)
         .map(str::to_string);
-    let error = reply.json.get("error").and_then(Value::as_str).unwrap_or("");
+    let error = reply
+        .json
+        .get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let said = || {
         message
             .clone()
@@ -156,7 +160,7 @@ pub fn judge(method: &str, path: &str, reply: Reply, token_env: &str) -> Result<
             "the node refused the token (401 unauthorized): {token_env} does not hold the token this node was started with"
         ))),
         404 if message.is_none() => Err(Failure::Refused(format!(
-            "this node has no {method} {path} (it answered 404): its floodgate version does not offer it"
+            "{method} {path} is not available on this node (it answered 404): its floodgate version does not offer it"
         ))),
         404 => Err(Failure::NotFound(said())),
         400 | 409 | 422 => Err(Failure::Usage(said())),
@@ -211,11 +215,26 @@ mod tests {
     fn answers_map_to_the_exit_codes_of_the_contract() {
         assert_eq!(judged(204, Value::Null), Ok(204));
         let code = |s, b| judged(s, b).unwrap_err().code();
-        assert_eq!(code(404, json!({"error":"not_found","message":"x is not banned"})), 1);
+        assert_eq!(
+            code(
+                404,
+                json!({"error":"not_found","message":"x is not banned"})
+            ),
+            1
+        );
         assert_eq!(code(400, json!({"error":"bad_request","message":"bad"})), 2);
-        assert_eq!(code(409, json!({"error":"allowlisted","message":"on the allowlist"})), 2);
+        assert_eq!(
+            code(
+                409,
+                json!({"error":"allowlisted","message":"on the allowlist"})
+            ),
+            2
+        );
         assert_eq!(code(401, json!({"error":"unauthorized"})), 3);
-        assert_eq!(code(503, json!({"error":"redis_unavailable","message":"down"})), 3);
+        assert_eq!(
+            code(503, json!({"error":"redis_unavailable","message":"down"})),
+            3
+        );
         assert_eq!(code(404, json!({"error":"not_found"})), 3);
         assert_eq!(code(500, Value::Null), 3);
     }
@@ -229,7 +248,11 @@ mod tests {
             "T",
         )
         .unwrap_err();
-        assert!(e.to_string().contains("has no POST /admin/reload"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("POST /admin/reload is not available on this node"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -173,9 +173,7 @@ pub fn run(args: AdminArgs, config: Option<PathBuf>) -> ExitCode {
         args.url.as_deref(),
         args.token_env.as_deref(),
     )
-    .and_then(|t| {
-        verbs::run(&client::AdminClient::new(t), &args.verb, args.json)
-    });
+    .and_then(|t| verbs::run(&client::AdminClient::new(t), &args.verb, args.json));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {

@@ -69,7 +69,11 @@ pub fn cell(v: Option<&Value>) -> String {
         Some(Value::String(s)) => s.clone(),
         Some(v @ Value::Array(items)) => {
             if items.iter().all(|i| !i.is_object() && !i.is_array()) {
-                items.iter().map(|i| cell(Some(i))).collect::<Vec<_>>().join(", ")
+                items
+                    .iter()
+                    .map(|i| cell(Some(i)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             } else {
                 v.to_string()
             }
@@ -153,7 +157,10 @@ mod tests {
         let s = generic(&v);
         assert!(s.starts_with("plan  pro"), "{s}");
         assert!(s.contains("rules:"), "{s}");
-        assert!(s.contains("name") && s.contains("tokens") && s.contains("used"), "{s}");
+        assert!(
+            s.contains("name") && s.contains("tokens") && s.contains("used"),
+            "{s}"
+        );
         assert!(s.contains("pro-daily"), "{s}");
     }
 

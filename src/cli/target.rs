@@ -36,9 +36,10 @@ impl Target {
         token_env: Option<&str>,
     ) -> Result<Target, Failure> {
         let loaded = match config {
-            Some(path) => Some(Config::load(path).map_err(|e| {
-                Failure::Usage(format!("cannot use the configuration: {e}"))
-            })?),
+            Some(path) => Some(
+                Config::load(path)
+                    .map_err(|e| Failure::Usage(format!("cannot use the configuration: {e}")))?,
+            ),
             None => None,
         };
         let (base, origin) = match (url, &loaded, config) {
@@ -83,23 +84,23 @@ fn token_from_env(var: &str) -> Result<String, Failure> {
 /// `--url` as a base URL: `http://` added when no scheme is given, no
 /// trailing slash. The admin listener speaks plain HTTP only.
 fn base_url(raw: &str) -> Result<String, Failure> {
-    let raw = raw.trim().trim_end_matches('/');
-    let with_scheme = if raw.contains("://") {
-        raw.to_string()
-    } else {
-        format!("http://{raw}")
+    let raw = raw.trim();
+    let rest = match raw.split_once("://") {
+        None => raw,
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+        Some(_) => {
+            return Err(Failure::Usage(format!(
+                "--url {raw}: the admin API speaks plain HTTP; give an http:// address such as http://127.0.0.1:9090"
+            )))
+        }
     };
-    let Some(rest) = with_scheme.strip_prefix("http://") else {
-        return Err(Failure::Usage(format!(
-            "--url {raw}: the admin API speaks plain HTTP; give an http:// address such as http://127.0.0.1:9090"
-        )));
-    };
+    let rest = rest.trim_end_matches('/');
     if rest.is_empty() || rest.contains(char::is_whitespace) {
         return Err(Failure::Usage(format!(
             "--url {raw}: not an address; give one such as http://127.0.0.1:9090"
         )));
     }
-    Ok(with_scheme)
+    Ok(format!("http://{rest}"))
 }
 
 /// A listen address as a client reaches it: a wildcard bind (0.0.0.0,

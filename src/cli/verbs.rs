@@ -76,7 +76,14 @@ fn bans(client: &AdminClient, action: &BanAction, out: Output) -> Result<(), Fai
                     })
                     .collect();
                 table(
-                    &["SUBJECT", "REMAINING", "UNTIL", "STRIKES", "SOURCE", "REASON"],
+                    &[
+                        "SUBJECT",
+                        "REMAINING",
+                        "UNTIL",
+                        "STRIKES",
+                        "SOURCE",
+                        "REASON",
+                    ],
                     rows,
                 )
             });
@@ -121,7 +128,13 @@ fn allow(client: &AdminClient, action: &AllowAction, out: Output) -> Result<(), 
             out.show(&r.json, || {
                 let mut rows = Vec::new();
                 for source in ["config", "runtime"] {
-                    for net in r.json.get(source).and_then(Value::as_array).into_iter().flatten() {
+                    for net in r
+                        .json
+                        .get(source)
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
                         rows.push(vec![cell(Some(net)), source.to_string()]);
                     }
                 }
@@ -308,9 +321,11 @@ fn status(client: &AdminClient, out: Output) -> Result<(), Failure> {
             (
                 "ready",
                 format!(
-                    "{}: {}",
+                    "{} ({})",
                     if ready.status == 200 { "yes" } else { "no" },
                     readiness
+                        .trim_start_matches("not ready: ")
+                        .trim_start_matches("ready: ")
                 ),
             ),
             ("degraded", degraded),
