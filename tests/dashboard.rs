@@ -109,18 +109,35 @@ where
     }
 }
 
+/// The page re-renders its lists every few seconds, so an element found
+/// a moment ago can be gone: each helper looks it up again and retries.
+const TRIES: usize = 5;
+
 async fn text(c: &Client, css: &str) -> String {
-    match c.find(Locator::Css(css)).await {
-        Ok(e) => e.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
+    for _ in 0..TRIES {
+        if let Ok(e) = c.find(Locator::Css(css)).await {
+            if let Ok(t) = e.text().await {
+                return t;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    String::new()
 }
 
 async fn shown(c: &Client, css: &str) -> bool {
-    match c.find(Locator::Css(css)).await {
-        Ok(e) => e.is_displayed().await.unwrap_or(false),
-        Err(_) => false,
+    for _ in 0..TRIES {
+        match c.find(Locator::Css(css)).await {
+            Ok(e) => {
+                if let Ok(d) = e.is_displayed().await {
+                    return d;
+                }
+            }
+            Err(_) => return false,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    false
 }
 
 async fn type_into(c: &Client, css: &str, value: &str) {
@@ -130,12 +147,18 @@ async fn type_into(c: &Client, css: &str, value: &str) {
 }
 
 async fn click(c: &Client, css: &str) {
-    c.find(Locator::Css(css))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    let mut last = None;
+    for _ in 0..TRIES {
+        match c.find(Locator::Css(css)).await {
+            Ok(e) => match e.click().await {
+                Ok(()) => return,
+                Err(err) => last = Some(err.to_string()),
+            },
+            Err(err) => last = Some(err.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cannot click {css}: {last:?}");
 }
 
 /// Steady, bounded traffic from a few clients so the chart has something
@@ -261,6 +284,17 @@ fn operators_ban_and_unban_from_the_dashboard() {
         })
         .await;
 
+        // A runtime allowlist entry, added from its form.
+        type_into(&c, "#allow-cidr", "10.20.0.0/16").await;
+        click(&c, "#allow-button").await;
+        let net = "#allow-rows tr[data-network='10.20.0.0/16']";
+        eventually("the new allowlist entry", Duration::from_secs(10), || async {
+            shown(&c, net).await.then_some(())
+        })
+        .await;
+        assert!(text(&c, net).await.contains("runtime"));
+        assert_eq!(gw.admin("GET", "/admin/allowlist", None).json()["runtime"], json!(["10.20.0.0/16"]));
+
         // Live decisions: the chart's legend counts what the gateway decided.
         let allowed = eventually("allowed requests in the legend", Duration::from_secs(10), || async {
             let t = text(&c, "#legend li[data-decision='allowed'] .total").await;
@@ -280,6 +314,13 @@ fn operators_ban_and_unban_from_the_dashboard() {
         let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
         std::fs::write(&shot, png).unwrap();
         eprintln!("dashboard screenshot: {}", shot.display());
+
+        click(&c, &format!("{net} button")).await;
+        eventually("the allowlist entry to go", Duration::from_secs(10), || async {
+            (!shown(&c, net).await).then_some(())
+        })
+        .await;
+        assert_eq!(gw.admin("GET", "/admin/allowlist", None).json()["runtime"], json!([]));
 
         // Unban from the list: the client passes again.
         click(&c, &format!("{row} button.unban")).await;

@@ -203,8 +203,9 @@
     }
   }
 
+  // The smallest 1, 2 or 5 times a power of ten that is at least v.
   function niceCeiling(v) {
-    if (v <= 1) return 1;
+    if (v <= 0.25) return 0.25;
     const p = Math.pow(10, Math.floor(Math.log10(v)));
     for (const m of [1, 2, 5, 10]) if (m * p >= v) return m * p;
     return 10 * p;
@@ -226,7 +227,8 @@
     const pw = w - left - right, ph = h - top - bottom;
     let max = 0;
     for (const p of series) for (const d of DECISIONS) max = Math.max(max, p.rates[d]);
-    max = niceCeiling(max);
+    const gridStep = niceCeiling(max / 4);
+    max = gridStep * 4;
     g.font = "11px system-ui, sans-serif";
     g.fillStyle = "#6b7280";
     g.strokeStyle = "#e5e7eb";
@@ -239,8 +241,8 @@
       g.moveTo(left, Math.round(y) + 0.5);
       g.lineTo(left + pw, Math.round(y) + 0.5);
       g.stroke();
-      const label = (max * i) / 4;
-      g.fillText(label >= 10 ? label.toFixed(0) : label.toFixed(1), left - 6, y);
+      const label = gridStep * i;
+      g.fillText(gridStep >= 1 ? label.toFixed(0) : label.toFixed(2).replace(/0$/, ""), left - 6, y);
     }
     g.textAlign = "center";
     g.textBaseline = "top";
@@ -413,7 +415,7 @@
     for (const ev of events || []) {
       const tr = el("tr", null, "ev-" + String(ev.event).replace(/[^a-z]/g, ""));
       tr.append(
-        el("td", utc(ev.time), "mono"),
+        el("td", utc(ev.time), "mono time"),
         el("td", ev.event, "event"),
         el("td", ev.subject, "mono"),
         el("td", ev.reason, "reason"),
