@@ -124,6 +124,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/admin/allowlist/{cidr}", web::delete().to(delete_allow))
         .route("/admin/buckets/{rule}/{subject}", web::get().to(bucket))
         .route("/admin/audit", web::get().to(audit))
+        .route("/admin/stats", web::get().to(stats))
+        .configure(crate::dashboard::routes)
         .default_service(web::to(|| async {
             json_error(StatusCode::NOT_FOUND, json!({"error": "not_found"}))
         }));
@@ -448,4 +450,23 @@ async fn audit(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
         Ok(events) => HttpResponse::Ok().json(events),
         Err(e) => failed(e),
     }
+}
+
+/// `GET /admin/stats`: request totals by decision and whether the node is
+/// degraded, for the dashboard's live chart and `floodgate admin status`.
+async fn stats(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Err(r) = state.authorize(&req) {
+        return r;
+    }
+    let rendered = state.prom.as_ref().map(|p| p.render()).unwrap_or_default();
+    let (decisions, bans_active) = crate::metrics::read_back(&rendered);
+    let limiter = &state.gateway.limiter;
+    HttpResponse::Ok().json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "node": state.gateway.bans.node(),
+        "store": if limiter.redis().is_some() { "redis" } else { "local" },
+        "degraded": limiter.redis().is_some() && !limiter.breaker().is_closed(),
+        "bans_active": bans_active,
+        "decisions": decisions,
+    }))
 }

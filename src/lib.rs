@@ -5,12 +5,16 @@
 //! [`limiter`] decides (Redis or in-process), [`bans`] keeps every node's
 //! view of bans and the allowlist, [`proxy`] forwards allowed traffic, and
 //! [`responses`] is everything the gateway answers by itself. [`admin`]
-//! serves operators, and [`server`] wires them into listeners.
+//! serves operators, and [`server`] wires them into listeners. [`dashboard`]
+//! is the operators' page on the admin listener and [`cli`] the
+//! `floodgate admin` command line.
 
 pub mod admin;
 pub mod bans;
+pub mod cli;
 pub mod client_ip;
 pub mod config;
+pub mod dashboard;
 pub mod front_door;
 pub mod keys;
 pub mod limiter;

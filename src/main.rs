@@ -1,9 +1,10 @@
-//! The `floodgate` binary: flags, logging, then [`floodgate::server::run`].
+//! The `floodgate` binary: flags, logging, then [`floodgate::server::run`],
+//! or `floodgate admin <verb>` ([`floodgate::cli`]) against a running node.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// mimalloc: the request path allocates many small, short-lived buffers;
 /// glibc malloc showed up at ~8% of the gateway's profile.
@@ -12,20 +13,40 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A distributed rate-limiting HTTP gateway.
 #[derive(Parser)]
-#[command(name = "floodgate", version, about)]
+#[command(name = "floodgate", version, about, subcommand_negates_reqs = true)]
 struct Flags {
     /// The configuration file (TOML).
-    #[arg(long, env = "FLOODGATE_CONFIG", value_name = "PATH")]
-    config: PathBuf,
+    #[arg(long, env = "FLOODGATE_CONFIG", value_name = "PATH", required = true)]
+    config: Option<PathBuf>,
     /// Validate the configuration, print a summary and exit (0 valid, 2 not).
     #[arg(long)]
     check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Talk to a running node's admin API (exit 0 done, 1 not found,
+    /// 2 usage or config error, 3 admin API unreachable or refused).
+    Admin(floodgate::cli::AdminArgs),
 }
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
+    if let Some(Command::Admin(args)) = flags.command {
+        if flags.check {
+            eprintln!("floodgate: --check validates a configuration; it does not go with `admin`");
+            return ExitCode::from(2);
+        }
+        return floodgate::cli::run(args, flags.config);
+    }
+    let Some(path) = flags.config else {
+        eprintln!("floodgate: --config PATH is required");
+        return ExitCode::from(2);
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let config = match floodgate::config::Config::load(&flags.config) {
+    let config = match floodgate::config::Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("floodgate: invalid configuration: {e}");
@@ -34,7 +55,7 @@ fn main() -> ExitCode {
     };
     if flags.check {
         print!("{}", config.summary());
-        println!("configuration OK: {}", flags.config.display());
+        println!("configuration OK: {}", path.display());
         return ExitCode::SUCCESS;
     }
     match actix_web::rt::System::new().block_on(floodgate::server::run(config)) {

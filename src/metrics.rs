@@ -4,6 +4,8 @@
 //! taken at start-up (per rule and decision) is live; the hot path then only
 //! increments atomics instead of hashing label sets per request.
 
+use std::collections::BTreeMap;
+
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -107,4 +109,110 @@ pub fn upstream_error(kind: &'static str) {
 /// Counts a ban made by `source` (`auto`, `manual`).
 pub fn ban_made(source: &'static str) {
     metrics::counter!(BANS_TOTAL, "source" => source).increment(1);
+}
+
+/// Totals of [`REQUESTS`] by `decision`, summed over rules, and the value of
+/// [`BANS_ACTIVE`], read back from the exporter's own rendering: `metrics`
+/// handles can be bumped but not read, and the rendering is exactly what
+/// Prometheus scrapes, so the dashboard and Prometheus never disagree.
+pub fn read_back(rendered: &str) -> (BTreeMap<String, u64>, u64) {
+    let mut decisions = BTreeMap::new();
+    let mut bans_active = 0;
+    for line in rendered.lines() {
+        let Some(s) = Sample::parse(line) else {
+            continue;
+        };
+        if s.name == REQUESTS {
+            if let Some((_, d)) = s.labels.into_iter().find(|(k, _)| k == "decision") {
+                *decisions.entry(d).or_insert(0) += s.value as u64;
+            }
+        } else if s.name == BANS_ACTIVE {
+            bans_active = s.value.max(0.0) as u64;
+        }
+    }
+    (decisions, bans_active)
+}
+
+/// One sample line of the Prometheus text format.
+struct Sample<'a> {
+    name: &'a str,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+impl Sample<'_> {
+    /// Comments and lines that do not parse give `None`.
+    fn parse(line: &str) -> Option<Sample<'_>> {
+        if line.starts_with('#') {
+            return None;
+        }
+        let name_end = line.find(['{', ' '])?;
+        let (name, mut rest) = line.split_at(name_end);
+        let mut labels = Vec::new();
+        if let Some(inner) = rest.strip_prefix('{') {
+            rest = inner;
+            loop {
+                rest = rest.trim_start_matches(',');
+                if let Some(after) = rest.strip_prefix('}') {
+                    rest = after;
+                    break;
+                }
+                let (key, after) = rest.split_once("=\"")?;
+                let mut value = String::new();
+                let mut chars = after.char_indices();
+                let end = loop {
+                    match chars.next()? {
+                        (i, '"') => break i,
+                        (_, '\\') => match chars.next()?.1 {
+                            'n' => value.push('\n'),
+                            c => value.push(c),
+                        },
+                        (_, c) => value.push(c),
+                    }
+                };
+                labels.push((key.to_string(), value));
+                rest = &after[end + 1..];
+            }
+        }
+        let value = rest.split_whitespace().next()?.parse().ok()?;
+        Some(Sample {
+            name,
+            labels,
+            value,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decisions_are_summed_over_rules_from_the_rendering() {
+        let text = "# HELP floodgate_requests_total Requests\n\
+            # TYPE floodgate_requests_total counter\n\
+            floodgate_requests_total{rule=\"per-ip\",decision=\"allowed\"} 7\n\
+            floodgate_requests_total{rule=\"per.key\",decision=\"allowed\"} 5\n\
+            floodgate_requests_total{decision=\"limited\",rule=\"a\\\"b\"} 2\n\
+            floodgate_requests_total{rule=\"-\",decision=\"banned\"} 0\n\
+            floodgate_redis_seconds_bucket{le=\"0.001\"} 4\n\
+            floodgate_bans_active 3\n";
+        let (d, bans) = read_back(text);
+        assert_eq!(d.get("allowed"), Some(&12));
+        assert_eq!(d.get("limited"), Some(&2));
+        assert_eq!(d.get("banned"), Some(&0));
+        assert_eq!(d.len(), 3);
+        assert_eq!(bans, 3);
+    }
+
+    #[test]
+    fn broken_lines_are_skipped() {
+        let (d, bans) = read_back(
+            "floodgate_requests_total{decision=\"allowed\n\
+             floodgate_requests_total{decision=\"allowed\"} x\n\
+             floodgate_bans_active\n",
+        );
+        assert!(d.is_empty());
+        assert_eq!(bans, 0);
+    }
 }

@@ -55,6 +55,11 @@ pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 pub struct Proc(Option<Child>);
 
 impl Proc {
+    /// Takes charge of a process the test spawned itself.
+    pub fn new(child: Child) -> Proc {
+        Proc(Some(child))
+    }
+
     pub fn pid(&self) -> u32 {
         self.0.as_ref().map(|c| c.id()).unwrap_or(0)
     }
