@@ -25,19 +25,19 @@ struct Flags {
 fn main() -> ExitCode {
     let flags = Flags::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let config = match floodgate::config::Config::load(&flags.config) {
-        Ok(c) => c,
+    let file = match floodgate::reload::ConfigFile::read(&flags.config) {
+        Ok(f) => f,
         Err(e) => {
             eprintln!("floodgate: invalid configuration: {e}");
             return ExitCode::from(2);
         }
     };
     if flags.check {
-        print!("{}", config.summary());
+        print!("{}", file.config.summary());
         println!("configuration OK: {}", flags.config.display());
         return ExitCode::SUCCESS;
     }
-    match actix_web::rt::System::new().block_on(floodgate::server::run(config)) {
+    match actix_web::rt::System::new().block_on(floodgate::server::run(file)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");
