@@ -205,8 +205,10 @@ impl Reloader {
     }
 }
 
-/// Reloads on every `SIGHUP` for as long as the process runs.
-pub async fn reload_on_hangup(reloader: Arc<Reloader>) {
+/// Reloads on every `SIGHUP` from now on, for as long as the process runs.
+/// The handler is installed before this returns, so a `SIGHUP` right after
+/// start-up reloads instead of ending the process.
+pub fn reload_on_hangup(reloader: Arc<Reloader>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -215,10 +217,12 @@ pub async fn reload_on_hangup(reloader: Arc<Reloader>) {
             return;
         }
     };
-    while hangups.recv().await.is_some() {
-        // The outcome is logged (and counted) by the reload itself.
-        let _ = reloader.reload();
-    }
+    actix_web::rt::spawn(async move {
+        while hangups.recv().await.is_some() {
+            // The outcome is logged (and counted) by the reload itself.
+            let _ = reloader.reload();
+        }
+    });
 }
 
 /// Gives `new` the old value of every key that only a restart can change,

@@ -120,7 +120,7 @@ pub async fn run(file: ConfigFile) -> std::io::Result<()> {
         .clone()
         .map(|c| Arc::new(ServedCertificate::new(c)));
     let reloader = Arc::new(Reloader::new(&file, gateway.clone(), served.clone()));
-    actix_web::rt::spawn(reload::reload_on_hangup(reloader.clone()));
+    reload::reload_on_hangup(reloader.clone());
 
     spawn_background(
         config,
