@@ -17,7 +17,9 @@
 # what is set here is used both in the gateway config and by k6.
 # FLOODGATE_BIN picks the binary (default target/release/floodgate, built
 # when missing); KEEP_TMP=1 keeps configs and logs; RUST_LOG sets the
-# gateways' log level (default warn).
+# gateways' log level (default warn). TLS=1 serves HTTPS (HTTP/2) with a
+# self-signed certificate made here (openssl), and runs k6 against https://
+# URLs with INSECURE_TLS=1 and EXPECT_PROTO=HTTP/2.0.
 #
 # The exit code is k6's: 0 when every threshold held, 99 when one failed.
 
@@ -130,6 +132,22 @@ lt_start_redis
 lt_start_upstream
 lt_log "redis :$REDIS_PORT, upstream :$UPSTREAM_PORT"
 
+scheme=http
+tls_section=""
+if [[ "${TLS:-0}" == 1 ]]; then
+    lt_need openssl "apt-get install -y openssl"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout "$LT_DIR/key.pem" -out "$LT_DIR/cert.pem" -days 1 \
+        -subj "/CN=floodgate loadtest" \
+        -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" 2>/dev/null ||
+        lt_die "openssl could not make a test certificate"
+    scheme=https
+    tls_section="[server.tls]
+cert = \"$LT_DIR/cert.pem\"
+key = \"$LT_DIR/key.pem\""
+    export INSECURE_TLS=1 EXPECT_PROTO="${EXPECT_PROTO:-HTTP/2.0}"
+fi
+
 base_urls=()
 for ((n = 1; n <= nodes; n++)); do
     lt_free_port port
@@ -141,6 +159,8 @@ admin_listen = \"127.0.0.1:$admin\"
 shutdown_timeout = \"2s\"
 workers = 1
 node_id = \"loadtest-$n\"
+
+$tls_section
 
 [redis]
 url = \"redis://127.0.0.1:$REDIS_PORT\"
@@ -155,12 +175,12 @@ $rules
 
 $ban"
     lt_start_gateway "gateway-$n" "$config" "$admin"
-    base_urls+=("http://127.0.0.1:$port")
+    base_urls+=("$scheme://127.0.0.1:$port")
     # The first node's admin API, for scripts that look at it (bans.js).
     if ((n == 1)); then
         export ADMIN_URL="http://127.0.0.1:$admin"
     fi
-    lt_log "gateway $n: http://127.0.0.1:$port (admin :$admin, pid $LT_LAST_PID)"
+    lt_log "gateway $n: $scheme://127.0.0.1:$port (admin :$admin, pid $LT_LAST_PID)"
 done
 BASE_URL="$(IFS=,; echo "${base_urls[*]}")"
 export BASE_URL ADMIN_TOKEN

@@ -21,6 +21,14 @@
 //   MAX_WAIT      longest Retry-After to wait out, seconds (default 5)
 //   RUN_ID        pins the synthetic address block (0..127; default random)
 //   DURATION      accepted for symmetry; the smoke test runs one pass
+//   INSECURE_TLS  1: accept any certificate on https:// nodes (a self-signed
+//                 or test certificate); default 0, the certificate must verify
+//   EXPECT_PROTO  when set, every answer must use this protocol, as k6 names
+//                 it (HTTP/2.0 or HTTP/1.1); https:// nodes negotiate HTTP/2
+//
+// HTTPS: give https:// URLs in BASE_URL, e.g.
+//   k6 run -e BASE_URL=https://127.0.0.1:8443 -e INSECURE_TLS=1 \
+//          -e EXPECT_PROTO=HTTP/2.0 loadtest/smoke.js
 //
 // The client identity is set with X-Forwarded-For, which the gateway only
 // honours from a trusted proxy: run k6 from a host in client_ip.trusted_proxies
@@ -52,7 +60,11 @@ const MAX_WAIT = num('MAX_WAIT', 5);
 
 const unexpected = new Counter('unexpected_answers');
 
+const EXPECT_PROTO = env('EXPECT_PROTO', '');
+
 export const options = {
+  // Only when asked: a gateway with a self-signed certificate.
+  insecureSkipTLSVerify: env('INSECURE_TLS', '0') === '1',
   scenarios: {
     smoke: { executor: 'shared-iterations', vus: 1, iterations: 1, maxDuration: '2m' },
   },
@@ -81,6 +93,9 @@ export default function (data) {
 
     for (let i = 0; i < MAX_REQUESTS && limited === null; i++) {
       const res = http.get(`${base}${PATH}`, params);
+      if (EXPECT_PROTO !== '') {
+        check(res, { [`spoken over ${EXPECT_PROTO}`]: (r) => r.proto === EXPECT_PROTO }, tags);
+      }
       const k = kind(res);
       if (k === 'allowed') {
         allowed++;

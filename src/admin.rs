@@ -6,11 +6,13 @@
 //! constant time; with no token configured `/admin/*` answers 503 and says
 //! how to set one. Request bodies are read whole (they are small and capped)
 //! and parsed by hand so that every mistake gets a precise 400 message and
-//! changes nothing.
+//! changes nothing. `POST /admin/reload` and `GET /admin/config` hand over
+//! to [`crate::reload`].
 
 // Handlers answer errors with a ready HttpResponse; boxing it would only add noise.
 #![allow(clippy::result_large_err)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::header::{self, HeaderValue};
@@ -26,6 +28,7 @@ use crate::config::{parse_cidr, Config};
 use crate::front_door::Gateway;
 use crate::keys;
 use crate::redis_link::scripts;
+use crate::reload::Reloader;
 use crate::responses::json_error;
 use crate::rules::{encode_key_value, KeyKind, Subject};
 
@@ -40,6 +43,7 @@ pub struct AdminState {
     token_env: String,
     gateway: web::Data<Gateway>,
     prom: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    reloader: Arc<Reloader>,
 }
 
 impl AdminState {
@@ -47,6 +51,7 @@ impl AdminState {
         config: &Config,
         gateway: web::Data<Gateway>,
         prom: Option<metrics_exporter_prometheus::PrometheusHandle>,
+        reloader: Arc<Reloader>,
     ) -> AdminState {
         let env = config.server.admin_token_env.clone();
         // Trimmed like the presented token: a secret file's trailing
@@ -63,6 +68,7 @@ impl AdminState {
             token_env: env,
             gateway,
             prom,
+            reloader,
         }
     }
 
@@ -126,6 +132,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/admin/audit", web::get().to(audit))
         .route("/admin/stats", web::get().to(stats))
         .configure(crate::dashboard::routes)
+        .route("/admin/reload", web::post().to(reload))
+        .route("/admin/config", web::get().to(config_status))
         .default_service(web::to(|| async {
             json_error(StatusCode::NOT_FOUND, json!({"error": "not_found"}))
         }));
@@ -370,7 +378,8 @@ async fn bucket(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
     let rule_name = segment(&req, "rule");
     let raw_subject = segment(&req, "subject");
     let gw = &state.gateway;
-    let Some(rule) = gw.rules.by_name(&rule_name) else {
+    let snapshot = gw.snapshot();
+    let Some(rule) = snapshot.rules.by_name(&rule_name) else {
         return not_found(format!("no rule named `{rule_name}`"));
     };
     let subject = match &rule.key {
@@ -469,4 +478,35 @@ async fn stats(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
         "bans_active": bans_active,
         "decisions": decisions,
     }))
+}
+
+/// Re-reads the config file: 200 with what needs a restart, or 400 with
+/// the one-line problem (and nothing changed).
+async fn reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Err(r) = state.authorize(&req) {
+        return r;
+    }
+    match state.reloader.reload() {
+        Ok(done) => HttpResponse::Ok().json(json!({
+            "reloaded": true,
+            "sha256": done.sha256,
+            "restart_needed": done.restart_needed,
+        })),
+        Err(e) => json_error(
+            StatusCode::BAD_REQUEST,
+            json!({
+                "error": "invalid_config",
+                "message": e.to_string(),
+                "file": e.file,
+                "key": e.key,
+            }),
+        ),
+    }
+}
+
+async fn config_status(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Err(r) = state.authorize(&req) {
+        return r;
+    }
+    HttpResponse::Ok().json(state.reloader.status())
 }

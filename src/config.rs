@@ -7,7 +7,7 @@
 //! [`Config`] as proof that its values are sound.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use actix_web::http::header::HeaderName;
@@ -60,6 +60,19 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Name of this node in the audit log; default: host name and pid.
     pub node_id: Option<String>,
+    /// `[server.tls]`: serve HTTPS (HTTP/2 and HTTP/1.1) instead of plain HTTP/1.1.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: the certificate the front door presents. Relative paths
+/// are read from the config file's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, RSA or EC; PKCS#1 and SEC1 are read too).
+    pub key: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +84,7 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(10),
             workers: 0,
             node_id: None,
+            tls: None,
         }
     }
 }
@@ -98,7 +112,7 @@ impl std::fmt::Display for OnFailure {
 }
 
 /// `[redis]`: where the shared state lives.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     pub url: Option<String>,
@@ -134,7 +148,7 @@ impl Default for RedisConfig {
 }
 
 /// `[upstream]`: where allowed traffic goes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub urls: Vec<String>,
@@ -145,6 +159,12 @@ pub struct UpstreamConfig {
     /// Upstream connections one worker keeps at most (keep-alive pool).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Whether WebSocket upgrades are forwarded; `false` answers them 501.
+    #[serde(default = "yes")]
+    pub websocket: bool,
+    /// A WebSocket connection with no byte either way for this long is closed.
+    #[serde(default = "default_websocket_idle_timeout", with = "humantime_serde")]
+    pub websocket_idle_timeout: Duration,
 }
 
 fn default_upstream_timeout() -> Duration {
@@ -155,6 +175,12 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_max_connections() -> usize {
     1024
+}
+fn default_websocket_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn yes() -> bool {
+    true
 }
 
 /// `[client_ip]`: who is asking.
@@ -356,6 +382,11 @@ impl Config {
                 self.upstream.connect_timeout,
                 DAY,
             ),
+            (
+                "upstream.websocket_idle_timeout",
+                self.upstream.websocket_idle_timeout,
+                DAY,
+            ),
             ("ban.within", self.ban.within, TEN_YEARS),
             ("ban.duration", self.ban.duration, TEN_YEARS),
             ("ban.max_duration", self.ban.max_duration, TEN_YEARS),
@@ -414,6 +445,20 @@ impl Config {
         }
         if self.upstream.max_connections == 0 {
             return err("upstream.max_connections", "must be at least 1".into());
+        }
+        if self.upstream.websocket_idle_timeout.is_zero() {
+            return err(
+                "upstream.websocket_idle_timeout",
+                "must be greater than 0".into(),
+            );
+        }
+        if let Some(tls) = &self.server.tls {
+            if tls.cert.as_os_str().is_empty() {
+                return err("server.tls.cert", "must name a PEM certificate file".into());
+            }
+            if tls.key.as_os_str().is_empty() {
+                return err("server.tls.key", "must name a PEM private key file".into());
+            }
         }
         if self.server.admin_token_env.trim().is_empty() {
             return err(
@@ -613,7 +658,14 @@ impl Config {
     pub fn summary(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
-        let _ = writeln!(s, "listen        {} (public)", self.server.listen);
+        let scheme = match &self.server.tls {
+            Some(tls) => format!(
+                "HTTPS, HTTP/2 and HTTP/1.1, certificate {}",
+                tls.cert.display()
+            ),
+            None => "HTTP/1.1".to_string(),
+        };
+        let _ = writeln!(s, "listen        {} ({scheme})", self.server.listen);
         let _ = writeln!(
             s,
             "admin_listen  {} (admin API, /metrics, health)",
@@ -636,6 +688,18 @@ impl Config {
         };
         let _ = writeln!(s, "store         {store}");
         let _ = writeln!(s, "upstream      {}", self.upstream.urls.join(", "));
+        let _ = writeln!(
+            s,
+            "websocket     {}",
+            if self.upstream.websocket {
+                format!(
+                    "forwarded, idle timeout {}",
+                    humantime::format_duration(self.upstream.websocket_idle_timeout)
+                )
+            } else {
+                "refused with 501".to_string()
+            }
+        );
         for r in &self.rules {
             let _ = writeln!(
                 s,

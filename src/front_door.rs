@@ -8,46 +8,154 @@
 //! 5. decision - one store call per subject;
 //! 6. answer - forward (plus RateLimit headers), 429, ban status, or 503.
 //!
+//! Each request reads one [`Snapshot`] of what a reload can change (rules,
+//! trusted proxies, ban status, upstreams) when it starts, and uses it to
+//! the end, so a reload never mixes two configurations within a request.
+//!
 //! It holds the per-request logic only; the listeners and background tasks
 //! that serve it are wired up by the `server` module, and the answers' shapes
 //! live in [`crate::responses`].
 
+use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
+use arc_swap::ArcSwap;
 
 use crate::bans::Bans;
 use crate::client_ip::{ClientIpResolver, ClientKey};
+use crate::config::{Config, UpstreamConfig};
 use crate::limiter::{BanMade, Decision, Limiter, RateInfo};
 use crate::metrics::GatewayMetrics;
-use crate::proxy::Upstream;
+use crate::proxy::{websocket, Upstream};
 use crate::responses;
 use crate::rules::RuleSet;
 
-/// Everything the front door needs, shared by all workers.
-pub struct Gateway {
+/// The parts of the configuration a reload replaces, as one immutable
+/// value: a request reads it once, at its start.
+pub struct Snapshot {
     pub resolver: ClientIpResolver,
     pub rules: RuleSet,
+    pub ban_status: StatusCode,
+    /// Shared with the previous snapshot while `[upstream]` is unchanged, so
+    /// the workers keep their upstream connections across such reloads.
+    pub upstream: Arc<UpstreamConfig>,
+}
+
+impl Snapshot {
+    /// Compiles `config`; `previous` lends its upstream settings when they
+    /// are the same.
+    pub fn new(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
+        let upstream = match previous {
+            Some(p) if *p.upstream == config.upstream => p.upstream.clone(),
+            _ => Arc::new(config.upstream.clone()),
+        };
+        Snapshot {
+            resolver: ClientIpResolver::new(
+                config.client_ip.trusted_proxies.clone(),
+                config.client_ip.ipv6_prefix,
+            ),
+            rules: RuleSet::compile(&config.rules),
+            ban_status: StatusCode::from_u16(config.ban.status)
+                .unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+            upstream,
+        }
+    }
+}
+
+/// Everything the front door needs, shared by all workers.
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
     pub limiter: Arc<Limiter>,
     pub bans: Arc<Bans>,
     pub metrics: GatewayMetrics,
-    pub ban_status: StatusCode,
 }
 
-/// Phase 6 for an allowed request: stream it upstream and add the
-/// RateLimit headers of the tightest rule to the answer.
+impl Gateway {
+    pub fn new(
+        snapshot: Snapshot,
+        limiter: Arc<Limiter>,
+        bans: Arc<Bans>,
+        metrics: GatewayMetrics,
+    ) -> Gateway {
+        Gateway {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            limiter,
+            bans,
+            metrics,
+        }
+    }
+
+    /// The configuration in effect now; requests that start later may see
+    /// a newer one.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Puts `next` in effect for every request that starts from now on.
+    pub fn replace_snapshot(&self, next: Snapshot) {
+        self.snapshot.store(Arc::new(next));
+    }
+}
+
+/// One worker's upstream clients (awc clients are per thread), rebuilt
+/// when a reload changes `[upstream]`; requests in flight finish on the
+/// client they started with.
+#[derive(Default)]
+pub struct UpstreamClients {
+    current: RefCell<Option<(Arc<UpstreamConfig>, Rc<Upstream>)>>,
+}
+
+impl UpstreamClients {
+    /// The client for `config`, built on first use of these settings.
+    fn for_config(&self, config: &Arc<UpstreamConfig>) -> Rc<Upstream> {
+        let mut current = self.current.borrow_mut();
+        match &*current {
+            Some((c, up)) if Arc::ptr_eq(c, config) => up.clone(),
+            _ => {
+                let up = Rc::new(Upstream::new(config));
+                *current = Some((config.clone(), up.clone()));
+                up
+            }
+        }
+    }
+}
+
+/// Phase 6 for an allowed request: stream it upstream (or relay its
+/// WebSocket) and add the RateLimit headers of the tightest rule to the
+/// answer.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     req: HttpRequest,
     payload: web::Payload,
     up: &Upstream,
     gw: &Gateway,
+    upstream: &UpstreamConfig,
     peer: IpAddr,
     trusted: bool,
     info: Option<RateInfo<'_>>,
 ) -> HttpResponse {
+    if websocket::is_upgrade(&req) {
+        if !upstream.websocket {
+            return responses::websocket_refused();
+        }
+        return match websocket::relay(&req, payload, up, upstream, trusted, peer).await {
+            Ok(mut relayed) => {
+                if let Some(info) = &info {
+                    responses::add_rate_headers(&mut relayed.builder, info);
+                }
+                relayed.into_response()
+            }
+            Err(failure) => {
+                crate::metrics::upstream_error(failure.code());
+                responses::upstream_failure(failure.status(), failure.code())
+            }
+        };
+    }
     let started = std::time::Instant::now();
     let result = up.forward(&req, payload, trusted, peer).await;
     gw.metrics
@@ -72,39 +180,44 @@ pub async fn front_door(
     req: HttpRequest,
     payload: web::Payload,
     gw: web::Data<Gateway>,
-    up: web::Data<Upstream>,
+    clients: web::Data<UpstreamClients>,
 ) -> HttpResponse {
+    let snap = gw.snapshot();
+    let up = clients.for_config(&snap.upstream);
+    let upstream = &*snap.upstream;
     // 1. identity
     let peer = req
         .peer_addr()
         .map(|a| a.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let trusted = gw.resolver.is_trusted(peer);
-    let ip = gw.resolver.resolve_from(peer, trusted, req.headers());
-    let key = gw.resolver.key(ip);
+    let trusted = snap.resolver.is_trusted(peer);
+    let ip = snap.resolver.resolve_from(peer, trusted, req.headers());
+    let key = snap.resolver.key(ip);
 
     // 2. allowlist
     if gw.bans.cache().is_allowlisted(ip) {
         gw.metrics.allowlisted.increment(1);
-        return forward(req, payload, &up, &gw, peer, trusted, None).await;
+        return forward(req, payload, &up, &gw, upstream, peer, trusted, None).await;
     }
     // 3. ban cache
     if let Some(left) = gw.bans.cache().banned(ip, &key) {
         gw.metrics.banned.increment(1);
-        return responses::banned(gw.ban_status, left);
+        return responses::banned(snap.ban_status, left);
     }
     // 4. rules
-    let groups = match gw.rules.groups(&req, key) {
+    let groups = match snap.rules.groups(&req, key) {
         Ok(g) => g,
         Err(e) => return responses::bad_request(e.to_string()),
     };
     if groups.is_empty() {
         gw.metrics.allowed_unmatched.increment(1);
-        return forward(req, payload, &up, &gw, peer, trusted, None).await;
+        return forward(req, payload, &up, &gw, upstream, peer, trusted, None).await;
     }
     // 5. decision, 6. answer
     match gw.limiter.decide(&groups).await {
-        Decision::Allowed { info } => forward(req, payload, &up, &gw, peer, trusted, info).await,
+        Decision::Allowed { info } => {
+            forward(req, payload, &up, &gw, upstream, peer, trusted, info).await
+        }
         Decision::Limited {
             info,
             retry_after_s,
@@ -113,7 +226,7 @@ pub async fn front_door(
             remaining_ms, made, ..
         } => {
             note_ban(&gw, key, remaining_ms, made);
-            responses::banned(gw.ban_status, Duration::from_millis(remaining_ms))
+            responses::banned(snap.ban_status, Duration::from_millis(remaining_ms))
         }
         Decision::Unavailable => responses::unavailable(),
     }

@@ -5,9 +5,10 @@
 //! [`limiter`] decides (Redis or in-process), [`bans`] keeps every node's
 //! view of bans and the allowlist, [`proxy`] forwards allowed traffic, and
 //! [`responses`] is everything the gateway answers by itself. [`admin`]
-//! serves operators, and [`server`] wires them into listeners. [`dashboard`]
-//! is the operators' page on the admin listener and [`cli`] the
-//! `floodgate admin` command line.
+//! serves operators, [`reload`] applies a changed config file to the running
+//! gateway, [`tls`] serves HTTPS, and [`server`] wires them into listeners.
+//! [`dashboard`] is the operators' page on the admin listener and [`cli`]
+//! the `floodgate admin` command line.
 
 pub mod admin;
 pub mod bans;
@@ -21,6 +22,8 @@ pub mod limiter;
 pub mod metrics;
 pub mod proxy;
 pub mod redis_link;
+pub mod reload;
 pub mod responses;
 pub mod rules;
 pub mod server;
+pub mod tls;

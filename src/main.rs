@@ -46,19 +46,19 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let config = match floodgate::config::Config::load(&path) {
-        Ok(c) => c,
+    let file = match floodgate::reload::ConfigFile::read(&path) {
+        Ok(f) => f,
         Err(e) => {
             eprintln!("floodgate: invalid configuration: {e}");
             return ExitCode::from(2);
         }
     };
     if flags.check {
-        print!("{}", config.summary());
+        print!("{}", file.config.summary());
         println!("configuration OK: {}", path.display());
         return ExitCode::SUCCESS;
     }
-    match actix_web::rt::System::new().block_on(floodgate::server::run(config)) {
+    match actix_web::rt::System::new().block_on(floodgate::server::run(file)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");

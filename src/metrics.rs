@@ -17,6 +17,8 @@ pub const BANS_ACTIVE: &str = "floodgate_bans_active";
 pub const DEGRADED: &str = "floodgate_degraded";
 pub const BANS_TOTAL: &str = "floodgate_bans_total";
 pub const UPSTREAM_ERRORS: &str = "floodgate_upstream_errors_total";
+pub const CONFIG_RELOADS: &str = "floodgate_config_reloads_total";
+pub const WEBSOCKET_CONNECTIONS: &str = "floodgate_websocket_connections";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub const NO_RULE: &str = "-";
@@ -45,10 +47,20 @@ pub fn install() -> Option<PrometheusHandle> {
     );
     metrics::describe_counter!(BANS_TOTAL, "Bans made, by source");
     metrics::describe_counter!(UPSTREAM_ERRORS, "Upstream failures, by kind");
+    metrics::describe_counter!(
+        CONFIG_RELOADS,
+        "Configuration reloads, by result (ok or error)"
+    );
+    metrics::describe_gauge!(
+        WEBSOCKET_CONNECTIONS,
+        "WebSocket connections being relayed now"
+    );
     Some(handle)
 }
 
-/// The counters of one rule, one per decision.
+/// The counters of one rule, one per decision. A compiled rule carries its
+/// own, so a rule added by a reload counts from its first request, and a
+/// rule that keeps its name keeps its series.
 #[derive(Clone)]
 pub struct RuleCounters {
     pub allowed: Counter,
@@ -67,10 +79,15 @@ impl RuleCounters {
     }
 }
 
+impl std::fmt::Debug for RuleCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RuleCounters")
+    }
+}
+
 /// Handles the hot path uses, resolved once.
 #[derive(Clone)]
 pub struct GatewayMetrics {
-    pub rules: Vec<RuleCounters>,
     pub allowed_unmatched: Counter,
     pub banned: Counter,
     pub allowlisted: Counter,
@@ -83,11 +100,11 @@ pub struct GatewayMetrics {
 }
 
 impl GatewayMetrics {
-    pub fn new(rule_names: &[&str]) -> GatewayMetrics {
+    /// Resolves every handle once, after the recorder is installed.
+    pub fn resolve() -> GatewayMetrics {
         let other =
             |d: &'static str| metrics::counter!(REQUESTS, "rule" => NO_RULE, "decision" => d);
         GatewayMetrics {
-            rules: rule_names.iter().map(|n| RuleCounters::new(n)).collect(),
             allowed_unmatched: other("allowed"),
             banned: other("banned"),
             allowlisted: other("allowlisted"),
@@ -109,6 +126,16 @@ pub fn upstream_error(kind: &'static str) {
 /// Counts a ban made by `source` (`auto`, `manual`).
 pub fn ban_made(source: &'static str) {
     metrics::counter!(BANS_TOTAL, "source" => source).increment(1);
+}
+
+/// Counts a reload by its result (`ok`, `error`).
+pub fn config_reload(result: &'static str) {
+    metrics::counter!(CONFIG_RELOADS, "result" => result).increment(1);
+}
+
+/// The gauge of WebSocket connections being relayed.
+pub fn websocket_connections() -> Gauge {
+    metrics::gauge!(WEBSOCKET_CONNECTIONS)
 }
 
 /// Totals of [`REQUESTS`] by `decision`, summed over rules, and the value of

@@ -10,6 +10,13 @@
 //! header named in `Connection` are dropped in both directions;
 //! `X-Forwarded-For/Proto/Host` are set, trusting the client's own values
 //! only when the peer is a trusted proxy.
+//!
+//! An HTTP/2 request is forwarded as HTTP/1.1: its `:authority` becomes
+//! `X-Forwarded-Host` (the upstream gets its own `Host`), split `cookie`
+//! fields are joined again (RFC 9113 §8.2.3), and a body without a length
+//! goes upstream chunked. WebSocket upgrades are relayed by [`websocket`].
+
+pub mod websocket;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -20,7 +27,7 @@ use std::time::Duration;
 
 use actix_web::body::SizedStream;
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use actix_web::http::StatusCode;
+use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
 use awc::error::{ConnectError, SendRequestError};
 use bytes::Bytes;
@@ -131,6 +138,12 @@ impl Upstream {
         }
     }
 
+    /// The next upstream base URL in turn (`http://host:port`).
+    fn next_base(&self) -> &str {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.bases.len();
+        &self.bases[i]
+    }
+
     /// Forwards `req` with its body; `client_ip` is who asked, `trusted`
     /// whether the peer is a trusted proxy (its X-Forwarded-* are kept).
     pub async fn forward(
@@ -150,7 +163,15 @@ impl Upstream {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse().ok());
-        let chunked = headers.get(header::TRANSFER_ENCODING).is_some();
+        // HTTP/2 frames a body without Content-Length or Transfer-Encoding:
+        // a request that may carry one is streamed upstream chunked.
+        let h2_body = req.version() == actix_web::http::Version::HTTP_2
+            && length.is_none()
+            && !matches!(
+                *req.method(),
+                Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::TRACE
+            );
+        let chunked = headers.get(header::TRANSFER_ENCODING).is_some() || h2_body;
         let has_body = chunked || length.is_some_and(|l| l > 0);
 
         // Only a bodiless request can be tried on the next upstream: a body
@@ -177,7 +198,10 @@ impl Upstream {
                     &X_FORWARDED_HOST,
                 ],
             );
-            set_forwarded(headers, out, trusted_peer, peer);
+            set_forwarded(req, out, trusted_peer, peer);
+            if req.version() == actix_web::http::Version::HTTP_2 {
+                join_cookies(out);
+            }
             // `upstream.timeout` bounds the wait for the response head. With
             // a body, that wait starts when the upload ends: a large upload
             // may take as long as it keeps moving (a stalled client is cut
@@ -253,7 +277,27 @@ impl Upstream {
     }
 }
 
-fn set_forwarded(incoming: &HeaderMap, out: &mut HeaderMap, trusted_peer: bool, peer: IpAddr) {
+/// HTTP/2 may split `cookie` into several fields; an HTTP/1.1 upstream
+/// expects one, joined with `; `.
+fn join_cookies(out: &mut HeaderMap) {
+    if out.get_all(header::COOKIE).count() < 2 {
+        return;
+    }
+    let mut joined: Vec<u8> = Vec::new();
+    for v in out.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        out.insert(header::COOKIE, v);
+    }
+}
+
+/// Sets `X-Forwarded-For/Proto/Host` on `out` for the request `req`.
+fn set_forwarded(req: &HttpRequest, out: &mut HeaderMap, trusted_peer: bool, peer: IpAddr) {
+    let incoming = req.headers();
     // Raw bytes: a trusted chain is passed on as it came, even where a
     // client wrote bytes that are not text on its left.
     let mut xff: Vec<u8> = Vec::new();
@@ -280,11 +324,24 @@ fn set_forwarded(incoming: &HeaderMap, out: &mut HeaderMap, trusted_peer: bool, 
             None
         }
     };
+    let scheme = if req.app_config().secure() {
+        "https"
+    } else {
+        "http"
+    };
     out.insert(
         X_FORWARDED_PROTO.clone(),
-        keep(&X_FORWARDED_PROTO).unwrap_or_else(|| HeaderValue::from_static("http")),
+        keep(&X_FORWARDED_PROTO).unwrap_or_else(|| HeaderValue::from_static(scheme)),
     );
-    if let Some(host) = keep(&X_FORWARDED_HOST).or_else(|| incoming.get(header::HOST).cloned()) {
+    // HTTP/2 names the host in `:authority`, which actix keeps in the URI.
+    let host = keep(&X_FORWARDED_HOST)
+        .or_else(|| incoming.get(header::HOST).cloned())
+        .or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+    if let Some(host) = host {
         out.insert(X_FORWARDED_HOST.clone(), host);
     }
 }

@@ -87,3 +87,11 @@ pub fn bad_request(message: String) -> HttpResponse {
 pub fn upstream_failure(status: StatusCode, code: &str) -> HttpResponse {
     json_error(status, json!({"error": code}))
 }
+
+/// A WebSocket upgrade while `upstream.websocket = false`.
+pub fn websocket_refused() -> HttpResponse {
+    json_error(
+        StatusCode::NOT_IMPLEMENTED,
+        json!({"error": "websocket_disabled", "message": "WebSocket upgrades are turned off on this gateway (upstream.websocket = false)"}),
+    )
+}

@@ -15,6 +15,7 @@ use actix_web::HttpRequest;
 use crate::client_ip::ClientKey;
 pub use crate::config::KeyKind;
 use crate::config::RuleConfig;
+use crate::metrics::RuleCounters;
 
 /// Header values longer than this cannot be a rate-limit key: the request is
 /// refused with 400 rather than the key being truncated into collisions.
@@ -49,8 +50,6 @@ impl BucketSpec {
 /// A compiled rule.
 #[derive(Debug)]
 pub struct Rule {
-    /// Position in the config; indexes per-rule metric handles.
-    pub index: usize,
     pub name: Arc<str>,
     pub key: KeyKind,
     pub bucket: BucketSpec,
@@ -62,15 +61,16 @@ pub struct Rule {
     pub policy_header: HeaderValue,
     /// Idle TTL of this rule's subject state (see [`RuleSet::ttl_ms`]).
     pub subject_ttl_ms: u64,
+    /// `floodgate_requests_total` of this rule, one handle per decision.
+    pub counters: RuleCounters,
 }
 
 impl Rule {
-    fn compile(index: usize, c: &RuleConfig) -> Rule {
+    fn compile(c: &RuleConfig) -> Rule {
         let bucket = BucketSpec::new(c.rate, c.per, c.burst, c.cost);
         let window = ceil_secs(bucket.capacity_us()).max(1);
         let policy = format!("\"{}\";q={};w={}", c.name, c.burst, window);
         Rule {
-            index,
             name: Arc::from(c.name.as_str()),
             key: KeyKind::parse(&c.key).unwrap_or(KeyKind::Ip),
             bucket,
@@ -85,6 +85,7 @@ impl Rule {
             policy_header: HeaderValue::from_str(&policy)
                 .unwrap_or_else(|_| HeaderValue::from_static("")),
             subject_ttl_ms: 0,
+            counters: RuleCounters::new(&c.name),
         }
     }
 
@@ -240,11 +241,7 @@ pub struct RuleSet {
 impl RuleSet {
     pub fn compile(configs: &[RuleConfig]) -> RuleSet {
         let mut set = RuleSet {
-            rules: configs
-                .iter()
-                .enumerate()
-                .map(|(i, c)| Rule::compile(i, c))
-                .collect(),
+            rules: configs.iter().map(Rule::compile).collect(),
         };
         // Each rule carries its subject kind's idle TTL, so requests never
         // recompute it.

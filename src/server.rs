@@ -5,19 +5,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpServer};
 
 use crate::admin::{self, AdminState};
 use crate::bans::{BanCache, Bans};
-use crate::client_ip::ClientIpResolver;
 use crate::config::Config;
-use crate::front_door::{self, Gateway};
+use crate::front_door::{self, Gateway, Snapshot, UpstreamClients};
 use crate::limiter::{BanParams, Breaker, Limiter, LocalStore, RedisStore};
 use crate::metrics::GatewayMetrics;
-use crate::proxy::Upstream;
 use crate::redis_link::RedisLink;
-use crate::rules::RuleSet;
+use crate::reload::{self, ConfigFile, Reloader};
+use crate::tls::{self, ServedCertificate};
 
 /// Subjects the in-process store tracks at most (bounded memory).
 const LOCAL_MAX_SUBJECTS: usize = 1_000_000;
@@ -31,12 +29,11 @@ fn node_id(config: &Config) -> String {
     })
 }
 
-/// Runs the gateway until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> std::io::Result<()> {
+/// Runs the gateway until SIGTERM or SIGINT; SIGHUP reloads `file`.
+pub async fn run(file: ConfigFile) -> std::io::Result<()> {
+    let config = &file.config;
     let prom = crate::metrics::install();
-    let rules = RuleSet::compile(&config.rules);
-    let names: Vec<&str> = rules.rules().iter().map(|r| &*r.name).collect();
-    let metrics = GatewayMetrics::new(&names);
+    let metrics = GatewayMetrics::resolve();
     let params = BanParams::from_config(&config.ban);
     let local = Arc::new(LocalStore::new(
         params,
@@ -102,7 +99,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         local.clone(),
         prefix,
         params,
-        node_id(&config),
+        node_id(config),
         config.ban.audit_max_len,
         config.client_ip.ipv6_prefix,
     ));
@@ -112,21 +109,21 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         }
     }
 
-    let gateway = web::Data::new(Gateway {
-        resolver: ClientIpResolver::new(
-            config.client_ip.trusted_proxies.clone(),
-            config.client_ip.ipv6_prefix,
-        ),
-        rules,
-        limiter: limiter.clone(),
-        bans: bans.clone(),
+    let gateway = web::Data::new(Gateway::new(
+        Snapshot::new(config, None),
+        limiter.clone(),
+        bans.clone(),
         metrics,
-        ban_status: StatusCode::from_u16(config.ban.status)
-            .unwrap_or(StatusCode::TOO_MANY_REQUESTS),
-    });
+    ));
+    let served = file
+        .certificate
+        .clone()
+        .map(|c| Arc::new(ServedCertificate::new(c)));
+    let reloader = Arc::new(Reloader::new(&file, gateway.clone(), served.clone()));
+    reload::reload_on_hangup(reloader.clone());
 
     spawn_background(
-        &config,
+        config,
         link.clone(),
         limiter.clone(),
         bans.clone(),
@@ -134,7 +131,6 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         prom.clone(),
     );
 
-    let upstream_config = config.upstream.clone();
     let workers = if config.server.workers == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -147,7 +143,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         move || {
             App::new()
                 .app_data(gateway.clone())
-                .app_data(web::Data::new(Upstream::new(&upstream_config)))
+                .app_data(web::Data::new(UpstreamClients::default()))
                 .default_service(web::to(front_door::front_door))
         }
     })
@@ -155,8 +151,13 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     .backlog(4096)
     .max_connections(100_000)
     .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1))
-    .disable_signals()
-    .bind(config.server.listen)
+    .disable_signals();
+    let public = match &served {
+        Some(served) => {
+            public.bind_rustls_0_23(config.server.listen, tls::server_config(served.clone())?)
+        }
+        None => public.bind(config.server.listen),
+    }
     .map_err(|e| {
         std::io::Error::new(
             e.kind(),
@@ -174,7 +175,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             config.server.admin_listen
         );
     }
-    let admin_state = web::Data::new(AdminState::new(&config, gateway.clone(), prom));
+    let admin_state = web::Data::new(AdminState::new(config, gateway.clone(), prom, reloader));
     let admin_server = HttpServer::new(move || {
         App::new()
             .app_data(admin_state.clone())
@@ -202,9 +203,14 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         let _ = futures_util::future::join(public_handle.stop(true), admin_handle.stop(true)).await;
     });
     log::info!(
-        "floodgate {} listening on {} (admin on {})",
+        "floodgate {} listening on {} ({}; admin on {})",
         env!("CARGO_PKG_VERSION"),
         config.server.listen,
+        if served.is_some() {
+            "HTTPS, HTTP/2 and HTTP/1.1"
+        } else {
+            "HTTP/1.1"
+        },
         config.server.admin_listen
     );
     let (a, b) = futures_util::future::join(public, admin_server).await;

@@ -29,7 +29,8 @@ struct Entry {
 pub struct BanCache {
     keys: RwLock<HashMap<ClientKey, Entry>>,
     cidrs: RwLock<Vec<(IpNet, Entry)>>,
-    config_allow: Vec<IpNet>,
+    /// The config file's allowlist; a reload replaces it.
+    config_allow: ArcSwap<Vec<IpNet>>,
     runtime_allow: ArcSwap<Vec<IpNet>>,
     gauge: metrics::Gauge,
     /// Change numbers, so that a reconcile never undoes a newer change.
@@ -45,7 +46,7 @@ impl BanCache {
         BanCache {
             keys: RwLock::new(HashMap::new()),
             cidrs: RwLock::new(Vec::new()),
-            config_allow,
+            config_allow: ArcSwap::from_pointee(config_allow),
             runtime_allow: ArcSwap::from_pointee(Vec::new()),
             gauge,
             gen: std::sync::atomic::AtomicU64::new(0),
@@ -56,13 +57,13 @@ impl BanCache {
 
     /// Whether `ip` is on the config or the runtime allowlist.
     pub fn is_allowlisted(&self, ip: IpAddr) -> bool {
-        self.config_allow.iter().any(|n| n.contains(&ip))
+        self.config_allow.load().iter().any(|n| n.contains(&ip))
             || self.runtime_allow.load().iter().any(|n| n.contains(&ip))
     }
 
     /// Whether one allowlist entry contains the whole of `net`.
     pub fn allowlist_covers(&self, net: &IpNet) -> bool {
-        self.config_allow.iter().any(|n| n.contains(net))
+        self.config_allow.load().iter().any(|n| n.contains(net))
             || self.runtime_allow.load().iter().any(|n| n.contains(net))
     }
 
@@ -272,8 +273,13 @@ impl BanCache {
         (**self.runtime_allow.load()).clone()
     }
 
-    pub fn config_allowlist(&self) -> &[IpNet] {
-        &self.config_allow
+    pub fn config_allowlist(&self) -> Arc<Vec<IpNet>> {
+        self.config_allow.load_full()
+    }
+
+    /// Replaces the config file's allowlist (a reload); the runtime one stays.
+    pub fn set_config_allowlist(&self, nets: Vec<IpNet>) {
+        self.config_allow.store(Arc::new(nets));
     }
 
     /// Drops expired entries.

@@ -145,7 +145,8 @@ pub struct Bans {
     link: Option<Arc<RedisLink>>,
     local: Arc<LocalStore>,
     prefix: String,
-    params: BanParams,
+    /// Escalation settings; a reload replaces them.
+    params: arc_swap::ArcSwap<BanParams>,
     node: String,
     audit_max_len: u64,
     ipv6_prefix: u8,
@@ -172,7 +173,7 @@ impl Bans {
             link,
             local,
             prefix,
-            params,
+            params: arc_swap::ArcSwap::from_pointee(params),
             node,
             audit_max_len,
             ipv6_prefix,
@@ -192,6 +193,11 @@ impl Bans {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// Applies new escalation settings (a reload) to the bans made after it.
+    pub fn set_params(&self, params: BanParams) {
+        self.params.store(Arc::new(params));
     }
 }
 

@@ -112,7 +112,7 @@ impl Bans {
                         |c| {
                             c.arg(dur_ms)
                                 .arg(reason)
-                                .arg(self.params.memory_ms)
+                                .arg(self.params.load().memory_ms)
                                 .arg(source)
                                 .arg(strikes)
                                 .arg(if keep_longer { "1" } else { "0" });

@@ -18,6 +18,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
+
 use super::{BanParams, BucketReply, BucketState, Mode, Status, SubjectCall, SubjectReply};
 
 const SHARDS: usize = 32;
@@ -70,7 +72,8 @@ pub struct LocalBan {
 /// The in-process decision store.
 pub struct LocalStore {
     shards: Vec<Mutex<HashMap<String, SubjectState>>>,
-    ban: BanParams,
+    /// Escalation settings; a reload replaces them.
+    ban: ArcSwap<BanParams>,
     per_shard: usize,
     /// Bans made while Redis was unavailable, to write back when it returns
     /// (kept only when there is a Redis to write them to; capped).
@@ -87,7 +90,7 @@ impl LocalStore {
     pub fn new(ban: BanParams, max_subjects: usize, remember_bans: bool) -> LocalStore {
         LocalStore {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            ban,
+            ban: ArcSwap::from_pointee(ban),
             per_shard: (max_subjects / SHARDS).max(16),
             made: Mutex::new(std::collections::VecDeque::new()),
             remember_bans,
@@ -103,8 +106,14 @@ impl LocalStore {
         &self.shards[(h % SHARDS as u64) as usize]
     }
 
+    /// Applies new escalation settings (a reload) to the decisions after it.
+    pub fn set_ban_params(&self, ban: BanParams) {
+        self.ban.store(Arc::new(ban));
+    }
+
     /// Decides one subject, exactly as `lua/decide.lua` does.
     pub fn decide(&self, call: &SubjectCall<'_>) -> SubjectReply {
+        let ban = **self.ban.load();
         let mut shard = self
             .shard(call.tag)
             .lock()
@@ -210,7 +219,7 @@ impl LocalStore {
             }
             // Never cut short an open violation window (as the script).
             let window_end = match s.window {
-                Some((vs, _)) if call.bannable && self.ban.after > 0 => vs + self.ban.within_ms,
+                Some((vs, _)) if call.bannable && ban.after > 0 => vs + ban.within_ms,
                 _ => 0,
             };
             s.state_expires_ms = (now_ms + ttl).max(window_end);
@@ -241,31 +250,31 @@ impl LocalStore {
         };
 
         reply.status = Status::Limited;
-        if !call.bannable || self.ban.after == 0 {
+        if !call.bannable || ban.after == 0 {
             reply.buckets = buckets;
             return reply;
         }
         let (mut vs, mut vc) = s.window.unwrap_or((now_ms, 0));
-        if s.window.is_none() || now_ms.saturating_sub(vs) >= self.ban.within_ms {
+        if s.window.is_none() || now_ms.saturating_sub(vs) >= ban.within_ms {
             vs = now_ms;
             vc = 0;
         }
         vc += 1;
-        if vc < self.ban.after {
+        if vc < ban.after {
             s.window = Some((vs, vc));
-            let keep = (vs + self.ban.within_ms).saturating_sub(now_ms).max(ttl);
+            let keep = (vs + ban.within_ms).saturating_sub(now_ms).max(ttl);
             s.state_expires_ms = now_ms + keep;
             reply.buckets = buckets;
             return reply;
         }
         s.strikes += 1;
-        let dur = self.ban.duration_for(s.strikes);
+        let dur = ban.duration_for(s.strikes);
         s.ban_until_ms = now_ms + dur;
         s.reason = format!("rule {refused_rule}");
         s.source = "auto";
         s.ban_at_ms = now_ms;
         s.ban_dur_ms = dur;
-        s.ban_expires_ms = now_ms + dur + self.ban.memory_ms;
+        s.ban_expires_ms = now_ms + dur + ban.memory_ms;
         s.window = None;
         if self.remember_bans {
             let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
@@ -291,6 +300,7 @@ impl LocalStore {
 
     /// An operator's ban (no-Redis mode), keeping the strike count.
     pub fn ban(&self, tag: &str, dur_ms: u64, reason: &str, source: &'static str) -> LocalBan {
+        let ban = **self.ban.load();
         let now_ms = wall_clock_us() / 1000;
         let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
         let s = shard.entry(tag.to_string()).or_default();
@@ -300,7 +310,7 @@ impl LocalStore {
         s.source = source;
         s.ban_at_ms = now_ms;
         s.ban_dur_ms = dur_ms;
-        s.ban_expires_ms = now_ms + dur_ms + self.ban.memory_ms;
+        s.ban_expires_ms = now_ms + dur_ms + ban.memory_ms;
         LocalBan {
             tag: tag.to_string(),
             until_ms: s.ban_until_ms,

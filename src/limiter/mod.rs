@@ -207,6 +207,14 @@ impl Limiter {
         &self.breaker
     }
 
+    /// Applies new escalation settings (a reload) to both stores.
+    pub fn set_ban_params(&self, ban: BanParams) {
+        if let Some(redis) = &self.redis {
+            redis.set_ban_params(ban);
+        }
+        self.local.set_ban_params(ban);
+    }
+
     /// Decides a request whose matching rules are `groups`, and counts the
     /// outcome per rule in the metrics.
     pub async fn decide<'r>(&self, groups: &[SubjectGroup<'r>]) -> Decision<'r> {
@@ -232,9 +240,7 @@ impl Limiter {
             match self.on_failure {
                 OnFailure::Allow => {
                     for rule in groups.iter().flat_map(|g| g.rules.iter()) {
-                        if let Some(c) = self.metrics.rules.get(rule.index) {
-                            c.allowed.increment(1);
-                        }
+                        rule.counters.allowed.increment(1);
                     }
                     return Decision::Allowed { info: None };
                 }
@@ -301,9 +307,7 @@ async fn run<'r, S: DecisionStore>(
                         "a refusal without a refusing bucket",
                     )));
                 };
-                if let Some(c) = metrics.rules.get(rule.index) {
-                    c.limited.increment(1);
-                }
+                rule.counters.limited.increment(1);
                 // Only a refusal by the client's own (IP-keyed) rules counts
                 // towards its ban: a full global or shared-key bucket is not
                 // this client's offence.
@@ -327,13 +331,11 @@ async fn run<'r, S: DecisionStore>(
     let mut best: Option<RateInfo<'r>> = None;
     for ((g, reply), tag) in groups.iter().zip(&replies).zip(tags) {
         for (rule, b) in g.rules.iter().zip(&reply.buckets) {
-            if let Some(c) = metrics.rules.get(rule.index) {
-                if b.state == BucketState::ShadowRefusing {
-                    c.shadow_limited.increment(1);
-                    log::info!("shadow rule {} would limit {}", rule.name, tag);
-                } else {
-                    c.allowed.increment(1);
-                }
+            if b.state == BucketState::ShadowRefusing {
+                rule.counters.shadow_limited.increment(1);
+                log::info!("shadow rule {} would limit {}", rule.name, tag);
+            } else {
+                rule.counters.allowed.increment(1);
             }
             if rule.shadow {
                 continue;

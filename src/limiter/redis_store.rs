@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use redis::Value;
 
 use super::{
@@ -14,28 +15,45 @@ use crate::redis_link::{scripts, RedisFailure, RedisLink};
 pub struct RedisStore {
     link: Arc<RedisLink>,
     prefix: String,
-    ban: BanParams,
-    /// ARGV[5..10], rendered once.
-    ban_args: [String; 6],
+    /// Escalation settings with their script arguments; a reload replaces them.
+    ban: ArcSwap<BanArgs>,
+}
+
+/// Escalation settings and ARGV[5..10] of `decide.lua`, rendered once.
+struct BanArgs {
+    params: BanParams,
+    argv: [String; 6],
+}
+
+impl BanArgs {
+    fn new(ban: BanParams) -> BanArgs {
+        BanArgs {
+            params: ban,
+            argv: [
+                ban.after.to_string(),
+                ban.within_ms.to_string(),
+                ban.duration_ms.to_string(),
+                ban.factor.to_string(),
+                ban.max_ms.to_string(),
+                ban.memory_ms.to_string(),
+            ],
+        }
+    }
 }
 
 impl RedisStore {
     pub fn new(link: Arc<RedisLink>, ban: BanParams) -> RedisStore {
         let prefix = link.config().key_prefix.clone();
-        let ban_args = [
-            ban.after.to_string(),
-            ban.within_ms.to_string(),
-            ban.duration_ms.to_string(),
-            ban.factor.to_string(),
-            ban.max_ms.to_string(),
-            ban.memory_ms.to_string(),
-        ];
         RedisStore {
             link,
             prefix,
-            ban,
-            ban_args,
+            ban: ArcSwap::from_pointee(BanArgs::new(ban)),
         }
+    }
+
+    /// Applies new escalation settings (a reload) to the calls after it.
+    pub fn set_ban_params(&self, ban: BanParams) {
+        self.ban.store(Arc::new(BanArgs::new(ban)));
     }
 
     pub fn link(&self) -> &Arc<RedisLink> {
@@ -46,8 +64,8 @@ impl RedisStore {
         &self.prefix
     }
 
-    pub fn ban_params(&self) -> &BanParams {
-        &self.ban
+    pub fn ban_params(&self) -> BanParams {
+        self.ban.load().params
     }
 
     async fn call(&self, call: &SubjectCall<'_>) -> Result<SubjectReply, RedisFailure> {
@@ -61,6 +79,7 @@ impl RedisStore {
                 refund_mode.as_str()
             }
         };
+        let ban_args = self.ban.load();
         let value = self
             .link
             .eval(
@@ -74,7 +93,7 @@ impl RedisStore {
                     cmd.arg(mode)
                         .arg(call.ttl_ms)
                         .arg(if call.bannable { "1" } else { "0" })
-                        .arg(&self.ban_args[..]);
+                        .arg(&ban_args.argv[..]);
                     for rule in call.rules {
                         let b = rule.bucket;
                         cmd.arg(&*rule.name)

@@ -611,6 +611,40 @@ impl Gateway {
         panic!("gateway did not start:\n{}", self.log());
     }
 
+    /// The config file the gateway was started with (and reloads).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("floodgate.toml")
+    }
+
+    /// Replaces the config file in one step (write, then rename), as an
+    /// operator's deploy tool would; a restart reads it too.
+    pub fn write_config(&mut self, text: &str) {
+        let tmp = self.dir.path().join("floodgate.toml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.config_path()).unwrap();
+        self.config = text.to_string();
+    }
+
+    /// The config text last written.
+    pub fn config_text(&self) -> &str {
+        &self.config
+    }
+
+    /// `SIGHUP`: reload the config file.
+    pub fn hangup(&self) {
+        signal(self.pid(), "HUP");
+    }
+
+    /// The value of one series from /metrics, written exactly as rendered
+    /// (e.g. `floodgate_config_reloads_total{result="ok"}`); 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = call("GET", &self.admin_url("/metrics"), &[], None).body;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("stderr.log")
     }
@@ -807,4 +841,55 @@ pub fn canned_upstream(response: &'static str) -> u16 {
         }
     });
     port
+}
+
+// ---------------------------------------------------------------- certificates
+
+/// A certificate authority made for one test, and the server certificates
+/// it issues (for `localhost` and `127.0.0.1`).
+pub struct TestCa {
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+    /// The CA certificate, PEM: what clients trust.
+    pub pem: String,
+}
+
+/// A server certificate and its key, PEM, plus the certificate's DER (what
+/// a client sees in the handshake).
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: Vec<u8>,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "floodgate test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        TestCa { params, key, pem }
+    }
+
+    /// A server certificate with common name `name` and serial `serial`.
+    pub fn issue(&self, name: &str, serial: u64) -> Issued {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        }
+    }
 }
