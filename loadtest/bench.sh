@@ -504,7 +504,7 @@ for conns in $CONNS; do
             -v tck="$(getconf CLK_TCK)" 'BEGIN {
             f = (reqs > 0) ? 1000000 / tck / reqs : 0
             printf "| %s | %.1f | %.1f | %.1f | %.1f | %.1f | %s |\n", s, p * f, r * f, u * f, w * f, (p + r + u + w) * f,
-                (calls > 0 ? sprintf("%.1f", r * 1000000 / tck / calls) : "–")
+                (calls > reqs / 100 ? sprintf("%.1f", r * 1000000 / tck / calls) : "–")
         }'
     done
 done

@@ -14,6 +14,7 @@
 //! repeated from memory until then.
 
 mod breaker;
+mod coalesce;
 pub mod deny_cache;
 pub mod local;
 mod redis_store;

@@ -1,14 +1,16 @@
-//! The Redis store: `lua/decide.lua` over the shared connection.
+//! The Redis store: `lua/decide.lua` over the shared connection, through
+//! the worker's [`Coalescer`] on a standalone Redis.
 
 use std::sync::Arc;
 
 use redis::Value;
 
+use super::coalesce::{Coalescer, DecideCall};
 use super::{
     BanParams, BucketReply, BucketState, DecisionStore, Mode, Status, SubjectCall, SubjectReply,
 };
 use crate::keys;
-use crate::redis_link::{scripts, RedisFailure, RedisLink};
+use crate::redis_link::{RedisFailure, RedisLink};
 
 /// Decides subjects with one EVALSHA each.
 pub struct RedisStore {
@@ -17,6 +19,8 @@ pub struct RedisStore {
     ban: BanParams,
     /// ARGV[5..10], rendered once.
     ban_args: [String; 6],
+    /// Batches concurrent decisions (standalone Redis with `redis.coalesce`).
+    coalescer: Option<Coalescer>,
 }
 
 impl RedisStore {
@@ -30,11 +34,14 @@ impl RedisStore {
             ban.max_ms.to_string(),
             ban.memory_ms.to_string(),
         ];
+        let coalescer =
+            (link.config().coalesce && !link.is_cluster()).then(|| Coalescer::new(link.clone()));
         RedisStore {
             link,
             prefix,
             ban,
             ban_args,
+            coalescer,
         }
     }
 
@@ -50,43 +57,41 @@ impl RedisStore {
         &self.ban
     }
 
+    /// One subject's keys and `decide.lua` arguments, rendered once so that
+    /// the call can wait in a batch without borrowing from the request.
+    fn render(&self, call: &SubjectCall<'_>) -> DecideCall {
+        let mut args = Vec::with_capacity(10 + call.rules.len() * 5);
+        args.push(call.now_us.map(|t| t.to_string()).unwrap_or_default());
+        args.push(match call.mode {
+            Mode::Decide => "d".to_string(),
+            Mode::Refund { rule } => format!("r:{rule}"),
+        });
+        args.push(call.ttl_ms.to_string());
+        args.push(if call.bannable { "1" } else { "0" }.to_string());
+        args.extend(self.ban_args.iter().cloned());
+        for rule in call.rules {
+            let b = rule.bucket;
+            args.push(rule.name.to_string());
+            args.push(b.interval_us.to_string());
+            args.push(b.burst.to_string());
+            args.push(b.cost.to_string());
+            args.push(if rule.shadow { "1" } else { "0" }.to_string());
+        }
+        DecideCall {
+            keys: vec![
+                keys::state(&self.prefix, call.tag),
+                keys::ban(&self.prefix, call.tag),
+            ],
+            args,
+        }
+    }
+
     async fn call(&self, call: &SubjectCall<'_>) -> Result<SubjectReply, RedisFailure> {
-        let state = keys::state(&self.prefix, call.tag);
-        let ban = keys::ban(&self.prefix, call.tag);
-        let refund_mode;
-        let mode = match call.mode {
-            Mode::Decide => "d",
-            Mode::Refund { rule } => {
-                refund_mode = format!("r:{rule}");
-                refund_mode.as_str()
-            }
+        let rendered = self.render(call);
+        let value = match &self.coalescer {
+            Some(c) => c.decide(rendered).await?,
+            None => rendered.send(&self.link).await?,
         };
-        let value = self
-            .link
-            .eval(
-                &scripts::DECIDE,
-                &[&state, &ban],
-                |cmd| {
-                    match call.now_us {
-                        Some(t) => cmd.arg(t),
-                        None => cmd.arg(""),
-                    };
-                    cmd.arg(mode)
-                        .arg(call.ttl_ms)
-                        .arg(if call.bannable { "1" } else { "0" })
-                        .arg(&self.ban_args[..]);
-                    for rule in call.rules {
-                        let b = rule.bucket;
-                        cmd.arg(&*rule.name)
-                            .arg(b.interval_us)
-                            .arg(b.burst)
-                            .arg(b.cost)
-                            .arg(if rule.shadow { "1" } else { "0" });
-                    }
-                },
-                self.link.config().timeout,
-            )
-            .await?;
         parse_reply(&value).ok_or_else(|| {
             RedisFailure::Redis(redis::RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
