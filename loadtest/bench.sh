@@ -13,6 +13,11 @@
 #                 as the connection count: the reference for the ratios
 #   limit_req     the same nginx plus limit_req (nginx's local limiter), set
 #                 so high that it never refuses
+#   peer          the classic OpenResty-style distributed limiter: nginx +
+#                 Lua, one EVALSHA of a GCRA bucket in the same Redis per
+#                 request, never refusing (../shared/bench/peer_openresty.sh,
+#                 or $PEER_SCRIPT)
+#   fg-norules    floodgate with no rules: forwarding only
 #   fg-1rule      floodgate, one Redis-backed rule that never refuses
 #   fg-3rules     floodgate, three never-refusing rules on one subject (ip)
 #   fg-banned     floodgate answering a client banned beforehand through the
@@ -24,16 +29,20 @@
 # latency, each with its ratio to proxy_pass; Redis commands per request
 # (INFO commandstats calls, delta over the scenario's rounds / requests
 # completed); non-2xx answers (0 unless refusing is the point); and the
-# floodgate process's peak resident memory (VmHWM) so far.
+# floodgate process's peak resident memory (VmHWM) so far. A second table
+# gives the CPU time per request of every process in the same rounds: the
+# proxy under test, Redis, the upstream and the load generator (wrk), in
+# microseconds (from /proc/PID/stat, 10 ms ticks, over whole rounds). Last
+# come the verdicts of the performance targets (docs/performance.md).
 #
 # Environment:
 #   ROUNDS    rounds per connection count (default 3)
-#   DURATION  one wrk run (default 10s)
+#   DURATION  one wrk run (default 8s)
 #   THREADS   wrk threads (default 2)
 #   CONNS     connection counts, space-separated (default "64 256")
 #   WARMUP    unmeasured wrk run per scenario before the rounds (default 1s;
 #             0 skips it)
-# With the defaults the whole run takes about 7 minutes.
+# With the defaults the whole run takes about 9 minutes.
 #
 # `bench.sh memory`: 100 000 distinct clients for 60 s against one floodgate
 # (wrk with a Lua script setting X-Forwarded-For from a counter mod 100000)
@@ -43,7 +52,8 @@
 #   MEM_MAX_GROWTH  fail when RSS grows more than this many percent from the
 #                 middle of the run to its end (default 25)
 #
-# Needs nginx and wrk (installed with apt-get when missing), redis-server.
+# Needs nginx, wrk, GNU time, and for the peer the nginx Lua module and its
+# Redis client (all installed with apt-get when missing), redis-server.
 # All traffic stays on 127.0.0.1; everything started is stopped on exit.
 
 # Ports are assigned through lt_free_port's printf -v, which shellcheck cannot follow.
@@ -65,15 +75,16 @@ case "$mode" in
 esac
 
 ROUNDS="${ROUNDS:-3}"
-DURATION="${DURATION:-10s}"
+DURATION="${DURATION:-8s}"
 THREADS="${THREADS:-2}"
 CONNS="${CONNS:-64 256}"
 WARMUP="${WARMUP:-1s}"
 ADMIN_TOKEN="${FLOODGATE_ADMIN_TOKEN:-bench-admin-token}"
 
-lt_ensure_apt nginx:nginx-light wrk:wrk
+lt_ensure_apt nginx:nginx-light wrk:wrk /usr/bin/time:time
 lt_need nginx "apt-get install -y nginx-light"
 lt_need wrk "apt-get install -y wrk"
+PEER_SCRIPT="${PEER_SCRIPT:-$LT_ROOT/../shared/bench/peer_openresty.sh}"
 lt_need redis-server "apt-get install -y redis-server"
 lt_init
 FLOODGATE="$(lt_floodgate_bin)"
@@ -157,6 +168,15 @@ run_wrk() {
     shift 3
     lt_run timeout --kill-after=5 $(($(lt_seconds "$dur") + 30)) \
         wrk -t "$THREADS" -c "$conns" -d "$dur" --timeout 5s --latency "$@" "$url"
+}
+
+# run_wrk_timed CONNS DURATION URL: run_wrk, then wrk's own CPU seconds
+# (user + system, from GNU time) on the last line of the output.
+run_wrk_timed() {
+    local conns="$1" dur="$2" url="$3"
+    lt_run timeout --kill-after=5 $(($(lt_seconds "$dur") + 30)) \
+        /usr/bin/time -f "wrk-cpu %U %S" \
+        wrk -t "$THREADS" -c "$conns" -d "$dur" --timeout 5s --latency "$url" 2>&1
 }
 
 # ============================================================== memory
@@ -288,11 +308,33 @@ proxy_conf="$(lt_nginx_conf proxy "
         }
     }")"
 lt_start_nginx proxy "$proxy_conf"
+proxy_nginx_pid="$LT_LAST_PID"
 lt_wait_for 10 "nginx proxy_pass" curl -fsS -o /dev/null "http://127.0.0.1:$proxy_port/"
 lt_wait_for 10 "nginx limit_req" curl -fsS -o /dev/null "http://127.0.0.1:$limit_port/"
 
-# Three floodgates, each with its own key prefix so that the ban of the
-# third touches neither of the others.
+# The OpenResty-style peer, on the same Redis and upstream.
+[[ -x "$PEER_SCRIPT" || -r "$PEER_SCRIPT" ]] || lt_die "the peer script is missing: $PEER_SCRIPT (set PEER_SCRIPT)"
+if [[ ! -e /usr/lib/nginx/modules/ngx_http_lua_module.so || ! -e /usr/share/lua/5.1/nginx/redis.lua ]]; then
+    lt_log "installing libnginx-mod-http-lua lua-nginx-redis (the peer)"
+    apt-get install -y libnginx-mod-http-lua lua-nginx-redis >/dev/null 2>&1 ||
+        { apt-get update >/dev/null 2>&1 || true; apt-get install -y libnginx-mod-http-lua lua-nginx-redis >/dev/null; } ||
+        lt_die "apt-get install libnginx-mod-http-lua lua-nginx-redis failed"
+fi
+lt_free_port peer_port
+mkdir -p "$LT_DIR/peer"
+UPSTREAM_URL="http://127.0.0.1:$UPSTREAM_PORT" REDIS_PORT="$REDIS_PORT" GATEWAY_PORT="$peer_port" \
+    GATEWAY_WORKDIR="$LT_DIR/peer" bash "$PEER_SCRIPT" >"$LT_DIR/peer/stdout.log" 2>&1 &
+peer_pid=$!
+LT_PIDS+=("$peer_pid")
+lt_wait_for 10 "the OpenResty peer" curl -fsS -o /dev/null "http://127.0.0.1:$peer_port/"
+
+# Four floodgates, each with its own key prefix so that the ban of the
+# fourth touches none of the others.
+lt_free_port fg0_port
+lt_free_port fg0_admin
+lt_start_gateway fg-norules "$(fg_config norules "$fg0_port" "$fg0_admin" "b0:" "")" "$fg0_admin"
+fg0_pid="$LT_LAST_PID"
+
 lt_free_port fg1_port
 lt_free_port fg1_admin
 lt_start_gateway fg-1rule "$(fg_config 1rule "$fg1_port" "$fg1_admin" "b1:" \
@@ -318,21 +360,28 @@ status=$(curl -sS -o "$LT_DIR/ban.json" -w '%{http_code}' -X POST \
 [[ "$status" == 201 ]] || lt_die "POST /admin/bans answered $status: $(cat "$LT_DIR/ban.json")"
 lt_wait_for 5 "the ban to apply" bash -c \
     "[[ \$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$fgb_port/) == 429 ]]"
-for p in "$fg1_port" "$fg3_port"; do
+for p in "$fg0_port" "$fg1_port" "$fg3_port" "$peer_port"; do
     code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$p/")
     [[ "$code" == 200 ]] || lt_die "floodgate on :$p answers $code, expected 200"
 done
 
-scenarios=(upstream proxy_pass limit_req fg-1rule fg-3rules fg-banned)
+scenarios=(upstream proxy_pass limit_req peer fg-norules fg-1rule fg-3rules fg-banned)
 declare -A url=(
     [upstream]="http://127.0.0.1:$UPSTREAM_PORT/"
     [proxy_pass]="http://127.0.0.1:$proxy_port/"
     [limit_req]="http://127.0.0.1:$limit_port/"
+    [peer]="http://127.0.0.1:$peer_port/"
+    [fg-norules]="http://127.0.0.1:$fg0_port/"
     [fg-1rule]="http://127.0.0.1:$fg1_port/"
     [fg-3rules]="http://127.0.0.1:$fg3_port/"
     [fg-banned]="http://127.0.0.1:$fgb_port/"
 )
-declare -A pid_of=([fg-1rule]="$fg1_pid" [fg-3rules]="$fg3_pid" [fg-banned]="$fgb_pid")
+declare -A pid_of=([fg-norules]="$fg0_pid" [fg-1rule]="$fg1_pid" [fg-3rules]="$fg3_pid" [fg-banned]="$fgb_pid")
+# The process that answers each scenario (nginx masters count their workers).
+declare -A proxy_pid=(
+    [upstream]="" [proxy_pass]="$proxy_nginx_pid" [limit_req]="$proxy_nginx_pid" [peer]="$peer_pid"
+    [fg-norules]="$fg0_pid" [fg-1rule]="$fg1_pid" [fg-3rules]="$fg3_pid" [fg-banned]="$fgb_pid"
+)
 
 rounds_n=$(echo "$CONNS" | wc -w)
 estimate=$(( rounds_n * ${#scenarios[@]} * (ROUNDS * ($(lt_seconds "$DURATION") + 1) + $(lt_seconds "$WARMUP")) ))
@@ -350,18 +399,26 @@ for conns in $CONNS; do
     for ((round = 1; round <= ROUNDS; round++)); do
         for s in "${scenarios[@]}"; do
             read -r calls0 total0 < <(redis_calls)
+            pcpu0=$(lt_cpu_ticks ${proxy_pid[$s]})
+            rcpu0=$(lt_cpu_ticks "$REDIS_PID")
+            ucpu0=$(lt_cpu_ticks "$UPSTREAM_PID")
             out="$LT_DIR/wrk-$conns-$round-$s.txt"
-            run_wrk "$conns" "$DURATION" "${url[$s]}" >"$out"
+            run_wrk_timed "$conns" "$DURATION" "${url[$s]}" >"$out"
+            pcpu1=$(lt_cpu_ticks ${proxy_pid[$s]})
+            rcpu1=$(lt_cpu_ticks "$REDIS_PID")
+            ucpu1=$(lt_cpu_ticks "$UPSTREAM_PID")
             read -r calls1 total1 < <(redis_calls)
             read -r rps p50 p99 reqs non2xx errs < <(wrk_parse <"$out")
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+            wcpu=$(awk '$1 == "wrk-cpu" { printf "%d", ($2 + $3) * 100 + 0.5 }' "$out")
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
                 "$conns" "$s" "$round" "$rps" "$p50" "$p99" "$reqs" \
-                "$((calls1 - calls0))" "$non2xx" "$errs" "$((total1 - total0))" >>"$results"
+                "$((calls1 - calls0))" "$non2xx" "$errs" "$((total1 - total0))" \
+                "$((pcpu1 - pcpu0))" "$((rcpu1 - rcpu0))" "$((ucpu1 - ucpu0))" "${wcpu:-0}" >>"$results"
             lt_log "c=$conns round $round $s: $rps req/s, p50 ${p50}us, p99 ${p99}us, non-2xx $non2xx"
         done
     done
     # Peak memory of each floodgate once this connection count is done.
-    for s in fg-1rule fg-3rules fg-banned; do
+    for s in fg-norules fg-1rule fg-3rules fg-banned; do
         printf '%s\t%s\n' "$conns" "$s $(lt_mem "${pid_of[$s]}" VmHWM)" >>"$LT_DIR/hwm.tsv"
     done
 done
@@ -425,3 +482,66 @@ echo "Redis calls/req: script calls the gateway sent (EVALSHA/EVAL) per complete
 echo "command INFO commandstats counted, including those the script runs inside Redis. Both are deltas over the"
 echo "scenario's own rounds divided by the requests wrk completed (requests still in flight when wrk stops add a little)."
 echo "Peak RSS is VmHWM since the process started, read after each connection count."
+
+# CPU per request, per process, over the same rounds.
+echo
+echo "## CPU time per request (µs), each process, same rounds"
+echo
+echo "CPU seconds each process used during the scenario's rounds, divided by the requests completed."
+echo "The proxy column is the process under test (nginx counts its worker); 2 CPUs are shared by all four."
+for conns in $CONNS; do
+    echo
+    echo "### $conns connections"
+    echo
+    echo "| scenario | proxy | Redis | upstream | wrk | total | Redis µs per Redis call |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    for s in "${scenarios[@]}"; do
+        reqs=$(sum_col 7 "$conns" "$s")
+        calls=$(sum_col 8 "$conns" "$s")
+        awk -v s="$s" -v reqs="$reqs" -v calls="$calls" \
+            -v p="$(sum_col 12 "$conns" "$s")" -v r="$(sum_col 13 "$conns" "$s")" \
+            -v u="$(sum_col 14 "$conns" "$s")" -v w="$(sum_col 15 "$conns" "$s")" \
+            -v tck="$(getconf CLK_TCK)" 'BEGIN {
+            f = (reqs > 0) ? 1000000 / tck / reqs : 0
+            printf "| %s | %.1f | %.1f | %.1f | %.1f | %.1f | %s |\n", s, p * f, r * f, u * f, w * f, (p + r + u + w) * f,
+                (calls > reqs / 100 ? sprintf("%.1f", r * 1000000 / tck / calls) : "–")
+        }'
+    done
+done
+
+# ------------------------------------------------------------------ verdicts
+
+# ratio A B COL CONNS -> median(A) / median(B) of that column.
+ratio() {
+    local a b
+    read -r a _ _ < <(stats "$3" "$4" "$1")
+    read -r b _ _ < <(stats "$3" "$4" "$2")
+    awk -v a="$a" -v b="$b" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'
+}
+verdict() { # verdict TEXT VALUE OP LIMIT
+    if awk -v v="$2" -v l="$4" -v op="$3" 'BEGIN { exit !((op == ">=") ? v >= l : v <= l) }'; then
+        echo "| $1 | $2 | $3 $4 | met |"
+    else
+        echo "| $1 | $2 | $3 $4 | NOT met |"
+    fi
+}
+echo
+echo "## Targets"
+echo
+echo "| target | measured | wanted | verdict |"
+echo "|---|---:|---:|---|"
+for conns in $CONNS; do
+    verdict "c=$conns fg-1rule req/s × peer" "$(ratio fg-1rule peer 4 "$conns")" ">=" 1.5
+    verdict "c=$conns fg-1rule p99 × peer p99" "$(ratio fg-1rule peer 6 "$conns")" "<=" 1.0
+    verdict "c=$conns fg-1rule req/s × proxy_pass" "$(ratio fg-1rule proxy_pass 4 "$conns")" ">=" 0.75
+    verdict "c=$conns fg-norules req/s × proxy_pass" "$(ratio fg-norules proxy_pass 4 "$conns")" ">=" 0.9
+    reqs=$(sum_col 7 "$conns" fg-1rule)
+    calls=$(sum_col 8 "$conns" fg-1rule)
+    rcpu=$(sum_col 13 "$conns" fg-1rule)
+    verdict "c=$conns fg-1rule Redis CPU µs per decided request" \
+        "$(awk -v r="$rcpu" -v n="$reqs" -v t="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", (n > 0 ? r * 1000000 / t / n : 0) }')" "<=" 8
+    verdict "c=$conns fg-1rule Redis calls per request" \
+        "$(awk -v c="$calls" -v n="$reqs" 'BEGIN { printf "%.3f", (n > 0 ? c / n : 0) }')" "<=" 1.001
+    verdict "c=$conns fg-banned Redis calls per request" \
+        "$(awk -v c="$(sum_col 8 "$conns" fg-banned)" -v n="$(sum_col 7 "$conns" fg-banned)" 'BEGIN { printf "%.3f", (n > 0 ? c / n : 0) }')" "<=" 0
+done

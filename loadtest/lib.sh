@@ -227,7 +227,7 @@ lt_start_nginx() {
     LT_PIDS+=("$LT_LAST_PID")
 }
 
-# lt_start_upstream -> sets UPSTREAM_PORT. nginx answering every request
+# lt_start_upstream -> sets UPSTREAM_PORT, UPSTREAM_PID. nginx answering every request
 # with 200 and $LT_BODY; a small python server when nginx is missing.
 lt_start_upstream() {
     lt_free_port UPSTREAM_PORT
@@ -242,6 +242,7 @@ lt_start_upstream() {
         }
     }")"
         lt_start_nginx upstream "$conf"
+        UPSTREAM_PID="$LT_LAST_PID"
     else
         lt_log "nginx not found: python upstream (slower; fine for the k6 scripts)"
         mkdir -p "$LT_DIR/upstream"
@@ -275,7 +276,8 @@ class Handler(BaseHTTPRequestHandler):
 
 ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 PY
-        LT_PIDS+=("$!")
+        UPSTREAM_PID=$!
+        LT_PIDS+=("$UPSTREAM_PID")
     fi
     lt_wait_for 10 "upstream on :$UPSTREAM_PORT" curl -fsS -o /dev/null "http://127.0.0.1:$UPSTREAM_PORT/"
 }
@@ -304,6 +306,23 @@ lt_start_gateway() {
         sleep 0.1
     done
     LT_LAST_PID="$pid"
+}
+
+# CPU time used so far by processes and their child processes (nginx
+# workers), in clock ticks (utime + stime; see CLK_TCK): lt_cpu_ticks PID...
+lt_cpu_ticks() {
+    local total=0 pid kid t
+    for pid in "$@"; do
+        [[ -r "/proc/$pid/stat" ]] || continue
+        # Fields after the ")" of the command name: utime is the 12th, stime the 13th.
+        t=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat" 2>/dev/null || echo 0)
+        total=$((total + t))
+        for kid in $(pgrep -P "$pid" 2>/dev/null); do
+            t=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$kid/stat" 2>/dev/null || echo 0)
+            total=$((total + t))
+        done
+    done
+    echo "$total"
 }
 
 # Resident memory of a process, KiB: lt_mem PID VmRSS|VmHWM

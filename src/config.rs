@@ -130,6 +130,9 @@ pub struct RedisConfig {
     /// How often Redis is probed while the breaker is open.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
+    /// Coalesce the decisions that arrive together on one worker into one
+    /// script call (standalone Redis; a Cluster decides one call each).
+    pub coalesce: bool,
 }
 
 impl Default for RedisConfig {
@@ -143,6 +146,7 @@ impl Default for RedisConfig {
             on_failure: OnFailure::Local,
             breaker_failures: 3,
             probe_interval: Duration::from_millis(500),
+            coalesce: true,
         }
     }
 }

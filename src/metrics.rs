@@ -19,6 +19,7 @@ pub const BANS_TOTAL: &str = "floodgate_bans_total";
 pub const UPSTREAM_ERRORS: &str = "floodgate_upstream_errors_total";
 pub const CONFIG_RELOADS: &str = "floodgate_config_reloads_total";
 pub const WEBSOCKET_CONNECTIONS: &str = "floodgate_websocket_connections";
+pub const DENY_CACHE_HITS: &str = "floodgate_deny_cache_hits_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub const NO_RULE: &str = "-";
@@ -54,6 +55,10 @@ pub fn install() -> Option<PrometheusHandle> {
     metrics::describe_gauge!(
         WEBSOCKET_CONNECTIONS,
         "WebSocket connections being relayed now"
+    );
+    metrics::describe_counter!(
+        DENY_CACHE_HITS,
+        "Refusals answered from the node's deny cache, with no Redis call"
     );
     Some(handle)
 }
@@ -97,6 +102,7 @@ pub struct GatewayMetrics {
     pub upstream_seconds: Histogram,
     pub degraded: Gauge,
     pub bans_active: Gauge,
+    pub deny_cache_hits: Counter,
 }
 
 impl GatewayMetrics {
@@ -114,6 +120,7 @@ impl GatewayMetrics {
             upstream_seconds: metrics::histogram!(UPSTREAM_SECONDS),
             degraded: metrics::gauge!(DEGRADED),
             bans_active: metrics::gauge!(BANS_ACTIVE),
+            deny_cache_hits: metrics::counter!(DENY_CACHE_HITS),
         }
     }
 }

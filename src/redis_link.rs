@@ -68,6 +68,14 @@ pub mod scripts {
         LazyLock::new(|| LuaScript::new(include_str!("../lua/unban.lua")));
     pub static INSPECT: LazyLock<LuaScript> =
         LazyLock::new(|| LuaScript::new(include_str!("../lua/inspect.lua")));
+    /// `decide_batch.lua` with `decide.lua` put in at its marker line, so
+    /// the batch decides each subject with the very same code. Built once
+    /// for the life of the process.
+    pub static DECIDE_BATCH: LazyLock<LuaScript> = LazyLock::new(|| {
+        let body = include_str!("../lua/decide_batch.lua")
+            .replace("-- @DECIDE@", include_str!("../lua/decide.lua"));
+        LuaScript::new(Box::leak(body.into_boxed_str()))
+    });
 }
 
 thread_local! {
@@ -149,6 +157,7 @@ impl RedisLink {
             &*scripts::BAN,
             &*scripts::UNBAN,
             &*scripts::INSPECT,
+            &*scripts::DECIDE_BATCH,
         ] {
             let load = redis::cmd("SCRIPT").arg("LOAD").arg(script.body).clone();
             // On a cluster this goes to every node and fails while one is

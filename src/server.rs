@@ -248,6 +248,7 @@ fn spawn_background(
     local: Arc<LocalStore>,
     prom: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) {
+    let sweeper = limiter.clone();
     if let Some(link) = link {
         let probe_every = link.config().probe_interval;
         {
@@ -295,6 +296,7 @@ fn spawn_background(
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
             local.sweep();
+            sweeper.deny_cache().purge(std::time::Instant::now());
             b.cache().purge();
             if let Some(p) = &prom {
                 p.run_upkeep();

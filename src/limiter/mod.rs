@@ -9,9 +9,13 @@
 //! cross-subject atomicity is by compensation, not by one transaction).
 //!
 //! The [`Limiter`] owns the choice of store: Redis while its circuit breaker
-//! is closed, otherwise `redis.on_failure` (local, allow, deny).
+//! is closed, otherwise `redis.on_failure` (local, allow, deny). In front of
+//! Redis sits the [`DenyCache`]: a refusal whose end Redis told us is
+//! repeated from memory until then.
 
 mod breaker;
+mod coalesce;
+pub mod deny_cache;
 pub mod local;
 mod redis_store;
 
@@ -20,6 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use breaker::Breaker;
+pub use deny_cache::DenyCache;
 pub use local::LocalStore;
 pub use redis_store::RedisStore;
 
@@ -169,6 +174,9 @@ pub enum Decision<'r> {
     Unavailable,
 }
 
+/// Subjects the deny cache holds at most (bounded memory).
+const DENY_CACHE_SUBJECTS: usize = 100_000;
+
 /// The decision maker: stores, breaker and failure policy.
 pub struct Limiter {
     redis: Option<RedisStore>,
@@ -176,6 +184,7 @@ pub struct Limiter {
     breaker: Arc<Breaker>,
     on_failure: OnFailure,
     metrics: GatewayMetrics,
+    deny: DenyCache,
 }
 
 impl Limiter {
@@ -192,7 +201,13 @@ impl Limiter {
             breaker,
             on_failure,
             metrics,
+            deny: DenyCache::new(DENY_CACHE_SUBJECTS),
         }
+    }
+
+    /// The refusals this node repeats without asking Redis.
+    pub fn deny_cache(&self) -> &DenyCache {
+        &self.deny
     }
 
     pub fn local(&self) -> &Arc<LocalStore> {
@@ -222,7 +237,24 @@ impl Limiter {
         if let Some(redis) = &self.redis {
             if self.breaker.is_closed() {
                 let started = Instant::now();
-                let result = run(redis, groups, &tags, &self.metrics).await;
+                if let Some(d) = self.deny.refusal(groups, &tags, started) {
+                    self.metrics.deny_cache_hits.increment(1);
+                    d.rule.counters.limited.increment(1);
+                    return Decision::Limited {
+                        info: RateInfo {
+                            rule: d.rule,
+                            remaining: 0,
+                            reset_s: ceil_secs(d.to_full.as_micros() as u64),
+                        },
+                        retry_after_s: ceil_secs(d.wait.as_micros() as u64).max(1),
+                    };
+                }
+                let deny = DenyMemory {
+                    cache: &self.deny,
+                    bans_on: redis.ban_params().after > 0,
+                    sent: started,
+                };
+                let result = run(redis, groups, &tags, &self.metrics, Some(deny)).await;
                 self.metrics
                     .redis_seconds
                     .record(started.elapsed().as_secs_f64());
@@ -251,19 +283,31 @@ impl Limiter {
                 OnFailure::Local => {}
             }
         }
-        run(self.local.as_ref(), groups, &tags, &self.metrics)
+        run(self.local.as_ref(), groups, &tags, &self.metrics, None)
             .await
             .unwrap_or(Decision::Allowed { info: None })
     }
 }
 
+/// Where `run` records refusals for the deny cache (Redis decisions only).
+struct DenyMemory<'a> {
+    cache: &'a DenyCache,
+    /// Automatic bans are on: refusals of bannable subjects must reach Redis.
+    bans_on: bool,
+    /// When the call was sent: Redis' clock read the wait at or after it, so
+    /// `sent + wait` is never later than the moment the request passes.
+    sent: Instant,
+}
+
 /// Decides every group on `store`, refunding earlier subjects when a later
-/// one refuses; counts the outcome in `metrics`.
+/// one refuses; counts the outcome in `metrics`, and remembers refusals in
+/// `deny` when given.
 async fn run<'r, S: DecisionStore>(
     store: &S,
     groups: &[SubjectGroup<'r>],
     tags: &[String],
     metrics: &GatewayMetrics,
+    deny: Option<DenyMemory<'_>>,
 ) -> Result<Decision<'r>, RedisFailure> {
     let mut replies: Vec<SubjectReply> = Vec::with_capacity(groups.len());
     for (i, g) in groups.iter().enumerate() {
@@ -287,6 +331,11 @@ async fn run<'r, S: DecisionStore>(
                     reason: refusing_reason(g, &reply),
                 });
                 refund(store, &groups[..i], tags, &replies, None).await;
+                if let Some(deny) = &deny {
+                    for t in &tags[..i] {
+                        deny.cache.forget(t);
+                    }
+                }
                 metrics.banned.increment(1);
                 return Ok(Decision::Banned {
                     remaining_ms: reply.ban_ms,
@@ -308,6 +357,22 @@ async fn run<'r, S: DecisionStore>(
                     )));
                 };
                 rule.counters.limited.increment(1);
+                if let Some(deny) = &deny {
+                    if !(deny.bans_on && g.subject.bannable()) {
+                        let cap = rule.bucket.capacity_us() as i64;
+                        deny.cache.remember(
+                            &tags[i],
+                            rule,
+                            bucket.wait_us.max(0) as u64,
+                            (cap - bucket.room_us).max(0) as u64,
+                            deny.sent,
+                        );
+                    }
+                    // The earlier subjects get their tokens back just below.
+                    for t in &tags[..i] {
+                        deny.cache.forget(t);
+                    }
+                }
                 // Only a refusal by the client's own (IP-keyed) rules counts
                 // towards its ban: a full global or shared-key bucket is not
                 // this client's offence.

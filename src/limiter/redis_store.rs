@@ -1,15 +1,17 @@
-//! The Redis store: `lua/decide.lua` over the shared connection.
+//! The Redis store: `lua/decide.lua` over the shared connection, through
+//! the worker's [`Coalescer`] on a standalone Redis.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use redis::Value;
 
+use super::coalesce::{Coalescer, DecideCall};
 use super::{
     BanParams, BucketReply, BucketState, DecisionStore, Mode, Status, SubjectCall, SubjectReply,
 };
 use crate::keys;
-use crate::redis_link::{scripts, RedisFailure, RedisLink};
+use crate::redis_link::{RedisFailure, RedisLink};
 
 /// Decides subjects with one EVALSHA each.
 pub struct RedisStore {
@@ -17,6 +19,8 @@ pub struct RedisStore {
     prefix: String,
     /// Escalation settings with their script arguments; a reload replaces them.
     ban: ArcSwap<BanArgs>,
+    /// Batches concurrent decisions (standalone Redis with `redis.coalesce`).
+    coalescer: Option<Coalescer>,
 }
 
 /// Escalation settings and ARGV[5..10] of `decide.lua`, rendered once.
@@ -44,10 +48,13 @@ impl BanArgs {
 impl RedisStore {
     pub fn new(link: Arc<RedisLink>, ban: BanParams) -> RedisStore {
         let prefix = link.config().key_prefix.clone();
+        let coalescer =
+            (link.config().coalesce && !link.is_cluster()).then(|| Coalescer::new(link.clone()));
         RedisStore {
             link,
             prefix,
             ban: ArcSwap::from_pointee(BanArgs::new(ban)),
+            coalescer,
         }
     }
 
@@ -68,44 +75,41 @@ impl RedisStore {
         self.ban.load().params
     }
 
+    /// One subject's keys and `decide.lua` arguments, rendered once so that
+    /// the call can wait in a batch without borrowing from the request.
+    fn render(&self, call: &SubjectCall<'_>) -> DecideCall {
+        let mut args = Vec::with_capacity(10 + call.rules.len() * 5);
+        args.push(call.now_us.map(|t| t.to_string()).unwrap_or_default());
+        args.push(match call.mode {
+            Mode::Decide => "d".to_string(),
+            Mode::Refund { rule } => format!("r:{rule}"),
+        });
+        args.push(call.ttl_ms.to_string());
+        args.push(if call.bannable { "1" } else { "0" }.to_string());
+        args.extend(self.ban.load().argv.iter().cloned());
+        for rule in call.rules {
+            let b = rule.bucket;
+            args.push(rule.name.to_string());
+            args.push(b.interval_us.to_string());
+            args.push(b.burst.to_string());
+            args.push(b.cost.to_string());
+            args.push(if rule.shadow { "1" } else { "0" }.to_string());
+        }
+        DecideCall {
+            keys: vec![
+                keys::state(&self.prefix, call.tag),
+                keys::ban(&self.prefix, call.tag),
+            ],
+            args,
+        }
+    }
+
     async fn call(&self, call: &SubjectCall<'_>) -> Result<SubjectReply, RedisFailure> {
-        let state = keys::state(&self.prefix, call.tag);
-        let ban = keys::ban(&self.prefix, call.tag);
-        let refund_mode;
-        let mode = match call.mode {
-            Mode::Decide => "d",
-            Mode::Refund { rule } => {
-                refund_mode = format!("r:{rule}");
-                refund_mode.as_str()
-            }
+        let rendered = self.render(call);
+        let value = match &self.coalescer {
+            Some(c) => c.decide(rendered).await?,
+            None => rendered.send(&self.link).await?,
         };
-        let ban_args = self.ban.load();
-        let value = self
-            .link
-            .eval(
-                &scripts::DECIDE,
-                &[&state, &ban],
-                |cmd| {
-                    match call.now_us {
-                        Some(t) => cmd.arg(t),
-                        None => cmd.arg(""),
-                    };
-                    cmd.arg(mode)
-                        .arg(call.ttl_ms)
-                        .arg(if call.bannable { "1" } else { "0" })
-                        .arg(&ban_args.argv[..]);
-                    for rule in call.rules {
-                        let b = rule.bucket;
-                        cmd.arg(&*rule.name)
-                            .arg(b.interval_us)
-                            .arg(b.burst)
-                            .arg(b.cost)
-                            .arg(if rule.shadow { "1" } else { "0" });
-                    }
-                },
-                self.link.config().timeout,
-            )
-            .await?;
         parse_reply(&value).ok_or_else(|| {
             RedisFailure::Redis(redis::RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
