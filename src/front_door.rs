@@ -4,7 +4,8 @@
 //! 1. identity - peer address, trusted proxies, X-Forwarded-For;
 //! 2. allowlist - in memory, then forward with no Redis call;
 //! 3. ban cache - in memory, answer with no Redis call;
-//! 4. rules - the matching rules, grouped by subject;
+//! 4. rules - the matching rules and the consumer's plan rules, grouped by
+//!    subject;
 //! 5. decision - one store call per subject;
 //! 6. answer - forward (plus RateLimit headers), 429, ban status, or 503.
 //!
@@ -21,6 +22,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::bans::Bans;
 use crate::client_ip::{ClientIpResolver, ClientKey};
+use crate::consumers::{ConsumerTable, Plans};
+use crate::in_flight::{self, SlotGuard};
 use crate::limiter::{BanMade, Decision, Limiter, RateInfo};
 use crate::metrics::GatewayMetrics;
 use crate::proxy::Upstream;
@@ -31,14 +34,20 @@ use crate::rules::RuleSet;
 pub struct Gateway {
     pub resolver: ClientIpResolver,
     pub rules: RuleSet,
+    /// `[consumers]` and `[plans.*]`, compiled (`None`: no consumers).
+    pub plans: Option<Plans>,
+    /// The runtime plan assignments, cached on this node.
+    pub consumers: Arc<ConsumerTable>,
     pub limiter: Arc<Limiter>,
     pub bans: Arc<Bans>,
     pub metrics: GatewayMetrics,
     pub ban_status: StatusCode,
 }
 
-/// Phase 6 for an allowed request: stream it upstream and add the
-/// RateLimit headers of the tightest rule to the answer.
+/// Phase 6 for an allowed request: stream it upstream, add the RateLimit
+/// headers of the rules that applied, and hold its concurrency `slots`
+/// until the response ends.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     req: HttpRequest,
     payload: web::Payload,
@@ -46,7 +55,8 @@ async fn forward(
     gw: &Gateway,
     peer: IpAddr,
     trusted: bool,
-    info: Option<RateInfo<'_>>,
+    applied: &[RateInfo<'_>],
+    slots: Option<SlotGuard>,
 ) -> HttpResponse {
     let started = std::time::Instant::now();
     let result = up.forward(&req, payload, trusted, peer).await;
@@ -55,10 +65,11 @@ async fn forward(
         .record(started.elapsed().as_secs_f64());
     match result {
         Ok(mut resp) => {
-            if let Some(info) = &info {
-                responses::add_rate_headers(&mut resp.builder, info);
+            responses::add_rate_headers(&mut resp.builder, applied);
+            match slots {
+                Some(slots) => in_flight::carry(resp.into_response(), slots),
+                None => resp.into_response(),
             }
-            resp.into_response()
         }
         Err(failure) => {
             crate::metrics::upstream_error(failure.code());
@@ -86,29 +97,37 @@ pub async fn front_door(
     // 2. allowlist
     if gw.bans.cache().is_allowlisted(ip) {
         gw.metrics.allowlisted.increment(1);
-        return forward(req, payload, &up, &gw, peer, trusted, None).await;
+        return forward(req, payload, &up, &gw, peer, trusted, &[], None).await;
     }
     // 3. ban cache
     if let Some(left) = gw.bans.cache().banned(ip, &key) {
         gw.metrics.banned.increment(1);
         return responses::banned(gw.ban_status, left);
     }
-    // 4. rules
-    let groups = match gw.rules.groups(&req, key) {
+    // 4. rules, and the consumer's plan rules
+    let mut groups = match gw.rules.groups(&req, key) {
         Ok(g) => g,
         Err(e) => return responses::bad_request(e.to_string()),
     };
+    if let Some(plans) = &gw.plans {
+        if let Err(e) = plans.apply(&req, key, &gw.consumers, &mut groups) {
+            return responses::bad_request(e.to_string());
+        }
+    }
     if groups.is_empty() {
         gw.metrics.allowed_unmatched.increment(1);
-        return forward(req, payload, &up, &gw, peer, trusted, None).await;
+        return forward(req, payload, &up, &gw, peer, trusted, &[], None).await;
     }
     // 5. decision, 6. answer
     match gw.limiter.decide(&groups).await {
-        Decision::Allowed { info } => forward(req, payload, &up, &gw, peer, trusted, info).await,
+        Decision::Allowed { applied, leases } => {
+            let slots = leases.map(|set| SlotGuard::hold(gw.limiter.clone(), set));
+            forward(req, payload, &up, &gw, peer, trusted, &applied, slots).await
+        }
         Decision::Limited {
-            info,
+            violated,
             retry_after_s,
-        } => responses::limited(&info, retry_after_s),
+        } => responses::limited(&violated, retry_after_s),
         Decision::Banned {
             remaining_ms, made, ..
         } => {

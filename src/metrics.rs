@@ -15,6 +15,7 @@ pub const BANS_ACTIVE: &str = "floodgate_bans_active";
 pub const DEGRADED: &str = "floodgate_degraded";
 pub const BANS_TOTAL: &str = "floodgate_bans_total";
 pub const UPSTREAM_ERRORS: &str = "floodgate_upstream_errors_total";
+pub const LEASE_ERRORS: &str = "floodgate_lease_errors_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub const NO_RULE: &str = "-";
@@ -43,6 +44,10 @@ pub fn install() -> Option<PrometheusHandle> {
     );
     metrics::describe_counter!(BANS_TOTAL, "Bans made, by source");
     metrics::describe_counter!(UPSTREAM_ERRORS, "Upstream failures, by kind");
+    metrics::describe_counter!(
+        LEASE_ERRORS,
+        "Concurrency lease renewals and releases that failed (the slot then ends with its lease)"
+    );
     Some(handle)
 }
 
@@ -78,6 +83,7 @@ pub struct GatewayMetrics {
     pub upstream_seconds: Histogram,
     pub degraded: Gauge,
     pub bans_active: Gauge,
+    pub lease_errors: Counter,
 }
 
 impl GatewayMetrics {
@@ -95,6 +101,7 @@ impl GatewayMetrics {
             upstream_seconds: metrics::histogram!(UPSTREAM_SECONDS),
             degraded: metrics::gauge!(DEGRADED),
             bans_active: metrics::gauge!(BANS_ACTIVE),
+            lease_errors: metrics::counter!(LEASE_ERRORS),
         }
     }
 }

@@ -68,6 +68,8 @@ pub mod scripts {
         LazyLock::new(|| LuaScript::new(include_str!("../lua/unban.lua")));
     pub static INSPECT: LazyLock<LuaScript> =
         LazyLock::new(|| LuaScript::new(include_str!("../lua/inspect.lua")));
+    pub static LEASE: LazyLock<LuaScript> =
+        LazyLock::new(|| LuaScript::new(include_str!("../lua/lease.lua")));
 }
 
 thread_local! {
@@ -149,6 +151,7 @@ impl RedisLink {
             &*scripts::BAN,
             &*scripts::UNBAN,
             &*scripts::INSPECT,
+            &*scripts::LEASE,
         ] {
             let load = redis::cmd("SCRIPT").arg("LOAD").arg(script.body).clone();
             // On a cluster this goes to every node and fails while one is

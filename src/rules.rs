@@ -14,7 +14,8 @@ use actix_web::HttpRequest;
 
 use crate::client_ip::ClientKey;
 pub use crate::config::KeyKind;
-use crate::config::RuleConfig;
+use crate::config::{LimitConfig, RuleConfig};
+pub use crate::limits::{ConcurrencySpec, Period, QuotaSpec};
 
 /// Header values longer than this cannot be a rate-limit key: the request is
 /// refused with 400 rather than the key being truncated into collisions.
@@ -46,6 +47,15 @@ impl BucketSpec {
     }
 }
 
+/// What a rule limits: a token bucket, a calendar quota, or the requests
+/// in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Rate(BucketSpec),
+    Quota(QuotaSpec),
+    Concurrency(ConcurrencySpec),
+}
+
 /// A compiled rule.
 #[derive(Debug)]
 pub struct Rule {
@@ -53,27 +63,51 @@ pub struct Rule {
     pub index: usize,
     pub name: Arc<str>,
     pub key: KeyKind,
-    pub bucket: BucketSpec,
+    pub limit: Limit,
     pub shadow: bool,
     path_prefix: Option<String>,
     methods: Option<Vec<Method>>,
     host: Option<String>,
-    /// `RateLimit-Policy` value, rendered once.
+    /// `RateLimit-Policy` item, rendered once.
     pub policy_header: HeaderValue,
     /// Idle TTL of this rule's subject state (see [`RuleSet::ttl_ms`]).
     pub subject_ttl_ms: u64,
 }
 
 impl Rule {
-    fn compile(index: usize, c: &RuleConfig) -> Rule {
-        let bucket = BucketSpec::new(c.rate, c.per, c.burst, c.cost);
-        let window = ceil_secs(bucket.capacity_us()).max(1);
-        let policy = format!("\"{}\";q={};w={}", c.name, c.burst, window);
+    /// Compiles `c` as the `index`-th rule, charged to subjects of `key`
+    /// (a plan's rules are charged to the consumer).
+    pub fn compile(index: usize, c: &RuleConfig, key: KeyKind) -> Rule {
+        let (limit, policy) = match c.limit() {
+            LimitConfig::Rate { rate, per, burst } => {
+                let bucket = BucketSpec::new(rate, per, burst, c.cost);
+                let window = ceil_secs(bucket.capacity_us()).max(1);
+                (
+                    Limit::Rate(bucket),
+                    format!("\"{}\";q={};w={}", c.name, burst, window),
+                )
+            }
+            LimitConfig::Quota { quota, period } => (
+                Limit::Quota(QuotaSpec {
+                    quota,
+                    period,
+                    cost: c.cost,
+                }),
+                format!("\"{}\";q={};w={}", c.name, quota, period.window_s()),
+            ),
+            LimitConfig::Concurrency { max, lease } => (
+                Limit::Concurrency(ConcurrencySpec {
+                    max,
+                    lease_ms: lease.as_millis() as u64,
+                }),
+                format!("\"{}\";q={};qu=\"concurrent-requests\"", c.name, max),
+            ),
+        };
         Rule {
             index,
             name: Arc::from(c.name.as_str()),
-            key: KeyKind::parse(&c.key).unwrap_or(KeyKind::Ip),
-            bucket,
+            key,
+            limit,
             shadow: c.shadow,
             path_prefix: c.matcher.path_prefix.clone(),
             methods: c.matcher.methods.as_ref().map(|ms| {
@@ -88,7 +122,40 @@ impl Rule {
         }
     }
 
-    fn matches(&self, req: &HttpRequest, path: &str) -> bool {
+    /// The policy's quota `q`: burst, quota, or slots.
+    pub fn quota_units(&self) -> u64 {
+        match self.limit {
+            Limit::Rate(b) => u64::from(b.burst),
+            Limit::Quota(q) => q.quota,
+            Limit::Concurrency(c) => u64::from(c.max),
+        }
+    }
+
+    /// How long an idle subject's state must be kept for this rule: until
+    /// its bucket is full again, or until its longest period has passed.
+    /// Concurrency leases live in keys of their own, with their own TTL.
+    pub fn hold_us(&self) -> u64 {
+        match self.limit {
+            Limit::Rate(b) => b.capacity_us(),
+            Limit::Quota(q) => q.period.longest_s() * 1_000_000,
+            Limit::Concurrency(_) => 0,
+        }
+    }
+
+    /// The token bucket, for a rate rule.
+    pub fn bucket(&self) -> Option<BucketSpec> {
+        match self.limit {
+            Limit::Rate(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn is_concurrency(&self) -> bool {
+        matches!(self.limit, Limit::Concurrency(_))
+    }
+
+    /// Whether the rule applies to `req` (whose normalised path is `path`).
+    pub fn matches(&self, req: &HttpRequest, path: &str) -> bool {
         if let Some(p) = &self.path_prefix {
             if !path.starts_with(p.as_str()) {
                 return false;
@@ -180,7 +247,15 @@ pub fn ceil_secs(us: u64) -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Subject {
     Ip(ClientKey),
-    Header { name: HeaderName, value: String },
+    Header {
+        name: HeaderName,
+        value: String,
+    },
+    /// A consumer of `[consumers]`, by the SHA-256 of its key (hex): the
+    /// key itself is never written to Redis.
+    Consumer {
+        hash: String,
+    },
     Global,
 }
 
@@ -191,6 +266,7 @@ impl Subject {
         match self {
             Subject::Ip(k) => format!("ip:{k}"),
             Subject::Header { name, value } => format!("hdr:{}:{value}", name.as_str()),
+            Subject::Consumer { hash } => format!("consumer:{hash}"),
             Subject::Global => "global".to_string(),
         }
     }
@@ -243,7 +319,11 @@ impl RuleSet {
             rules: configs
                 .iter()
                 .enumerate()
-                .map(|(i, c)| Rule::compile(i, c))
+                .map(|(i, c)| {
+                    let key =
+                        KeyKind::parse(c.key.as_deref().unwrap_or("ip")).unwrap_or(KeyKind::Ip);
+                    Rule::compile(i, c, key)
+                })
                 .collect(),
         };
         // Each rule carries its subject kind's idle TTL, so requests never
@@ -273,7 +353,7 @@ impl RuleSet {
             .rules
             .iter()
             .filter(|r| same_subject_kind(&r.key, key))
-            .map(|r| r.bucket.capacity_us())
+            .map(Rule::hold_us)
             .max()
             .unwrap_or(0);
         us.div_ceil(1000) + 1000

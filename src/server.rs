@@ -12,6 +12,7 @@ use crate::admin::{self, AdminState};
 use crate::bans::{BanCache, Bans};
 use crate::client_ip::ClientIpResolver;
 use crate::config::Config;
+use crate::consumers::{ConsumerTable, Plans};
 use crate::front_door::{self, Gateway};
 use crate::limiter::{BanParams, Breaker, Limiter, LocalStore, RedisStore};
 use crate::metrics::GatewayMetrics;
@@ -35,7 +36,14 @@ fn node_id(config: &Config) -> String {
 pub async fn run(config: Config) -> std::io::Result<()> {
     let prom = crate::metrics::install();
     let rules = RuleSet::compile(&config.rules);
-    let names: Vec<&str> = rules.rules().iter().map(|r| &*r.name).collect();
+    let plans = Plans::compile(&config, &rules);
+    // Metric handles by rule index: [[rules]], then the plans' rules.
+    let names: Vec<&str> = rules
+        .rules()
+        .iter()
+        .chain(plans.iter().flat_map(|p| p.rules()))
+        .map(|r| &*r.name)
+        .collect();
     let metrics = GatewayMetrics::new(&names);
     let params = BanParams::from_config(&config.ban);
     let local = Arc::new(LocalStore::new(
@@ -96,6 +104,11 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         .as_ref()
         .map(|r| r.key_prefix.clone())
         .unwrap_or_default();
+    let consumers = Arc::new(ConsumerTable::new(
+        link.clone(),
+        prefix.clone(),
+        config.plans.keys().cloned().collect(),
+    ));
     let bans = Arc::new(Bans::new(
         cache,
         link.clone(),
@@ -106,6 +119,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         config.ban.audit_max_len,
         config.client_ip.ipv6_prefix,
     ));
+    bans.follow_with(consumers.clone());
     if connected {
         if let Err(e) = bans.reconcile().await {
             log::warn!("could not read bans from Redis at start-up: {e}");
@@ -118,6 +132,8 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             config.client_ip.ipv6_prefix,
         ),
         rules,
+        plans,
+        consumers,
         limiter: limiter.clone(),
         bans: bans.clone(),
         metrics,

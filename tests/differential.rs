@@ -124,6 +124,7 @@ fn redis_and_local_stores_decide_identically() {
             bannable: true,
             mode,
             now_us: Some(now_us),
+            lease: "",
         };
         let a = rt.block_on(DecisionStore::decide(&remote, &call)).unwrap();
         let b = local.decide(&call);

@@ -1,14 +1,17 @@
-//! The Redis store: `lua/decide.lua` over the shared connection.
+//! The Redis store: `lua/decide.lua` (and `lua/lease.lua` for the slots of
+//! requests in flight) over the shared connection.
 
 use std::sync::Arc;
 
 use redis::Value;
 
 use super::{
-    BanParams, BucketReply, BucketState, DecisionStore, Mode, Status, SubjectCall, SubjectReply,
+    BanParams, BucketReply, BucketState, DecisionStore, LeaseCall, Mode, Status, SubjectCall,
+    SubjectReply,
 };
 use crate::keys;
 use crate::redis_link::{scripts, RedisFailure, RedisLink};
+use crate::rules::Limit;
 
 /// Decides subjects with one EVALSHA each.
 pub struct RedisStore {
@@ -53,9 +56,20 @@ impl RedisStore {
     async fn call(&self, call: &SubjectCall<'_>) -> Result<SubjectReply, RedisFailure> {
         let state = keys::state(&self.prefix, call.tag);
         let ban = keys::ban(&self.prefix, call.tag);
+        let leases: Vec<String> = call
+            .rules
+            .iter()
+            .filter(|r| r.is_concurrency())
+            .map(|r| keys::lease(&self.prefix, call.tag, &r.name))
+            .collect();
+        let mut key_list: Vec<&str> = Vec::with_capacity(2 + leases.len());
+        key_list.push(&state);
+        key_list.push(&ban);
+        key_list.extend(leases.iter().map(String::as_str));
         let refund_mode;
         let mode = match call.mode {
             Mode::Decide => "d",
+            Mode::Peek => "p",
             Mode::Refund { rule } => {
                 refund_mode = format!("r:{rule}");
                 refund_mode.as_str()
@@ -65,7 +79,7 @@ impl RedisStore {
             .link
             .eval(
                 &scripts::DECIDE,
-                &[&state, &ban],
+                &key_list,
                 |cmd| {
                     match call.now_us {
                         Some(t) => cmd.arg(t),
@@ -74,14 +88,20 @@ impl RedisStore {
                     cmd.arg(mode)
                         .arg(call.ttl_ms)
                         .arg(if call.bannable { "1" } else { "0" })
-                        .arg(&self.ban_args[..]);
+                        .arg(&self.ban_args[..])
+                        .arg(call.lease);
                     for rule in call.rules {
-                        let b = rule.bucket;
-                        cmd.arg(&*rule.name)
-                            .arg(b.interval_us)
-                            .arg(b.burst)
-                            .arg(b.cost)
-                            .arg(if rule.shadow { "1" } else { "0" });
+                        cmd.arg(&*rule.name);
+                        match rule.limit {
+                            Limit::Rate(b) => {
+                                cmd.arg("r").arg(b.interval_us).arg(b.burst).arg(b.cost)
+                            }
+                            Limit::Quota(q) => {
+                                cmd.arg("q").arg(q.period.code()).arg(q.quota).arg(q.cost)
+                            }
+                            Limit::Concurrency(c) => cmd.arg("c").arg(c.lease_ms).arg(c.max).arg(1),
+                        };
+                        cmd.arg(if rule.shadow { "1" } else { "0" });
                     }
                 },
                 self.link.config().timeout,
@@ -94,6 +114,34 @@ impl RedisStore {
             )))
         })
     }
+
+    async fn lease_call(&self, call: &LeaseCall<'_>) -> Result<u32, RedisFailure> {
+        let keys: Vec<String> = call
+            .slots
+            .iter()
+            .map(|s| keys::lease(&self.prefix, call.tag, &s.rule))
+            .collect();
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let value = self
+            .link
+            .eval(
+                &scripts::LEASE,
+                &key_refs,
+                |cmd| {
+                    match call.now_us {
+                        Some(t) => cmd.arg(t),
+                        None => cmd.arg(""),
+                    };
+                    cmd.arg(if call.renew { "k" } else { "x" }).arg(call.lease);
+                    for s in call.slots {
+                        cmd.arg(s.lease_ms);
+                    }
+                },
+                self.link.admin_timeout(),
+            )
+            .await?;
+        Ok(int(&value).unwrap_or(0).max(0) as u32)
+    }
 }
 
 impl DecisionStore for RedisStore {
@@ -102,6 +150,13 @@ impl DecisionStore for RedisStore {
         call: &SubjectCall<'_>,
     ) -> impl std::future::Future<Output = Result<SubjectReply, RedisFailure>> {
         self.call(call)
+    }
+
+    fn leases(
+        &self,
+        call: &LeaseCall<'_>,
+    ) -> impl std::future::Future<Output = Result<u32, RedisFailure>> {
+        self.lease_call(call)
     }
 }
 
