@@ -179,7 +179,11 @@ for i = 1, n do
     lease_keys[i] = key
     local count = redis.call('ZCOUNT', key, '(' .. string.format('%.0f', now), '+inf')
     if mode == 'r' then
-      count = count - redis.call('ZREM', key, lease)
+      local expiry = tonumber(redis.call('ZSCORE', key, lease))
+      if expiry ~= nil then
+        redis.call('ZREM', key, lease)
+        if expiry > now then count = count - 1 end
+      end
       pass = true
     elseif count + cost <= b then
       count = count + cost

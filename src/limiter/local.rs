@@ -279,9 +279,14 @@ impl LocalStore {
                     let mut count = set.live(now);
                     let pass = match call.mode {
                         Mode::Refund { .. } => {
-                            let before = set.members.len();
-                            set.members.retain(|(id, _)| id != call.lease);
-                            count -= (before - set.members.len()) as u64;
+                            if let Some(at) =
+                                set.members.iter().position(|(id, _)| id == call.lease)
+                            {
+                                let (_, expiry) = set.members.swap_remove(at);
+                                if expiry > now {
+                                    count -= 1;
+                                }
+                            }
                             true
                         }
                         _ if count + cost <= u64::from(c.max) => {
