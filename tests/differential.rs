@@ -347,3 +347,61 @@ fn quotas_and_concurrency_decide_identically_in_both_stores() {
         );
     }
 }
+
+#[test]
+fn the_script_ends_a_day_quota_at_midnight_utc_and_a_month_quota_on_the_first() {
+    let redis = RedisServer::start();
+    let config = Config::parse(
+        &format!(
+            "[upstream]\nurls = [\"http://127.0.0.1:1\"]\n[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\
+             [[rules]]\nname = \"daily\"\nkey = \"ip\"\nquota = 2\nperiod = \"day\"\n\
+             [[rules]]\nname = \"monthly\"\nkey = \"ip\"\nquota = 3\nperiod = \"month\"\n",
+            redis.url()
+        ),
+        "quota",
+    )
+    .unwrap();
+    let rules = RuleSet::compile(&config.rules);
+    let params = BanParams::from_config(&config.ban);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let link = RedisLink::new(config.redis.clone().unwrap());
+    rt.block_on(link.connect()).unwrap();
+    let store = RedisStore::new(link, params);
+    let all: Vec<&Rule> = rules.rules().iter().collect();
+    let decide = |now_us: u64| {
+        let call = SubjectCall {
+            tag: "ip:203.0.113.9",
+            rules: &all,
+            ttl_ms: rules.ttl_ms(&floodgate::rules::KeyKind::Ip),
+            bannable: false,
+            mode: Mode::Decide,
+            now_us: Some(now_us),
+            lease: "",
+        };
+        rt.block_on(DecisionStore::decide(&store, &call)).unwrap()
+    };
+    // 2028-02-29T23:59:58.5Z: the last day of a leap February.
+    let midnight: u64 = 1_835_481_600_000_000; // 2028-03-01T00:00:00Z
+    let t = midnight - 1_500_000;
+    for left in [1, 0] {
+        let r = decide(t);
+        assert_eq!(r.status, Status::Allowed);
+        assert_eq!(r.buckets[0].room_us, left, "daily left");
+        assert_eq!(r.buckets[0].wait_us, 1_500_000, "daily resets at midnight");
+        assert_eq!(r.buckets[1].wait_us, 1_500_000, "monthly resets on March 1st");
+    }
+    let r = decide(midnight - 1);
+    assert_eq!(r.status, Status::Limited);
+    assert_eq!(r.buckets[0].state, floodgate::limiter::BucketState::Refusing);
+    assert_eq!(r.buckets[0].wait_us, 1, "refused until the next period");
+    // One microsecond later it is March: both quotas start afresh.
+    let r = decide(midnight);
+    assert_eq!(r.status, Status::Allowed);
+    assert_eq!(r.buckets[0].room_us, 1);
+    assert_eq!(r.buckets[0].wait_us, 86_400_000_000);
+    assert_eq!(r.buckets[1].room_us, 2);
+    assert_eq!(r.buckets[1].wait_us, 31 * 86_400_000_000, "March has 31 days");
+}
