@@ -391,11 +391,17 @@ fn the_script_ends_a_day_quota_at_midnight_utc_and_a_month_quota_on_the_first() 
         assert_eq!(r.status, Status::Allowed);
         assert_eq!(r.buckets[0].room_us, left, "daily left");
         assert_eq!(r.buckets[0].wait_us, 1_500_000, "daily resets at midnight");
-        assert_eq!(r.buckets[1].wait_us, 1_500_000, "monthly resets on March 1st");
+        assert_eq!(
+            r.buckets[1].wait_us, 1_500_000,
+            "monthly resets on March 1st"
+        );
     }
     let r = decide(midnight - 1);
     assert_eq!(r.status, Status::Limited);
-    assert_eq!(r.buckets[0].state, floodgate::limiter::BucketState::Refusing);
+    assert_eq!(
+        r.buckets[0].state,
+        floodgate::limiter::BucketState::Refusing
+    );
     assert_eq!(r.buckets[0].wait_us, 1, "refused until the next period");
     // One microsecond later it is March: both quotas start afresh.
     let r = decide(midnight);
@@ -403,5 +409,9 @@ fn the_script_ends_a_day_quota_at_midnight_utc_and_a_month_quota_on_the_first() 
     assert_eq!(r.buckets[0].room_us, 1);
     assert_eq!(r.buckets[0].wait_us, 86_400_000_000);
     assert_eq!(r.buckets[1].room_us, 2);
-    assert_eq!(r.buckets[1].wait_us, 31 * 86_400_000_000, "March has 31 days");
+    assert_eq!(
+        r.buckets[1].wait_us,
+        31 * 86_400_000_000,
+        "March has 31 days"
+    );
 }
