@@ -12,6 +12,10 @@
 #   script  smoke | steady | limits | bans | multi-node  (".js" optional)
 #   nodes   gateways to start (default 1; multi-node: 3)
 #
+# PLANS=1 with `limits` adds [consumers] and two plans (free, pro) to the
+# gateways' config: `PLANS=1 loadtest/run.sh limits 2` checks both plans'
+# bounds over two nodes.
+#
 # Environment (all optional): DURATION (default 20s) and every knob the
 # script lists in its header (RATE, CLIENTS, RULE_RATE, RULE_BURST, ...):
 # what is set here is used both in the gateway config and by k6.
@@ -71,7 +75,17 @@ case "$script" in
         ;;
     limits)
         # Each client asks 3x its rate; bans off so the bucket alone decides.
-        : "${RULE_RATE:=5}" "${RULE_BURST:=10}" "${CLIENTS:=20}" "${CLIENT_RATE:=15}"
+        if [[ "${PLANS:-0}" == 1 ]]; then
+            # Two plans: the per-ip rule stays out of the way of both.
+            : "${RULE_RATE:=50}" "${RULE_BURST:=100}" "${CLIENTS:=20}" "${CLIENT_RATE:=15}"
+            : "${FREE_RATE:=2}" "${FREE_PER:=1s}" "${FREE_BURST:=4}" "${FREE_QUOTA:=30}" "${FREE_PERIOD:=hour}"
+            : "${PRO_RATE:=10}" "${PRO_PER:=1s}" "${PRO_BURST:=20}" "${PRO_QUOTA:=150}" "${PRO_PERIOD:=hour}"
+            : "${PRO_CONCURRENCY:=5}" "${KEY_HEADER:=X-Api-Key}"
+            export PLANS FREE_RATE FREE_PER FREE_BURST FREE_QUOTA FREE_PERIOD
+            export PRO_RATE PRO_PER PRO_BURST PRO_QUOTA PRO_PERIOD PRO_CONCURRENCY KEY_HEADER
+        else
+            : "${RULE_RATE:=5}" "${RULE_BURST:=10}" "${CLIENTS:=20}" "${CLIENT_RATE:=15}"
+        fi
         export CLIENTS CLIENT_RATE
         ban_enabled=false
         ;;
@@ -107,6 +121,26 @@ key = \"global\"
 rate = $GLOBAL_RATE
 per = \"$GLOBAL_PER\"
 burst = $GLOBAL_BURST"
+fi
+if [[ "$script" == limits && "${PLANS:-0}" == 1 ]]; then
+    rules+="
+
+[consumers]
+key = \"header:$KEY_HEADER\"
+default_plan = \"free\"
+
+[plans.free]
+rules = [
+  { name = \"free-rate\", rate = $FREE_RATE, per = \"$FREE_PER\", burst = $FREE_BURST },
+  { name = \"free-quota\", quota = $FREE_QUOTA, period = \"$FREE_PERIOD\" },
+]
+
+[plans.pro]
+rules = [
+  { name = \"pro-rate\", rate = $PRO_RATE, per = \"$PRO_PER\", burst = $PRO_BURST },
+  { name = \"pro-quota\", quota = $PRO_QUOTA, period = \"$PRO_PERIOD\" },
+  { name = \"pro-inflight\", concurrency = $PRO_CONCURRENCY },
+]"
 fi
 if [[ "$script" == bans ]]; then
     ban="[ban]

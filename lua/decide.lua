@@ -1,39 +1,93 @@
 -- decide.lua: one subject's whole decision in one atomic call.
 --
--- Ban check, every matched token bucket (all-or-nothing), the violation
--- counter and the escalation to a ban. Time is Redis' own clock, so gateway
--- nodes with skewed clocks agree.
+-- Ban check, every matched rule (all-or-nothing), the violation counter and
+-- the escalation to a ban. Time is Redis' own clock, so gateway nodes with
+-- skewed clocks agree.
 --
--- Buckets use GCRA, the exact integer form of a token bucket: a bucket is
--- one number, its TAT (the time, in microseconds, at which it is full
--- again). With T = microseconds per token and B = burst:
---   tokens(now)  = B - max(0, TAT - now) / T       (fractional, exact)
---   a request of cost c passes  iff  max(TAT, now) + c*T - now <= B*T
---   passing sets TAT = max(TAT, now) + c*T
---   a refused request waits      max(TAT, now) + c*T - B*T - now
--- All values are integers below 2^53, exact in Lua's doubles.
+-- A rule is one of three kinds:
 --
--- KEYS[1]  state hash <prefix>{<subject>}:b - field per rule = TAT (us);
---          '#vs' = violation window start (ms), '#vc' = violations in it
+-- 'r' token bucket, by GCRA, the exact integer form of a token bucket: a
+--     bucket is one number, its TAT (the time, in microseconds, at which it
+--     is full again). With T = microseconds per token and B = burst:
+--       tokens(now)  = B - max(0, TAT - now) / T       (fractional, exact)
+--       a request of cost c passes  iff  max(TAT, now) + c*T - now <= B*T
+--       passing sets TAT = max(TAT, now) + c*T
+--       a refused request waits      max(TAT, now) + c*T - B*T - now
+--     All values are integers below 2^53, exact in Lua's doubles.
+-- 'q' calendar quota: at most Q per UTC hour, day or month; the field holds
+--     '<period start, s>:<count>', and a count of an earlier period is 0.
+--       a request of cost c passes  iff  count + c <= Q
+--       a refused request waits until the next period starts
+-- 'c' concurrency cap: at most M requests in flight. Each holds a lease in
+--     the rule's lease set (a sorted set: lease id -> expiry in us) until
+--     lease.lua releases it or it expires (a node that died never does).
+--       a request passes  iff  live leases (expiry > now) + 1 <= M
+--
+-- KEYS[1]  state hash <prefix>{<subject>}:b - field per rate rule = TAT
+--          (us), per quota rule = 'start:count'; '#vs' = violation window
+--          start (ms), '#vc' = violations in it
 -- KEYS[2]  ban hash   <prefix>{<subject>}:ban - until (ms), strikes,
 --          reason, source, at (ms), dur (ms)
+-- KEYS[3..] one lease set <prefix>{<subject>}:c:<rule> per concurrency
+--          rule, in the order of the rules
 -- ARGV[1]  now in microseconds, or '' for redis TIME (tests pin the clock)
--- ARGV[2]  'd' decide, or 'r:<rule>' refund: give the costs back (rule
---          <rule> of another subject refused the request), count a violation
--- ARGV[3]  idle TTL of the state hash, ms (every bucket of it refills)
+-- ARGV[2]  'd' decide, 'r:<rule>' refund: give the costs back (rule <rule>
+--          of another subject refused the request; the request's leases
+--          are released) and count a violation, or 'p' peek: evaluate
+--          every rule at cost 0 and write nothing
+-- ARGV[3]  idle TTL of the state hash, ms (every bucket of it refills,
+--          every quota period of it ends)
 -- ARGV[4]  '1' if the subject can be banned (check and escalate)
 -- ARGV[5..10] after, within_ms, duration_ms, factor, max_ms, memory_ms
 --          (after = 0: no automatic bans)
--- ARGV[11..] per bucket, 5 each: rule name, T (us), burst, cost, shadow '1'/'0'
+-- ARGV[11] the request's lease id ('' without concurrency rules)
+-- ARGV[12..] per rule, 6 each: name, kind, a, b, cost, shadow '1'/'0'
+--          where (a, b) is (T us, burst) for 'r', (period 'h'/'d'/'m',
+--          quota) for 'q', (lease ms, max) for 'c'
 --
--- Returns {status, ban_ms, strikes, until_ms, then per bucket: state,
--- room_us, wait_us} where status is 0 allowed, 1 limited, 2 banned before
--- this request, 3 banned by this request; bucket state is 0 charged,
--- 1 refusing, 2 would refuse but shadow (not charged); room_us = tokens
--- left x T; wait_us = time until allowed (refusing) or until full.
+-- Returns {status, ban_ms, strikes, until_ms, then per rule: state, room,
+-- wait} where status is 0 allowed, 1 limited, 2 banned before this request,
+-- 3 banned by this request; a rule's state is 0 charged, 1 refusing, 2
+-- would refuse but shadow (not charged). For 'r', room = tokens left x T
+-- (us) and wait = us until allowed (refusing) or until full; for 'q', room
+-- = requests left in the period and wait = us until the next period; for
+-- 'c', room = free slots and wait = 1 s when refusing, else 0.
 --
 -- Needs Redis >= 5 (effects replication, so TIME may precede writes).
 
+-- The UTC calendar period holding now_s: its start and the next one's,
+-- in seconds (months by Howard Hinnant's civil_from_days).
+local function period_bounds(code, now_s)
+  if code == 'h' then
+    local s = now_s - now_s % 3600
+    return s, s + 3600
+  end
+  if code == 'd' then
+    local s = now_s - now_s % 86400
+    return s, s + 86400
+  end
+  local days = math.floor(now_s / 86400)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp + 3
+  if mp >= 10 then m = mp - 9 end
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  local len = 31
+  if m == 4 or m == 6 or m == 9 or m == 11 then
+    len = 30
+  elseif m == 2 then
+    if (y % 4 == 0 and y % 100 ~= 0) or y % 400 == 0 then len = 29 else len = 28 end
+  end
+  local start = (days - (d - 1)) * 86400
+  return start, start + len * 86400
+end
 
 local now
 if ARGV[1] ~= '' then
@@ -58,51 +112,114 @@ if bannable then
   end
 end
 
-local n = (#ARGV - 10) / 5
+local lease = ARGV[11]
+local n = (#ARGV - 11) / 6
 local fields = {}
-for i = 1, n do fields[i] = ARGV[10 + (i - 1) * 5 + 1] end
+for i = 1, n do fields[i] = ARGV[11 + (i - 1) * 6 + 1] end
 fields[n + 1] = '#vs'
 fields[n + 2] = '#vc'
 local cur = redis.call('HMGET', KEYS[1], unpack(fields))
 
 local out = {0, 0, 0, 0}
-local tats = {}
+local vals = {}
+local lease_keys = {}
 local refused = nil
+local now_s = math.floor(now / 1000000)
+local next_key = 2
 for i = 1, n do
-  local base = 10 + (i - 1) * 5
-  local T = tonumber(ARGV[base + 2])
-  local cap = T * tonumber(ARGV[base + 3])
-  local cost = T * tonumber(ARGV[base + 4])
-  local shadow = ARGV[base + 5] == '1'
-  local tat = tonumber(cur[i]) or now
-  if tat < now then tat = now end
-  local state, room, wait
-  if mode == 'r' then
-    tat = tat - cost
+  local base = 11 + (i - 1) * 6
+  local kind = ARGV[base + 2]
+  local b = tonumber(ARGV[base + 4])
+  local cost = tonumber(ARGV[base + 5])
+  if mode == 'p' then cost = 0 end
+  local shadow = ARGV[base + 6] == '1'
+  local pass = false
+  local room, wait
+  if kind == 'r' then
+    local T = tonumber(ARGV[base + 3])
+    local cap = T * b
+    cost = T * cost
+    local tat = tonumber(cur[i]) or now
     if tat < now then tat = now end
-    state, room, wait = 0, cap - (tat - now), tat - now
-  elseif tat + cost - now <= cap then
-    tat = tat + cost
-    state, room, wait = 0, cap - (tat - now), tat - now
+    if mode == 'r' then
+      tat = tat - cost
+      if tat < now then tat = now end
+      pass = true
+    elseif tat + cost - now <= cap then
+      tat = tat + cost
+      pass = true
+    end
+    if pass then
+      room, wait = cap - (tat - now), tat - now
+    else
+      room, wait = cap - (tat - now), tat + cost - cap - now
+    end
+    vals[i] = tat
+  elseif kind == 'q' then
+    local start, stop = period_bounds(ARGV[base + 3], now_s)
+    local count = 0
+    local ps, pc = string.match(cur[i] or '', '^(%d+):(%d+)$')
+    if ps ~= nil and tonumber(ps) == start then count = tonumber(pc) end
+    if mode == 'r' then
+      count = count - cost
+      if count < 0 then count = 0 end
+      pass = true
+    elseif count + cost <= b then
+      count = count + cost
+      pass = true
+    end
+    room, wait = b - count, stop * 1000000 - now
+    vals[i] = string.format('%.0f:%.0f', start, count)
+    -- The counter lives at least until its period ends.
+    local keep = (stop - now_s) * 1000
+    if keep > ttl then ttl = keep end
   else
+    next_key = next_key + 1
+    local key = KEYS[next_key]
+    lease_keys[i] = key
+    local count = redis.call('ZCOUNT', key, '(' .. string.format('%.0f', now), '+inf')
+    if mode == 'r' then
+      local expiry = tonumber(redis.call('ZSCORE', key, lease))
+      if expiry ~= nil then
+        redis.call('ZREM', key, lease)
+        if expiry > now then count = count - 1 end
+      end
+      pass = true
+    elseif count + cost <= b then
+      count = count + cost
+      pass = true
+    end
+    room, wait = b - count, 0
+    if not pass then wait = 1000000 end
+  end
+  local state = 0
+  if not pass then
     if shadow then state = 2 else state = 1 end
-    room, wait = cap - (tat - now), tat + cost - cap - now
     if state == 1 and refused == nil then refused = fields[i] end
   end
-  tats[i] = tat
   out[#out + 1] = state
   out[#out + 1] = room
   out[#out + 1] = wait
 end
 
+if mode == 'p' then return out end
+
 if refused == nil and mode == 'd' then
-  -- Charge every bucket that passed (a shadow rule that would refuse is
+  -- Charge every rule that passed (a shadow rule that would refuse is
   -- left as a real refusal would leave it).
   local args = {}
   for i = 1, n do
     if out[4 + (i - 1) * 3 + 1] == 0 then
-      args[#args + 1] = fields[i]
-      args[#args + 1] = tats[i]
+      if lease_keys[i] ~= nil then
+        local key = lease_keys[i]
+        local ms = tonumber(ARGV[11 + (i - 1) * 6 + 3])
+        redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now))
+        redis.call('ZADD', key, string.format('%.0f', now + ms * 1000), lease)
+        redis.call('PEXPIRE', key, ms)
+      else
+        args[#args + 1] = fields[i]
+        args[#args + 1] = vals[i]
+      end
     end
   end
   if #args > 0 then
@@ -121,10 +238,12 @@ end
 if mode == 'r' then
   local args = {}
   for i = 1, n do
-    args[#args + 1] = fields[i]
-    args[#args + 1] = tats[i]
+    if lease_keys[i] == nil then
+      args[#args + 1] = fields[i]
+      args[#args + 1] = vals[i]
+    end
   end
-  if n > 0 then
+  if #args > 0 then
     redis.call('HSET', KEYS[1], unpack(args))
     redis.call('PEXPIRE', KEYS[1], ttl)
   end

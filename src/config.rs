@@ -6,6 +6,7 @@
 //! later in the program re-validates: the rest of the gateway takes a
 //! [`Config`] as proof that its values are sound.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,6 +14,8 @@ use std::time::Duration;
 use actix_web::http::header::HeaderName;
 use ipnet::IpNet;
 use serde::Deserialize;
+
+pub use crate::limits::Period;
 
 /// A configuration problem, rendered as one line for operators.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,12 @@ pub struct Config {
     /// CIDRs (or bare addresses) that are never limited nor banned.
     #[serde(default, deserialize_with = "de_cidrs")]
     pub allowlist: Vec<IpNet>,
+    /// `[consumers]`: who a request's consumer is, and its plan.
+    #[serde(default)]
+    pub consumers: Option<ConsumersConfig>,
+    /// `[plans.NAME]`: the rules each plan gives its consumers.
+    #[serde(default)]
+    pub plans: BTreeMap<String, PlanConfig>,
 }
 
 /// `[server]`: the listeners and the process.
@@ -246,26 +255,341 @@ impl KeyKind {
     }
 }
 
-/// One `[[rules]]` entry.
+/// One `[[rules]]` entry, or one rule of a plan. A rule is one of three
+/// kinds: a token bucket (`rate`, `per`, `burst`), a calendar quota
+/// (`quota`, `period`) or a concurrency cap (`concurrency`); validation
+/// makes sure exactly one kind's keys are given ([`RuleConfig::limit`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     pub name: String,
     #[serde(rename = "match", default)]
     pub matcher: MatchConfig,
-    pub key: String,
-    pub rate: f64,
-    #[serde(with = "humantime_serde")]
-    pub per: Duration,
-    pub burst: u32,
+    /// Required in `[[rules]]`; never given in a plan (its subject is the
+    /// consumer).
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub rate: Option<f64>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub per: Option<Duration>,
+    #[serde(default)]
+    pub burst: Option<u32>,
     #[serde(default = "one")]
     pub cost: u32,
+    #[serde(default)]
+    pub quota: Option<u64>,
+    #[serde(default)]
+    pub period: Option<Period>,
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    /// How long a concurrency slot outlives a node that died holding it.
+    #[serde(default, with = "humantime_serde::option")]
+    pub lease: Option<Duration>,
     #[serde(default)]
     pub shadow: bool,
 }
 
+/// The kind of limit a validated rule is, with its numbers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LimitConfig {
+    Rate {
+        rate: f64,
+        per: Duration,
+        burst: u32,
+    },
+    Quota {
+        quota: u64,
+        period: Period,
+    },
+    Concurrency {
+        max: u32,
+        lease: Duration,
+    },
+}
+
+impl RuleConfig {
+    /// The limit in words, for `--check`.
+    pub fn describe(&self) -> String {
+        let shadow = if self.shadow { " (shadow)" } else { "" };
+        match self.limit() {
+            LimitConfig::Rate { rate, per, burst } => format!(
+                "{rate} per {}, burst {burst}, cost {}{shadow}",
+                humantime::format_duration(per),
+                self.cost
+            ),
+            LimitConfig::Quota { quota, period } => format!(
+                "quota {quota} per calendar {} (UTC), cost {}{shadow}",
+                period.name(),
+                self.cost
+            ),
+            LimitConfig::Concurrency { max, lease } => format!(
+                "at most {max} in flight (lease {}){shadow}",
+                humantime::format_duration(lease)
+            ),
+        }
+    }
+}
+
+/// A concurrency slot's lease when the rule names none.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+impl RuleConfig {
+    /// The rule's limit. Only meaningful on a validated config (a rule
+    /// missing its numbers reads as a rate of 1 per second).
+    pub fn limit(&self) -> LimitConfig {
+        if let Some(quota) = self.quota {
+            return LimitConfig::Quota {
+                quota,
+                period: self.period.unwrap_or(Period::Day),
+            };
+        }
+        if let Some(max) = self.concurrency {
+            return LimitConfig::Concurrency {
+                max,
+                lease: self.lease.unwrap_or(DEFAULT_LEASE),
+            };
+        }
+        LimitConfig::Rate {
+            rate: self.rate.unwrap_or(1.0),
+            per: self.per.unwrap_or(Duration::from_secs(1)),
+            burst: self.burst.unwrap_or(1),
+        }
+    }
+}
+
 fn one() -> u32 {
     1
+}
+
+/// `[consumers]`: how a request's consumer (an API key) is found, and which
+/// plan it gets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumersConfig {
+    /// `header:<Name>`: the header carrying the consumer's key.
+    pub key: String,
+    /// The plan of requests with an unknown or missing key; none: such
+    /// requests get no plan rules.
+    #[serde(default)]
+    pub default_plan: Option<String>,
+    /// Static key -> plan assignments (runtime ones come from the admin API
+    /// and win over these).
+    #[serde(default)]
+    pub keys: BTreeMap<String, String>,
+}
+
+/// `[plans.NAME]`: the rules a plan gives each of its consumers.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// The longest consumer key accepted (config, header or admin API): a
+/// longer header is refused with 400, never truncated into collisions.
+pub const MAX_CONSUMER_KEY_LEN: usize = 256;
+
+/// Whether `key` can be a consumer key: 1 to 256 bytes that can travel in a
+/// header value, with no space at either end (HTTP strips it).
+pub fn check_consumer_key(key: &[u8]) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("a consumer key cannot be empty".into());
+    }
+    if key.len() > MAX_CONSUMER_KEY_LEN {
+        return Err(format!(
+            "a consumer key is at most {MAX_CONSUMER_KEY_LEN} bytes, this one has {}",
+            key.len()
+        ));
+    }
+    if actix_web::http::header::HeaderValue::from_bytes(key).is_err()
+        || key.iter().any(|b| b.is_ascii_control())
+        || key.first().is_some_and(|b| *b == b' ' || *b == b'\t')
+        || key.last().is_some_and(|b| *b == b' ' || *b == b'\t')
+    {
+        return Err("a consumer key must be printable and have no space at either end".into());
+    }
+    Ok(())
+}
+
+/// Plan and rule names: what headers, metrics and Redis fields can carry.
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// Checks one rule; on error returns the key below the rule (`.rate`, or
+/// `""` for the rule as a whole) and the message.
+fn check_rule(rule: &RuleConfig, in_plan: bool) -> Result<(), (String, String)> {
+    let err = |k: &str, m: String| Err((k.to_string(), m));
+    let n = &rule.name;
+    if !valid_name(n) {
+        return err(
+            ".name",
+            format!("`{n}`: use 1-64 characters of A-Z a-z 0-9 - _ ."),
+        );
+    }
+    let rate_keys = [
+        ("rate", rule.rate.is_some()),
+        ("per", rule.per.is_some()),
+        ("burst", rule.burst.is_some()),
+    ];
+    let quota_keys = [
+        ("quota", rule.quota.is_some()),
+        ("period", rule.period.is_some()),
+    ];
+    let conc_keys = [
+        ("concurrency", rule.concurrency.is_some()),
+        ("lease", rule.lease.is_some()),
+    ];
+    let given: Vec<&str> = [&rate_keys[..], &quota_keys[..], &conc_keys[..]]
+        .iter()
+        .filter_map(|kind| kind.iter().find(|(_, set)| *set).map(|(k, _)| *k))
+        .collect();
+    match given.as_slice() {
+        [] => {
+            return err(
+                ".rate",
+                "missing: a rule needs rate, per and burst (a token bucket), quota and period (a calendar quota), or concurrency".into(),
+            )
+        }
+        [a, b, ..] => {
+            return err(
+                "",
+                format!(
+                    "has both `{a}` and `{b}`: a rule is one of rate (with per and burst), quota (with period) or concurrency"
+                ),
+            )
+        }
+        _ => {}
+    }
+    if rule.cost == 0 {
+        return err(".cost", "must be at least 1".into());
+    }
+    match rule.limit() {
+        LimitConfig::Rate { .. } => {
+            let (Some(rate), Some(per), Some(burst)) = (rule.rate, rule.per, rule.burst) else {
+                let missing = rate_keys.iter().find(|(_, set)| !set).map(|(k, _)| *k);
+                return err(
+                    &format!(".{}", missing.unwrap_or("rate")),
+                    "missing: a token bucket needs rate, per and burst".into(),
+                );
+            };
+            if !rate.is_finite() || rate <= 0.0 {
+                return err(".rate", format!("must be greater than 0, got {rate}"));
+            }
+            if per.is_zero() {
+                return err(".per", "must be greater than 0".into());
+            }
+            let interval_us = per.as_secs_f64() * 1e6 / rate;
+            if interval_us < 1.0 {
+                return err(
+                    ".rate",
+                    "refills faster than one token per microsecond; lower rate or raise per".into(),
+                );
+            }
+            if interval_us * f64::from(burst) > 1e13 {
+                return err(
+                    ".burst",
+                    "an empty bucket would take more than ~115 days to refill (burst x per / rate)"
+                        .into(),
+                );
+            }
+            if burst == 0 {
+                return err(".burst", "must be at least 1".into());
+            }
+            if rule.cost > burst {
+                return err(
+                    ".cost",
+                    format!(
+                        "{} is larger than burst {burst}: no request could ever pass",
+                        rule.cost
+                    ),
+                );
+            }
+        }
+        LimitConfig::Quota { quota, .. } => {
+            if rule.quota.is_none() || rule.period.is_none() {
+                return err(
+                    if rule.quota.is_none() { ".quota" } else { ".period" },
+                    "missing: a quota needs quota (requests) and period (\"hour\", \"day\" or \"month\")".into(),
+                );
+            }
+            if quota == 0 || quota > 1_000_000_000_000 {
+                return err(".quota", format!("must be from 1 to 10^12, got {quota}"));
+            }
+            if u64::from(rule.cost) > quota {
+                return err(
+                    ".cost",
+                    format!(
+                        "{} is larger than quota {quota}: no request could ever pass",
+                        rule.cost
+                    ),
+                );
+            }
+        }
+        LimitConfig::Concurrency { max, lease } => {
+            if rule.concurrency.is_none() {
+                return err(
+                    ".concurrency",
+                    "missing: `lease` belongs to a concurrency rule".into(),
+                );
+            }
+            if max == 0 || max > 1_000_000 {
+                return err(
+                    ".concurrency",
+                    format!("must be from 1 to 1000000, got {max}"),
+                );
+            }
+            if rule.cost != 1 {
+                return err(
+                    ".cost",
+                    "a request takes one concurrency slot; leave cost out".into(),
+                );
+            }
+            if lease < Duration::from_millis(100) || lease > Duration::from_secs(3600) {
+                return err(".lease", "must be from 100ms to 1h".into());
+            }
+        }
+    }
+    match (&rule.key, in_plan) {
+        (Some(_), true) => {
+            return err(
+                ".key",
+                "a plan's rules are keyed by the consumer ([consumers] key); leave key out".into(),
+            )
+        }
+        (None, false) => {
+            return err(
+                ".key",
+                "missing: give \"ip\", \"global\" or \"header:<Name>\"".into(),
+            )
+        }
+        (Some(k), false) => {
+            if let Err(m) = KeyKind::parse(k) {
+                return err(".key", m);
+            }
+        }
+        (None, true) => {}
+    }
+    if let Some(p) = &rule.matcher.path_prefix {
+        if !p.starts_with('/') {
+            return err(".match.path_prefix", format!("`{p}` must start with /"));
+        }
+    }
+    if let Some(ms) = &rule.matcher.methods {
+        for m in ms {
+            if actix_web::http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()).is_err()
+                || m.is_empty()
+            {
+                return err(".match.methods", format!("`{m}` is not an HTTP method"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `[ban]`: escalation for repeat offenders.
@@ -546,82 +870,16 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         for (i, rule) in self.rules.iter().enumerate() {
-            let at = |k: &str| format!("rules[{i}].{k}");
-            let n = &rule.name;
-            if n.is_empty()
-                || n.len() > 64
-                || !n
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
+            let at = format!("rules[{i}]");
+            check_rule(rule, false).map_err(|(k, m)| (format!("{at}{k}"), m))?;
+            if !names.insert(rule.name.clone()) {
                 return err(
-                    &at("name"),
-                    format!("`{n}`: use 1-64 characters of A-Z a-z 0-9 - _ ."),
+                    &format!("{at}.name"),
+                    format!("`{}` is used by two rules; names must be unique", rule.name),
                 );
-            }
-            if !names.insert(n.clone()) {
-                return err(
-                    &at("name"),
-                    format!("`{n}` is used by two rules; names must be unique"),
-                );
-            }
-            if !rule.rate.is_finite() || rule.rate <= 0.0 {
-                return err(
-                    &at("rate"),
-                    format!("must be greater than 0, got {}", rule.rate),
-                );
-            }
-            if rule.per.is_zero() {
-                return err(&at("per"), "must be greater than 0".into());
-            }
-            let interval_us = rule.per.as_secs_f64() * 1e6 / rule.rate;
-            if interval_us < 1.0 {
-                return err(
-                    &at("rate"),
-                    "refills faster than one token per microsecond; lower rate or raise per".into(),
-                );
-            }
-            if interval_us * f64::from(rule.burst) > 1e13 {
-                return err(
-                    &at("burst"),
-                    "an empty bucket would take more than ~115 days to refill (burst x per / rate)"
-                        .into(),
-                );
-            }
-            if rule.burst == 0 {
-                return err(&at("burst"), "must be at least 1".into());
-            }
-            if rule.cost == 0 {
-                return err(&at("cost"), "must be at least 1".into());
-            }
-            if rule.cost > rule.burst {
-                return err(
-                    &at("cost"),
-                    format!(
-                        "{} is larger than burst {}: no request could ever pass",
-                        rule.cost, rule.burst
-                    ),
-                );
-            }
-            if let Err(m) = KeyKind::parse(&rule.key) {
-                return err(&at("key"), m);
-            }
-            if let Some(p) = &rule.matcher.path_prefix {
-                if !p.starts_with('/') {
-                    return err(&at("match.path_prefix"), format!("`{p}` must start with /"));
-                }
-            }
-            if let Some(ms) = &rule.matcher.methods {
-                for m in ms {
-                    if actix_web::http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                        .is_err()
-                        || m.is_empty()
-                    {
-                        return err(&at("match.methods"), format!("`{m}` is not an HTTP method"));
-                    }
-                }
             }
         }
+        self.validate_plans(&mut names)?;
         let b = &self.ban;
         if b.enabled {
             if b.after == 0 {
@@ -654,6 +912,77 @@ impl Config {
         }
         if b.reconcile_interval.is_zero() {
             return err("ban.reconcile_interval", "must be greater than 0".into());
+        }
+        Ok(())
+    }
+
+    /// `[consumers]` and `[plans.*]`: every plan named exists, every rule
+    /// is sound, rule names are unique across `[[rules]]` and all plans.
+    fn validate_plans(
+        &self,
+        names: &mut std::collections::HashSet<String>,
+    ) -> Result<(), (String, String)> {
+        let err = |k: &str, m: String| Err((k.to_string(), m));
+        let Some(c) = &self.consumers else {
+            if let Some(name) = self.plans.keys().next() {
+                return err(
+                    &format!("plans.{name}"),
+                    "plans need a [consumers] section saying which header carries the consumer's key".into(),
+                );
+            }
+            return Ok(());
+        };
+        match KeyKind::parse(&c.key) {
+            Ok(KeyKind::Header(_)) => {}
+            _ => {
+                return err(
+                    "consumers.key",
+                    format!(
+                        "`{}`: give \"header:<Name>\", the header carrying the consumer's key",
+                        c.key
+                    ),
+                )
+            }
+        }
+        for (name, plan) in &self.plans {
+            if !valid_name(name) {
+                return err(
+                    &format!("plans.{name}"),
+                    "a plan name is 1-64 characters of A-Z a-z 0-9 - _ .".into(),
+                );
+            }
+            for (i, rule) in plan.rules.iter().enumerate() {
+                let at = format!("plans.{name}.rules[{i}]");
+                check_rule(rule, true).map_err(|(k, m)| (format!("{at}{k}"), m))?;
+                if !names.insert(rule.name.clone()) {
+                    return err(
+                        &format!("{at}.name"),
+                        format!(
+                            "`{}` is used by two rules; names must be unique across [[rules]] and every plan",
+                            rule.name
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(d) = &c.default_plan {
+            if !self.plans.contains_key(d) {
+                return err(
+                    "consumers.default_plan",
+                    format!("`{d}` is not defined: add a [plans.{d}] section"),
+                );
+            }
+        }
+        for (key, plan) in &c.keys {
+            if let Err(m) = check_consumer_key(key.as_bytes()) {
+                return err("consumers.keys", m);
+            }
+            if !self.plans.contains_key(plan) {
+                return err(
+                    "consumers.keys",
+                    format!("`{key}` is assigned to plan `{plan}`, which no [plans.{plan}] section defines"),
+                );
+            }
         }
         Ok(())
     }
@@ -707,15 +1036,26 @@ impl Config {
         for r in &self.rules {
             let _ = writeln!(
                 s,
-                "rule          {}: key {}, {} per {}, burst {}, cost {}{}",
+                "rule          {}: key {}, {}",
                 r.name,
-                r.key,
-                r.rate,
-                humantime::format_duration(r.per),
-                r.burst,
-                r.cost,
-                if r.shadow { " (shadow)" } else { "" }
+                r.key.as_deref().unwrap_or("-"),
+                r.describe()
             );
+        }
+        if let Some(c) = &self.consumers {
+            let _ = writeln!(
+                s,
+                "consumers     key {}, default plan {}, {} static keys",
+                c.key,
+                c.default_plan.as_deref().unwrap_or("none"),
+                c.keys.len()
+            );
+        }
+        for (name, plan) in &self.plans {
+            let _ = writeln!(s, "plan          {name}: {} rules", plan.rules.len());
+            for r in &plan.rules {
+                let _ = writeln!(s, "  rule        {}: {}", r.name, r.describe());
+            }
         }
         if self.ban.enabled {
             let _ = writeln!(

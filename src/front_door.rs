@@ -4,7 +4,8 @@
 //! 1. identity - peer address, trusted proxies, X-Forwarded-For;
 //! 2. allowlist - in memory, then forward with no Redis call;
 //! 3. ban cache - in memory, answer with no Redis call;
-//! 4. rules - the matching rules, grouped by subject;
+//! 4. rules - the matching rules and the consumer's plan rules, grouped by
+//!    subject;
 //! 5. decision - one store call per subject;
 //! 6. answer - forward (plus RateLimit headers), 429, ban status, or 503.
 //!
@@ -29,6 +30,8 @@ use arc_swap::ArcSwap;
 use crate::bans::Bans;
 use crate::client_ip::{ClientIpResolver, ClientKey};
 use crate::config::{Config, UpstreamConfig};
+use crate::consumers::{ConsumerTable, Plans};
+use crate::in_flight::{self, SlotGuard};
 use crate::limiter::{BanMade, Decision, Limiter, RateInfo};
 use crate::metrics::GatewayMetrics;
 use crate::proxy::{websocket, Upstream};
@@ -44,6 +47,8 @@ pub struct Snapshot {
     /// Shared with the previous snapshot while `[upstream]` is unchanged, so
     /// the workers keep their upstream connections across such reloads.
     pub upstream: Arc<UpstreamConfig>,
+    /// `[consumers]` and `[plans.*]`, compiled (`None`: no consumers).
+    pub plans: Option<Plans>,
 }
 
 impl Snapshot {
@@ -54,15 +59,18 @@ impl Snapshot {
             Some(p) if *p.upstream == config.upstream => p.upstream.clone(),
             _ => Arc::new(config.upstream.clone()),
         };
+        let rules = RuleSet::compile(&config.rules);
+        let plans = Plans::compile(config, &rules);
         Snapshot {
             resolver: ClientIpResolver::new(
                 config.client_ip.trusted_proxies.clone(),
                 config.client_ip.ipv6_prefix,
             ),
-            rules: RuleSet::compile(&config.rules),
+            rules,
             ban_status: StatusCode::from_u16(config.ban.status)
                 .unwrap_or(StatusCode::TOO_MANY_REQUESTS),
             upstream,
+            plans,
         }
     }
 }
@@ -70,6 +78,8 @@ impl Snapshot {
 /// Everything the front door needs, shared by all workers.
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
+    /// The runtime plan assignments, cached on this node.
+    pub consumers: Arc<ConsumerTable>,
     pub limiter: Arc<Limiter>,
     pub bans: Arc<Bans>,
     pub metrics: GatewayMetrics,
@@ -78,12 +88,14 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(
         snapshot: Snapshot,
+        consumers: Arc<ConsumerTable>,
         limiter: Arc<Limiter>,
         bans: Arc<Bans>,
         metrics: GatewayMetrics,
     ) -> Gateway {
         Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
+            consumers,
             limiter,
             bans,
             metrics,
@@ -126,8 +138,9 @@ impl UpstreamClients {
 }
 
 /// Phase 6 for an allowed request: stream it upstream (or relay its
-/// WebSocket) and add the RateLimit headers of the tightest rule to the
-/// answer.
+/// WebSocket), add the RateLimit headers of the rules that applied, and
+/// hold its concurrency `slots` until the response (or the relayed
+/// connection) ends.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     req: HttpRequest,
@@ -137,7 +150,8 @@ async fn forward(
     upstream: &UpstreamConfig,
     peer: IpAddr,
     trusted: bool,
-    info: Option<RateInfo<'_>>,
+    applied: &[RateInfo<'_>],
+    slots: Option<SlotGuard>,
 ) -> HttpResponse {
     if websocket::is_upgrade(&req) {
         if !upstream.websocket {
@@ -145,10 +159,8 @@ async fn forward(
         }
         return match websocket::relay(&req, payload, up, upstream, trusted, peer).await {
             Ok(mut relayed) => {
-                if let Some(info) = &info {
-                    responses::add_rate_headers(&mut relayed.builder, info);
-                }
-                relayed.into_response()
+                responses::add_rate_headers(&mut relayed.builder, applied);
+                hold(relayed.into_response(), slots)
             }
             Err(failure) => {
                 crate::metrics::upstream_error(failure.code());
@@ -163,15 +175,21 @@ async fn forward(
         .record(started.elapsed().as_secs_f64());
     match result {
         Ok(mut resp) => {
-            if let Some(info) = &info {
-                responses::add_rate_headers(&mut resp.builder, info);
-            }
-            resp.into_response()
+            responses::add_rate_headers(&mut resp.builder, applied);
+            hold(resp.into_response(), slots)
         }
         Err(failure) => {
             crate::metrics::upstream_error(failure.code());
             responses::upstream_failure(failure.status(), failure.code())
         }
+    }
+}
+
+/// Keeps the concurrency slots of `resp` until its body ends.
+fn hold(resp: HttpResponse, slots: Option<SlotGuard>) -> HttpResponse {
+    match slots {
+        Some(slots) => in_flight::carry(resp, slots),
+        None => resp,
     }
 }
 
@@ -197,31 +215,40 @@ pub async fn front_door(
     // 2. allowlist
     if gw.bans.cache().is_allowlisted(ip) {
         gw.metrics.allowlisted.increment(1);
-        return forward(req, payload, &up, &gw, upstream, peer, trusted, None).await;
+        return forward(req, payload, &up, &gw, upstream, peer, trusted, &[], None).await;
     }
     // 3. ban cache
     if let Some(left) = gw.bans.cache().banned(ip, &key) {
         gw.metrics.banned.increment(1);
         return responses::banned(snap.ban_status, left);
     }
-    // 4. rules
-    let groups = match snap.rules.groups(&req, key) {
+    // 4. rules, and the consumer's plan rules
+    let mut groups = match snap.rules.groups(&req, key) {
         Ok(g) => g,
         Err(e) => return responses::bad_request(e.to_string()),
     };
+    if let Some(plans) = &snap.plans {
+        if let Err(e) = plans.apply(&req, key, &gw.consumers, &mut groups) {
+            return responses::bad_request(e.to_string());
+        }
+    }
     if groups.is_empty() {
         gw.metrics.allowed_unmatched.increment(1);
-        return forward(req, payload, &up, &gw, upstream, peer, trusted, None).await;
+        return forward(req, payload, &up, &gw, upstream, peer, trusted, &[], None).await;
     }
     // 5. decision, 6. answer
     match gw.limiter.decide(&groups).await {
-        Decision::Allowed { info } => {
-            forward(req, payload, &up, &gw, upstream, peer, trusted, info).await
+        Decision::Allowed { applied, leases } => {
+            let slots = leases.map(|set| SlotGuard::hold(gw.limiter.clone(), set));
+            forward(
+                req, payload, &up, &gw, upstream, peer, trusted, &applied, slots,
+            )
+            .await
         }
         Decision::Limited {
-            info,
+            violated,
             retry_after_s,
-        } => responses::limited(&info, retry_after_s),
+        } => responses::limited(&violated, retry_after_s),
         Decision::Banned {
             remaining_ms, made, ..
         } => {

@@ -2,7 +2,8 @@
 //!
 //! A subject's keys share the hash tag `{<subject>}` so one script call on
 //! them is single-slot on Redis Cluster: `fg:{ip:203.0.113.7}:b` (buckets
-//! and violation window) and `fg:{ip:203.0.113.7}:ban` (ban and strikes).
+//! and violation window) and `fg:{ip:203.0.113.7}:ban` (ban and strikes),
+//! and `fg:{consumer:<sha256>}:c:<rule>` (concurrency leases).
 //! Gateway-wide keys (allowlist, CIDR bans, audit stream) are touched only by
 //! admin calls and reconciliation, never by a per-request script.
 
@@ -14,6 +15,18 @@ pub fn state(prefix: &str, tag: &str) -> String {
 /// The ban hash of a subject: until, strikes, reason, source.
 pub fn ban(prefix: &str, tag: &str) -> String {
     format!("{prefix}{{{tag}}}:ban")
+}
+
+/// The concurrency slots of one of a subject's rules: a sorted set of lease
+/// ids, each scored by its expiry (µs).
+pub fn lease(prefix: &str, tag: &str, rule: &str) -> String {
+    format!("{prefix}{{{tag}}}:c:{rule}")
+}
+
+/// Runtime consumer plans: field = SHA-256 of the key (hex), value = plan;
+/// field `#v` counts the changes, so reconcile skips an unchanged table.
+pub fn consumers(prefix: &str) -> String {
+    format!("{prefix}consumers")
 }
 
 /// SCAN pattern matching every IP subject's ban hash.

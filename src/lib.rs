@@ -1,7 +1,8 @@
 //! floodgate: a distributed rate-limiting HTTP gateway.
 //!
 //! The modules follow a request's path: [`front_door`] runs its phases,
-//! [`client_ip`] says who is asking, [`rules`] which limits apply,
+//! [`client_ip`] says who is asking, [`rules`] which limits apply (and
+//! [`consumers`] which plan an API key has),
 //! [`limiter`] decides (Redis or in-process), [`bans`] keeps every node's
 //! view of bans and the allowlist, [`proxy`] forwards allowed traffic, and
 //! [`responses`] is everything the gateway answers by itself. [`admin`]
@@ -15,10 +16,13 @@ pub mod bans;
 pub mod cli;
 pub mod client_ip;
 pub mod config;
+pub mod consumers;
 pub mod dashboard;
 pub mod front_door;
+pub mod in_flight;
 pub mod keys;
 pub mod limiter;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod redis_link;

@@ -20,6 +20,7 @@ pub const UPSTREAM_ERRORS: &str = "floodgate_upstream_errors_total";
 pub const CONFIG_RELOADS: &str = "floodgate_config_reloads_total";
 pub const WEBSOCKET_CONNECTIONS: &str = "floodgate_websocket_connections";
 pub const DENY_CACHE_HITS: &str = "floodgate_deny_cache_hits_total";
+pub const LEASE_ERRORS: &str = "floodgate_lease_errors_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub const NO_RULE: &str = "-";
@@ -59,6 +60,10 @@ pub fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         DENY_CACHE_HITS,
         "Refusals answered from the node's deny cache, with no Redis call"
+    );
+    metrics::describe_counter!(
+        LEASE_ERRORS,
+        "Concurrency lease renewals and releases that failed (the slot then ends with its lease)"
     );
     Some(handle)
 }
@@ -103,6 +108,7 @@ pub struct GatewayMetrics {
     pub degraded: Gauge,
     pub bans_active: Gauge,
     pub deny_cache_hits: Counter,
+    pub lease_errors: Counter,
 }
 
 impl GatewayMetrics {
@@ -121,6 +127,7 @@ impl GatewayMetrics {
             degraded: metrics::gauge!(DEGRADED),
             bans_active: metrics::gauge!(BANS_ACTIVE),
             deny_cache_hits: metrics::counter!(DENY_CACHE_HITS),
+            lease_errors: metrics::counter!(LEASE_ERRORS),
         }
     }
 }

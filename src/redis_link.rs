@@ -76,6 +76,8 @@ pub mod scripts {
             .replace("-- @DECIDE@", include_str!("../lua/decide.lua"));
         LuaScript::new(Box::leak(body.into_boxed_str()))
     });
+    pub static LEASE: LazyLock<LuaScript> =
+        LazyLock::new(|| LuaScript::new(include_str!("../lua/lease.lua")));
 }
 
 thread_local! {
@@ -158,6 +160,7 @@ impl RedisLink {
             &*scripts::UNBAN,
             &*scripts::INSPECT,
             &*scripts::DECIDE_BATCH,
+            &*scripts::LEASE,
         ] {
             let load = redis::cmd("SCRIPT").arg("LOAD").arg(script.body).clone();
             // On a cluster this goes to every node and fails while one is

@@ -192,6 +192,8 @@ impl Reloader {
         }
         let previous = gw.snapshot();
         gw.replace_snapshot(Snapshot::new(config, Some(&previous)));
+        gw.consumers
+            .set_known_plans(config.plans.keys().cloned().collect());
     }
 
     /// The file in effect: when it was loaded, its hash, reloads so far.

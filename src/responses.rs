@@ -1,10 +1,12 @@
 //! What the gateway answers by itself: JSON errors, the refusals (limited,
-//! banned, unavailable, upstream failures) and the RateLimit headers.
+//! banned, unavailable: RFC 9457 problem details), upstream failures, and
+//! the RateLimit headers.
 //!
 //! Every status, header name and body shape the gateway writes is defined
 //! here once, so the front door and the admin API answer alike and neither
 //! borrows from the other.
 
+use std::fmt::Write;
 use std::time::Duration;
 
 use actix_web::http::header::{HeaderName, HeaderValue, RETRY_AFTER};
@@ -27,50 +29,112 @@ pub fn json_error(status: StatusCode, body: serde_json::Value) -> HttpResponse {
         .body(body.to_string())
 }
 
-/// Adds the RateLimit headers (both the structured fields and the older
-/// trio) of the tightest rule.
-pub fn add_rate_headers(b: &mut HttpResponseBuilder, info: &RateInfo<'_>) {
-    let r = info.rule;
-    b.insert_header((RATELIMIT_POLICY.clone(), r.policy_header.clone()));
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "\"{}\";r={};t={}",
-        r.name, info.remaining, info.reset_s
-    )) {
+/// Adds the RateLimit headers: the structured fields list every policy in
+/// `applied` (one item each), the older trio repeats the tightest (fewest
+/// left). Nothing when `applied` is empty.
+pub fn add_rate_headers(b: &mut HttpResponseBuilder, applied: &[RateInfo<'_>]) {
+    let Some(tightest) = applied.iter().min_by_key(|i| i.remaining) else {
+        return;
+    };
+    let mut policy: Vec<u8> = Vec::with_capacity(48 * applied.len());
+    let mut state = String::with_capacity(32 * applied.len());
+    for (n, info) in applied.iter().enumerate() {
+        if n > 0 {
+            policy.extend_from_slice(b", ");
+            state.push_str(", ");
+        }
+        policy.extend_from_slice(info.rule.policy_header.as_bytes());
+        let _ = write!(state, "\"{}\";r={}", info.rule.name, info.remaining);
+        if !info.rule.is_concurrency() {
+            let _ = write!(state, ";t={}", info.reset_s);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&policy) {
+        b.insert_header((RATELIMIT_POLICY.clone(), v));
+    }
+    if let Ok(v) = HeaderValue::from_str(&state) {
         b.insert_header((RATELIMIT.clone(), v));
     }
-    b.insert_header((RATELIMIT_LIMIT.clone(), HeaderValue::from(r.bucket.burst)));
+    b.insert_header((
+        RATELIMIT_LIMIT.clone(),
+        HeaderValue::from(tightest.rule.quota_units()),
+    ));
     b.insert_header((
         RATELIMIT_REMAINING.clone(),
-        HeaderValue::from(info.remaining),
+        HeaderValue::from(tightest.remaining),
     ));
-    b.insert_header((RATELIMIT_RESET.clone(), HeaderValue::from(info.reset_s)));
+    b.insert_header((RATELIMIT_RESET.clone(), HeaderValue::from(tightest.reset_s)));
+}
+
+/// The problem types of the RateLimit draft (RFC 9457 problem details).
+const PROBLEM_TYPES: &str = "https://iana.org/assignments/http-problem-types#";
+
+/// A refusal as `application/problem+json`: the draft's problem `kind`
+/// with its title, `status`, the `violated-policies`, plus the gateway's own
+/// fields (`error`, `retry_after`, ...), which clients already read.
+fn problem(
+    b: &mut HttpResponseBuilder,
+    status: StatusCode,
+    kind: &str,
+    title: &str,
+    violated: Vec<&str>,
+    own: serde_json::Value,
+) -> HttpResponse {
+    let mut body = json!({
+        "type": format!("{PROBLEM_TYPES}{kind}"),
+        "title": title,
+        "status": status.as_u16(),
+        "violated-policies": violated,
+    });
+    if let (Some(body), serde_json::Value::Object(own)) = (body.as_object_mut(), own) {
+        body.extend(own);
+    }
+    b.status(status)
+        .content_type("application/problem+json")
+        .body(body.to_string())
 }
 
 /// A banned client's answer: `ban.status`, seconds left of the ban.
 pub fn banned(status: StatusCode, remaining: Duration) -> HttpResponse {
     let secs = remaining.as_millis().div_ceil(1000).max(1) as u64;
-    HttpResponse::build(status)
-        .insert_header((RETRY_AFTER, secs))
-        .content_type("application/json")
-        .body(json!({"error": "banned", "retry_after": secs}).to_string())
+    let mut b = HttpResponse::build(status);
+    b.insert_header((RETRY_AFTER, secs));
+    problem(
+        &mut b,
+        status,
+        "abnormal-usage-detected",
+        "Request not satisfied due to detection of abnormal request pattern",
+        Vec::new(),
+        json!({"error": "banned", "retry_after": secs}),
+    )
 }
 
-/// A refusal by a rule: 429, Retry-After and the refusing rule's headers.
-pub fn limited(info: &RateInfo<'_>, retry_after_s: u64) -> HttpResponse {
+/// A refusal by rules: 429, Retry-After and the refusing rules' headers.
+/// `violated[0]` is the rule named in the body (the longest wait).
+pub fn limited(violated: &[RateInfo<'_>], retry_after_s: u64) -> HttpResponse {
     let mut b = HttpResponse::build(StatusCode::TOO_MANY_REQUESTS);
-    add_rate_headers(&mut b, info);
-    b.insert_header((RETRY_AFTER, retry_after_s))
-        .content_type("application/json")
-        .body(
-            json!({"error": "rate_limited", "rule": &*info.rule.name, "retry_after": retry_after_s})
-                .to_string(),
-        )
+    add_rate_headers(&mut b, violated);
+    b.insert_header((RETRY_AFTER, retry_after_s));
+    let rule = violated.first().map(|i| &*i.rule.name).unwrap_or("");
+    problem(
+        &mut b,
+        StatusCode::TOO_MANY_REQUESTS,
+        "quota-exceeded",
+        "Request cannot be satisfied as assigned quota has been exceeded",
+        violated.iter().map(|i| &*i.rule.name).collect(),
+        json!({"error": "rate_limited", "rule": rule, "retry_after": retry_after_s}),
+    )
 }
 
 /// The store is unavailable and `on_failure = "deny"`.
 pub fn unavailable() -> HttpResponse {
-    json_error(
+    let mut b = HttpResponse::build(StatusCode::SERVICE_UNAVAILABLE);
+    problem(
+        &mut b,
         StatusCode::SERVICE_UNAVAILABLE,
+        "temporary-reduced-capacity",
+        "Request cannot be satisfied due to temporary reduced capacity",
+        Vec::new(),
         json!({"error": "unavailable", "message": "the rate-limit store is unavailable and on_failure is \"deny\""}),
     )
 }

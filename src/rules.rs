@@ -14,7 +14,8 @@ use actix_web::HttpRequest;
 
 use crate::client_ip::ClientKey;
 pub use crate::config::KeyKind;
-use crate::config::RuleConfig;
+use crate::config::{LimitConfig, RuleConfig};
+pub use crate::limits::{ConcurrencySpec, Period, QuotaSpec};
 use crate::metrics::RuleCounters;
 
 /// Header values longer than this cannot be a rate-limit key: the request is
@@ -47,17 +48,26 @@ impl BucketSpec {
     }
 }
 
+/// What a rule limits: a token bucket, a calendar quota, or the requests
+/// in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Rate(BucketSpec),
+    Quota(QuotaSpec),
+    Concurrency(ConcurrencySpec),
+}
+
 /// A compiled rule.
 #[derive(Debug)]
 pub struct Rule {
     pub name: Arc<str>,
     pub key: KeyKind,
-    pub bucket: BucketSpec,
+    pub limit: Limit,
     pub shadow: bool,
     path_prefix: Option<String>,
     methods: Option<Vec<Method>>,
     host: Option<String>,
-    /// `RateLimit-Policy` value, rendered once.
+    /// `RateLimit-Policy` item, rendered once.
     pub policy_header: HeaderValue,
     /// Idle TTL of this rule's subject state (see [`RuleSet::ttl_ms`]).
     pub subject_ttl_ms: u64,
@@ -66,14 +76,38 @@ pub struct Rule {
 }
 
 impl Rule {
-    fn compile(c: &RuleConfig) -> Rule {
-        let bucket = BucketSpec::new(c.rate, c.per, c.burst, c.cost);
-        let window = ceil_secs(bucket.capacity_us()).max(1);
-        let policy = format!("\"{}\";q={};w={}", c.name, c.burst, window);
+    /// Compiles `c`, charged to subjects of `key` (a plan's rules are
+    /// charged to the consumer).
+    pub fn compile(c: &RuleConfig, key: KeyKind) -> Rule {
+        let (limit, policy) = match c.limit() {
+            LimitConfig::Rate { rate, per, burst } => {
+                let bucket = BucketSpec::new(rate, per, burst, c.cost);
+                let window = ceil_secs(bucket.capacity_us()).max(1);
+                (
+                    Limit::Rate(bucket),
+                    format!("\"{}\";q={};w={}", c.name, burst, window),
+                )
+            }
+            LimitConfig::Quota { quota, period } => (
+                Limit::Quota(QuotaSpec {
+                    quota,
+                    period,
+                    cost: c.cost,
+                }),
+                format!("\"{}\";q={};w={}", c.name, quota, period.window_s()),
+            ),
+            LimitConfig::Concurrency { max, lease } => (
+                Limit::Concurrency(ConcurrencySpec {
+                    max,
+                    lease_ms: lease.as_millis() as u64,
+                }),
+                format!("\"{}\";q={};qu=\"concurrent-requests\"", c.name, max),
+            ),
+        };
         Rule {
             name: Arc::from(c.name.as_str()),
-            key: KeyKind::parse(&c.key).unwrap_or(KeyKind::Ip),
-            bucket,
+            key,
+            limit,
             shadow: c.shadow,
             path_prefix: c.matcher.path_prefix.clone(),
             methods: c.matcher.methods.as_ref().map(|ms| {
@@ -89,7 +123,40 @@ impl Rule {
         }
     }
 
-    fn matches(&self, req: &HttpRequest, path: &str) -> bool {
+    /// The policy's quota `q`: burst, quota, or slots.
+    pub fn quota_units(&self) -> u64 {
+        match self.limit {
+            Limit::Rate(b) => u64::from(b.burst),
+            Limit::Quota(q) => q.quota,
+            Limit::Concurrency(c) => u64::from(c.max),
+        }
+    }
+
+    /// How long an idle subject's state must be kept for this rule: until
+    /// its bucket is full again, or until its longest period has passed.
+    /// Concurrency leases live in keys of their own, with their own TTL.
+    pub fn hold_us(&self) -> u64 {
+        match self.limit {
+            Limit::Rate(b) => b.capacity_us(),
+            Limit::Quota(q) => q.period.longest_s() * 1_000_000,
+            Limit::Concurrency(_) => 0,
+        }
+    }
+
+    /// The token bucket, for a rate rule.
+    pub fn bucket(&self) -> Option<BucketSpec> {
+        match self.limit {
+            Limit::Rate(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn is_concurrency(&self) -> bool {
+        matches!(self.limit, Limit::Concurrency(_))
+    }
+
+    /// Whether the rule applies to `req` (whose normalised path is `path`).
+    pub fn matches(&self, req: &HttpRequest, path: &str) -> bool {
         if let Some(p) = &self.path_prefix {
             if !path.starts_with(p.as_str()) {
                 return false;
@@ -181,7 +248,15 @@ pub fn ceil_secs(us: u64) -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Subject {
     Ip(ClientKey),
-    Header { name: HeaderName, value: String },
+    Header {
+        name: HeaderName,
+        value: String,
+    },
+    /// A consumer of `[consumers]`, by the SHA-256 of its key (hex): the
+    /// key itself is never written to Redis.
+    Consumer {
+        hash: String,
+    },
     Global,
 }
 
@@ -192,6 +267,7 @@ impl Subject {
         match self {
             Subject::Ip(k) => format!("ip:{k}"),
             Subject::Header { name, value } => format!("hdr:{}:{value}", name.as_str()),
+            Subject::Consumer { hash } => format!("consumer:{hash}"),
             Subject::Global => "global".to_string(),
         }
     }
@@ -241,7 +317,14 @@ pub struct RuleSet {
 impl RuleSet {
     pub fn compile(configs: &[RuleConfig]) -> RuleSet {
         let mut set = RuleSet {
-            rules: configs.iter().map(Rule::compile).collect(),
+            rules: configs
+                .iter()
+                .map(|c| {
+                    let key =
+                        KeyKind::parse(c.key.as_deref().unwrap_or("ip")).unwrap_or(KeyKind::Ip);
+                    Rule::compile(c, key)
+                })
+                .collect(),
         };
         // Each rule carries its subject kind's idle TTL, so requests never
         // recompute it.
@@ -270,7 +353,7 @@ impl RuleSet {
             .rules
             .iter()
             .filter(|r| same_subject_kind(&r.key, key))
-            .map(|r| r.bucket.capacity_us())
+            .map(Rule::hold_us)
             .max()
             .unwrap_or(0);
         us.div_ceil(1000) + 1000

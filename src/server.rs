@@ -10,6 +10,7 @@ use actix_web::{web, App, HttpServer};
 use crate::admin::{self, AdminState};
 use crate::bans::{BanCache, Bans};
 use crate::config::Config;
+use crate::consumers::ConsumerTable;
 use crate::front_door::{self, Gateway, Snapshot, UpstreamClients};
 use crate::limiter::{BanParams, Breaker, Limiter, LocalStore, RedisStore};
 use crate::metrics::GatewayMetrics;
@@ -93,6 +94,11 @@ pub async fn run(file: ConfigFile) -> std::io::Result<()> {
         .as_ref()
         .map(|r| r.key_prefix.clone())
         .unwrap_or_default();
+    let consumers = Arc::new(ConsumerTable::new(
+        link.clone(),
+        prefix.clone(),
+        config.plans.keys().cloned().collect(),
+    ));
     let bans = Arc::new(Bans::new(
         cache,
         link.clone(),
@@ -103,6 +109,7 @@ pub async fn run(file: ConfigFile) -> std::io::Result<()> {
         config.ban.audit_max_len,
         config.client_ip.ipv6_prefix,
     ));
+    bans.follow_with(consumers.clone());
     if connected {
         if let Err(e) = bans.reconcile().await {
             log::warn!("could not read bans from Redis at start-up: {e}");
@@ -111,6 +118,7 @@ pub async fn run(file: ConfigFile) -> std::io::Result<()> {
 
     let gateway = web::Data::new(Gateway::new(
         Snapshot::new(config, None),
+        consumers,
         limiter.clone(),
         bans.clone(),
         metrics,

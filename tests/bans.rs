@@ -45,6 +45,11 @@ fn bans_escalate_by_factor_up_to_the_cap() {
     }
     let r = get_as(&gw.url("/"), ip);
     assert_eq!(r.json()["error"], "banned");
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    assert_eq!(
+        r.json()["type"],
+        "https://iana.org/assignments/http-problem-types#abnormal-usage-detected"
+    );
     assert_eq!(
         r.header("retry-after"),
         Some("1"),

@@ -1,5 +1,5 @@
-//! floodgate on a Redis Cluster of 3 masters and 3 replicas: limits, bans
-//! and listings across masters, a master killed under load, and SCRIPT FLUSH
+//! floodgate on a Redis Cluster of 3 masters and 3 replicas: limits,
+//! consumers' quotas and concurrency slots, bans and listings across masters, a master killed under load, and SCRIPT FLUSH
 //! on every node mid-run.
 
 mod common;
@@ -13,7 +13,7 @@ use common::*;
 
 const RULES: &str =
     "[[rules]]\nname = \"per-ip\"\nkey = \"ip\"\nrate = 1\nper = \"60s\"\nburst = 3\n";
-const BANS: &str = "[ban]\nenabled = true\nafter = 2\nwithin = \"10s\"\nduration = \"10m\"\n";
+const BANS: &str = "[ban]\nenabled = true\nafter = 2\nwithin = \"10s\"\nduration = \"10m\"\n\n[consumers]\nkey = \"header:X-Api-Key\"\nkeys = { k0 = \"metered\", k1 = \"metered\", k2 = \"metered\", k3 = \"metered\", k4 = \"metered\", k5 = \"metered\" }\n\n[plans.metered]\nrules = [\n  { name = \"metered-daily\", quota = 3, period = \"day\" },\n  { name = \"metered-inflight\", concurrency = 1, lease = \"1s\" },\n]\n";
 
 fn cluster_setup<'a>(
     cluster: &RedisCluster,
@@ -57,6 +57,54 @@ fn cluster_limits_bans_failover_and_script_flush() {
         .map(|i| get_as(&[&a, &b][i % 2].url("/"), "203.0.113.1").status)
         .collect();
     assert_eq!(statuses, vec![200, 200, 200, 429]);
+
+    // Quotas and concurrency slots of consumers whose keys live on every
+    // master: the lease sets share the subject's hash tag (no CROSSSLOT).
+    let keys: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
+    let masters: std::collections::HashSet<usize> = keys
+        .iter()
+        .map(|k| {
+            let hash = floodgate::consumers::key_hash(k.as_bytes());
+            cluster.master_of(&format!("{p}{{consumer:{hash}}}:b"))
+        })
+        .collect();
+    assert_eq!(
+        masters.len(),
+        3,
+        "the consumers should live on every master"
+    );
+    // Each request from its own address: the per-ip rule is not under test.
+    let n = AtomicU64::new(0);
+    for k in &keys {
+        let with_key = |g: &Gateway, path: &str| {
+            let ip = format!("198.18.0.{}", n.fetch_add(1, Ordering::Relaxed));
+            get(&g.url(path), &[("X-Api-Key", k), ("X-Forwarded-For", &ip)])
+        };
+        assert_eq!(with_key(&a, "/").status, 200, "{k}");
+        let slow = {
+            let url = b.url("/slow/700");
+            let k = k.clone();
+            let ip = format!("198.18.1.{}", n.fetch_add(1, Ordering::Relaxed));
+            thread::spawn(move || get(&url, &[("X-Api-Key", &k), ("X-Forwarded-For", &ip)]).status)
+        };
+        thread::sleep(Duration::from_millis(300));
+        let r = with_key(&a, "/");
+        assert_eq!(r.status, 429, "{k}: {}", r.body);
+        assert_eq!(
+            r.json()["violated-policies"],
+            serde_json::json!(["metered-inflight"])
+        );
+        assert_eq!(slow.join().unwrap(), 200);
+        wait_until("the slot is released", Duration::from_secs(1), || {
+            with_key(&a, "/").status == 200
+        });
+        let r = with_key(&b, "/");
+        assert_eq!(r.status, 429, "{k}: {}", r.body);
+        assert_eq!(
+            r.json()["violated-policies"],
+            serde_json::json!(["metered-daily"])
+        );
+    }
 
     // Bans on many subjects spread over the masters; all listed, all
     // enforced by the other node.

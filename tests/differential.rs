@@ -1,12 +1,16 @@
 //! The two stores decide alike: the same request sequence, on the same
 //! pinned clock, fed to the Redis script and to the in-process store gives
 //! the same answer at every step (status, every bucket's tokens and waits,
-//! ban lengths and strikes).
+//! ban lengths and strikes, quota counts and periods, concurrency slots
+//! and their leases).
 
 mod common;
 
 use floodgate::config::Config;
-use floodgate::limiter::{BanParams, DecisionStore, LocalStore, Mode, RedisStore, SubjectCall};
+use floodgate::limiter::{
+    BanParams, DecisionStore, LeaseCall, LeaseSlot, LocalStore, Mode, RedisStore, Status,
+    SubjectCall,
+};
 use floodgate::redis_link::RedisLink;
 use floodgate::rules::{Rule, RuleSet};
 
@@ -124,6 +128,7 @@ fn redis_and_local_stores_decide_identically() {
             bannable: true,
             mode,
             now_us: Some(now_us),
+            lease: "",
         };
         let a = rt.block_on(DecisionStore::decide(&remote, &call)).unwrap();
         let b = local.decide(&call);
@@ -137,4 +142,276 @@ fn redis_and_local_stores_decide_identically() {
             "{status} barely seen: {seen:?}"
         );
     }
+}
+
+const PLAN_CONFIG: &str = r#"
+[upstream]
+urls = ["http://127.0.0.1:1"]
+
+[[rules]]
+name = "steady"
+key = "ip"
+rate = 5
+per = "1s"
+burst = 4
+
+[[rules]]
+name = "hourly"
+key = "ip"
+quota = 9
+period = "hour"
+
+[[rules]]
+name = "daily"
+key = "ip"
+quota = 30
+period = "day"
+cost = 2
+
+[[rules]]
+name = "monthly"
+key = "ip"
+quota = 25
+period = "month"
+shadow = true
+
+[[rules]]
+name = "slots"
+key = "ip"
+concurrency = 3
+lease = "2s"
+
+[[rules]]
+name = "few-slots"
+key = "ip"
+concurrency = 1
+lease = "500ms"
+shadow = true
+
+[ban]
+after = 6
+within = "2s"
+duration = "3s"
+factor = 1.5
+max_duration = "20s"
+# Longer than the whole run: Redis forgets on its own clock, not the pinned one.
+memory = "3650d"
+"#;
+
+#[test]
+fn quotas_and_concurrency_decide_identically_in_both_stores() {
+    let redis = RedisServer::start();
+    let config = Config::parse(
+        &PLAN_CONFIG.replace(
+            "[ban]",
+            &format!(
+                "[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\n[ban]",
+                redis.url()
+            ),
+        ),
+        "differential",
+    )
+    .unwrap();
+    let rules = RuleSet::compile(&config.rules);
+    let params = BanParams::from_config(&config.ban);
+    let local = LocalStore::new(params, 10_000, true);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let link = RedisLink::new(config.redis.clone().unwrap());
+    rt.block_on(link.connect()).unwrap();
+    let remote = RedisStore::new(link, params);
+
+    let all: Vec<&Rule> = rules.rules().iter().collect();
+    let subsets: Vec<Vec<&Rule>> = vec![
+        all.clone(),
+        vec![all[1], all[4]],
+        vec![all[0], all[2], all[3]],
+        vec![all[4], all[5]],
+        vec![all[1], all[2], all[4]],
+    ];
+    let tags = ["ip:203.0.113.1", "ip:203.0.113.2"];
+    let ttl_ms = rules.ttl_ms(&floodgate::rules::KeyKind::Ip);
+    let slots = |rules: &[&Rule]| -> Vec<LeaseSlot> {
+        rules
+            .iter()
+            .filter_map(|r| match r.limit {
+                floodgate::rules::Limit::Concurrency(c) => Some(LeaseSlot {
+                    rule: r.name.clone(),
+                    lease_ms: c.lease_ms,
+                }),
+                _ => None,
+            })
+            .collect()
+    };
+
+    let mut rng = Rng(0x2545f4914f6cdd1d);
+    // 2030-01-31 23:58:00 UTC: a month, a day and an hour end soon.
+    let mut now_us: u64 = 1_896_134_280_000_000;
+    // Leases handed out: (tag, subset index, lease id).
+    let mut held: Vec<(usize, usize, String)> = Vec::new();
+    let mut seen = std::collections::HashMap::new();
+    for step in 0..4000u64 {
+        now_us += match rng.below(40) {
+            0..=17 => rng.below(2_000),
+            18..=31 => rng.below(400_000),
+            32..=36 => rng.below(5_000_000),
+            37 => rng.below(3_600_000_000),
+            38 => rng.below(86_400_000_000),
+            _ => rng.below(40 * 86_400_000_000),
+        };
+        let t = rng.below(tags.len() as u64) as usize;
+        let op = rng.below(10);
+        if op <= 1 && !held.is_empty() {
+            // Renew or release a lease held.
+            // The newest lease half of the time: most others have expired.
+            let i = if rng.below(2) == 0 {
+                held.len() - 1
+            } else {
+                rng.below(held.len() as u64) as usize
+            };
+            let renew = op == 0;
+            let (ht, hs, id) = if renew {
+                held[i].clone()
+            } else {
+                held.swap_remove(i)
+            };
+            let slots = slots(&subsets[hs]);
+            let call = LeaseCall {
+                tag: tags[ht],
+                lease: &id,
+                slots: &slots,
+                renew,
+                now_us: Some(now_us),
+            };
+            let a = rt.block_on(DecisionStore::leases(&remote, &call)).unwrap();
+            let b = local.leases(&call);
+            assert_eq!(a, b, "step {step}: {call:?}");
+            *seen
+                .entry(format!("lease renew={renew} held={}", a > 0))
+                .or_insert(0) += 1;
+            continue;
+        }
+        let s = rng.below(subsets.len() as u64) as usize;
+        let id = format!("lease-{step}");
+        let mode = match op {
+            2 => Mode::Peek,
+            3 => Mode::Refund { rule: "elsewhere" },
+            _ => Mode::Decide,
+        };
+        let lease = if op == 3 && !held.is_empty() {
+            held[rng.below(held.len() as u64) as usize].2.clone()
+        } else {
+            id
+        };
+        let call = SubjectCall {
+            tag: tags[t],
+            rules: &subsets[s],
+            ttl_ms,
+            bannable: true,
+            mode,
+            now_us: Some(now_us),
+            lease: &lease,
+        };
+        let a = rt.block_on(DecisionStore::decide(&remote, &call)).unwrap();
+        let b = local.decide(&call);
+        assert_eq!(a, b, "step {step}: {call:?}");
+        if mode == Mode::Decide && a.status == Status::Allowed {
+            held.push((t, s, lease));
+        }
+        for (rule, bucket) in subsets[s].iter().zip(&a.buckets) {
+            *seen
+                .entry(format!("{} {:?}", rule.name, bucket.state))
+                .or_insert(0) += 1;
+        }
+        *seen.entry(format!("{:?}", a.status)).or_insert(0) += 1;
+    }
+    // The sequence exercised every outcome of every kind.
+    for outcome in [
+        "Allowed",
+        "Limited",
+        "BannedNow",
+        "hourly Refusing",
+        "daily Refusing",
+        "monthly ShadowRefusing",
+        "slots Refusing",
+        "few-slots ShadowRefusing",
+        "lease renew=true held=true",
+        "lease renew=true held=false",
+        "lease renew=false held=false",
+    ] {
+        assert!(
+            seen.get(outcome).copied().unwrap_or(0) > 3,
+            "{outcome} barely seen: {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn the_script_ends_a_day_quota_at_midnight_utc_and_a_month_quota_on_the_first() {
+    let redis = RedisServer::start();
+    let config = Config::parse(
+        &format!(
+            "[upstream]\nurls = [\"http://127.0.0.1:1\"]\n[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\
+             [[rules]]\nname = \"daily\"\nkey = \"ip\"\nquota = 2\nperiod = \"day\"\n\
+             [[rules]]\nname = \"monthly\"\nkey = \"ip\"\nquota = 3\nperiod = \"month\"\n",
+            redis.url()
+        ),
+        "quota",
+    )
+    .unwrap();
+    let rules = RuleSet::compile(&config.rules);
+    let params = BanParams::from_config(&config.ban);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let link = RedisLink::new(config.redis.clone().unwrap());
+    rt.block_on(link.connect()).unwrap();
+    let store = RedisStore::new(link, params);
+    let all: Vec<&Rule> = rules.rules().iter().collect();
+    let decide = |now_us: u64| {
+        let call = SubjectCall {
+            tag: "ip:203.0.113.9",
+            rules: &all,
+            ttl_ms: rules.ttl_ms(&floodgate::rules::KeyKind::Ip),
+            bannable: false,
+            mode: Mode::Decide,
+            now_us: Some(now_us),
+            lease: "",
+        };
+        rt.block_on(DecisionStore::decide(&store, &call)).unwrap()
+    };
+    // 2028-02-29T23:59:58.5Z: the last day of a leap February.
+    let midnight: u64 = 1_835_481_600_000_000; // 2028-03-01T00:00:00Z
+    let t = midnight - 1_500_000;
+    for left in [1, 0] {
+        let r = decide(t);
+        assert_eq!(r.status, Status::Allowed);
+        assert_eq!(r.buckets[0].room_us, left, "daily left");
+        assert_eq!(r.buckets[0].wait_us, 1_500_000, "daily resets at midnight");
+        assert_eq!(
+            r.buckets[1].wait_us, 1_500_000,
+            "monthly resets on March 1st"
+        );
+    }
+    let r = decide(midnight - 1);
+    assert_eq!(r.status, Status::Limited);
+    assert_eq!(
+        r.buckets[0].state,
+        floodgate::limiter::BucketState::Refusing
+    );
+    assert_eq!(r.buckets[0].wait_us, 1, "refused until the next period");
+    // One microsecond later it is March: both quotas start afresh.
+    let r = decide(midnight);
+    assert_eq!(r.status, Status::Allowed);
+    assert_eq!(r.buckets[0].room_us, 1);
+    assert_eq!(r.buckets[0].wait_us, 86_400_000_000);
+    assert_eq!(r.buckets[1].room_us, 2);
+    assert_eq!(
+        r.buckets[1].wait_us,
+        31 * 86_400_000_000,
+        "March has 31 days"
+    );
 }

@@ -219,6 +219,11 @@ fn deny_mode_answers_503_while_redis_is_down() {
         let r = get_as(&gw.url("/"), "203.0.113.3");
         assert_eq!(r.status, 503, "{}", r.body);
         assert_eq!(r.json()["error"], "unavailable");
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
+        assert_eq!(
+            r.json()["type"],
+            "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity"
+        );
         assert!(at.elapsed() < Duration::from_millis(TIMEOUT_MS + 400));
     }
     redis.restart();

@@ -41,7 +41,15 @@ fn allowed_then_limited_with_headers_and_retry_after() {
     // Five charges of 10 s each: the next token comes 10 s after the first.
     assert_eq!(r.header("retry-after"), Some("10"));
     assert_eq!(r.header("ratelimit"), Some("\"per-ip\";r=0;t=50"));
+    // RFC 9457 problem details, keeping the gateway's own fields.
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
     let body = r.json();
+    assert_eq!(
+        body["type"],
+        "https://iana.org/assignments/http-problem-types#quota-exceeded"
+    );
+    assert_eq!(body["status"], 429);
+    assert_eq!(body["violated-policies"], serde_json::json!(["per-ip"]));
     assert_eq!(body["error"], "rate_limited");
     assert_eq!(body["rule"], "per-ip");
     assert_eq!(body["retry_after"], 10);
@@ -159,18 +167,8 @@ fn hammer(gws: &[&Gateway], run: Duration, ip: &str) -> (u64, f64) {
 
 #[test]
 fn three_gateways_keep_one_global_limit_even_with_a_skewed_clock() {
-    // libfaketime preloaded into the gateway itself (the `faketime` command
-    // would fork, leaving a process the harness cannot stop).
-    let libfaketime = [
-        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
-        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
-        "/usr/lib/faketime/libfaketimeMT.so.1",
-        "/usr/local/lib/faketime/libfaketimeMT.so.1",
-    ]
-    .iter()
-    .find(|p| std::path::Path::new(p).exists())
-    .copied()
-    .expect("libfaketime is needed for this test: apt-get install -y faketime");
+    // libfaketime preloaded into the gateway itself.
+    let libfaketime = libfaketime();
     let (redis, up) = (RedisServer::start(), Upstream::start());
     let p = prefix();
     let rules = rule("per-ip", "ip", 50, "1s", 20, 1);
@@ -695,6 +693,30 @@ fn bad_configs_exit_2_naming_file_and_key() {
             "redis.url",
         ),
         ("[upstream\n".to_string(), "upstream"),
+        (
+            format!("{base}[consumers]\nkey = \"header:X-Api-Key\"\n[plans.free]\nrules = [{{ name = \"f\", rate = 1, per = \"1s\", burst = 1 }}, {{ name = \"g\", rate = 1, per = \"1s\", burst = 1, quota = 5, period = \"day\" }}]\n"),
+            "plans.free.rules[1]",
+        ),
+        (
+            format!("{base}[consumers]\nkey = \"header:X-Api-Key\"\ndefault_plan = \"gold\"\n[plans.free]\nrules = []\n"),
+            "consumers.default_plan",
+        ),
+        (
+            format!("{base}[consumers]\nkey = \"ip\"\n"),
+            "consumers.key",
+        ),
+        (
+            format!("{base}[plans.free]\nrules = []\n"),
+            "plans.free",
+        ),
+        (
+            format!("{base}[consumers]\nkey = \"header:X-Api-Key\"\n[plans.free]\nrules = [{{ name = \"q\", quota = 5, period = \"week\" }}]\n"),
+            "plans.free",
+        ),
+        (
+            format!("{base}[consumers]\nkey = \"header:X-Api-Key\"\n[plans.free]\nrules = [{{ name = \"c\", concurrency = 0 }}]\n"),
+            "plans.free.rules[0].concurrency",
+        ),
     ];
     for (config, key) in cases {
         let (code, _, err) = check(&config);

@@ -91,16 +91,36 @@ export function header(res, name) {
   return undefined;
 }
 
-// `"per-ip";q=200;w=2` -> {name, q, w}
-export function parsePolicy(v) {
-  const m = /^"([^"]*)";q=(\d+);w=(\d+)$/.exec(v || '');
-  return m ? { name: m[1], q: Number(m[2]), w: Number(m[3]) } : null;
+// A RateLimit-Policy or RateLimit field: a structured-field List of
+// `"name";k=v;...` items -> [{name, params}], or null when malformed.
+// (Names are rule names: no commas, quotes or semicolons inside.)
+export function parseItems(v) {
+  if (typeof v !== 'string' || v.trim() === '') return null;
+  const items = [];
+  for (const part of v.split(',')) {
+    const m = /^\s*"([^"]*)"((?:;[a-z]+=(?:\d+|"[^"]*"))*)\s*$/.exec(part);
+    if (!m) return null;
+    const params = {};
+    for (const p of m[2].split(';').slice(1)) {
+      const [k, raw] = p.split('=');
+      params[k] = raw.startsWith('"') ? raw.slice(1, -1) : Number(raw);
+    }
+    items.push({ name: m[1], params });
+  }
+  return items;
 }
 
-// `"per-ip";r=57;t=1` -> {name, r, t}
-export function parseRateLimit(v) {
-  const m = /^"([^"]*)";r=(\d+);t=(\d+)$/.exec(v || '');
-  return m ? { name: m[1], r: Number(m[2]), t: Number(m[3]) } : null;
+// Whether a policy item matches its configured rule. A rule is
+// {burst, perSecond} (token bucket), {quota, periodS} (calendar quota) or
+// {concurrency} (cap on requests in flight).
+function policyMatches(item, rule) {
+  const p = item.params;
+  if (rule === undefined) return false;
+  if (rule.concurrency !== undefined) {
+    return p.q === rule.concurrency && p.qu === 'concurrent-requests' && p.w === undefined;
+  }
+  if (rule.quota !== undefined) return p.q === rule.quota && p.w === rule.periodS;
+  return p.q === rule.burst && p.w === Math.max(1, Math.ceil(rule.burst / rule.perSecond - 1e-9));
 }
 
 function isUint(v) {
@@ -115,44 +135,59 @@ function json(res) {
   }
 }
 
-// The five RateLimit headers agree with each other and, when `rules` is
-// given (a map name -> rule), with the configured limits of the rule they
-// name. Returns the parsed `RateLimit` header (or null).
+// The RateLimit headers agree with each other and, when `rules` is given
+// (a map name -> rule), with the configured limits of the rules they name:
+// RateLimit-Policy and RateLimit list the same policies in the same order,
+// and the older trio repeats the tightest (fewest left). Returns that
+// tightest item as {name, r, t} (or null).
 export function rateHeadersOk(res, rules, tags) {
-  const policy = parsePolicy(header(res, 'RateLimit-Policy'));
-  const rl = parseRateLimit(header(res, 'RateLimit'));
+  const policies = parseItems(header(res, 'RateLimit-Policy'));
+  const states = parseItems(header(res, 'RateLimit'));
   const limit = header(res, 'RateLimit-Limit');
   const remaining = header(res, 'RateLimit-Remaining');
   const reset = header(res, 'RateLimit-Reset');
-  const rule = policy && rules ? rules[policy.name] : undefined;
+  const same =
+    policies !== null &&
+    states !== null &&
+    policies.length === states.length &&
+    policies.every((p, i) => p.name === states[i].name);
+  let tightest = null;
+  if (same) {
+    states.forEach((s, i) => {
+      if (tightest === null || s.params.r < tightest.r) {
+        tightest = { name: s.name, r: s.params.r, t: s.params.t, q: policies[i].params.q };
+      }
+    });
+  }
   check(
     res,
     {
-      'RateLimit-Policy is "<rule>";q=<burst>;w=<secs>': () => policy !== null,
-      'RateLimit is "<rule>";r=<remaining>;t=<secs>': () => rl !== null,
+      'RateLimit-Policy is a list of "<rule>";q=<n>[;w=<secs>][;qu=...]': () =>
+        policies !== null && policies.every((p) => Number.isInteger(p.params.q)),
+      'RateLimit is a list of "<rule>";r=<left>[;t=<secs>]': () =>
+        states !== null && states.every((s) => Number.isInteger(s.params.r)),
       'RateLimit-Limit, -Remaining, -Reset are integers': () =>
         isUint(limit) && isUint(remaining) && isUint(reset),
-      'RateLimit names the same rule as RateLimit-Policy': () =>
-        policy !== null && rl !== null && policy.name === rl.name,
-      'legacy trio repeats q, r and t': () =>
-        policy !== null &&
-        rl !== null &&
-        Number(limit) === policy.q &&
-        Number(remaining) === rl.r &&
-        Number(reset) === rl.t,
-      'remaining <= burst': () => policy !== null && rl !== null && rl.r <= policy.q,
-      'policy matches the configured rule': () =>
-        !rules ||
-        (rule !== undefined &&
-          policy.q === rule.burst &&
-          policy.w === Math.max(1, Math.ceil(rule.burst / rule.perSecond - 1e-9))),
+      'RateLimit names the same rules as RateLimit-Policy': () => same,
+      'legacy trio repeats the tightest policy': () =>
+        tightest !== null &&
+        Number(limit) === tightest.q &&
+        Number(remaining) === tightest.r &&
+        Number(reset) === (tightest.t === undefined ? 0 : tightest.t),
+      'remaining <= quota': () =>
+        same && states.every((s, i) => s.params.r <= policies[i].params.q),
+      'policies match the configured rules': () =>
+        !rules || (policies !== null && policies.every((p) => policyMatches(p, rules[p.name]))),
     },
     tags,
   );
-  return rl;
+  return tightest;
 }
 
-// A 429 from a rule: Retry-After, RateLimit headers, the JSON body.
+const PROBLEM_TYPES = 'https://iana.org/assignments/http-problem-types#';
+
+// A 429 from a rule: Retry-After, RateLimit headers of the refusing rules,
+// and the problem-details body (RFC 9457) with the gateway's own fields.
 // Returns the body (or null).
 export function limitedOk(res, rules, tags) {
   const body = json(res);
@@ -171,17 +206,26 @@ export function limitedOk(res, rules, tags) {
         body !== null && String(body.retry_after) === ra,
       'limited: body names a configured rule': () =>
         !rules || (body !== null && rules[body.rule] !== undefined),
-      'limited: content-type is JSON': () =>
-        /application\/json/.test(header(res, 'Content-Type') || ''),
+      'limited: content-type is application/problem+json': () =>
+        /application\/problem\+json/.test(header(res, 'Content-Type') || ''),
+      'limited: problem type quota-exceeded, status 429': () =>
+        body !== null && body.type === `${PROBLEM_TYPES}quota-exceeded` && body.status === 429,
+      'limited: violated-policies names the rule': () =>
+        body !== null &&
+        Array.isArray(body['violated-policies']) &&
+        body['violated-policies'].includes(body.rule),
     },
     tags,
   );
-  const rl = rateHeadersOk(res, rules, tags);
+  rateHeadersOk(res, rules, tags);
+  const listed = parseItems(header(res, 'RateLimit'));
   check(
     res,
     {
-      'limited: RateLimit names the refusing rule': () =>
-        body !== null && rl !== null && rl.name === body.rule,
+      'limited: RateLimit lists the refusing rules': () =>
+        body !== null &&
+        listed !== null &&
+        listed.map((i) => i.name).join(',') === body['violated-policies'].join(','),
     },
     tags,
   );
@@ -201,6 +245,8 @@ export function bannedOk(res, status, tags) {
         body !== null && body.error === 'banned' && Number.isInteger(body.retry_after),
       'banned: body retry_after equals Retry-After': () =>
         body !== null && String(body.retry_after) === ra,
+      'banned: problem type abnormal-usage-detected': () =>
+        body !== null && body.type === `${PROBLEM_TYPES}abnormal-usage-detected`,
     },
     tags,
   );

@@ -28,7 +28,8 @@ pub struct AuditEvent {
 }
 
 impl Bans {
-    pub(super) async fn audit(
+    /// Appends one event to the audit log (Redis, or this node's ring).
+    pub async fn audit(
         &self,
         event: &str,
         subject: &str,

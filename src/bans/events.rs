@@ -3,17 +3,20 @@
 //! periodically, catching whatever pub/sub missed.
 //!
 //! It is separate because it is the fleet-wide half of bans: what one node
-//! tells the others, and how a node that missed something catches up.
+//! tells the others, and how a node that missed something catches up. The
+//! consumer table rides along as a [`Follower`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::{key_tag, BanError, BanTarget, Bans};
 use crate::keys;
+use crate::redis_link::RedisFailure;
 
 /// A change every node must apply to its [`BanCache`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -36,10 +39,29 @@ pub enum BanEvent {
     Heartbeat {
         node: String,
     },
+    /// A consumer's runtime plan changed (`None`: removed); `key` is the
+    /// SHA-256 of the consumer's key, never the key. Applied by the
+    /// [`Follower`].
+    Consumer {
+        key: String,
+        plan: Option<String>,
+    },
+}
+
+/// Another part of each node's view that the same events and reconciles
+/// keep in step (the consumer table): bans carry it along without knowing
+/// what it holds.
+pub trait Follower: Send + Sync {
+    /// Applies an event that is not about bans or the allowlist.
+    fn apply(&self, event: &BanEvent);
+    /// Re-reads its state from Redis; `lost`: Redis lost its data, so write
+    /// back what this node knows first.
+    fn reconcile(&self, lost: bool) -> LocalBoxFuture<'_, Result<(), RedisFailure>>;
 }
 
 impl Bans {
-    pub(super) async fn publish(&self, event: &BanEvent) {
+    /// Tells every node (this one applies its own changes itself).
+    pub async fn publish(&self, event: &BanEvent) {
         let Some(link) = &self.link else { return };
         let Ok(payload) = serde_json::to_string(event) else {
             return;
@@ -67,6 +89,9 @@ impl Bans {
             // Remember the new marker only once the restore went through: a
             // failed restore is retried at the next reconcile.
             self.restore().await?;
+            if let Some(f) = self.follower.get() {
+                f.reconcile(true).await?;
+            }
         }
         *self.epoch.lock().unwrap_or_else(|p| p.into_inner()) = marker;
         let since = self.cache.generation();
@@ -90,7 +115,15 @@ impl Bans {
         let allow = self.allowlist_from_redis(link).await?;
         self.cache.replace(keys_map, cidrs, since);
         self.cache.set_runtime_allowlist(allow, since);
+        if let Some(f) = self.follower.get() {
+            f.reconcile(false).await?;
+        }
         Ok(())
+    }
+
+    /// Has `follower` kept in step by the same events and reconciles.
+    pub fn follow_with(&self, follower: Arc<dyn Follower>) {
+        let _ = self.follower.set(follower);
     }
 
     /// Applies an event from another node (or this one) to the cache.
@@ -127,6 +160,11 @@ impl Bans {
                 }
             }
             BanEvent::Heartbeat { .. } => {}
+            e @ BanEvent::Consumer { .. } => {
+                if let Some(f) = self.follower.get() {
+                    f.apply(&e);
+                }
+            }
         }
     }
 

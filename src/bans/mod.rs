@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 
 pub use audit::AuditEvent;
 pub use cache::BanCache;
-pub use events::BanEvent;
+pub use events::{BanEvent, Follower};
 
 use crate::client_ip::ClientKey;
 use crate::limiter::{BanParams, LocalStore};
@@ -154,6 +154,8 @@ pub struct Bans {
     local_seq: std::sync::atomic::AtomicU64,
     /// The Redis dataset marker last seen (see [`keys::epoch`]).
     epoch: Mutex<Option<String>>,
+    /// Kept in step by the same events and reconciles (the consumers).
+    follower: std::sync::OnceLock<Arc<dyn events::Follower>>,
 }
 
 impl Bans {
@@ -180,6 +182,7 @@ impl Bans {
             local_audit: Mutex::new(VecDeque::new()),
             local_seq: std::sync::atomic::AtomicU64::new(0),
             epoch: Mutex::new(None),
+            follower: std::sync::OnceLock::new(),
         }
     }
 

@@ -17,9 +17,11 @@
 //! is never answered from here; once it is banned, the ban cache answers it
 //! for free. Shadow rules never refuse, so they are never cached.
 //!
-//! Entries are keyed by subject tag and remember the rule's name and bucket,
+//! Entries are keyed by subject tag and remember the rule's name and limit,
 //! so a rule whose limits change on reload no longer matches its old
-//! entries. Memory is bounded: sharded maps with a per-shard cap; expired
+//! entries. Token buckets and calendar quotas are remembered (only time
+//! refills them); concurrency caps never are (a slot frees when a request
+//! ends). Memory is bounded: sharded maps with a per-shard cap; expired
 //! entries are dropped on insert and by [`DenyCache::purge`], which the
 //! node's 5-second sweep calls.
 
@@ -28,7 +30,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::rules::{BucketSpec, Rule, SubjectGroup};
+use super::BucketReply;
+use crate::rules::{Limit, Rule, SubjectGroup};
 
 const SHARDS: usize = 16;
 
@@ -36,7 +39,7 @@ const SHARDS: usize = 16;
 #[derive(Debug, Clone)]
 struct Denial {
     rule: Arc<str>,
-    bucket: BucketSpec,
+    limit: Limit,
     /// When a request of this rule passes again.
     passes_at: Instant,
     /// When the bucket is full again (for `RateLimit-Reset`).
@@ -99,9 +102,9 @@ impl DenyCache {
                 continue;
             };
             for rule in g.rules.iter().filter(|r| !r.shadow) {
-                let hit = denials.iter().find(|d| {
-                    d.passes_at > now && *d.rule == *rule.name && d.bucket == rule.bucket
-                });
+                let hit = denials
+                    .iter()
+                    .find(|d| d.passes_at > now && *d.rule == *rule.name && d.limit == rule.limit);
                 if let Some(d) = hit {
                     let wait = d.passes_at - now;
                     if best.as_ref().is_none_or(|b| wait > b.wait) {
@@ -117,13 +120,20 @@ impl DenyCache {
         best
     }
 
-    /// Remembers that `rule` of `tag` passes again in `wait_us` and is full
-    /// again in `to_full_us` (both from `now`).
-    pub fn remember(&self, tag: &str, rule: &Rule, wait_us: u64, to_full_us: u64, now: Instant) {
+    /// Remembers the refusal `reply` of `rule` of `tag`, decided on a call
+    /// sent at `now`. A concurrency cap is never remembered: a slot frees
+    /// when a request ends, not with time.
+    pub fn remember(&self, tag: &str, rule: &Rule, reply: &BucketReply, now: Instant) {
+        let to_full_us = match rule.limit {
+            Limit::Rate(b) => (b.capacity_us() as i64 - reply.room_us).max(0) as u64,
+            // The quota's period end, when it is whole again.
+            Limit::Quota(_) => reply.wait_us.max(0) as u64,
+            Limit::Concurrency(_) => return,
+        };
         let denial = Denial {
             rule: rule.name.clone(),
-            bucket: rule.bucket,
-            passes_at: now + Duration::from_micros(wait_us),
+            limit: rule.limit,
+            passes_at: now + Duration::from_micros(reply.wait_us.max(0) as u64),
             full_at: now + Duration::from_micros(to_full_us),
         };
         let mut map = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
@@ -191,6 +201,16 @@ mod tests {
         RuleSet::compile(&Config::parse(&text, "t").unwrap().rules)
     }
 
+    /// A refusal that passes in `wait_us` and is full in `to_full_us`
+    /// (a 5-token, 1-per-second bucket).
+    fn refusal(wait_us: i64, to_full_us: i64) -> BucketReply {
+        BucketReply {
+            state: crate::limiter::BucketState::Refusing,
+            room_us: 5_000_000 - to_full_us,
+            wait_us,
+        }
+    }
+
     fn groups(set: &RuleSet) -> Vec<SubjectGroup<'_>> {
         let key = ClientKey::new("198.51.100.7".parse().unwrap(), 64);
         let req = actix_web::test::TestRequest::get()
@@ -207,7 +227,7 @@ mod tests {
         let cache = DenyCache::new(1000);
         let now = Instant::now();
         assert!(cache.refusal(&g, &tags, now).is_none());
-        cache.remember(&tags[0], g[0].rules[0], 300_000, 5_000_000, now);
+        cache.remember(&tags[0], g[0].rules[0], &refusal(300_000, 5_000_000), now);
         let hit = cache.refusal(&g, &tags, now).expect("cached");
         assert_eq!(hit.wait, Duration::from_millis(300));
         assert_eq!(hit.to_full, Duration::from_secs(5));
@@ -230,7 +250,12 @@ mod tests {
         let tags: Vec<String> = g_old.iter().map(|g| g.subject.tag()).collect();
         let cache = DenyCache::new(1000);
         let now = Instant::now();
-        cache.remember(&tags[0], g_old[0].rules[0], 60_000_000, 60_000_000, now);
+        cache.remember(
+            &tags[0],
+            g_old[0].rules[0],
+            &refusal(60_000_000, 60_000_000),
+            now,
+        );
         // The same rule name with a new bucket (a reload) is decided anew.
         assert!(cache.refusal(&g_new, &tags, now).is_none());
         assert!(cache.refusal(&g_old, &tags, now).is_some());
@@ -246,7 +271,12 @@ mod tests {
         let cache = DenyCache::new(SHARDS * 4);
         let now = Instant::now();
         for i in 0..10_000 {
-            cache.remember(&format!("ip:{i}"), g[0].rules[0], 60_000_000, 0, now);
+            cache.remember(
+                &format!("ip:{i}"),
+                g[0].rules[0],
+                &refusal(60_000_000, 0),
+                now,
+            );
         }
         assert!(cache.len() <= SHARDS * 4, "{} subjects", cache.len());
     }

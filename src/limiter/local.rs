@@ -20,7 +20,10 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use super::{BanParams, BucketReply, BucketState, Mode, Status, SubjectCall, SubjectReply};
+use super::{
+    BanParams, BucketReply, BucketState, LeaseCall, Mode, Status, SubjectCall, SubjectReply,
+};
+use crate::rules::Limit;
 
 const SHARDS: usize = 32;
 
@@ -28,6 +31,10 @@ const SHARDS: usize = 32;
 struct SubjectState {
     /// (rule name, TAT in µs)
     tats: Vec<(Arc<str>, u64)>,
+    /// (rule name, period start in s, count): the quota counters.
+    quotas: Vec<(Arc<str>, u64, u64)>,
+    /// The lease sets of concurrency rules (their own keys in Redis).
+    leases: Vec<LeaseSetState>,
     /// Violation window start (ms) and count.
     window: Option<(u64, u32)>,
     state_expires_ms: u64,
@@ -40,22 +47,64 @@ struct SubjectState {
     ban_expires_ms: u64,
 }
 
+/// One concurrency rule's lease set: lease id -> expiry (µs).
+#[derive(Debug)]
+struct LeaseSetState {
+    rule: Arc<str>,
+    members: Vec<(String, u64)>,
+    expires_ms: u64,
+}
+
+impl LeaseSetState {
+    /// Leases still running at `now` (ZCOUNT key (now +inf).
+    fn live(&self, now: u64) -> u64 {
+        self.members.iter().filter(|(_, e)| *e > now).count() as u64
+    }
+}
+
 impl SubjectState {
     /// Applies the TTLs a Redis key would have.
     fn expire(&mut self, now_ms: u64) {
         if self.state_expires_ms < now_ms {
             self.tats.clear();
+            self.quotas.clear();
             self.window = None;
         }
         if self.ban_expires_ms < now_ms {
             self.ban_until_ms = 0;
             self.strikes = 0;
         }
+        self.leases.retain(|l| l.expires_ms >= now_ms);
     }
 
     fn is_idle(&self, now_ms: u64) -> bool {
-        self.state_expires_ms < now_ms && self.ban_expires_ms < now_ms
+        self.state_expires_ms < now_ms
+            && self.ban_expires_ms < now_ms
+            && self.leases.iter().all(|l| l.expires_ms < now_ms)
     }
+
+    fn lease_set(&mut self, rule: &Arc<str>) -> &mut LeaseSetState {
+        let at = match self.leases.iter().position(|l| l.rule == *rule) {
+            Some(i) => i,
+            None => {
+                self.leases.push(LeaseSetState {
+                    rule: rule.clone(),
+                    members: Vec::new(),
+                    expires_ms: 0,
+                });
+                self.leases.len() - 1
+            }
+        };
+        &mut self.leases[at]
+    }
+}
+
+/// A rule's new value, as the script would write it.
+#[derive(Debug, Clone, Copy)]
+enum Written {
+    Tat(u64),
+    Quota { start: u64, count: u64 },
+    Lease { ms: u64 },
 }
 
 /// A ban the local store made or holds, as the admin API shows it.
@@ -166,60 +215,169 @@ impl LocalStore {
         }
 
         let mut buckets = Vec::with_capacity(call.rules.len());
-        let mut tats = Vec::with_capacity(call.rules.len());
+        let mut written = Vec::with_capacity(call.rules.len());
         let mut refused: Option<&str> = None;
+        let mut ttl = call.ttl_ms;
+        let now_s = now / 1_000_000;
         for rule in call.rules {
-            let t = rule.bucket.interval_us;
-            let cap = t * u64::from(rule.bucket.burst);
-            let cost = t * u64::from(rule.bucket.cost);
-            let stored = s
-                .tats
-                .iter()
-                .find(|(n, _)| **n == *rule.name)
-                .map(|(_, v)| *v);
-            let mut tat = stored.unwrap_or(now).max(now);
-            let reply = match call.mode {
-                Mode::Refund { .. } => {
-                    tat = tat.saturating_sub(cost).max(now);
-                    charged(cap, tat, now)
-                }
-                Mode::Decide if tat + cost - now <= cap => {
-                    tat += cost;
-                    charged(cap, tat, now)
-                }
-                Mode::Decide => {
-                    let state = if rule.shadow {
-                        BucketState::ShadowRefusing
-                    } else {
-                        BucketState::Refusing
+            let cost_of = |c: u64| if call.mode == Mode::Peek { 0 } else { c };
+            let (pass, room, wait, value) = match rule.limit {
+                Limit::Rate(b) => {
+                    let t = b.interval_us;
+                    let cap = t * u64::from(b.burst);
+                    let cost = t * cost_of(u64::from(b.cost));
+                    let stored = s
+                        .tats
+                        .iter()
+                        .find(|(n, _)| **n == *rule.name)
+                        .map(|(_, v)| *v);
+                    let mut tat = stored.unwrap_or(now).max(now);
+                    let pass = match call.mode {
+                        Mode::Refund { .. } => {
+                            tat = tat.saturating_sub(cost).max(now);
+                            true
+                        }
+                        _ if tat + cost - now <= cap => {
+                            tat += cost;
+                            true
+                        }
+                        _ => false,
                     };
-                    if state == BucketState::Refusing && refused.is_none() {
-                        refused = Some(&rule.name);
-                    }
-                    BucketReply {
-                        state,
-                        room_us: cap as i64 - (tat - now) as i64,
-                        wait_us: (tat + cost) as i64 - cap as i64 - now as i64,
-                    }
+                    let room = cap as i64 - (tat - now) as i64;
+                    let wait = if pass {
+                        (tat - now) as i64
+                    } else {
+                        (tat + cost) as i64 - cap as i64 - now as i64
+                    };
+                    (pass, room, wait, Written::Tat(tat))
+                }
+                Limit::Quota(q) => {
+                    let (start, stop) = q.period.bounds(now_s);
+                    let cost = cost_of(u64::from(q.cost));
+                    let mut count = s
+                        .quotas
+                        .iter()
+                        .find(|(n, ..)| **n == *rule.name)
+                        .filter(|(_, st, _)| *st == start)
+                        .map(|(.., c)| *c)
+                        .unwrap_or(0);
+                    let pass = match call.mode {
+                        Mode::Refund { .. } => {
+                            count = count.saturating_sub(cost);
+                            true
+                        }
+                        _ if count + cost <= q.quota => {
+                            count += cost;
+                            true
+                        }
+                        _ => false,
+                    };
+                    // The counter lives at least until its period ends.
+                    ttl = ttl.max((stop - now_s) * 1000);
+                    let wait = (stop * 1_000_000) as i64 - now as i64;
+                    (
+                        pass,
+                        q.quota as i64 - count as i64,
+                        wait,
+                        Written::Quota { start, count },
+                    )
+                }
+                Limit::Concurrency(c) => {
+                    let cost = cost_of(1);
+                    let set = s.lease_set(&rule.name);
+                    let mut count = set.live(now);
+                    let pass = match call.mode {
+                        Mode::Refund { .. } => {
+                            if let Some(at) =
+                                set.members.iter().position(|(id, _)| id == call.lease)
+                            {
+                                let (_, expiry) = set.members.swap_remove(at);
+                                if expiry > now {
+                                    count -= 1;
+                                }
+                            }
+                            true
+                        }
+                        _ if count + cost <= u64::from(c.max) => {
+                            count += cost;
+                            true
+                        }
+                        _ => false,
+                    };
+                    let wait = if pass { 0 } else { 1_000_000 };
+                    (
+                        pass,
+                        i64::from(c.max) - count as i64,
+                        wait,
+                        Written::Lease { ms: c.lease_ms },
+                    )
                 }
             };
-            tats.push(tat);
-            buckets.push(reply);
+            let state = if pass {
+                BucketState::Charged
+            } else if rule.shadow {
+                BucketState::ShadowRefusing
+            } else {
+                if refused.is_none() {
+                    refused = Some(&rule.name);
+                }
+                BucketState::Refusing
+            };
+            written.push(value);
+            buckets.push(BucketReply {
+                state,
+                room_us: room,
+                wait_us: wait,
+            });
         }
-        let ttl = call.ttl_ms;
+        if call.mode == Mode::Peek {
+            return SubjectReply {
+                status: Status::Allowed,
+                ban_ms: 0,
+                strikes: 0,
+                until_ms: 0,
+                buckets,
+            };
+        }
         let write = |s: &mut SubjectState, only_charged: bool| {
-            for ((rule, reply), tat) in call.rules.iter().zip(&buckets).zip(&tats) {
+            let mut hash_written = false;
+            for ((rule, reply), value) in call.rules.iter().zip(&buckets).zip(&written) {
                 if only_charged && reply.state != BucketState::Charged {
                     continue;
                 }
-                match s.tats.iter_mut().find(|(n, _)| **n == *rule.name) {
-                    Some(slot) => slot.1 = *tat,
-                    None => s.tats.push((rule.name.clone(), *tat)),
+                match *value {
+                    Written::Tat(tat) => {
+                        hash_written = true;
+                        match s.tats.iter_mut().find(|(n, _)| **n == *rule.name) {
+                            Some(slot) => slot.1 = tat,
+                            None => s.tats.push((rule.name.clone(), tat)),
+                        }
+                    }
+                    Written::Quota { start, count } => {
+                        hash_written = true;
+                        match s.quotas.iter_mut().find(|(n, ..)| **n == *rule.name) {
+                            Some(slot) => (slot.1, slot.2) = (start, count),
+                            None => s.quotas.push((rule.name.clone(), start, count)),
+                        }
+                    }
+                    // A refund released the lease while evaluating.
+                    Written::Lease { .. } if !only_charged => {}
+                    Written::Lease { ms } => {
+                        let set = s.lease_set(&rule.name);
+                        set.members.retain(|(id, e)| *e > now && id != call.lease);
+                        set.members.push((call.lease.to_string(), now + ms * 1000));
+                        set.expires_ms = now_ms + ms;
+                    }
                 }
+            }
+            if !hash_written {
+                return;
             }
             // Never cut short an open violation window (as the script).
             let window_end = match s.window {
-                Some((vs, _)) if call.bannable && ban.after > 0 => vs + ban.within_ms,
+                Some((vs, _)) if call.bannable && ban.after > 0 && only_charged => {
+                    vs + ban.within_ms
+                }
                 _ => 0,
             };
             s.state_expires_ms = (now_ms + ttl).max(window_end);
@@ -233,11 +391,9 @@ impl LocalStore {
             buckets: Vec::new(),
         };
         let refused_rule = match call.mode {
-            Mode::Decide => match refused {
+            Mode::Decide | Mode::Peek => match refused {
                 None => {
-                    if reply_has_charge(&buckets) {
-                        write(s, true);
-                    }
+                    write(s, true);
                     reply.buckets = buckets;
                     return reply;
                 }
@@ -358,11 +514,51 @@ impl LocalStore {
         out
     }
 
+    /// Renews or releases one request's leases of one subject, exactly as
+    /// `lua/lease.lua` does; returns how many sets still hold it.
+    pub fn leases(&self, call: &LeaseCall<'_>) -> u32 {
+        let mut shard = self
+            .shard(call.tag)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = call.now_us.unwrap_or_else(wall_clock_us);
+        let now_ms = now / 1000;
+        let Some(s) = shard.get_mut(call.tag) else {
+            return 0;
+        };
+        s.expire(now_ms);
+        let mut held = 0;
+        for slot in call.slots {
+            let Some(set) = s.leases.iter_mut().find(|l| l.rule == slot.rule) else {
+                continue;
+            };
+            if !call.renew {
+                set.members.retain(|(id, _)| id != call.lease);
+                continue;
+            }
+            if let Some(m) = set
+                .members
+                .iter_mut()
+                .find(|(id, e)| id == call.lease && *e > now)
+            {
+                m.1 = now + slot.lease_ms * 1000;
+                set.expires_ms = now_ms + slot.lease_ms;
+                held += 1;
+            }
+        }
+        held
+    }
+
     /// Tokens left in a rule's bucket without charging it: (room µs, µs to full).
-    pub fn peek(&self, tag: &str, rule: &crate::rules::Rule) -> (u64, u64) {
+    pub fn peek(
+        &self,
+        tag: &str,
+        rule: &crate::rules::Rule,
+        bucket: crate::rules::BucketSpec,
+    ) -> (u64, u64) {
         let now = wall_clock_us();
         let shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
-        let cap = rule.bucket.capacity_us();
+        let cap = bucket.capacity_us();
         let tat = shard
             .get(tag)
             .filter(|s| s.state_expires_ms > now / 1000)
@@ -415,18 +611,6 @@ impl LocalStore {
     }
 }
 
-fn charged(cap: u64, tat: u64, now: u64) -> BucketReply {
-    BucketReply {
-        state: BucketState::Charged,
-        room_us: cap as i64 - (tat - now) as i64,
-        wait_us: (tat - now) as i64,
-    }
-}
-
-fn reply_has_charge(buckets: &[BucketReply]) -> bool {
-    buckets.iter().any(|b| b.state == BucketState::Charged)
-}
-
 /// Microseconds since the Unix epoch, from this machine's clock.
 pub fn wall_clock_us() -> u64 {
     std::time::SystemTime::now()
@@ -457,6 +641,7 @@ mod tests {
                 bannable: true,
                 mode: Mode::Decide,
                 now_us: None,
+                lease: "",
             };
             assert_eq!(store.decide(&call).status, Status::Allowed);
         }

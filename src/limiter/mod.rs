@@ -16,6 +16,7 @@
 mod breaker;
 mod coalesce;
 pub mod deny_cache;
+mod leases;
 pub mod local;
 mod redis_store;
 
@@ -25,13 +26,14 @@ use std::time::Instant;
 
 pub use breaker::Breaker;
 pub use deny_cache::DenyCache;
+pub use leases::{HeldSlots, LeaseCall, LeaseSet, LeaseSlot};
 pub use local::LocalStore;
 pub use redis_store::RedisStore;
 
 use crate::config::{BanConfig, OnFailure};
 use crate::metrics::GatewayMetrics;
 use crate::redis_link::RedisFailure;
-use crate::rules::{ceil_secs, Rule, SubjectGroup};
+use crate::rules::{ceil_secs, Limit, Rule, SubjectGroup};
 
 /// The escalation settings both stores apply.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -66,11 +68,17 @@ impl BanParams {
     }
 }
 
-/// Decide, or give back the tokens of a request another subject refused.
+/// Decide, give back the tokens of a request another subject refused, or
+/// only look.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mode<'a> {
     Decide,
-    Refund { rule: &'a str },
+    Refund {
+        rule: &'a str,
+    },
+    /// Read every rule's state as a request of cost 0 would, writing
+    /// nothing (the admin API's view of a consumer).
+    Peek,
 }
 
 /// One store call: a subject and its matching rules.
@@ -83,6 +91,9 @@ pub struct SubjectCall<'a> {
     pub mode: Mode<'a>,
     /// Pins the clock (µs since the epoch); `None` = the store's own clock.
     pub now_us: Option<u64>,
+    /// The request's lease id, held in the slots of its concurrency rules
+    /// (`""` when it has none).
+    pub lease: &'a str,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,8 +112,12 @@ pub enum BucketState {
     ShadowRefusing,
 }
 
-/// One bucket after the call: `room_us / interval` tokens left; `wait_us`
-/// until it would pass (refusing) or until it is full (otherwise).
+/// One rule after the call. For a token bucket, `room_us / interval`
+/// tokens are left, and `wait_us` is the time until it would pass
+/// (refusing) or until it is full (otherwise). For a quota, `room_us` is the
+/// requests left in the period and `wait_us` the time until the next
+/// period. For a concurrency cap, `room_us` is the free slots, and `wait_us`
+/// 1 s when refusing (a slot may free at any moment), else 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketReply {
     pub state: BucketState,
@@ -126,6 +141,10 @@ pub trait DecisionStore {
         &self,
         call: &SubjectCall<'_>,
     ) -> impl Future<Output = Result<SubjectReply, RedisFailure>>;
+
+    /// Renews or releases one request's concurrency slots of one subject;
+    /// returns how many of them still hold its lease.
+    fn leases(&self, call: &LeaseCall<'_>) -> impl Future<Output = Result<u32, RedisFailure>>;
 }
 
 impl DecisionStore for LocalStore {
@@ -135,15 +154,20 @@ impl DecisionStore for LocalStore {
     ) -> impl Future<Output = Result<SubjectReply, RedisFailure>> {
         std::future::ready(Ok(LocalStore::decide(self, call)))
     }
+
+    fn leases(&self, call: &LeaseCall<'_>) -> impl Future<Output = Result<u32, RedisFailure>> {
+        std::future::ready(Ok(LocalStore::leases(self, call)))
+    }
 }
 
 /// The numbers of the RateLimit headers, for one rule.
 #[derive(Debug, Clone)]
 pub struct RateInfo<'r> {
     pub rule: &'r Rule,
-    /// Whole tokens left.
+    /// Whole tokens, requests or slots left.
     pub remaining: u64,
-    /// Whole seconds until the bucket is full.
+    /// Whole seconds until the bucket is full or the quota's period ends
+    /// (0 for a concurrency cap, which has no reset).
     pub reset_s: u64,
 }
 
@@ -160,10 +184,16 @@ pub struct BanMade {
 /// What happens to a request.
 #[derive(Debug)]
 pub enum Decision<'r> {
-    /// Forward; `info` is the most restrictive matched rule, if any.
-    Allowed { info: Option<RateInfo<'r>> },
+    /// Forward, holding `leases` (the concurrency slots taken) until the
+    /// response ends; `applied` is every non-shadow rule that applied.
+    Allowed {
+        applied: Vec<RateInfo<'r>>,
+        leases: Option<LeaseSet>,
+    },
+    /// Refused by `violated` (never empty), the one keeping the client
+    /// waiting longest first.
     Limited {
-        info: RateInfo<'r>,
+        violated: Vec<RateInfo<'r>>,
         retry_after_s: u64,
     },
     Banned {
@@ -241,11 +271,11 @@ impl Limiter {
                     self.metrics.deny_cache_hits.increment(1);
                     d.rule.counters.limited.increment(1);
                     return Decision::Limited {
-                        info: RateInfo {
+                        violated: vec![RateInfo {
                             rule: d.rule,
                             remaining: 0,
                             reset_s: ceil_secs(d.to_full.as_micros() as u64),
-                        },
+                        }],
                         retry_after_s: ceil_secs(d.wait.as_micros() as u64).max(1),
                     };
                 }
@@ -254,7 +284,9 @@ impl Limiter {
                     bans_on: redis.ban_params().after > 0,
                     sent: started,
                 };
-                let result = run(redis, groups, &tags, &self.metrics, Some(deny)).await;
+                let result = run(redis, groups, &tags, &self.metrics, Some(deny))
+                    .await
+                    .map(|d| d.on_redis());
                 self.metrics
                     .redis_seconds
                     .record(started.elapsed().as_secs_f64());
@@ -274,7 +306,10 @@ impl Limiter {
                     for rule in groups.iter().flat_map(|g| g.rules.iter()) {
                         rule.counters.allowed.increment(1);
                     }
-                    return Decision::Allowed { info: None };
+                    return Decision::Allowed {
+                        applied: Vec::new(),
+                        leases: None,
+                    };
                 }
                 OnFailure::Deny => {
                     self.metrics.unavailable.increment(1);
@@ -285,7 +320,58 @@ impl Limiter {
         }
         run(self.local.as_ref(), groups, &tags, &self.metrics, None)
             .await
-            .unwrap_or(Decision::Allowed { info: None })
+            .unwrap_or(Decision::Allowed {
+                applied: Vec::new(),
+                leases: None,
+            })
+    }
+
+    /// Reads a subject's state for `rules` without charging anything, from
+    /// Redis while it is in use, else from this node.
+    pub async fn peek(
+        &self,
+        tag: &str,
+        rules: &[&Rule],
+        ttl_ms: u64,
+    ) -> Result<SubjectReply, RedisFailure> {
+        let call = SubjectCall {
+            tag,
+            rules,
+            ttl_ms,
+            bannable: false,
+            mode: Mode::Peek,
+            now_us: None,
+            lease: "",
+        };
+        match &self.redis {
+            Some(redis) if self.breaker.is_closed() => redis.decide(&call).await,
+            _ => Ok(self.local.decide(&call)),
+        }
+    }
+
+    /// Renews (`renew`) or releases the slots of `set` in the store that
+    /// granted them. A failure is counted: the slot then ends with its
+    /// lease.
+    pub async fn leases(&self, set: &LeaseSet, renew: bool) -> u32 {
+        let mut held = 0;
+        for s in &set.subjects {
+            let call = LeaseCall {
+                tag: &s.tag,
+                lease: &set.id,
+                slots: &s.slots,
+                renew,
+                now_us: None,
+            };
+            let result = match (&self.redis, set.on_redis) {
+                (Some(redis), true) => redis.leases(&call).await,
+                _ => Ok(self.local.leases(&call)),
+            };
+            match result {
+                Ok(n) => held += n,
+                Err(_) => self.metrics.lease_errors.increment(1),
+            }
+        }
+        held
     }
 }
 
@@ -310,6 +396,14 @@ async fn run<'r, S: DecisionStore>(
     deny: Option<DenyMemory<'_>>,
 ) -> Result<Decision<'r>, RedisFailure> {
     let mut replies: Vec<SubjectReply> = Vec::with_capacity(groups.len());
+    let needs_lease = groups
+        .iter()
+        .any(|g| g.rules.iter().any(|r| r.is_concurrency()));
+    let lease = if needs_lease {
+        leases::new_lease_id()
+    } else {
+        String::new()
+    };
     for (i, g) in groups.iter().enumerate() {
         let call = SubjectCall {
             tag: &tags[i],
@@ -318,6 +412,7 @@ async fn run<'r, S: DecisionStore>(
             bannable: g.subject.bannable(),
             mode: Mode::Decide,
             now_us: None,
+            lease: &lease,
         };
         let reply = store.decide(&call).await?;
         match reply.status {
@@ -330,7 +425,7 @@ async fn run<'r, S: DecisionStore>(
                     until_ms: reply.until_ms,
                     reason: refusing_reason(g, &reply),
                 });
-                refund(store, &groups[..i], tags, &replies, None).await;
+                refund(store, &groups[..i], tags, &replies, &lease, None).await;
                 if let Some(deny) = &deny {
                     for t in &tags[..i] {
                         deny.cache.forget(t);
@@ -343,15 +438,16 @@ async fn run<'r, S: DecisionStore>(
                 });
             }
             Status::Limited => {
-                let refusing = g
+                let mut refusing: Vec<(&'r Rule, BucketReply)> = g
                     .rules
                     .iter()
                     .zip(&reply.buckets)
-                    .filter(|(_, b)| b.state == BucketState::Refusing);
-                let Some((rule, bucket)) = refusing
-                    .max_by_key(|(_, b)| b.wait_us)
+                    .filter(|(_, b)| b.state == BucketState::Refusing)
                     .map(|(r, b)| (*r, *b))
-                else {
+                    .collect();
+                // The longest wait first: it is the one the client sees.
+                refusing.sort_by_key(|(_, b)| std::cmp::Reverse(b.wait_us));
+                let Some(&(rule, bucket)) = refusing.first() else {
                     return Err(RedisFailure::Reply(redis::ParsingError::from(
                         "a refusal without a refusing bucket",
                     )));
@@ -359,14 +455,9 @@ async fn run<'r, S: DecisionStore>(
                 rule.counters.limited.increment(1);
                 if let Some(deny) = &deny {
                     if !(deny.bans_on && g.subject.bannable()) {
-                        let cap = rule.bucket.capacity_us() as i64;
-                        deny.cache.remember(
-                            &tags[i],
-                            rule,
-                            bucket.wait_us.max(0) as u64,
-                            (cap - bucket.room_us).max(0) as u64,
-                            deny.sent,
-                        );
+                        for (r, b) in &refusing {
+                            deny.cache.remember(&tags[i], r, b, deny.sent);
+                        }
                     }
                     // The earlier subjects get their tokens back just below.
                     for t in &tags[..i] {
@@ -377,7 +468,9 @@ async fn run<'r, S: DecisionStore>(
                 // towards its ban: a full global or shared-key bucket is not
                 // this client's offence.
                 let violation = g.subject.bannable().then_some(&*rule.name);
-                if let Some(made) = refund(store, &groups[..i], tags, &replies, violation).await {
+                if let Some(made) =
+                    refund(store, &groups[..i], tags, &replies, &lease, violation).await
+                {
                     metrics.banned.increment(1);
                     return Ok(Decision::Banned {
                         remaining_ms: made.dur_ms,
@@ -386,15 +479,35 @@ async fn run<'r, S: DecisionStore>(
                 }
                 let retry_after_s = ceil_secs(bucket.wait_us.max(1) as u64).max(1);
                 return Ok(Decision::Limited {
-                    info: rate_info(rule, &bucket),
+                    violated: refusing.iter().map(|(r, b)| rate_info(r, b)).collect(),
                     retry_after_s,
                 });
             }
         }
     }
-    // Allowed: the most restrictive non-shadow rule gives the headers.
-    let mut best: Option<RateInfo<'r>> = None;
+    // Allowed: every non-shadow rule gives its headers; the concurrency
+    // slots taken are held until the response ends.
+    let mut applied: Vec<RateInfo<'r>> = Vec::new();
+    let mut held = Vec::new();
     for ((g, reply), tag) in groups.iter().zip(&replies).zip(tags) {
+        let slots: Vec<LeaseSlot> = g
+            .rules
+            .iter()
+            .zip(&reply.buckets)
+            .filter_map(|(rule, b)| match rule.limit {
+                Limit::Concurrency(c) if b.state == BucketState::Charged => Some(LeaseSlot {
+                    rule: rule.name.clone(),
+                    lease_ms: c.lease_ms,
+                }),
+                _ => None,
+            })
+            .collect();
+        if !slots.is_empty() {
+            held.push(leases::HeldSlots {
+                tag: tag.clone(),
+                slots,
+            });
+        }
         for (rule, b) in g.rules.iter().zip(&reply.buckets) {
             if b.state == BucketState::ShadowRefusing {
                 rule.counters.shadow_limited.increment(1);
@@ -405,13 +518,28 @@ async fn run<'r, S: DecisionStore>(
             if rule.shadow {
                 continue;
             }
-            let info = rate_info(rule, b);
-            if best.as_ref().is_none_or(|x| info.remaining < x.remaining) {
-                best = Some(info);
-            }
+            applied.push(rate_info(rule, b));
         }
     }
-    Ok(Decision::Allowed { info: best })
+    let leases = (!held.is_empty()).then_some(LeaseSet {
+        id: lease,
+        on_redis: false,
+        subjects: held,
+    });
+    Ok(Decision::Allowed { applied, leases })
+}
+
+impl Decision<'_> {
+    /// Marks the slots of an allowed request as granted by Redis.
+    fn on_redis(mut self) -> Self {
+        if let Decision::Allowed {
+            leases: Some(set), ..
+        } = &mut self
+        {
+            set.on_redis = true;
+        }
+        self
+    }
 }
 
 /// Gives the subjects decided before a refusal back exactly the tokens they
@@ -422,6 +550,7 @@ async fn refund<S: DecisionStore>(
     earlier: &[SubjectGroup<'_>],
     tags: &[String],
     replies: &[SubjectReply],
+    lease: &str,
     rule: Option<&str>,
 ) -> Option<BanMade> {
     let mut ban = None;
@@ -445,6 +574,7 @@ async fn refund<S: DecisionStore>(
                 bannable: false,
                 mode: Mode::Refund { rule: "" },
                 now_us: None,
+                lease,
             };
             if let Err(e) = store.decide(&call).await {
                 log::warn!("could not refund {} after a refusal: {e}", tags[j]);
@@ -458,6 +588,7 @@ async fn refund<S: DecisionStore>(
             bannable: g.subject.bannable(),
             mode: Mode::Refund { rule },
             now_us: None,
+            lease,
         };
         match store.decide(&call).await {
             Ok(r) if r.status == Status::BannedNow => {
@@ -484,12 +615,27 @@ fn refusing_reason(g: &SubjectGroup<'_>, reply: &SubjectReply) -> String {
         .unwrap_or_else(|| "repeated refusals".into())
 }
 
-fn rate_info<'r>(rule: &'r Rule, b: &BucketReply) -> RateInfo<'r> {
-    let interval = rule.bucket.interval_us.max(1) as i64;
-    let cap = rule.bucket.capacity_us() as i64;
-    RateInfo {
-        rule,
-        remaining: (b.room_us.max(0) / interval) as u64,
-        reset_s: ceil_secs((cap - b.room_us).max(0) as u64),
+/// The header numbers of one rule's reply (see [`BucketReply`]).
+pub fn rate_info<'r>(rule: &'r Rule, b: &BucketReply) -> RateInfo<'r> {
+    match rule.limit {
+        Limit::Rate(bucket) => {
+            let interval = bucket.interval_us.max(1) as i64;
+            let cap = bucket.capacity_us() as i64;
+            RateInfo {
+                rule,
+                remaining: (b.room_us.max(0) / interval) as u64,
+                reset_s: ceil_secs((cap - b.room_us).max(0) as u64),
+            }
+        }
+        Limit::Quota(_) => RateInfo {
+            rule,
+            remaining: b.room_us.max(0) as u64,
+            reset_s: ceil_secs(b.wait_us.max(0) as u64),
+        },
+        Limit::Concurrency(_) => RateInfo {
+            rule,
+            remaining: b.room_us.max(0) as u64,
+            reset_s: 0,
+        },
     }
 }

@@ -1,5 +1,6 @@
-//! The Redis store: `lua/decide.lua` over the shared connection, through
-//! the worker's [`Coalescer`] on a standalone Redis.
+//! The Redis store: `lua/decide.lua` (and `lua/lease.lua` for the slots of
+//! requests in flight) over the shared connection, with decisions going
+//! through the worker's [`Coalescer`] on a standalone Redis.
 
 use std::sync::Arc;
 
@@ -8,10 +9,12 @@ use redis::Value;
 
 use super::coalesce::{Coalescer, DecideCall};
 use super::{
-    BanParams, BucketReply, BucketState, DecisionStore, Mode, Status, SubjectCall, SubjectReply,
+    BanParams, BucketReply, BucketState, DecisionStore, LeaseCall, Mode, Status, SubjectCall,
+    SubjectReply,
 };
 use crate::keys;
-use crate::redis_link::{RedisFailure, RedisLink};
+use crate::redis_link::{scripts, RedisFailure, RedisLink};
+use crate::rules::Limit;
 
 /// Decides subjects with one EVALSHA each.
 pub struct RedisStore {
@@ -78,30 +81,52 @@ impl RedisStore {
     /// One subject's keys and `decide.lua` arguments, rendered once so that
     /// the call can wait in a batch without borrowing from the request.
     fn render(&self, call: &SubjectCall<'_>) -> DecideCall {
-        let mut args = Vec::with_capacity(10 + call.rules.len() * 5);
+        let mut keys = Vec::with_capacity(2);
+        keys.push(keys::state(&self.prefix, call.tag));
+        keys.push(keys::ban(&self.prefix, call.tag));
+        keys.extend(
+            call.rules
+                .iter()
+                .filter(|r| r.is_concurrency())
+                .map(|r| keys::lease(&self.prefix, call.tag, &r.name)),
+        );
+        let mut args = Vec::with_capacity(11 + call.rules.len() * 6);
         args.push(call.now_us.map(|t| t.to_string()).unwrap_or_default());
         args.push(match call.mode {
             Mode::Decide => "d".to_string(),
+            Mode::Peek => "p".to_string(),
             Mode::Refund { rule } => format!("r:{rule}"),
         });
         args.push(call.ttl_ms.to_string());
         args.push(if call.bannable { "1" } else { "0" }.to_string());
         args.extend(self.ban.load().argv.iter().cloned());
+        args.push(call.lease.to_string());
         for rule in call.rules {
-            let b = rule.bucket;
             args.push(rule.name.to_string());
-            args.push(b.interval_us.to_string());
-            args.push(b.burst.to_string());
-            args.push(b.cost.to_string());
+            let [kind, a, b, c] = match rule.limit {
+                Limit::Rate(b) => [
+                    "r".to_string(),
+                    b.interval_us.to_string(),
+                    b.burst.to_string(),
+                    b.cost.to_string(),
+                ],
+                Limit::Quota(q) => [
+                    "q".to_string(),
+                    q.period.code().to_string(),
+                    q.quota.to_string(),
+                    q.cost.to_string(),
+                ],
+                Limit::Concurrency(c) => [
+                    "c".to_string(),
+                    c.lease_ms.to_string(),
+                    c.max.to_string(),
+                    "1".to_string(),
+                ],
+            };
+            args.extend([kind, a, b, c]);
             args.push(if rule.shadow { "1" } else { "0" }.to_string());
         }
-        DecideCall {
-            keys: vec![
-                keys::state(&self.prefix, call.tag),
-                keys::ban(&self.prefix, call.tag),
-            ],
-            args,
-        }
+        DecideCall { keys, args }
     }
 
     async fn call(&self, call: &SubjectCall<'_>) -> Result<SubjectReply, RedisFailure> {
@@ -117,6 +142,34 @@ impl RedisStore {
             )))
         })
     }
+
+    async fn lease_call(&self, call: &LeaseCall<'_>) -> Result<u32, RedisFailure> {
+        let keys: Vec<String> = call
+            .slots
+            .iter()
+            .map(|s| keys::lease(&self.prefix, call.tag, &s.rule))
+            .collect();
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let value = self
+            .link
+            .eval(
+                &scripts::LEASE,
+                &key_refs,
+                |cmd| {
+                    match call.now_us {
+                        Some(t) => cmd.arg(t),
+                        None => cmd.arg(""),
+                    };
+                    cmd.arg(if call.renew { "k" } else { "x" }).arg(call.lease);
+                    for s in call.slots {
+                        cmd.arg(s.lease_ms);
+                    }
+                },
+                self.link.admin_timeout(),
+            )
+            .await?;
+        Ok(int(&value).unwrap_or(0).max(0) as u32)
+    }
 }
 
 impl DecisionStore for RedisStore {
@@ -125,6 +178,13 @@ impl DecisionStore for RedisStore {
         call: &SubjectCall<'_>,
     ) -> impl std::future::Future<Output = Result<SubjectReply, RedisFailure>> {
         self.call(call)
+    }
+
+    fn leases(
+        &self,
+        call: &LeaseCall<'_>,
+    ) -> impl std::future::Future<Output = Result<u32, RedisFailure>> {
+        self.lease_call(call)
     }
 }
 

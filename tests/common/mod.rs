@@ -101,6 +101,7 @@ pub struct RedisServer {
     child: Proc,
     dir: tempfile::TempDir,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl RedisServer {
@@ -109,11 +110,20 @@ impl RedisServer {
     }
 
     pub fn start_with(port: u16, extra: &[&str]) -> RedisServer {
+        Self::start_env(port, extra, &[])
+    }
+
+    /// Starts with extra environment (e.g. libfaketime, to pin Redis' clock).
+    pub fn start_env(port: u16, extra: &[&str], env: &[(&str, &str)]) -> RedisServer {
         let mut r = RedisServer {
             port,
             child: Proc::default(),
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         r.spawn();
         r
@@ -134,6 +144,7 @@ impl RedisServer {
             .arg("--dir")
             .arg(self.dir.path())
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -318,6 +329,21 @@ impl RedisCluster {
         }
         None
     }
+}
+
+/// libfaketime, preloaded into a process to skew or pin its clock (the
+/// `faketime` command would fork, leaving a process the harness cannot stop).
+pub fn libfaketime() -> &'static str {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+        "/usr/local/lib/faketime/libfaketimeMT.so.1",
+    ]
+    .iter()
+    .find(|p| Path::new(p).exists())
+    .copied()
+    .expect("libfaketime is needed for this test: apt-get install -y faketime")
 }
 
 // ---------------------------------------------------------------- upstream

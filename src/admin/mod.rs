@@ -1,5 +1,6 @@
 //! The admin listener: ban and allowlist management, bucket inspection, the
-//! audit log, health and metrics.
+//! audit log, consumers' plans (handled in [`consumers`]),
+//! health and metrics.
 //!
 //! It is served only on `server.admin_listen`, never on the public port.
 //! Every `/admin/*` call needs `Authorization: Bearer <token>`, compared in
@@ -11,6 +12,8 @@
 
 // Handlers answer errors with a ready HttpResponse; boxing it would only add noise.
 #![allow(clippy::result_large_err)]
+
+mod consumers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,7 +75,13 @@ impl AdminState {
         }
     }
 
-    fn authorize(&self, req: &HttpRequest) -> Result<(), HttpResponse> {
+    /// The gateway this listener administers.
+    pub(crate) fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    /// Checks the bearer token: `Err` is the answer to send instead.
+    pub(crate) fn authorize(&self, req: &HttpRequest) -> Result<(), HttpResponse> {
         let Some(token) = &self.token else {
             return Err(json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -134,6 +143,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .configure(crate::dashboard::routes)
         .route("/admin/reload", web::post().to(reload))
         .route("/admin/config", web::get().to(config_status))
+        .route("/admin/consumers/{key}", web::get().to(consumers::get))
+        .route("/admin/consumers/{key}", web::put().to(consumers::put))
+        .route(
+            "/admin/consumers/{key}",
+            web::delete().to(consumers::delete),
+        )
         .default_service(web::to(|| async {
             json_error(StatusCode::NOT_FOUND, json!({"error": "not_found"}))
         }));
@@ -382,6 +397,11 @@ async fn bucket(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
     let Some(rule) = snapshot.rules.by_name(&rule_name) else {
         return not_found(format!("no rule named `{rule_name}`"));
     };
+    let Some(spec) = rule.bucket() else {
+        return bad_request(format!(
+            "rule {rule_name} is a quota or concurrency rule, not a token bucket"
+        ));
+    };
     let subject = match &rule.key {
         KeyKind::Ip => match BanTarget::parse(&raw_subject, gw.bans.ipv6_prefix()) {
             Ok(BanTarget::Key(k)) => Subject::Ip(k),
@@ -391,6 +411,12 @@ async fn bucket(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
                 ))
             }
         },
+        // The consumer header's rules are charged to the consumer.
+        KeyKind::Header(name) if snapshot.plans.as_ref().is_some_and(|p| p.header() == name) => {
+            Subject::Consumer {
+                hash: crate::consumers::key_hash(raw_subject.as_bytes()),
+            }
+        }
         KeyKind::Header(name) => Subject::Header {
             name: name.clone(),
             value: encode_key_value(raw_subject.as_bytes()),
@@ -398,9 +424,9 @@ async fn bucket(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
         KeyKind::Global => Subject::Global,
     };
     let tag = subject.tag();
-    let cap = rule.bucket.capacity_us();
+    let cap = spec.capacity_us();
     let (room_us, full_in_us) = match gw.limiter.redis() {
-        None => gw.limiter.local().peek(&tag, rule),
+        None => gw.limiter.local().peek(&tag, rule, spec),
         Some(redis) => {
             let link = redis.link();
             let prefix = redis.prefix();
@@ -431,8 +457,8 @@ async fn bucket(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
     HttpResponse::Ok().json(json!({
         "rule": &*rule.name,
         "subject": raw_subject,
-        "tokens": room_us as f64 / rule.bucket.interval_us as f64,
-        "burst": rule.bucket.burst,
+        "tokens": room_us as f64 / spec.interval_us as f64,
+        "burst": spec.burst,
         "full_in_ms": full_in_us / 1000,
     }))
 }

@@ -1,0 +1,211 @@
+//! The compiled plans, and phase 4b of a request: which consumer is asking,
+//! which plan it has, and its plan rules added to its subject's group.
+//!
+//! Separate from the runtime table because it is what the config file says
+//! (it changes only with the configuration), while the table changes at run
+//! time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix_web::http::header::HeaderName;
+use actix_web::HttpRequest;
+
+use super::{key_hash, ConsumerTable};
+use crate::client_ip::ClientKey;
+use crate::config::Config;
+use crate::rules::{
+    normalize_path, KeyHeaderTooLong, KeyKind, Rule, RuleSet, Subject, SubjectGroup,
+    MAX_KEY_HEADER_LEN,
+};
+
+/// One plan: its name and the rules it gives each consumer.
+#[derive(Debug)]
+pub struct Plan {
+    pub name: Arc<str>,
+    pub rules: Vec<Rule>,
+}
+
+/// Where a consumer's plan comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanSource {
+    /// The admin API (kept in Redis).
+    Runtime,
+    /// `consumers.keys` in the config file.
+    Config,
+    /// `consumers.default_plan`.
+    Default,
+}
+
+impl PlanSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanSource::Runtime => "runtime",
+            PlanSource::Config => "config",
+            PlanSource::Default => "default",
+        }
+    }
+}
+
+/// `[consumers]` and `[plans.*]`, compiled.
+#[derive(Debug)]
+pub struct Plans {
+    header: HeaderName,
+    plans: Vec<Plan>,
+    default: Option<usize>,
+    /// SHA-256 of a static key -> plan.
+    static_keys: HashMap<String, usize>,
+    /// Idle TTL of a consumer's state: long enough for every bucket of the
+    /// consumer's rules to refill and every quota period to end.
+    ttl_ms: u64,
+}
+
+impl Plans {
+    /// Compiles the plans of a validated config (`None` without
+    /// `[consumers]`). Each plan rule carries its own metric handles, like
+    /// every rule.
+    pub fn compile(config: &Config, rules: &RuleSet) -> Option<Plans> {
+        let c = config.consumers.as_ref()?;
+        let KeyKind::Header(header) = KeyKind::parse(&c.key).ok()? else {
+            return None;
+        };
+        let plans: Vec<Plan> = config
+            .plans
+            .iter()
+            .map(|(name, p)| Plan {
+                name: Arc::from(name.as_str()),
+                rules: p
+                    .rules
+                    .iter()
+                    .map(|r| Rule::compile(r, KeyKind::Header(header.clone())))
+                    .collect(),
+            })
+            .collect();
+        let find = |name: &str| plans.iter().position(|p| &*p.name == name);
+        let default = c.default_plan.as_deref().and_then(find);
+        let static_keys = c
+            .keys
+            .iter()
+            .filter_map(|(key, plan)| Some((key_hash(key.as_bytes()), find(plan)?)))
+            .collect();
+        let longest_plan_rule = plans
+            .iter()
+            .flat_map(|p| p.rules.iter())
+            .map(Rule::hold_us)
+            .max()
+            .unwrap_or(0);
+        let ttl_ms = rules
+            .ttl_ms(&KeyKind::Header(header.clone()))
+            .max(longest_plan_rule.div_ceil(1000) + 1000);
+        Some(Plans {
+            header,
+            plans,
+            default,
+            static_keys,
+            ttl_ms,
+        })
+    }
+
+    /// The header that carries a consumer's key.
+    pub fn header(&self) -> &HeaderName {
+        &self.header
+    }
+
+    pub fn plans(&self) -> &[Plan] {
+        &self.plans
+    }
+
+    pub fn find(&self, name: &str) -> Option<&Plan> {
+        self.plans.iter().find(|p| &*p.name == name)
+    }
+
+    /// Every plan rule, in index order (for metric handles).
+    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+        self.plans.iter().flat_map(|p| p.rules.iter())
+    }
+
+    /// The idle TTL of a consumer's state.
+    pub fn ttl_ms(&self) -> u64 {
+        self.ttl_ms
+    }
+
+    /// The plan of the consumer whose key hashes to `hash`, and why: a
+    /// runtime assignment, else a static one, else the default plan. A
+    /// runtime plan this config does not define is passed over.
+    pub fn plan_of(&self, hash: &str, table: &ConsumerTable) -> Option<(&Plan, PlanSource)> {
+        let runtime = table
+            .get(hash)
+            .and_then(|name| self.find(&name))
+            .map(|p| (p, PlanSource::Runtime));
+        runtime
+            .or_else(|| {
+                self.static_keys
+                    .get(hash)
+                    .map(|i| (&self.plans[*i], PlanSource::Config))
+            })
+            .or_else(|| self.default.map(|i| (&self.plans[i], PlanSource::Default)))
+    }
+
+    /// Phase 4b: finds the consumer of `req` and adds its plan's matching
+    /// rules to its subject's group. A request with a key is decided on the
+    /// consumer's subject (which the `[[rules]]` keyed by the same header
+    /// share, so one script call decides them all); a request without one
+    /// gets the default plan on its client address.
+    pub fn apply<'r>(
+        &'r self,
+        req: &HttpRequest,
+        client: ClientKey,
+        table: &ConsumerTable,
+        groups: &mut Vec<SubjectGroup<'r>>,
+    ) -> Result<(), KeyHeaderTooLong> {
+        let (subject, plan) = match req.headers().get(&self.header) {
+            Some(v) => {
+                if v.len() > MAX_KEY_HEADER_LEN {
+                    return Err(KeyHeaderTooLong(self.header.to_string()));
+                }
+                let hash = key_hash(v.as_bytes());
+                let plan = self.plan_of(&hash, table).map(|(p, _)| p);
+                for g in groups.iter_mut() {
+                    if matches!(&g.subject, Subject::Header { name, .. } if *name == self.header) {
+                        g.subject = Subject::Consumer { hash: hash.clone() };
+                        g.ttl_ms = g.ttl_ms.max(self.ttl_ms);
+                    }
+                }
+                (Subject::Consumer { hash }, plan)
+            }
+            None => (Subject::Ip(client), self.default.map(|i| &self.plans[i])),
+        };
+        let Some(plan) = plan else {
+            return Ok(());
+        };
+        let path = normalize_path(req.path());
+        let matching: Vec<&'r Rule> = plan
+            .rules
+            .iter()
+            .filter(|r| r.matches(req, &path))
+            .collect();
+        if matching.is_empty() {
+            return Ok(());
+        }
+        match groups.iter_mut().find(|g| g.subject == subject) {
+            Some(g) => {
+                g.rules.extend(matching);
+                g.ttl_ms = g.ttl_ms.max(self.ttl_ms);
+            }
+            None => {
+                let group = SubjectGroup {
+                    subject,
+                    rules: matching,
+                    ttl_ms: self.ttl_ms,
+                };
+                // The client's own subject goes first (see RuleSet::groups).
+                if group.subject.bannable() {
+                    groups.insert(0, group);
+                } else {
+                    groups.push(group);
+                }
+            }
+        }
+        Ok(())
+    }
+}
