@@ -24,7 +24,10 @@ struct Flags {
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+    let max = logger.filter();
+    let _ = floodgate::log_throttle::install(logger, max);
     let config = match floodgate::config::Config::load(&flags.config) {
         Ok(c) => c,
         Err(e) => {
