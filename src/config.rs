@@ -689,7 +689,10 @@ impl Config {
         if !(1024..=1024 * 1024).contains(&s.response_buffer) {
             return err(
                 "server.response_buffer",
-                format!("must be from 1024 to 1048576 bytes, got {}", s.response_buffer),
+                format!(
+                    "must be from 1024 to 1048576 bytes, got {}",
+                    s.response_buffer
+                ),
             );
         }
         if !(1..=MAX_HEADERS_PARSED).contains(&s.max_headers) {

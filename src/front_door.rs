@@ -1,6 +1,7 @@
 //! The front door: every public request, through named phases, cheapest
 //! first, so that the common refusals cost the least:
 //!
+//! 0. screening - header limits, `CONNECT`, `OPTIONS *` ([`crate::screening`]);
 //! 1. identity - peer address, trusted proxies, X-Forwarded-For;
 //! 2. allowlist - in memory, then forward with no Redis call;
 //! 3. ban cache - in memory, answer with no Redis call;
@@ -23,9 +24,10 @@ use crate::bans::Bans;
 use crate::client_ip::{ClientIpResolver, ClientKey};
 use crate::limiter::{BanMade, Decision, Limiter, RateInfo};
 use crate::metrics::GatewayMetrics;
-use crate::proxy::Upstream;
+use crate::proxy::{ForwardError, Upstream};
 use crate::responses;
 use crate::rules::RuleSet;
+use crate::screening::{self, HeaderLimits};
 
 /// Everything the front door needs, shared by all workers.
 pub struct Gateway {
@@ -35,6 +37,8 @@ pub struct Gateway {
     pub bans: Arc<Bans>,
     pub metrics: GatewayMetrics,
     pub ban_status: StatusCode,
+    /// Phase 0's limits on request headers.
+    pub header_limits: HeaderLimits,
 }
 
 /// Phase 6 for an allowed request: stream it upstream and add the
@@ -60,9 +64,13 @@ async fn forward(
             }
             resp.into_response()
         }
-        Err(failure) => {
+        Err(ForwardError::Upstream(failure)) => {
             crate::metrics::upstream_error(failure.code());
             responses::upstream_failure(failure.status(), failure.code())
+        }
+        Err(ForwardError::Client(fault)) => {
+            crate::metrics::client_error(fault.code());
+            responses::client_error(fault.status(), fault.code(), fault.message())
         }
     }
 }
@@ -74,6 +82,10 @@ pub async fn front_door(
     gw: web::Data<Gateway>,
     up: web::Data<Upstream>,
 ) -> HttpResponse {
+    // 0. requests that go no further
+    if let Some(answer) = screening::screen(&req, gw.header_limits) {
+        return answer;
+    }
     // 1. identity
     let peer = req
         .peer_addr()

@@ -21,4 +21,7 @@ pub mod proxy;
 pub mod redis_link;
 pub mod responses;
 pub mod rules;
+pub mod screening;
+pub mod send_timeout;
 pub mod server;
+pub mod upload;

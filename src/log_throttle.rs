@@ -228,9 +228,6 @@ mod tests {
     #[test]
     fn control_characters_are_escaped() {
         assert_eq!(escape_controls("plain"), "plain");
-        assert_eq!(
-            escape_controls("a\nb\u{1b}[31mc\r"),
-            "a\\nb\\u{1b}[31mc\\r"
-        );
+        assert_eq!(escape_controls("a\nb\u{1b}[31mc\r"), "a\\nb\\u{1b}[31mc\\r");
     }
 }

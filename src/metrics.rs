@@ -15,6 +15,8 @@ pub const BANS_ACTIVE: &str = "floodgate_bans_active";
 pub const DEGRADED: &str = "floodgate_degraded";
 pub const BANS_TOTAL: &str = "floodgate_bans_total";
 pub const UPSTREAM_ERRORS: &str = "floodgate_upstream_errors_total";
+pub const UPSTREAM_FRESH_RETRIES: &str = "floodgate_upstream_fresh_retries_total";
+pub const CLIENT_ERRORS: &str = "floodgate_client_errors_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub const NO_RULE: &str = "-";
@@ -43,6 +45,14 @@ pub fn install() -> Option<PrometheusHandle> {
     );
     metrics::describe_counter!(BANS_TOTAL, "Bans made, by source");
     metrics::describe_counter!(UPSTREAM_ERRORS, "Upstream failures, by kind");
+    metrics::describe_counter!(
+        UPSTREAM_FRESH_RETRIES,
+        "Requests sent again on a fresh connection after a pooled one was found dead"
+    );
+    metrics::describe_counter!(
+        CLIENT_ERRORS,
+        "Requests refused for the client's own fault (bad or stalled body, bad target, too many headers), by kind"
+    );
     Some(handle)
 }
 
@@ -102,6 +112,11 @@ impl GatewayMetrics {
 /// Counts an upstream failure of `kind` (`connect`, `timeout`, `other`).
 pub fn upstream_error(kind: &'static str) {
     metrics::counter!(UPSTREAM_ERRORS, "kind" => kind).increment(1);
+}
+
+/// Counts a request refused for the client's own fault.
+pub fn client_error(kind: &'static str) {
+    metrics::counter!(CLIENT_ERRORS, "kind" => kind).increment(1);
 }
 
 /// Counts a ban made by `source` (`auto`, `manual`).

@@ -18,6 +18,8 @@ use crate::metrics::GatewayMetrics;
 use crate::proxy::Upstream;
 use crate::redis_link::RedisLink;
 use crate::rules::RuleSet;
+use crate::screening::HeaderLimits;
+use crate::upload::BodyLimits;
 
 /// Subjects the in-process store tracks at most (bounded memory).
 const LOCAL_MAX_SUBJECTS: usize = 1_000_000;
@@ -34,6 +36,7 @@ fn node_id(config: &Config) -> String {
 /// Runs the gateway until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> std::io::Result<()> {
     let prom = crate::metrics::install();
+    crate::log_throttle::LOG.set_window(config.server.log_throttle);
     let rules = RuleSet::compile(&config.rules);
     let names: Vec<&str> = rules.rules().iter().map(|r| &*r.name).collect();
     let metrics = GatewayMetrics::new(&names);
@@ -123,6 +126,10 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         metrics,
         ban_status: StatusCode::from_u16(config.ban.status)
             .unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+        header_limits: HeaderLimits {
+            max_headers: config.server.max_headers,
+            max_header_bytes: config.server.max_header_bytes,
+        },
     });
 
     spawn_background(
@@ -135,6 +142,10 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     );
 
     let upstream_config = config.upstream.clone();
+    let body_limits = BodyLimits {
+        idle: config.server.client_body_timeout,
+        max_size: config.server.max_body_size,
+    };
     let workers = if config.server.workers == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -147,13 +158,15 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         move || {
             App::new()
                 .app_data(gateway.clone())
-                .app_data(web::Data::new(Upstream::new(&upstream_config)))
+                .app_data(web::Data::new(Upstream::new(&upstream_config, body_limits)))
                 .default_service(web::to(front_door::front_door))
         }
     })
     .workers(workers)
     .backlog(4096)
     .max_connections(100_000)
+    .h1_write_buffer_size(config.server.response_buffer)
+    .on_connect(crate::send_timeout::on_connect(config.server.send_timeout))
     .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1))
     .disable_signals()
     .bind(config.server.listen)
