@@ -100,7 +100,7 @@ impl Default for ServerConfig {
             send_timeout: Duration::from_secs(30),
             client_body_timeout: Duration::from_secs(30),
             max_body_size: 1 << 30,
-            response_buffer: 16 * 1024,
+            response_buffer: 8 * 1024,
             max_headers: 64,
             max_header_bytes: 32 * 1024,
             log_throttle: Duration::from_secs(10),

@@ -144,11 +144,18 @@ pub struct Upstream {
     next: AtomicUsize,
     timeout: Duration,
     body_limits: BodyLimits,
+    /// `server.response_buffer`: the largest piece of a response body
+    /// handed to the client connection at once.
+    response_buffer: usize,
     fresh_retries: metrics::Counter,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, body_limits: BodyLimits) -> Upstream {
+    pub fn new(
+        config: &UpstreamConfig,
+        body_limits: BodyLimits,
+        response_buffer: usize,
+    ) -> Upstream {
         let build = |keep_alive: Duration| {
             let connector = awc::Connector::new()
                 .timeout(config.connect_timeout)
@@ -172,6 +179,7 @@ impl Upstream {
             next: AtomicUsize::new(0),
             timeout: config.timeout,
             body_limits,
+            response_buffer,
             fresh_retries: metrics::counter!(crate::metrics::UPSTREAM_FRESH_RETRIES),
         }
     }
@@ -321,6 +329,8 @@ impl Upstream {
             inner: Box::pin(resp),
             idle: IdleDeadline::new(self.timeout),
             size,
+            rest: Bytes::new(),
+            piece: self.response_buffer,
         };
         UpstreamResponse {
             builder,
@@ -406,6 +416,11 @@ pub struct ResponseBody {
     idle: IdleDeadline,
     /// The upstream's Content-Length, kept so the client gets it too.
     size: Option<u64>,
+    /// What is left of the last chunk read: handed on in pieces of at most
+    /// `piece` bytes, so the connection's write buffer never holds more than
+    /// about twice `server.response_buffer`.
+    rest: Bytes,
+    piece: usize,
 }
 
 impl Stream for ResponseBody {
@@ -413,9 +428,16 @@ impl Stream for ResponseBody {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if !this.rest.is_empty() {
+            let n = this.rest.len().min(this.piece);
+            return Poll::Ready(Some(Ok(this.rest.split_to(n))));
+        }
         match this.inner.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Ok(b))) => {
+            Poll::Ready(Some(Ok(mut b))) => {
                 this.idle.progress();
+                if b.len() > this.piece {
+                    this.rest = b.split_off(this.piece);
+                }
                 Poll::Ready(Some(Ok(b)))
             }
             Poll::Ready(Some(Err(e))) => {

@@ -142,6 +142,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     );
 
     let upstream_config = config.upstream.clone();
+    let response_buffer = config.server.response_buffer;
     let body_limits = BodyLimits {
         idle: config.server.client_body_timeout,
         max_size: config.server.max_body_size,
@@ -158,7 +159,11 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         move || {
             App::new()
                 .app_data(gateway.clone())
-                .app_data(web::Data::new(Upstream::new(&upstream_config, body_limits)))
+                .app_data(web::Data::new(Upstream::new(
+                    &upstream_config,
+                    body_limits,
+                    response_buffer,
+                )))
                 .default_service(web::to(front_door::front_door))
         }
     })
