@@ -108,7 +108,10 @@ pub async fn front_door(
     // 4. rules
     let groups = match gw.rules.groups(&req, key) {
         Ok(g) => g,
-        Err(e) => return responses::bad_request(e.to_string()),
+        Err(e) => {
+            crate::metrics::client_error(e.kind());
+            return responses::bad_request(e.to_string());
+        }
     };
     if groups.is_empty() {
         gw.metrics.allowed_unmatched.increment(1);

@@ -214,6 +214,16 @@ pub enum MatchError {
     AmbiguousPath(#[from] AmbiguousPath),
 }
 
+impl MatchError {
+    /// The `kind` label of `floodgate_client_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MatchError::KeyHeader(_) => "key_header_too_long",
+            MatchError::AmbiguousPath(_) => "ambiguous_path",
+        }
+    }
+}
+
 /// All compiled rules.
 #[derive(Debug)]
 pub struct RuleSet {

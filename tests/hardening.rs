@@ -446,6 +446,10 @@ fn spellings_cannot_escape_a_rule() {
         );
     }
     assert_eq!(up.hits(), hits, "no spelling reached the upstream");
+    assert_eq!(
+        gw.metric("floodgate_client_errors_total{kind=\"ambiguous_path\"}"),
+        8.0
+    );
 
     assert_eq!(send("POST", "/submit"), 200);
     assert_eq!(send("post", "/submit"), 429, "methods match without case");
