@@ -869,6 +869,28 @@ mod tests {
     }
 
     #[test]
+    fn hardening_limits_are_bounded_and_named() {
+        let c = parse("").expect("valid");
+        assert_eq!(c.upstream.idle_timeout, Duration::from_secs(4));
+        assert_eq!(c.ban.min_prefix_v4, 8);
+        for (extra, key) in [
+            ("[server]\nsend_timeout = \"0s\"\n", "server.send_timeout"),
+            ("[server]\nresponse_buffer = 10\n", "server.response_buffer"),
+            ("[server]\nmax_headers = 97\n", "server.max_headers"),
+            (
+                "[server]\nmax_header_bytes = 200000\n",
+                "server.max_header_bytes",
+            ),
+            ("[ban]\nmin_prefix_v6 = 129\n", "ban.min_prefix_v6"),
+        ] {
+            assert_eq!(parse(extra).unwrap_err().key, key, "{extra}");
+        }
+        let e = parse("[[rules]]\nname=\"a\"\nkey=\"ip\"\nrate=1\nper=\"1s\"\nburst=1\nmatch = { path_prefix = \"/a%2Fb\" }\n")
+            .unwrap_err();
+        assert_eq!(e.key, "rules[0].match.path_prefix");
+    }
+
+    #[test]
     fn bare_address_is_a_host_route() {
         assert_eq!(parse_cidr("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
         assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
