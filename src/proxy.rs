@@ -255,8 +255,20 @@ impl Upstream {
                     _ => creq.send_stream(body),
                 };
                 let head_deadline = async {
-                    upload.finished().await;
-                    tokio::time::sleep(self.timeout).await;
+                    // Waiting for a pooled connection (or a connect) counts
+                    // against `timeout` too, as for a request without a body.
+                    let waiting = async {
+                        tokio::time::sleep(self.timeout).await;
+                        if upload.started() {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    let uploaded = async {
+                        upload.finished().await;
+                        tokio::time::sleep(self.timeout).await;
+                    };
+                    tokio::pin!(waiting, uploaded);
+                    futures_util::future::select(waiting, uploaded).await;
                 };
                 tokio::pin!(head_deadline);
                 match futures_util::future::select(send, head_deadline).await {

@@ -105,6 +105,8 @@ pub struct Upload {
     replayable: Cell<bool>,
     received: Cell<u64>,
     fault: Cell<Option<ClientFault>>,
+    /// Whether the current attempt has begun sending the body.
+    started: Cell<bool>,
     finished: Cell<bool>,
     done: tokio::sync::Notify,
     limits: BodyLimits,
@@ -119,6 +121,7 @@ impl Upload {
             replayable: Cell::new(true),
             received: Cell::new(0),
             fault: Cell::new(None),
+            started: Cell::new(false),
             finished: Cell::new(false),
             done: tokio::sync::Notify::new(),
             limits,
@@ -128,11 +131,18 @@ impl Upload {
     /// A stream of the whole body for one attempt: the kept chunks first,
     /// then the rest from the client.
     pub fn body(self: &Rc<Self>) -> UploadBody {
+        self.started.set(false);
         UploadBody {
             upload: self.clone(),
             replay_next: 0,
             idle: IdleDeadline::new(self.limits.idle),
         }
+    }
+
+    /// Whether the current attempt's connection is up and asking for the
+    /// body (false while it waits for a connection).
+    pub fn started(&self) -> bool {
+        self.started.get()
     }
 
     /// The client's fault, if the body failed because of it.
@@ -196,6 +206,7 @@ impl Stream for UploadBody {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         let up = &this.upload;
+        up.started.set(true);
         if let Some(fault) = up.fault.get() {
             return Poll::Ready(Some(Err(up.fail(fault))));
         }

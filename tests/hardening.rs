@@ -303,6 +303,25 @@ fn stalled_readers_do_not_starve_the_upstream_pool() {
     drop(socks);
 }
 
+#[test]
+fn an_upload_waits_for_a_pooled_connection_no_longer_than_the_timeout() {
+    let up = Upstream::start();
+    let gw = gateway_with(
+        &up.url(),
+        "send_timeout = \"30s\"",
+        "timeout = \"1s\"\nmax_connections = 1",
+        "",
+    );
+    // Stalled readers hold the one connection each worker may open.
+    let socks = stalled_clients(gw.port, 8, "/bytes/16777216", Duration::from_secs(10));
+    thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let r = call("POST", &gw.url("/upload"), &[], Some("{\"a\":1}"));
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(socks);
+}
+
 // ------------------------------------------------------------ 3. client faults
 
 #[test]
