@@ -16,6 +16,11 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub use crate::limits::Period;
+/// Headers actix-http parses at most: a request with more gets 400 before
+/// floodgate sees it, so `server.max_headers` can only be lower.
+pub const MAX_HEADERS_PARSED: usize = 96;
+/// Bytes of request head actix-http buffers at most (431 past it).
+pub const MAX_HEAD_PARSED: usize = 128 * 1024;
 
 /// A configuration problem, rendered as one line for operators.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +74,26 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Name of this node in the audit log; default: host name and pid.
     pub node_id: Option<String>,
+    /// A client that takes no response bytes for this long is disconnected
+    /// (its upstream connection with it).
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    /// A client that sends nothing of its request body for this long gets
+    /// 408.
+    #[serde(with = "humantime_serde")]
+    pub client_body_timeout: Duration,
+    /// Largest request body in bytes, sized or chunked; 0 = no limit.
+    pub max_body_size: u64,
+    /// Response bytes buffered per client connection before the gateway
+    /// stops reading from the upstream.
+    pub response_buffer: usize,
+    /// Most request headers (values) a request may carry.
+    pub max_headers: usize,
+    /// Most bytes in a request's header section (names, values, separators).
+    pub max_header_bytes: usize,
+    /// Identical warnings are written at most once per this; 0 = every one.
+    #[serde(with = "humantime_serde")]
+    pub log_throttle: Duration,
     /// `[server.tls]`: serve HTTPS (HTTP/2 and HTTP/1.1) instead of plain HTTP/1.1.
     pub tls: Option<TlsConfig>,
 }
@@ -94,6 +119,13 @@ impl Default for ServerConfig {
             workers: 0,
             node_id: None,
             tls: None,
+            send_timeout: Duration::from_secs(30),
+            client_body_timeout: Duration::from_secs(30),
+            max_body_size: 1 << 30,
+            response_buffer: 8 * 1024,
+            max_headers: 64,
+            max_header_bytes: 32 * 1024,
+            log_throttle: Duration::from_secs(10),
         }
     }
 }
@@ -178,6 +210,10 @@ pub struct UpstreamConfig {
     /// A WebSocket connection with no byte either way for this long is closed.
     #[serde(default = "default_websocket_idle_timeout", with = "humantime_serde")]
     pub websocket_idle_timeout: Duration,
+    /// How long an idle pooled connection is kept; below the upstream's own
+    /// keep-alive timeout, so the gateway closes first.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 fn default_upstream_timeout() -> Duration {
@@ -194,6 +230,9 @@ fn default_websocket_idle_timeout() -> Duration {
 }
 fn yes() -> bool {
     true
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(4)
 }
 
 /// `[client_ip]`: who is asking.
@@ -224,6 +263,9 @@ pub struct MatchConfig {
     pub path_prefix: Option<String>,
     pub methods: Option<Vec<String>>,
     pub host: Option<String>,
+    /// Compare `path_prefix` with regard to case (default: case folded).
+    #[serde(default)]
+    pub case_sensitive: bool,
 }
 
 /// What a rule's bucket is keyed by.
@@ -579,6 +621,14 @@ fn check_rule(rule: &RuleConfig, in_plan: bool) -> Result<(), (String, String)> 
         if !p.starts_with('/') {
             return err(".match.path_prefix", format!("`{p}` must start with /"));
         }
+        if p.contains(['%', '\\', ';', '?', '#'])
+            || crate::path_match::normalize_path(p) != p.as_str()
+        {
+            return err(
+                ".match.path_prefix",
+                format!("`{p}`: write the path as it reads decoded, without %-escapes, \\, ;, ?, #, repeated slashes or . and .. segments"),
+            );
+        }
     }
     if let Some(ms) = &rule.matcher.methods {
         for m in ms {
@@ -617,6 +667,11 @@ pub struct BanConfig {
     /// `[ban]` inside it, so both places are read and merged.
     #[serde(deserialize_with = "de_cidrs")]
     pub allowlist: Vec<IpNet>,
+    /// Operators cannot ban or allowlist an IPv4 network wider than this
+    /// (without `force`).
+    pub min_prefix_v4: u8,
+    /// The same for IPv6.
+    pub min_prefix_v6: u8,
 }
 
 impl Default for BanConfig {
@@ -633,6 +688,8 @@ impl Default for BanConfig {
             audit_max_len: 100_000,
             reconcile_interval: Duration::from_secs(10),
             allowlist: Vec::new(),
+            min_prefix_v4: 8,
+            min_prefix_v6: 32,
         }
     }
 }
@@ -697,6 +754,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        self.validate_hardening()?;
         let err = |k: &str, m: String| Err((k.to_string(), m));
         // Upper bounds keep every later conversion (ms in u64/i64, Redis
         // PEXPIRE, RFC 3339 dates) far from overflow.
@@ -987,6 +1045,60 @@ impl Config {
         Ok(())
     }
 
+    /// The limits and timeouts that protect the gateway from hostile or
+    /// unlucky traffic (docs/operations.md, "Hardening").
+    fn validate_hardening(&self) -> Result<(), (String, String)> {
+        let err = |k: &str, m: String| Err((k.to_string(), m));
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        let s = &self.server;
+        for (key, value) in [
+            ("server.send_timeout", s.send_timeout),
+            ("server.client_body_timeout", s.client_body_timeout),
+            ("upstream.idle_timeout", self.upstream.idle_timeout),
+        ] {
+            if value.is_zero() || value > DAY {
+                return err(key, "must be more than 0 and at most 1 day".into());
+            }
+        }
+        if s.log_throttle > DAY {
+            return err("server.log_throttle", "must be at most 1 day".into());
+        }
+        if !(1024..=1024 * 1024).contains(&s.response_buffer) {
+            return err(
+                "server.response_buffer",
+                format!(
+                    "must be from 1024 to 1048576 bytes, got {}",
+                    s.response_buffer
+                ),
+            );
+        }
+        if !(1..=MAX_HEADERS_PARSED).contains(&s.max_headers) {
+            return err(
+                "server.max_headers",
+                format!(
+                    "must be from 1 to {MAX_HEADERS_PARSED} (the HTTP parser's own limit), got {}",
+                    s.max_headers
+                ),
+            );
+        }
+        if !(1024..=MAX_HEAD_PARSED).contains(&s.max_header_bytes) {
+            return err(
+                "server.max_header_bytes",
+                format!(
+                    "must be from 1024 to {MAX_HEAD_PARSED} bytes (the HTTP parser's own limit), got {}",
+                    s.max_header_bytes
+                ),
+            );
+        }
+        if self.ban.min_prefix_v4 > 32 {
+            return err("ban.min_prefix_v4", "must be from 0 to 32".into());
+        }
+        if self.ban.min_prefix_v6 > 128 {
+            return err("ban.min_prefix_v6", "must be from 0 to 128".into());
+        }
+        Ok(())
+    }
+
     /// A short human summary, printed by `--check`.
     pub fn summary(&self) -> String {
         use std::fmt::Write;
@@ -1161,6 +1273,28 @@ mod tests {
             format!("allowlist = [\"10.0.0.0/8\"]\n{BASE}[ban]\nallowlist = [\"192.0.2.1\"]\n");
         let c = Config::parse(&text, "t.toml").unwrap();
         assert_eq!(c.allowlist.len(), 2);
+    }
+
+    #[test]
+    fn hardening_limits_are_bounded_and_named() {
+        let c = parse("").expect("valid");
+        assert_eq!(c.upstream.idle_timeout, Duration::from_secs(4));
+        assert_eq!(c.ban.min_prefix_v4, 8);
+        for (extra, key) in [
+            ("[server]\nsend_timeout = \"0s\"\n", "server.send_timeout"),
+            ("[server]\nresponse_buffer = 10\n", "server.response_buffer"),
+            ("[server]\nmax_headers = 97\n", "server.max_headers"),
+            (
+                "[server]\nmax_header_bytes = 200000\n",
+                "server.max_header_bytes",
+            ),
+            ("[ban]\nmin_prefix_v6 = 129\n", "ban.min_prefix_v6"),
+        ] {
+            assert_eq!(parse(extra).unwrap_err().key, key, "{extra}");
+        }
+        let e = parse("[[rules]]\nname=\"a\"\nkey=\"ip\"\nrate=1\nper=\"1s\"\nburst=1\nmatch = { path_prefix = \"/a%2Fb\" }\n")
+            .unwrap_err();
+        assert_eq!(e.key, "rules[0].match.path_prefix");
     }
 
     #[test]

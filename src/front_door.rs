@@ -1,6 +1,7 @@
 //! The front door: every public request, through named phases, cheapest
 //! first, so that the common refusals cost the least:
 //!
+//! 0. screening - header limits, `CONNECT`, `OPTIONS *` ([`crate::screening`]);
 //! 1. identity - peer address, trusted proxies, X-Forwarded-For;
 //! 2. allowlist - in memory, then forward with no Redis call;
 //! 3. ban cache - in memory, answer with no Redis call;
@@ -27,16 +28,18 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use arc_swap::ArcSwap;
 
-use crate::bans::Bans;
+use crate::bans::{Bans, Breadth};
 use crate::client_ip::{ClientIpResolver, ClientKey};
 use crate::config::{Config, UpstreamConfig};
 use crate::consumers::{ConsumerTable, Plans};
 use crate::in_flight::{self, SlotGuard};
 use crate::limiter::{BanMade, Decision, Limiter, RateInfo};
 use crate::metrics::GatewayMetrics;
-use crate::proxy::{websocket, Upstream};
+use crate::proxy::{websocket, ForwardError, Upstream};
 use crate::responses;
 use crate::rules::RuleSet;
+use crate::screening::{self, HeaderLimits};
+use crate::upload::BodyLimits;
 
 /// The parts of the configuration a reload replaces, as one immutable
 /// value: a request reads it once, at its start.
@@ -49,6 +52,10 @@ pub struct Snapshot {
     pub upstream: Arc<UpstreamConfig>,
     /// `[consumers]` and `[plans.*]`, compiled (`None`: no consumers).
     pub plans: Option<Plans>,
+    /// Phase 0's limits on request headers.
+    pub header_limits: HeaderLimits,
+    /// How wide a network an operator may ban or allowlist without `force`.
+    pub breadth: Breadth,
 }
 
 impl Snapshot {
@@ -71,6 +78,14 @@ impl Snapshot {
                 .unwrap_or(StatusCode::TOO_MANY_REQUESTS),
             upstream,
             plans,
+            header_limits: HeaderLimits {
+                max_headers: config.server.max_headers,
+                max_header_bytes: config.server.max_header_bytes,
+            },
+            breadth: Breadth {
+                min_prefix_v4: config.ban.min_prefix_v4,
+                min_prefix_v6: config.ban.min_prefix_v6,
+            },
         }
     }
 }
@@ -117,19 +132,34 @@ impl Gateway {
 /// One worker's upstream clients (awc clients are per thread), rebuilt
 /// when a reload changes `[upstream]`; requests in flight finish on the
 /// client they started with.
-#[derive(Default)]
 pub struct UpstreamClients {
     current: RefCell<Option<(Arc<UpstreamConfig>, Rc<Upstream>)>>,
+    /// Set at start-up (`server.client_body_timeout`, `max_body_size`,
+    /// `response_buffer` need a restart).
+    body_limits: BodyLimits,
+    response_buffer: usize,
 }
 
 impl UpstreamClients {
+    pub fn new(body_limits: BodyLimits, response_buffer: usize) -> UpstreamClients {
+        UpstreamClients {
+            current: RefCell::new(None),
+            body_limits,
+            response_buffer,
+        }
+    }
+
     /// The client for `config`, built on first use of these settings.
     fn for_config(&self, config: &Arc<UpstreamConfig>) -> Rc<Upstream> {
         let mut current = self.current.borrow_mut();
         match &*current {
             Some((c, up)) if Arc::ptr_eq(c, config) => up.clone(),
             _ => {
-                let up = Rc::new(Upstream::new(config));
+                let up = Rc::new(Upstream::new(
+                    config,
+                    self.body_limits,
+                    self.response_buffer,
+                ));
                 *current = Some((config.clone(), up.clone()));
                 up
             }
@@ -178,9 +208,13 @@ async fn forward(
             responses::add_rate_headers(&mut resp.builder, applied);
             hold(resp.into_response(), slots)
         }
-        Err(failure) => {
+        Err(ForwardError::Upstream(failure)) => {
             crate::metrics::upstream_error(failure.code());
             responses::upstream_failure(failure.status(), failure.code())
+        }
+        Err(ForwardError::Client(fault)) => {
+            crate::metrics::client_error(fault.code());
+            responses::client_error(fault.status(), fault.code(), fault.message())
         }
     }
 }
@@ -201,6 +235,10 @@ pub async fn front_door(
     clients: web::Data<UpstreamClients>,
 ) -> HttpResponse {
     let snap = gw.snapshot();
+    // 0. requests that go no further
+    if let Some(answer) = screening::screen(&req, snap.header_limits) {
+        return answer;
+    }
     let up = clients.for_config(&snap.upstream);
     let upstream = &*snap.upstream;
     // 1. identity
@@ -225,7 +263,10 @@ pub async fn front_door(
     // 4. rules, and the consumer's plan rules
     let mut groups = match snap.rules.groups(&req, key) {
         Ok(g) => g,
-        Err(e) => return responses::bad_request(e.to_string()),
+        Err(e) => {
+            crate::metrics::client_error(e.kind());
+            return responses::bad_request(e.to_string());
+        }
     };
     if let Some(plans) = &snap.plans {
         if let Err(e) = plans.apply(&req, key, &gw.consumers, &mut groups) {

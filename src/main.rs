@@ -45,7 +45,10 @@ fn main() -> ExitCode {
         eprintln!("floodgate: --config PATH is required");
         return ExitCode::from(2);
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+    let max = logger.filter();
+    let _ = floodgate::log_throttle::install(logger, max);
     let file = match floodgate::reload::ConfigFile::read(&path) {
         Ok(f) => f,
         Err(e) => {

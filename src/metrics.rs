@@ -21,6 +21,8 @@ pub const CONFIG_RELOADS: &str = "floodgate_config_reloads_total";
 pub const WEBSOCKET_CONNECTIONS: &str = "floodgate_websocket_connections";
 pub const DENY_CACHE_HITS: &str = "floodgate_deny_cache_hits_total";
 pub const LEASE_ERRORS: &str = "floodgate_lease_errors_total";
+pub const UPSTREAM_FRESH_RETRIES: &str = "floodgate_upstream_fresh_retries_total";
+pub const CLIENT_ERRORS: &str = "floodgate_client_errors_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub const NO_RULE: &str = "-";
@@ -64,6 +66,14 @@ pub fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         LEASE_ERRORS,
         "Concurrency lease renewals and releases that failed (the slot then ends with its lease)"
+    );
+    metrics::describe_counter!(
+        UPSTREAM_FRESH_RETRIES,
+        "Requests sent again on a fresh connection after a pooled one was found dead"
+    );
+    metrics::describe_counter!(
+        CLIENT_ERRORS,
+        "Requests refused for the client's own fault (bad or stalled body, bad target, too many headers), by kind"
     );
     Some(handle)
 }
@@ -135,6 +145,11 @@ impl GatewayMetrics {
 /// Counts an upstream failure of `kind` (`connect`, `timeout`, `other`).
 pub fn upstream_error(kind: &'static str) {
     metrics::counter!(UPSTREAM_ERRORS, "kind" => kind).increment(1);
+}
+
+/// Counts a request refused for the client's own fault.
+pub fn client_error(kind: &'static str) {
+    metrics::counter!(CLIENT_ERRORS, "kind" => kind).increment(1);
 }
 
 /// Counts a ban made by `source` (`auto`, `manual`).

@@ -18,7 +18,6 @@
 
 pub mod websocket;
 
-use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix_web::body::SizedStream;
+use actix_web::error::ParseError;
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
@@ -35,6 +35,7 @@ use futures_util::Stream;
 
 use crate::client_ip::X_FORWARDED_FOR;
 use crate::config::UpstreamConfig;
+use crate::upload::{BodyLimits, ClientFault, IdleDeadline, Upload};
 
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -81,11 +82,13 @@ fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap, extra: &[&HeaderName]) 
 /// The outcome of forwarding that is not the upstream's own response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamFailure {
-    /// Refused, unreachable, or no connection within `connect_timeout`.
+    /// No connection could be made: refused, unreachable, or none within
+    /// `connect_timeout`.
     Unreachable,
     /// No response head within `timeout`.
     Timeout,
-    /// The upstream broke the exchange (bad response, reset mid-request).
+    /// The upstream broke the exchange (bad response, connection lost
+    /// mid-request after the one retry a dead pooled connection gets).
     Broken,
 }
 
@@ -106,35 +109,84 @@ impl UpstreamFailure {
     }
 }
 
+/// Why a request was not forwarded: the upstream's fault or the client's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardError {
+    Upstream(UpstreamFailure),
+    Client(ClientFault),
+}
+
+/// How an awc error came about, for what to do next.
+enum SendFailure {
+    /// No connection was made (a connect() failed or timed out).
+    Connect,
+    /// A connection failed before any response byte: typically a pooled
+    /// connection the upstream had closed. The upstream has no answer under
+    /// way, so a fresh connection may try again.
+    DeadConnection,
+    Timeout,
+    Other,
+}
+
+fn classify(e: &SendRequestError) -> SendFailure {
+    match e {
+        SendRequestError::Timeout => SendFailure::Timeout,
+        SendRequestError::Connect(ConnectError::Disconnected) => SendFailure::DeadConnection,
+        SendRequestError::Connect(_) => SendFailure::Connect,
+        SendRequestError::Send(_) => SendFailure::DeadConnection,
+        SendRequestError::Response(ParseError::Io(_)) => SendFailure::DeadConnection,
+        _ => SendFailure::Other,
+    }
+}
+
 /// One worker's connection to the upstreams.
 pub struct Upstream {
+    /// Keeps idle connections for `upstream.idle_timeout`.
     client: awc::Client,
+    /// Never reuses a connection: the one retry after a pooled connection
+    /// turned out dead must not draw another stale one from the pool.
+    fresh: awc::Client,
     bases: Vec<String>,
     next: AtomicUsize,
-    idle_timeout: Duration,
+    timeout: Duration,
+    body_limits: BodyLimits,
+    /// `server.response_buffer`: the largest piece of a response body
+    /// handed to the client connection at once.
+    response_buffer: usize,
+    fresh_retries: metrics::Counter,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Upstream {
-        let connector = awc::Connector::new()
-            .timeout(config.connect_timeout)
-            .limit(config.max_connections)
-            .conn_keep_alive(Duration::from_secs(30));
-        let client = awc::Client::builder()
-            .connector(connector)
-            .timeout(config.timeout)
-            .disable_redirects()
-            .no_default_headers()
-            .finish();
+    pub fn new(
+        config: &UpstreamConfig,
+        body_limits: BodyLimits,
+        response_buffer: usize,
+    ) -> Upstream {
+        let build = |keep_alive: Duration| {
+            let connector = awc::Connector::new()
+                .timeout(config.connect_timeout)
+                .limit(config.max_connections)
+                .conn_keep_alive(keep_alive);
+            awc::Client::builder()
+                .connector(connector)
+                .timeout(config.timeout)
+                .disable_redirects()
+                .no_default_headers()
+                .finish()
+        };
         Upstream {
-            client,
+            client: build(config.idle_timeout),
+            fresh: build(Duration::ZERO),
             bases: config
                 .urls
                 .iter()
                 .map(|u| u.trim_end_matches('/').to_string())
                 .collect(),
             next: AtomicUsize::new(0),
-            idle_timeout: config.timeout,
+            timeout: config.timeout,
+            body_limits,
+            response_buffer,
+            fresh_retries: metrics::counter!(crate::metrics::UPSTREAM_FRESH_RETRIES),
         }
     }
 
@@ -152,7 +204,7 @@ impl Upstream {
         payload: web::Payload,
         trusted_peer: bool,
         peer: IpAddr,
-    ) -> Result<UpstreamResponse, UpstreamFailure> {
+    ) -> Result<UpstreamResponse, ForwardError> {
         let path = req
             .uri()
             .path_and_query()
@@ -173,18 +225,30 @@ impl Upstream {
             );
         let chunked = headers.get(header::TRANSFER_ENCODING).is_some() || h2_body;
         let has_body = chunked || length.is_some_and(|l| l > 0);
+        let max = self.body_limits.max_size;
+        if max > 0 && !chunked && length.is_some_and(|l| l > max) {
+            return Err(ForwardError::Client(ClientFault::BodyTooLarge));
+        }
+        let upload = Upload::new(payload, self.body_limits);
 
-        // Only a bodiless request can be tried on the next upstream: a body
-        // stream cannot be replayed.
-        let attempts = if has_body { 1 } else { self.bases.len() };
-        let mut payload = Some(payload);
-        let mut last = UpstreamFailure::Unreachable;
-        for _ in 0..attempts {
-            let i = self.next.fetch_add(1, Ordering::Relaxed) % self.bases.len();
-            let mut creq = self
-                .client
+        // A connect failure moves on to the next upstream, a dead pooled
+        // connection is retried once on a fresh one; either only while the
+        // whole body can still be sent again.
+        let mut connect_tries_left = self.bases.len();
+        let mut fresh_retry = false;
+        let mut i = self.next.fetch_add(1, Ordering::Relaxed) % self.bases.len();
+        loop {
+            let client = if fresh_retry {
+                &self.fresh
+            } else {
+                &self.client
+            };
+            let mut creq = client
                 .request(req.method().clone(), format!("{}{}", self.bases[i], path))
                 .no_decompress();
+            if fresh_retry {
+                creq = creq.force_close();
+            }
             let out = creq.headers_mut();
             copy_end_to_end(
                 headers,
@@ -205,75 +269,109 @@ impl Upstream {
             // `upstream.timeout` bounds the wait for the response head. With
             // a body, that wait starts when the upload ends: a large upload
             // may take as long as it keeps moving (a stalled client is cut
-            // after `upstream.timeout` without a byte).
-            let sent = match (length, chunked, payload.take()) {
-                (length, chunked, Some(p)) if chunked || length.is_some_and(|l| l > 0) => {
-                    let done = std::rc::Rc::new(tokio::sync::Notify::new());
-                    let body = UploadBody {
-                        inner: p,
-                        idle: IdleDeadline::new(self.idle_timeout),
-                        done: done.clone(),
-                    };
-                    let creq = creq.timeout(UNBOUNDED_UPLOAD);
-                    let send = match length {
-                        Some(len) if !chunked => creq.send_body(SizedStream::new(len, body)),
-                        _ => creq.send_stream(body),
-                    };
-                    let head_deadline = async {
-                        done.notified().await;
-                        tokio::time::sleep(self.idle_timeout).await;
-                    };
-                    tokio::pin!(head_deadline);
-                    match futures_util::future::select(send, head_deadline).await {
-                        futures_util::future::Either::Left((r, _)) => r,
-                        futures_util::future::Either::Right(_) => Err(SendRequestError::Timeout),
-                    }
-                }
-                _ => creq.send().await,
-            };
-            match sent {
-                Ok(resp) => {
-                    let mut builder = HttpResponse::build(resp.status());
-                    let listed = connection_listed(resp.headers());
-                    for (name, value) in resp.headers().iter() {
-                        if is_hop_by_hop(name)
-                            || listed.contains(name)
-                            || name == header::CONTENT_LENGTH
-                        {
-                            continue;
+            // after `server.client_body_timeout` without a byte).
+            let sent = if has_body {
+                let creq = creq.timeout(UNBOUNDED_UPLOAD);
+                let body = upload.body();
+                let send = match length {
+                    Some(len) if !chunked => creq.send_body(SizedStream::new(len, body)),
+                    _ => creq.send_stream(body),
+                };
+                let head_deadline = async {
+                    // Waiting for a pooled connection (or a connect) counts
+                    // against `timeout` too, as for a request without a body.
+                    let waiting = async {
+                        tokio::time::sleep(self.timeout).await;
+                        if upload.started() {
+                            std::future::pending::<()>().await;
                         }
-                        builder.append_header((name.clone(), value.clone()));
-                    }
-                    let size: Option<u64> = resp
-                        .headers()
-                        .get(header::CONTENT_LENGTH)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse().ok());
-                    let status = resp.status();
-                    let body = ResponseBody {
-                        inner: Box::pin(resp),
-                        idle: IdleDeadline::new(self.idle_timeout),
-                        size,
                     };
-                    return Ok(UpstreamResponse {
-                        builder,
-                        body,
-                        status,
-                    });
+                    let uploaded = async {
+                        upload.finished().await;
+                        tokio::time::sleep(self.timeout).await;
+                    };
+                    tokio::pin!(waiting, uploaded);
+                    futures_util::future::select(waiting, uploaded).await;
+                };
+                tokio::pin!(head_deadline);
+                match futures_util::future::select(send, head_deadline).await {
+                    futures_util::future::Either::Left((r, _)) => r,
+                    futures_util::future::Either::Right(_) => Err(SendRequestError::Timeout),
                 }
-                Err(SendRequestError::Timeout) => return Err(UpstreamFailure::Timeout),
-                Err(SendRequestError::Connect(ConnectError::Timeout))
-                | Err(SendRequestError::Connect(_)) => {
-                    last = UpstreamFailure::Unreachable;
-                    log::warn!("upstream {} unreachable", self.bases[i]);
+            } else {
+                creq.send().await
+            };
+            let e = match sent {
+                Ok(resp) => {
+                    upload.release();
+                    return Ok(self.response(resp));
                 }
-                Err(e) => {
-                    log::warn!("upstream {} failed: {e}", self.bases[i]);
-                    return Err(UpstreamFailure::Broken);
-                }
+                Err(e) => e,
+            };
+            if let Some(fault) = upload.fault() {
+                return Err(ForwardError::Client(fault));
             }
+            let failure = match classify(&e) {
+                SendFailure::Timeout => UpstreamFailure::Timeout,
+                SendFailure::Connect => {
+                    log::warn!("upstream {} unreachable: {e}", self.bases[i]);
+                    connect_tries_left -= 1;
+                    if connect_tries_left > 0 && upload.replayable() {
+                        i = (i + 1) % self.bases.len();
+                        fresh_retry = false;
+                        continue;
+                    }
+                    UpstreamFailure::Unreachable
+                }
+                SendFailure::DeadConnection if !fresh_retry && upload.replayable() => {
+                    log::debug!(
+                        "connection to {} lost before an answer ({e}); retrying on a fresh one",
+                        self.bases[i]
+                    );
+                    self.fresh_retries.increment(1);
+                    fresh_retry = true;
+                    continue;
+                }
+                SendFailure::DeadConnection | SendFailure::Other => {
+                    log::warn!("upstream {} failed: {e}", self.bases[i]);
+                    UpstreamFailure::Broken
+                }
+            };
+            return Err(ForwardError::Upstream(failure));
         }
-        Err(last)
+    }
+
+    /// The upstream's answer with its end-to-end headers and streamed body.
+    fn response<S>(&self, resp: awc::ClientResponse<S>) -> UpstreamResponse
+    where
+        S: Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
+    {
+        let mut builder = HttpResponse::build(resp.status());
+        let listed = connection_listed(resp.headers());
+        for (name, value) in resp.headers().iter() {
+            if is_hop_by_hop(name) || listed.contains(name) || name == header::CONTENT_LENGTH {
+                continue;
+            }
+            builder.append_header((name.clone(), value.clone()));
+        }
+        let size: Option<u64> = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let status = resp.status();
+        let body = ResponseBody {
+            inner: Box::pin(resp),
+            idle: IdleDeadline::new(self.timeout),
+            size,
+            rest: Bytes::new(),
+            piece: self.response_buffer,
+        };
+        UpstreamResponse {
+            builder,
+            body,
+            status,
+        }
     }
 }
 
@@ -350,66 +448,6 @@ fn set_forwarded(req: &HttpRequest, out: &mut HeaderMap, trusted_peer: bool, pee
 /// off; [`UploadBody`] and the head deadline bound them instead.
 const UNBOUNDED_UPLOAD: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// The client's request body on its way upstream: fails when the client
-/// sends nothing for `idle`, and signals `done` when it has all been read.
-struct UploadBody {
-    inner: web::Payload,
-    idle: IdleDeadline,
-    done: std::rc::Rc<tokio::sync::Notify>,
-}
-
-/// Fails a body stream that makes no progress for a while: armed when the
-/// inner stream is pending, cleared by every chunk.
-struct IdleDeadline {
-    idle: Duration,
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl IdleDeadline {
-    fn new(idle: Duration) -> IdleDeadline {
-        IdleDeadline { idle, sleep: None }
-    }
-
-    fn progress(&mut self) {
-        self.sleep = None;
-    }
-
-    /// True once `idle` has passed since the last progress.
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let idle = self.idle;
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-        sleep.as_mut().poll(cx).is_ready()
-    }
-}
-
-impl Stream for UploadBody {
-    type Item = Result<Bytes, actix_web::error::PayloadError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_next(cx) {
-            Poll::Ready(Some(item)) => {
-                this.idle.progress();
-                Poll::Ready(Some(item))
-            }
-            Poll::Ready(None) => {
-                this.done.notify_one();
-                Poll::Ready(None)
-            }
-            Poll::Pending if this.idle.expired(cx) => {
-                let e = std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "client stopped sending the request body",
-                );
-                Poll::Ready(Some(Err(actix_web::error::PayloadError::Io(e))))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
 type BoxedBody = Pin<Box<dyn Stream<Item = Result<Bytes, awc::error::PayloadError>>>>;
 
 /// The upstream's response body, streamed, aborted if the upstream sends
@@ -420,6 +458,11 @@ pub struct ResponseBody {
     idle: IdleDeadline,
     /// The upstream's Content-Length, kept so the client gets it too.
     size: Option<u64>,
+    /// What is left of the last chunk read: handed on in pieces of at most
+    /// `piece` bytes, so the connection's write buffer never holds more than
+    /// about twice `server.response_buffer`.
+    rest: Bytes,
+    piece: usize,
 }
 
 impl Stream for ResponseBody {
@@ -427,9 +470,16 @@ impl Stream for ResponseBody {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if !this.rest.is_empty() {
+            let n = this.rest.len().min(this.piece);
+            return Poll::Ready(Some(Ok(this.rest.split_to(n))));
+        }
         match this.inner.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Ok(b))) => {
+            Poll::Ready(Some(Ok(mut b))) => {
                 this.idle.progress();
+                if b.len() > this.piece {
+                    this.rest = b.split_off(this.piece);
+                }
                 Poll::Ready(Some(Ok(b)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -439,7 +489,7 @@ impl Stream for ResponseBody {
             Poll::Pending if this.idle.expired(cx) => {
                 log::warn!(
                     "upstream body stalled for {:?}; closing the response",
-                    this.idle.idle
+                    this.idle.limit()
                 );
                 Poll::Ready(Some(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,

@@ -190,6 +190,7 @@ impl Reloader {
         if let (Some(served), Some(cert)) = (&self.certificate, &file.certificate) {
             served.replace(cert.clone());
         }
+        crate::log_throttle::LOG.set_window(config.server.log_throttle);
         let previous = gw.snapshot();
         gw.replace_snapshot(Snapshot::new(config, Some(&previous)));
         gw.consumers
@@ -233,6 +234,8 @@ pub fn reload_on_hangup(reloader: Arc<Reloader>) {
 /// Restart-only: the listeners (`server.listen`, `server.admin_listen`,
 /// turning `server.tls` on or off), `server.workers`,
 /// `server.shutdown_timeout`, `server.admin_token_env`, `server.node_id`,
+/// what each connection and worker is built with (`server.send_timeout`,
+/// `client_body_timeout`, `max_body_size`, `response_buffer`),
 /// the whole `[redis]` section (the connection and key layout), the IPv6
 /// grouping of clients (`client_ip.ipv6_prefix`, part of every key), and the
 /// background intervals `ban.reconcile_interval` and `ban.audit_max_len`.
@@ -252,6 +255,11 @@ pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!("server.shutdown_timeout", server.shutdown_timeout);
     keep!("server.admin_token_env", server.admin_token_env);
     keep!("server.node_id", server.node_id);
+    // Set on each accepted socket and on each worker's upstream client.
+    keep!("server.send_timeout", server.send_timeout);
+    keep!("server.client_body_timeout", server.client_body_timeout);
+    keep!("server.max_body_size", server.max_body_size);
+    keep!("server.response_buffer", server.response_buffer);
     if old.server.tls.is_some() != new.server.tls.is_some() {
         changed.push("server.tls");
         new.server.tls = old.server.tls.clone();

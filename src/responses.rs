@@ -159,3 +159,27 @@ pub fn websocket_refused() -> HttpResponse {
         json!({"error": "websocket_disabled", "message": "WebSocket upgrades are turned off on this gateway (upstream.websocket = false)"}),
     )
 }
+
+/// Methods the gateway forwards (for `Allow`); anything but `CONNECT`.
+const ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+/// A request refused for what the client sent: 400, 405, 408, 413 or 431
+/// with `{"error": code, "message": ...}`.
+pub fn client_error(status: StatusCode, code: &str, message: &str) -> HttpResponse {
+    let mut r = json_error(status, json!({"error": code, "message": message}));
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        r.headers_mut().insert(
+            actix_web::http::header::ALLOW,
+            HeaderValue::from_static(ALLOW),
+        );
+    }
+    r
+}
+
+/// `OPTIONS *`: the gateway's own capabilities (RFC 9110 §9.3.7); there is
+/// no path to forward.
+pub fn server_options() -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((actix_web::http::header::ALLOW, ALLOW))
+        .finish()
+}

@@ -17,6 +17,7 @@ pub use crate::config::KeyKind;
 use crate::config::{LimitConfig, RuleConfig};
 pub use crate::limits::{ConcurrencySpec, Period, QuotaSpec};
 use crate::metrics::RuleCounters;
+use crate::path_match::{has_prefix, PathReadings};
 
 /// Header values longer than this cannot be a rate-limit key: the request is
 /// refused with 400 rather than the key being truncated into collisions.
@@ -65,6 +66,10 @@ pub struct Rule {
     pub limit: Limit,
     pub shadow: bool,
     path_prefix: Option<String>,
+    /// Compare `path_prefix` with regard to case.
+    case_sensitive: bool,
+    /// Upper-case method names; requests are compared without regard to
+    /// case (`post` is `POST`).
     methods: Option<Vec<Method>>,
     host: Option<String>,
     /// `RateLimit-Policy` item, rendered once.
@@ -110,6 +115,7 @@ impl Rule {
             limit,
             shadow: c.shadow,
             path_prefix: c.matcher.path_prefix.clone(),
+            case_sensitive: c.matcher.case_sensitive,
             methods: c.matcher.methods.as_ref().map(|ms| {
                 ms.iter()
                     .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
@@ -155,16 +161,17 @@ impl Rule {
         matches!(self.limit, Limit::Concurrency(_))
     }
 
-    /// Whether the rule applies to `req` (whose normalised path is `path`).
-    pub fn matches(&self, req: &HttpRequest, path: &str) -> bool {
-        if let Some(p) = &self.path_prefix {
-            if !path.starts_with(p.as_str()) {
-                return false;
-            }
-        }
+    /// Whether the rule applies; an error when the path's readings
+    /// disagree on it (see [`crate::path_match`]).
+    pub fn matches(
+        &self,
+        req: &HttpRequest,
+        path: &PathReadings<'_>,
+    ) -> Result<bool, AmbiguousPath> {
         if let Some(ms) = &self.methods {
-            if !ms.contains(req.method()) {
-                return false;
+            let method = req.method().as_str();
+            if !ms.iter().any(|m| m.as_str().eq_ignore_ascii_case(method)) {
+                return Ok(false);
             }
         }
         if let Some(h) = &self.host {
@@ -177,66 +184,26 @@ impl Rule {
                 .unwrap_or("");
             let bare = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
             if !bare.eq_ignore_ascii_case(h) && !host.eq_ignore_ascii_case(h) {
-                return false;
+                return Ok(false);
             }
         }
-        true
-    }
-}
-
-/// The path as upstreams commonly resolve it, for rule matching:
-/// percent-encoded unreserved characters decoded, repeated slashes merged,
-/// `.` and `..` segments resolved. Without this `/%61pi`, `//api` or
-/// `/x/../api` would slip past a rule on `/api`. The request is forwarded
-/// with its path unchanged.
-pub fn normalize_path(raw: &str) -> std::borrow::Cow<'_, str> {
-    let simple = !raw.contains('%') && !raw.contains("//") && !raw.contains("/.");
-    if simple {
-        return std::borrow::Cow::Borrowed(raw);
-    }
-    let bytes = raw.as_bytes();
-    let mut decoded: Vec<u8> = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%' && i + 2 < bytes.len() {
-            let hex = |c: u8| (c as char).to_digit(16);
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                let c = (h * 16 + l) as u8;
-                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
-                    decoded.push(c);
-                    i += 3;
-                    continue;
-                }
+        if let Some(p) = &self.path_prefix {
+            let plain = has_prefix(path.plain(), p, self.case_sensitive);
+            if let Some(other) = path
+                .others()
+                .iter()
+                .find(|o| has_prefix(o, p, self.case_sensitive) != plain)
+            {
+                return Err(AmbiguousPath {
+                    plain: path.plain().chars().take(200).collect(),
+                    other: other.chars().take(200).collect(),
+                    rule: self.name.to_string(),
+                });
             }
+            return Ok(plain);
         }
-        decoded.push(b);
-        i += 1;
+        Ok(true)
     }
-    let decoded = String::from_utf8_lossy(&decoded);
-    let mut out: Vec<&str> = Vec::new();
-    for seg in decoded.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            s => out.push(s),
-        }
-    }
-    let mut path = String::with_capacity(decoded.len());
-    for seg in &out {
-        path.push('/');
-        path.push_str(seg);
-    }
-    if path.is_empty()
-        || decoded.ends_with('/')
-        || decoded.ends_with("/.")
-        || decoded.ends_with("/..")
-    {
-        path.push('/');
-    }
-    std::borrow::Cow::Owned(path)
 }
 
 /// Whole seconds, rounded up.
@@ -308,6 +275,35 @@ pub struct SubjectGroup<'r> {
 #[error("header {0} is longer than {MAX_KEY_HEADER_LEN} bytes and cannot be a rate-limit key")]
 pub struct KeyHeaderTooLong(pub String);
 
+/// A path whose readings select different rules (see
+/// [`crate::path_match`]): refused rather than guessed at.
+#[derive(Debug, thiserror::Error)]
+#[error("the path reads as `{plain}` or as `{other}` depending on how it is decoded, and rule {rule} applies to only one of them; send it without encoded slashes or backslashes, `;` parameters or double encoding")]
+pub struct AmbiguousPath {
+    plain: String,
+    other: String,
+    rule: String,
+}
+
+/// Why a request's rules cannot be worked out; answered with 400.
+#[derive(Debug, thiserror::Error)]
+pub enum MatchError {
+    #[error(transparent)]
+    KeyHeader(#[from] KeyHeaderTooLong),
+    #[error(transparent)]
+    AmbiguousPath(#[from] AmbiguousPath),
+}
+
+impl MatchError {
+    /// The `kind` label of `floodgate_client_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MatchError::KeyHeader(_) => "key_header_too_long",
+            MatchError::AmbiguousPath(_) => "ambiguous_path",
+        }
+    }
+}
+
 /// All compiled rules.
 #[derive(Debug)]
 pub struct RuleSet {
@@ -365,10 +361,13 @@ impl RuleSet {
         &'r self,
         req: &HttpRequest,
         client: ClientKey,
-    ) -> Result<Vec<SubjectGroup<'r>>, KeyHeaderTooLong> {
+    ) -> Result<Vec<SubjectGroup<'r>>, MatchError> {
         let mut groups: Vec<SubjectGroup<'r>> = Vec::new();
-        let path = normalize_path(req.path());
-        for rule in self.rules.iter().filter(|r| r.matches(req, &path)) {
+        let path = PathReadings::of(req.path());
+        for rule in &self.rules {
+            if !rule.matches(req, &path)? {
+                continue;
+            }
             let subject = match &rule.key {
                 KeyKind::Ip => Subject::Ip(client),
                 KeyKind::Global => Subject::Global,
@@ -377,7 +376,7 @@ impl RuleSet {
                         continue;
                     };
                     if v.len() > MAX_KEY_HEADER_LEN {
-                        return Err(KeyHeaderTooLong(name.to_string()));
+                        return Err(KeyHeaderTooLong(name.to_string()).into());
                     }
                     Subject::Header {
                         name: name.clone(),
@@ -416,23 +415,6 @@ mod tests {
         assert_eq!(b.interval_us, 250_000);
         let b = BucketSpec::new(3.0, Duration::from_secs(1), 3, 1);
         assert_eq!(b.interval_us, 333_333);
-    }
-
-    #[test]
-    fn paths_are_normalised_for_matching() {
-        assert_eq!(normalize_path("/api/login"), "/api/login");
-        assert_eq!(normalize_path("/%61pi/login"), "/api/login");
-        assert_eq!(normalize_path("//api//login"), "/api/login");
-        assert_eq!(normalize_path("/x/../api/./login"), "/api/login");
-        assert_eq!(normalize_path("/../../api"), "/api");
-        assert_eq!(normalize_path("/api/"), "/api/");
-        assert_eq!(
-            normalize_path("/a%2Fb"),
-            "/a%2Fb",
-            "an encoded slash stays encoded"
-        );
-        assert_eq!(normalize_path("/bad%zz%"), "/bad%zz%");
-        assert_eq!(normalize_path("/é/%C3%A9"), "/é/%C3%A9");
     }
 
     #[test]

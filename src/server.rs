@@ -17,6 +17,7 @@ use crate::metrics::GatewayMetrics;
 use crate::redis_link::RedisLink;
 use crate::reload::{self, ConfigFile, Reloader};
 use crate::tls::{self, ServedCertificate};
+use crate::upload::BodyLimits;
 
 /// Subjects the in-process store tracks at most (bounded memory).
 const LOCAL_MAX_SUBJECTS: usize = 1_000_000;
@@ -34,6 +35,7 @@ fn node_id(config: &Config) -> String {
 pub async fn run(file: ConfigFile) -> std::io::Result<()> {
     let config = &file.config;
     let prom = crate::metrics::install();
+    crate::log_throttle::LOG.set_window(config.server.log_throttle);
     let metrics = GatewayMetrics::resolve();
     let params = BanParams::from_config(&config.ban);
     let local = Arc::new(LocalStore::new(
@@ -139,6 +141,11 @@ pub async fn run(file: ConfigFile) -> std::io::Result<()> {
         prom.clone(),
     );
 
+    let response_buffer = config.server.response_buffer;
+    let body_limits = BodyLimits {
+        idle: config.server.client_body_timeout,
+        max_size: config.server.max_body_size,
+    };
     let workers = if config.server.workers == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -151,13 +158,18 @@ pub async fn run(file: ConfigFile) -> std::io::Result<()> {
         move || {
             App::new()
                 .app_data(gateway.clone())
-                .app_data(web::Data::new(UpstreamClients::default()))
+                .app_data(web::Data::new(UpstreamClients::new(
+                    body_limits,
+                    response_buffer,
+                )))
                 .default_service(web::to(front_door::front_door))
         }
     })
     .workers(workers)
     .backlog(4096)
     .max_connections(100_000)
+    .h1_write_buffer_size(config.server.response_buffer)
+    .on_connect(crate::send_timeout::on_connect(config.server.send_timeout))
     .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1))
     .disable_signals();
     let public = match &served {

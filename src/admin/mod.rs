@@ -39,6 +39,11 @@ use crate::rules::{encode_key_value, KeyKind, Subject};
 const MAX_BODY: usize = 16 * 1024;
 /// Longest ban an operator can set in one call.
 const MAX_BAN: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Shortest: below a second a ban is over before every node has heard of
+/// it, and `1ns` is a typo, not a ban.
+const MIN_BAN: Duration = Duration::from_secs(1);
+/// Longest ban reason, in bytes.
+const MAX_REASON: usize = 512;
 
 /// State of the admin listener.
 pub struct AdminState {
@@ -256,6 +261,9 @@ struct NewBan {
     duration: String,
     #[serde(default)]
     reason: Option<String>,
+    /// Accept a network wider than `ban.min_prefix_v4/v6`.
+    #[serde(default)]
+    force: bool,
 }
 
 async fn add_ban(req: HttpRequest, body: web::Bytes, state: web::Data<AdminState>) -> HttpResponse {
@@ -270,11 +278,16 @@ async fn add_ban(req: HttpRequest, body: web::Bytes, state: web::Data<AdminState
         Ok(t) => t,
         Err(r) => return r,
     };
+    if let BanTarget::Cidr(net) = t {
+        if let Err(m) = state.gateway.snapshot().breadth.check(&net, nb.force) {
+            return bad_request(m);
+        }
+    }
     let duration = match humantime::parse_duration(nb.duration.trim()) {
-        Ok(d) if !d.is_zero() && d <= MAX_BAN => d,
+        Ok(d) if (MIN_BAN..=MAX_BAN).contains(&d) => d,
         Ok(_) => {
             return bad_request(format!(
-                "duration `{}` must be more than 0 and at most 366 days",
+                "duration `{}` must be more than 0: at least 1s, and at most 366 days",
                 nb.duration
             ))
         }
@@ -286,8 +299,8 @@ async fn add_ban(req: HttpRequest, body: web::Bytes, state: web::Data<AdminState
         }
     };
     let reason = nb.reason.unwrap_or_else(|| "manual".into());
-    if reason.len() > 512 {
-        return bad_request("reason is longer than 512 bytes");
+    if reason.len() > MAX_REASON {
+        return bad_request(format!("reason is longer than {MAX_REASON} bytes"));
     }
     let covered = match t {
         BanTarget::Key(k) => state.gateway.bans.cache().is_allowlisted(k.addr()),
@@ -345,6 +358,9 @@ async fn list_allow(req: HttpRequest, state: web::Data<AdminState>) -> HttpRespo
 #[serde(deny_unknown_fields)]
 struct NewAllow {
     cidr: String,
+    /// Accept a network wider than `ban.min_prefix_v4/v6`.
+    #[serde(default)]
+    force: bool,
 }
 
 async fn add_allow(
@@ -363,6 +379,9 @@ async fn add_allow(
         Ok(n) => n,
         Err(m) => return bad_request(m),
     };
+    if let Err(m) = state.gateway.snapshot().breadth.check(&net, na.force) {
+        return bad_request(m);
+    }
     match state.gateway.bans.allow(net).await {
         Ok(lifted) => {
             HttpResponse::Created().json(json!({"cidr": net.to_string(), "lifted": lifted}))

@@ -18,12 +18,14 @@
 //! - `service`: ban, unban, list and look up one subject;
 //! - `allowlist`: the runtime allowlist;
 //! - [`audit`]: the append-only audit stream;
+//! - [`breadth`]: how wide a network an operator may ban or allowlist;
 //! - [`events`]: pub/sub, heartbeats and reconcile;
 //! - `restore`: what happens when Redis loses its data or goes away.
 //!
 //! This file holds the shared types and the [`Bans`] service's state.
 
 pub mod audit;
+pub mod breadth;
 pub mod cache;
 pub mod events;
 
@@ -40,6 +42,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use audit::AuditEvent;
+pub use breadth::Breadth;
 pub use cache::BanCache;
 pub use events::{BanEvent, Follower};
 

@@ -14,9 +14,9 @@ use actix_web::HttpRequest;
 use super::{key_hash, ConsumerTable};
 use crate::client_ip::ClientKey;
 use crate::config::Config;
+use crate::path_match::PathReadings;
 use crate::rules::{
-    normalize_path, KeyHeaderTooLong, KeyKind, Rule, RuleSet, Subject, SubjectGroup,
-    MAX_KEY_HEADER_LEN,
+    KeyHeaderTooLong, KeyKind, MatchError, Rule, RuleSet, Subject, SubjectGroup, MAX_KEY_HEADER_LEN,
 };
 
 /// One plan: its name and the rules it gives each consumer.
@@ -157,11 +157,11 @@ impl Plans {
         client: ClientKey,
         table: &ConsumerTable,
         groups: &mut Vec<SubjectGroup<'r>>,
-    ) -> Result<(), KeyHeaderTooLong> {
+    ) -> Result<(), MatchError> {
         let (subject, plan) = match req.headers().get(&self.header) {
             Some(v) => {
                 if v.len() > MAX_KEY_HEADER_LEN {
-                    return Err(KeyHeaderTooLong(self.header.to_string()));
+                    return Err(KeyHeaderTooLong(self.header.to_string()).into());
                 }
                 let hash = key_hash(v.as_bytes());
                 let plan = self.plan_of(&hash, table).map(|(p, _)| p);
@@ -178,12 +178,13 @@ impl Plans {
         let Some(plan) = plan else {
             return Ok(());
         };
-        let path = normalize_path(req.path());
-        let matching: Vec<&'r Rule> = plan
-            .rules
-            .iter()
-            .filter(|r| r.matches(req, &path))
-            .collect();
+        let path = PathReadings::of(req.path());
+        let mut matching: Vec<&'r Rule> = Vec::new();
+        for rule in &plan.rules {
+            if rule.matches(req, &path)? {
+                matching.push(rule);
+            }
+        }
         if matching.is_empty() {
             return Ok(());
         }

@@ -361,6 +361,15 @@ impl Upstream {
     }
 
     pub fn start_on(port: u16) -> Upstream {
+        Self::start_with(port, None)
+    }
+
+    /// An upstream that closes idle keep-alive connections after `idle`.
+    pub fn start_keep_alive(idle: Duration) -> Upstream {
+        Self::start_with(free_port(), Some(idle))
+    }
+
+    fn start_with(port: u16, keep_alive: Option<Duration>) -> Upstream {
         use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
         use futures_util::StreamExt;
         let hits = Arc::new(AtomicU64::new(0));
@@ -459,6 +468,10 @@ impl Upstream {
                         ))
                 })
                 .workers(2)
+                .keep_alive(keep_alive.map_or(
+                    actix_web::http::KeepAlive::default(),
+                    actix_web::http::KeepAlive::Timeout,
+                ))
                 .disable_signals()
                 .bind(("127.0.0.1", port))
                 .unwrap()
@@ -661,16 +674,6 @@ impl Gateway {
         signal(self.pid(), "HUP");
     }
 
-    /// The value of one series from /metrics, written exactly as rendered
-    /// (e.g. `floodgate_config_reloads_total{result="ok"}`); 0 if absent.
-    pub fn metric(&self, series: &str) -> f64 {
-        let text = call("GET", &self.admin_url("/metrics"), &[], None).body;
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    }
-
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("stderr.log")
     }
@@ -726,6 +729,37 @@ impl Gateway {
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
+    }
+
+    /// Resident memory now (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// File descriptors the process has open (sockets included).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// The sum of every `/metrics` series whose line starts with `series`
+    /// (a name, a name with its first labels, or one whole series such as
+    /// `floodgate_config_reloads_total{result="ok"}`); 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = call("GET", &self.admin_url("/metrics"), &[], None).body;
+        text.lines()
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.rsplit(' ').next())
+            .filter_map(|v| v.parse::<f64>().ok())
+            .sum()
     }
 
     /// An admin call with the right token.
@@ -840,6 +874,22 @@ pub fn raw_request(port: u16, request: &[u8]) -> String {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Established TCP connections (IPv4) whose local end is `port` on this
+/// machine: the connections a listener on `port` has accepted and not yet
+/// closed.
+pub fn accepted_connections(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&local) && f[3] == "01"
+        })
+        .count()
 }
 
 /// Status code of a raw response text.

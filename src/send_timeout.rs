@@ -1,0 +1,41 @@
+//! `server.send_timeout`: a client that takes no response bytes for that
+//! long is disconnected, and with it goes the upstream connection its
+//! response was streaming from.
+//!
+//! The gateway buffers at most `server.response_buffer` bytes of a response
+//! per connection and stops reading from the upstream until the client
+//! takes them, so a client that stops reading leaves its response waiting
+//! in the kernel's socket buffers, with its receive window closed. The
+//! timeout is the kernel's `TCP_USER_TIMEOUT` on each accepted connection:
+//! data unacknowledged, or held back by a closed window, for that long
+//! aborts the connection (Linux 5.11 and later count the closed window).
+//! The HTTP server then drops the response, which closes its upstream
+//! connection. It costs nothing per request and needs no timer of ours.
+//! Separate from `server` because it is one socket option with its reasons.
+
+use std::any::Any;
+use std::time::Duration;
+
+use actix_web::dev::Extensions;
+
+/// The callback for `HttpServer::on_connect` that arms the timeout on each
+/// plain TCP connection.
+pub fn on_connect(timeout: Duration) -> impl Fn(&dyn Any, &mut Extensions) + Send + Sync + 'static {
+    move |conn, _| {
+        if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            arm(tcp, timeout);
+        }
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn arm(tcp: &actix_web::rt::net::TcpStream, timeout: Duration) {
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(timeout)) {
+        log::warn!("cannot set the send timeout on a client connection: {e}");
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn arm(_: &actix_web::rt::net::TcpStream, _: Duration) {
+    log::warn!("server.send_timeout is only enforced on Linux");
+}
