@@ -17,7 +17,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::AdminState;
+use super::{bad_request, not_found, AdminState};
 use crate::bans::BanEvent;
 use crate::config::check_consumer_key;
 use crate::consumers::key_hash;
@@ -26,20 +26,6 @@ use crate::limiter::rate_info;
 use crate::redis_link::RedisFailure;
 use crate::responses::json_error;
 use crate::rules::{Limit, Rule, Subject};
-
-fn bad_request(message: impl Into<String>) -> HttpResponse {
-    json_error(
-        StatusCode::BAD_REQUEST,
-        json!({"error": "bad_request", "message": message.into()}),
-    )
-}
-
-fn not_found(message: impl Into<String>) -> HttpResponse {
-    json_error(
-        StatusCode::NOT_FOUND,
-        json!({"error": "not_found", "message": message.into()}),
-    )
-}
 
 fn unavailable(e: RedisFailure) -> HttpResponse {
     json_error(
