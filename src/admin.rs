@@ -177,7 +177,7 @@ async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
     };
     let link = redis.link();
     match link.query::<String>(&redis::cmd("PING")).await {
-        Ok(_) if state.gateway.limiter.breaker().is_closed() => HttpResponse::Ok().content_type("text/plain").body("ready: Redis answers\n"),
+        Ok(_) if state.gateway.limiter.breakers().is_closed() => HttpResponse::Ok().content_type("text/plain").body("ready: Redis answers\n"),
         Ok(_) => HttpResponse::ServiceUnavailable().content_type("text/plain").body("not ready: Redis answers again; the gateway returns to it within a probe interval\n"),
         Err(e) => HttpResponse::ServiceUnavailable().content_type("text/plain").body(format!("not ready: {e}; serving with on_failure\n")),
     }

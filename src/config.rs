@@ -116,6 +116,9 @@ pub struct RedisConfig {
     /// How often Redis is probed while the breaker is open.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
+    /// Per-node cap on Redis decision calls per second; past it a decision
+    /// uses `on_failure`. 0 = no cap.
+    pub max_decisions_per_second: u32,
 }
 
 impl Default for RedisConfig {
@@ -129,6 +132,7 @@ impl Default for RedisConfig {
             on_failure: OnFailure::Local,
             breaker_failures: 3,
             probe_interval: Duration::from_millis(500),
+            max_decisions_per_second: 0,
         }
     }
 }

@@ -15,6 +15,10 @@ pub const BANS_ACTIVE: &str = "floodgate_bans_active";
 pub const DEGRADED: &str = "floodgate_degraded";
 pub const BANS_TOTAL: &str = "floodgate_bans_total";
 pub const UPSTREAM_ERRORS: &str = "floodgate_upstream_errors_total";
+pub const DECISIONS: &str = "floodgate_decisions_total";
+pub const SHARD_DEGRADED: &str = "floodgate_redis_shard_degraded";
+pub const REDIS_RETRIES: &str = "floodgate_redis_retries_total";
+pub const DECISIONS_SHED: &str = "floodgate_redis_shed_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub const NO_RULE: &str = "-";
@@ -43,6 +47,22 @@ pub fn install() -> Option<PrometheusHandle> {
     );
     metrics::describe_counter!(BANS_TOTAL, "Bans made, by source");
     metrics::describe_counter!(UPSTREAM_ERRORS, "Upstream failures, by kind");
+    metrics::describe_counter!(
+        DECISIONS,
+        "Subject decisions by where they were made: redis, local, allow, deny"
+    );
+    metrics::describe_gauge!(
+        SHARD_DEGRADED,
+        "1 while this Redis shard's breaker is open and its subjects get on_failure"
+    );
+    metrics::describe_counter!(
+        REDIS_RETRIES,
+        "Script calls sent again within their budget after a transient failure"
+    );
+    metrics::describe_counter!(
+        DECISIONS_SHED,
+        "Decisions past redis.max_decisions_per_second, sent to on_failure"
+    );
     Some(handle)
 }
 
@@ -65,6 +85,27 @@ impl RuleCounters {
     }
 }
 
+/// `floodgate_decisions_total`, one counter per store that decides.
+#[derive(Clone)]
+pub struct DecisionCounters {
+    pub redis: Counter,
+    pub local: Counter,
+    pub allow: Counter,
+    pub deny: Counter,
+}
+
+impl DecisionCounters {
+    fn new() -> DecisionCounters {
+        let c = |store: &'static str| metrics::counter!(DECISIONS, "store" => store);
+        DecisionCounters {
+            redis: c("redis"),
+            local: c("local"),
+            allow: c("allow"),
+            deny: c("deny"),
+        }
+    }
+}
+
 /// Handles the hot path uses, resolved once.
 #[derive(Clone)]
 pub struct GatewayMetrics {
@@ -78,6 +119,7 @@ pub struct GatewayMetrics {
     pub upstream_seconds: Histogram,
     pub degraded: Gauge,
     pub bans_active: Gauge,
+    pub decisions: DecisionCounters,
 }
 
 impl GatewayMetrics {
@@ -95,6 +137,7 @@ impl GatewayMetrics {
             upstream_seconds: metrics::histogram!(UPSTREAM_SECONDS),
             degraded: metrics::gauge!(DEGRADED),
             bans_active: metrics::gauge!(BANS_ACTIVE),
+            decisions: DecisionCounters::new(),
         }
     }
 }

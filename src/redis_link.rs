@@ -14,9 +14,19 @@
 //! routed by its first key, which also caches the script on that node. No
 //! request fails because a script is missing, and no `SCRIPT LOAD` to every
 //! cluster node (which fails while any node is down) is needed.
+//!
+//! A script call that fails for a reason a second try fixes (a redirect, a
+//! slot being moved, a connection to a node that is gone, a cluster that is
+//! electing a new master) is sent again within what is left of the same time
+//! budget, after a short pause in which the cluster client refreshes its slot
+//! map; the link also signals [`RedisLink::topology_changed`] so the shard
+//! map the breakers use is read again. Only a call that still fails when the
+//! budget is spent counts as failed.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -37,6 +47,52 @@ pub enum RedisFailure {
     Redis(#[from] RedisError),
     #[error("unexpected reply from Redis: {0}")]
     Reply(#[from] redis::ParsingError),
+}
+
+impl RedisFailure {
+    /// True for failures a second try of the same call can fix: redirects
+    /// (MOVED, ASK), a slot in the middle of a move (TRYAGAIN), a cluster
+    /// between a master's failure and its replica's promotion (CLUSTERDOWN,
+    /// MASTERDOWN), and connections to nodes that went away.
+    pub fn is_transient(&self) -> bool {
+        let RedisFailure::Redis(e) = self else {
+            return false;
+        };
+        matches!(
+            e.kind(),
+            ErrorKind::Io
+                | ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::Moved
+                        | ServerErrorKind::Ask
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                        | ServerErrorKind::BusyLoading
+                )
+        ) || e.is_connection_dropped()
+            || e.is_connection_refusal()
+    }
+}
+
+/// The pause before the first retry of a transient failure; it doubles per
+/// retry, up to [`RETRY_PAUSE_MAX`], and never passes the call's budget.
+const RETRY_PAUSE: Duration = Duration::from_millis(2);
+const RETRY_PAUSE_MAX: Duration = Duration::from_millis(20);
+
+/// The Redis Cluster slot of a subject whose keys carry the hash tag
+/// `{tag}` (CRC16/XMODEM of the tag, modulo 16384), as Redis computes it.
+pub fn slot_of(tag: &str) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % 16384
+}
+
+/// One range of slots and the address (`host:port`) of its master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotRange {
+    pub first: u16,
+    pub last: u16,
+    pub master: String,
 }
 
 /// A Lua script from `lua/`, with its SHA1 computed once.
@@ -79,12 +135,16 @@ thread_local! {
 async fn open(c: &RedisConfig) -> Result<Conn, RedisFailure> {
     let limit = c.connect_timeout;
     if !c.cluster.is_empty() {
+        // Each attempt is bounded by `redis.timeout`; the whole call is
+        // bounded by floodgate's own timer, which also retries transient
+        // failures the library gave up on (see `RedisLink::eval`).
         let client = redis::cluster::ClusterClientBuilder::new(c.cluster.clone())
             .connection_timeout(c.connect_timeout)
             .response_timeout(c.timeout)
+            .overall_response_timeout(None)
             .retries(2)
-            .min_retry_wait(10)
-            .max_retry_wait(100)
+            .min_retry_wait(5)
+            .max_retry_wait(25)
             .build()?;
         return match tokio::time::timeout(limit, client.get_async_connection()).await {
             Ok(r) => Ok(Conn::Cluster(r?)),
@@ -114,6 +174,8 @@ enum Conn {
 pub struct RedisLink {
     conn: ArcSwapOption<Conn>,
     config: RedisConfig,
+    topology: Notify,
+    retries: metrics::Counter,
 }
 
 impl RedisLink {
@@ -121,7 +183,15 @@ impl RedisLink {
         Arc::new(RedisLink {
             conn: ArcSwapOption::empty(),
             config,
+            topology: Notify::new(),
+            retries: metrics::counter!(crate::metrics::REDIS_RETRIES),
         })
+    }
+
+    /// Resolves when a call met a sign that the cluster's topology changed
+    /// (a redirect, a node gone, a slot moving): time to read the slot map.
+    pub async fn topology_changed(&self) {
+        self.topology.notified().await
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -244,14 +314,69 @@ impl RedisLink {
             args(&mut cmd);
             cmd
         };
-        let started = tokio::time::Instant::now();
-        match self.send(&call(true), limit).await {
-            Err(RedisFailure::Redis(e)) if is_noscript(&e) => {
-                let left = limit.saturating_sub(started.elapsed());
-                log::info!("Redis lost the script cache (NOSCRIPT); sending the script body");
-                self.send(&call(false), left).await
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut evalsha = true;
+        let mut pause = RETRY_PAUSE;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(RedisFailure::Timeout(limit));
             }
-            other => other,
+            let failure = match self.send(&call(evalsha), left).await {
+                Err(RedisFailure::Redis(e)) if evalsha && is_noscript(&e) => {
+                    log::debug!(
+                        "NOSCRIPT on the node of {:?}; sending the script body",
+                        keys.first()
+                    );
+                    evalsha = false;
+                    continue;
+                }
+                Err(f) if f.is_transient() => f,
+                other => return other,
+            };
+            self.topology.notify_one();
+            // Retry only while a pause and another attempt still fit.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left <= pause * 2 {
+                return Err(failure);
+            }
+            log::debug!("retrying a script call after a transient failure: {failure}");
+            self.retries.increment(1);
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RETRY_PAUSE_MAX);
+        }
+    }
+
+    /// Who owns which slots now, from `CLUSTER SLOTS` (empty on a
+    /// standalone server).
+    pub async fn slot_ranges(&self) -> Result<Vec<SlotRange>, RedisFailure> {
+        if !self.is_cluster() {
+            return Ok(Vec::new());
+        }
+        let value: Value = self
+            .query_within(
+                &redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                self.admin_timeout(),
+            )
+            .await?;
+        parse_cluster_slots(&value).ok_or_else(|| {
+            RedisFailure::Reply(redis::ParsingError::from("CLUSTER SLOTS: unexpected reply"))
+        })
+    }
+
+    /// PINGs one node (`host:port`) over a connection of its own, bounded
+    /// by `redis.connect_timeout`: probes a shard without going through the
+    /// cluster client's routing.
+    pub async fn ping_node(&self, addr: &str) -> Result<(), RedisFailure> {
+        let client = redis::Client::open(format!("redis://{addr}"))?;
+        let limit = self.config.connect_timeout;
+        let ping = async {
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        match tokio::time::timeout(limit, ping).await {
+            Ok(r) => r.map(|_| ()).map_err(RedisFailure::from),
+            Err(_) => Err(RedisFailure::Timeout(limit)),
         }
     }
 
@@ -368,6 +493,39 @@ fn parse_cluster_masters(text: &str) -> Vec<(String, u16)> {
         .collect()
 }
 
+/// Slot ranges and their masters from a `CLUSTER SLOTS` reply.
+fn parse_cluster_slots(v: &Value) -> Option<Vec<SlotRange>> {
+    let Value::Array(ranges) = v else { return None };
+    let int = |v: &Value| match v {
+        Value::Int(i) => u16::try_from(*i).ok(),
+        _ => None,
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    ranges
+        .iter()
+        .map(|r| {
+            let Value::Array(f) = r else { return None };
+            let Value::Array(master) = f.get(2)? else {
+                return None;
+            };
+            let host = text(master.first()?)?;
+            let port = match master.get(1)? {
+                Value::Int(p) => *p,
+                _ => return None,
+            };
+            Some(SlotRange {
+                first: int(f.first()?)?,
+                last: int(f.get(1)?)?,
+                master: format!("{host}:{port}"),
+            })
+        })
+        .collect()
+}
+
 /// True while a master marked failed still owns slots (failover pending).
 fn slots_on_failed_master(text: &str) -> bool {
     text.lines().any(|line| {
@@ -388,6 +546,64 @@ mod tests {
         assert!(!slots_on_failed_master(
             "b 127.0.0.1:7001@17001 master,fail - 0 0 2 connected\n"
         ));
+    }
+
+    #[test]
+    fn slots_are_computed_as_redis_does() {
+        // CLUSTER KEYSLOT somekey = 11058; foo{hash_tag} hashes "hash_tag".
+        assert_eq!(slot_of("somekey"), 11058);
+        assert_eq!(slot_of("hash_tag"), 2515);
+    }
+
+    #[test]
+    fn cluster_slots_reply_gives_ranges_and_masters() {
+        let node = |port: i64| {
+            Value::Array(vec![
+                Value::BulkString(b"127.0.0.1".to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node(7000),
+                node(7003),
+            ]),
+            Value::Array(vec![Value::Int(5461), Value::Int(16383), node(7001)]),
+        ]);
+        assert_eq!(
+            parse_cluster_slots(&reply),
+            Some(vec![
+                SlotRange {
+                    first: 0,
+                    last: 5460,
+                    master: "127.0.0.1:7000".into()
+                },
+                SlotRange {
+                    first: 5461,
+                    last: 16383,
+                    master: "127.0.0.1:7001".into()
+                },
+            ])
+        );
+        assert_eq!(parse_cluster_slots(&Value::Int(1)), None);
+    }
+
+    #[test]
+    fn redirects_and_lost_nodes_are_transient_script_errors_are_not() {
+        let e = |kind, text: &'static str| RedisFailure::Redis(RedisError::from((kind, text)));
+        assert!(e(ErrorKind::Server(ServerErrorKind::TryAgain), "TRYAGAIN").is_transient());
+        assert!(e(ErrorKind::Server(ServerErrorKind::Moved), "MOVED").is_transient());
+        assert!(e(ErrorKind::Server(ServerErrorKind::ClusterDown), "down").is_transient());
+        assert!(e(ErrorKind::ClusterConnectionNotFound, "gone").is_transient());
+        assert!(!e(
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+            "ERR script"
+        )
+        .is_transient());
+        assert!(!RedisFailure::Timeout(Duration::from_millis(1)).is_transient());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -260,4 +261,103 @@ fn cluster_limits_bans_failover_and_script_flush() {
     let c = Gateway::start(&setup);
     assert_eq!(get_as(&c.url("/"), victim_ip).json()["error"], "banned");
     eprintln!("cluster failover: slot promoted after {failed_over:?}; decisions on Redis again after {back:?}");
+}
+
+const FAILOVER_RULES: &str =
+    "[[rules]]\nname = \"per-ip\"\nkey = \"ip\"\nrate = 5\nper = \"1s\"\nburst = 10\n";
+const BURST: u64 = 10;
+const RATE: f64 = 5.0;
+
+/// Waits until a master other than `victim` owns `key`'s slot and every
+/// live node says `cluster_state:ok`.
+fn wait_failover(cluster: &RedisCluster, victim: usize, key: &str) -> usize {
+    let mut promoted = None;
+    wait_until("the failover", Duration::from_secs(20), || {
+        promoted = cluster.try_master_of(key).filter(|&m| m != victim);
+        promoted.is_some()
+            && cluster
+                .nodes
+                .iter()
+                .filter(|n| n.port != cluster.nodes[victim].port)
+                .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+    });
+    promoted.unwrap_or(victim)
+}
+
+/// The scenario, five times on one cluster: a master killed under
+/// load. Subjects on the other shards stay within their bound throughout;
+/// after the failover, fresh clients are held to theirs.
+#[test]
+fn failovers_under_load_keep_every_subject_within_its_bound() {
+    let mut cluster = RedisCluster::start();
+    let up = Upstream::start();
+    let p = prefix();
+    let setup = cluster_setup(&cluster, &up, &p, FAILOVER_RULES, "");
+    let (a, b) = (Gateway::start(&setup), Gateway::start(&setup));
+    let urls = vec![a.url("/"), b.url("/")];
+    let key = |ip: &str| format!("{p}{{ip:{ip}}}:b");
+    for round in 0..5 {
+        let masters = cluster.masters();
+        assert_eq!(masters.len(), 3, "round {round}: {masters:?}");
+        let victim = masters[round % 3];
+        let subjects: Vec<String> = (0..48).map(|i| format!("10.{round}.0.{i}")).collect();
+        let shard: HashMap<String, usize> = subjects
+            .iter()
+            .map(|s| (s.clone(), cluster.master_of(&key(s))))
+            .collect();
+        let on_victim = subjects.iter().find(|s| shard[*s] == victim).unwrap();
+        let load = SubjectLoad::start(urls.clone(), subjects.clone(), 4, Duration::from_secs(40));
+        thread::sleep(Duration::from_millis(300));
+        let killed = Instant::now();
+        cluster.nodes[victim].kill9();
+        wait_failover(&cluster, victim, &key(on_victim));
+        let promoted_after = killed.elapsed();
+        wait_until("readyz 200 on both nodes", Duration::from_secs(10), || {
+            [&a, &b]
+                .iter()
+                .all(|g| get(&g.admin_url("/readyz"), &[]).status == 200)
+        });
+        thread::sleep(Duration::from_millis(300));
+        let during = load.finish();
+        let mut over = Vec::new();
+        for (ip, t) in &during {
+            assert_eq!(t.fivexx, 0, "round {round}: 5xx for {ip}");
+            if shard[ip] != victim && t.allowed > t.bound(BURST, RATE) {
+                over.push(format!("{ip}: {} allowed in {:.2}s", t.allowed, t.span_s()));
+            }
+        }
+        // Fresh clients after the failover: 12 quick requests each.
+        let mut fresh_over = Vec::new();
+        for i in 0..30 {
+            let ip = format!("10.{round}.1.{i}");
+            let start = Instant::now();
+            let allowed = (0..12)
+                .filter(|n| get_as(&urls[n % 2], &ip).status == 200)
+                .count() as u64;
+            let t = SubjectTally {
+                allowed,
+                first: Some(start),
+                last: Some(Instant::now()),
+                ..Default::default()
+            };
+            if allowed > t.bound(BURST, RATE) {
+                fresh_over.push(format!("{ip}: {allowed} allowed in {:.2}s", t.span_s()));
+            }
+        }
+        eprintln!(
+            "round {round}: promoted after {promoted_after:?}; over the bound on healthy shards during: {}, fresh after: {}",
+            over.len(),
+            fresh_over.len()
+        );
+        assert!(
+            over.is_empty(),
+            "round {round}: healthy shards over-admitted during the failover: {over:?}\n{}",
+            a.log()
+        );
+        assert!(
+            fresh_over.is_empty(),
+            "round {round}: fresh clients over-admitted after the failover: {fresh_over:?}"
+        );
+        cluster.restart(victim);
+    }
 }

@@ -8,10 +8,16 @@
 //! tokens anywhere (Redis Cluster cannot run one script across slots, so
 //! cross-subject atomicity is by compensation, not by one transaction).
 //!
-//! The [`Limiter`] owns the choice of store: Redis while its circuit breaker
-//! is closed, otherwise `redis.on_failure` (local, allow, deny).
+//! The [`Limiter`] owns the choice of store, subject by subject: Redis
+//! while the breaker of the subject's shard is closed and the node is under
+//! `redis.max_decisions_per_second`, otherwise `redis.on_failure` (local,
+//! allow, deny). A call that fails after its retries sends that subject,
+//! and only that subject, to `on_failure`; refunds go back to the store
+//! that charged. Every decision is counted by the store that made it
+//! (`floodgate_decisions_total{store}`).
 
 mod breaker;
+mod cap;
 pub mod local;
 mod redis_store;
 
@@ -19,14 +25,16 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use breaker::Breaker;
+pub use breaker::{Breaker, Breakers};
+pub use cap::DecisionCap;
 pub use local::LocalStore;
 pub use redis_store::RedisStore;
 
 use crate::config::{BanConfig, OnFailure};
-use crate::metrics::GatewayMetrics;
+use crate::metrics::{DecisionCounters, GatewayMetrics};
 use crate::redis_link::RedisFailure;
 use crate::rules::{ceil_secs, Rule, SubjectGroup};
+use metrics::Counter;
 
 /// The escalation settings both stores apply.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -169,11 +177,38 @@ pub enum Decision<'r> {
     Unavailable,
 }
 
-/// The decision maker: stores, breaker and failure policy.
+/// Where one subject was decided: the `store` label of
+/// `floodgate_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// Redis decided, exactly and for every node.
+    Redis,
+    /// This node's in-process store (`on_failure = "local"`, or no Redis).
+    Local,
+    /// Let through undecided (`on_failure = "allow"`).
+    Allow,
+    /// Refused undecided (`on_failure = "deny"`).
+    Deny,
+}
+
+impl Store {
+    fn counter(self, c: &DecisionCounters) -> &Counter {
+        match self {
+            Store::Redis => &c.redis,
+            Store::Local => &c.local,
+            Store::Allow => &c.allow,
+            Store::Deny => &c.deny,
+        }
+    }
+}
+
+/// The decision maker: stores, breakers, the decision cap and the failure
+/// policy.
 pub struct Limiter {
     redis: Option<RedisStore>,
     local: Arc<LocalStore>,
-    breaker: Arc<Breaker>,
+    breakers: Arc<Breakers>,
+    cap: DecisionCap,
     on_failure: OnFailure,
     metrics: GatewayMetrics,
 }
@@ -182,14 +217,20 @@ impl Limiter {
     pub fn new(
         redis: Option<RedisStore>,
         local: Arc<LocalStore>,
-        breaker: Arc<Breaker>,
+        breakers: Arc<Breakers>,
         on_failure: OnFailure,
         metrics: GatewayMetrics,
     ) -> Limiter {
+        let cap = DecisionCap::new(
+            redis
+                .as_ref()
+                .map_or(0, |r| r.link().config().max_decisions_per_second),
+        );
         Limiter {
             redis,
             local,
-            breaker,
+            breakers,
+            cap,
             on_failure,
             metrics,
         }
@@ -203,211 +244,242 @@ impl Limiter {
         self.redis.as_ref()
     }
 
-    pub fn breaker(&self) -> &Arc<Breaker> {
-        &self.breaker
+    pub fn breakers(&self) -> &Arc<Breakers> {
+        &self.breakers
     }
 
-    /// Decides a request whose matching rules are `groups`, and counts the
-    /// outcome per rule in the metrics.
+    /// Decides a request whose matching rules are `groups`, one subject at
+    /// a time (IP first), refunding earlier subjects when a later one
+    /// refuses; counts the outcome per rule in the metrics.
     pub async fn decide<'r>(&self, groups: &[SubjectGroup<'r>]) -> Decision<'r> {
         let tags: Vec<String> = groups.iter().map(|g| g.subject.tag()).collect();
+        let metrics = &self.metrics;
+        let mut decided: Vec<(SubjectReply, Store)> = Vec::with_capacity(groups.len());
+        for (i, g) in groups.iter().enumerate() {
+            let call = SubjectCall {
+                tag: &tags[i],
+                rules: &g.rules,
+                ttl_ms: g.ttl_ms,
+                bannable: g.subject.bannable(),
+                mode: Mode::Decide,
+                now_us: None,
+            };
+            let (reply, store) = self.decide_subject(&call).await;
+            store.counter(&metrics.decisions).increment(1);
+            if store == Store::Deny {
+                self.refund(&groups[..i], &tags, &decided, None).await;
+                metrics.unavailable.increment(1);
+                return Decision::Unavailable;
+            }
+            match reply.status {
+                Status::Allowed => decided.push((reply, store)),
+                Status::BannedBefore | Status::BannedNow => {
+                    let made = (reply.status == Status::BannedNow).then(|| BanMade {
+                        tag: tags[i].clone(),
+                        dur_ms: reply.ban_ms,
+                        strikes: reply.strikes,
+                        until_ms: reply.until_ms,
+                        reason: refusing_reason(g, &reply),
+                    });
+                    self.refund(&groups[..i], &tags, &decided, None).await;
+                    metrics.banned.increment(1);
+                    return Decision::Banned {
+                        remaining_ms: reply.ban_ms,
+                        made,
+                    };
+                }
+                Status::Limited => {
+                    let refusing = g
+                        .rules
+                        .iter()
+                        .zip(&reply.buckets)
+                        .filter(|(_, b)| b.state == BucketState::Refusing);
+                    let Some((rule, bucket)) = refusing
+                        .max_by_key(|(_, b)| b.wait_us)
+                        .map(|(r, b)| (*r, *b))
+                    else {
+                        // Not a reply either store gives; charge nothing
+                        // more and let the other subjects decide.
+                        log::debug!("a refusal of {} without a refusing bucket", tags[i]);
+                        decided.push((reply, store));
+                        continue;
+                    };
+                    if let Some(c) = metrics.rules.get(rule.index) {
+                        c.limited.increment(1);
+                    }
+                    // Only a refusal by the client's own (IP-keyed) rules
+                    // counts towards its ban: a full global or shared-key
+                    // bucket is not this client's offence.
+                    let violation = g.subject.bannable().then_some(&*rule.name);
+                    if let Some(made) = self.refund(&groups[..i], &tags, &decided, violation).await
+                    {
+                        metrics.banned.increment(1);
+                        return Decision::Banned {
+                            remaining_ms: made.dur_ms,
+                            made: Some(made),
+                        };
+                    }
+                    let retry_after_s = ceil_secs(bucket.wait_us.max(1) as u64).max(1);
+                    return Decision::Limited {
+                        info: rate_info(rule, &bucket),
+                        retry_after_s,
+                    };
+                }
+            }
+        }
+        // Allowed: the most restrictive non-shadow rule gives the headers.
+        let mut best: Option<RateInfo<'r>> = None;
+        for ((g, (reply, store)), tag) in groups.iter().zip(&decided).zip(&tags) {
+            if *store == Store::Allow {
+                for rule in &g.rules {
+                    if let Some(c) = metrics.rules.get(rule.index) {
+                        c.allowed.increment(1);
+                    }
+                }
+                continue;
+            }
+            for (rule, b) in g.rules.iter().zip(&reply.buckets) {
+                if let Some(c) = metrics.rules.get(rule.index) {
+                    if b.state == BucketState::ShadowRefusing {
+                        c.shadow_limited.increment(1);
+                        log::info!("shadow rule {} would limit {}", rule.name, tag);
+                    } else {
+                        c.allowed.increment(1);
+                    }
+                }
+                if rule.shadow {
+                    continue;
+                }
+                let info = rate_info(rule, b);
+                if best.as_ref().is_none_or(|x| info.remaining < x.remaining) {
+                    best = Some(info);
+                }
+            }
+        }
+        Decision::Allowed { info: best }
+    }
+
+    /// Decides one subject: on Redis if its shard's breaker is closed and
+    /// the cap admits the call, otherwise (or if the call fails after its
+    /// retries) as `on_failure` says.
+    async fn decide_subject(&self, call: &SubjectCall<'_>) -> (SubjectReply, Store) {
         if let Some(redis) = &self.redis {
-            if self.breaker.is_closed() {
+            let shard = self.breakers.for_tag(call.tag);
+            if !shard.is_closed() {
+                self.breakers.fell_back(&shard, &"its breaker is open");
+            } else if self.cap.admit() {
                 let started = Instant::now();
-                let result = run(redis, groups, &tags, &self.metrics).await;
+                let result = redis.decide(call).await;
                 self.metrics
                     .redis_seconds
                     .record(started.elapsed().as_secs_f64());
                 match result {
-                    Ok(d) => {
-                        self.breaker.success();
-                        return d;
+                    Ok(reply) => {
+                        self.breakers.success(&shard);
+                        return (reply, Store::Redis);
                     }
                     Err(e) => {
                         self.metrics.redis_errors.increment(1);
-                        self.breaker.failure(&e);
+                        self.breakers.failure(&shard, &e);
+                        self.breakers.fell_back(&shard, &e);
                     }
                 }
             }
+            let undecided = SubjectReply {
+                status: Status::Allowed,
+                ban_ms: 0,
+                strikes: 0,
+                until_ms: 0,
+                buckets: Vec::new(),
+            };
             match self.on_failure {
-                OnFailure::Allow => {
-                    for rule in groups.iter().flat_map(|g| g.rules.iter()) {
-                        if let Some(c) = self.metrics.rules.get(rule.index) {
-                            c.allowed.increment(1);
-                        }
-                    }
-                    return Decision::Allowed { info: None };
-                }
-                OnFailure::Deny => {
-                    self.metrics.unavailable.increment(1);
-                    return Decision::Unavailable;
-                }
+                OnFailure::Allow => return (undecided, Store::Allow),
+                OnFailure::Deny => return (undecided, Store::Deny),
                 OnFailure::Local => {}
             }
         }
-        run(self.local.as_ref(), groups, &tags, &self.metrics)
-            .await
-            .unwrap_or(Decision::Allowed { info: None })
+        (LocalStore::decide(&self.local, call), Store::Local)
     }
-}
 
-/// Decides every group on `store`, refunding earlier subjects when a later
-/// one refuses; counts the outcome in `metrics`.
-async fn run<'r, S: DecisionStore>(
-    store: &S,
-    groups: &[SubjectGroup<'r>],
-    tags: &[String],
-    metrics: &GatewayMetrics,
-) -> Result<Decision<'r>, RedisFailure> {
-    let mut replies: Vec<SubjectReply> = Vec::with_capacity(groups.len());
-    for (i, g) in groups.iter().enumerate() {
-        let call = SubjectCall {
-            tag: &tags[i],
-            rules: &g.rules,
-            ttl_ms: g.ttl_ms,
-            bannable: g.subject.bannable(),
-            mode: Mode::Decide,
-            now_us: None,
-        };
-        let reply = store.decide(&call).await?;
-        match reply.status {
-            Status::Allowed => replies.push(reply),
-            Status::BannedBefore | Status::BannedNow => {
-                let made = (reply.status == Status::BannedNow).then(|| BanMade {
-                    tag: tags[i].clone(),
-                    dur_ms: reply.ban_ms,
-                    strikes: reply.strikes,
-                    until_ms: reply.until_ms,
-                    reason: refusing_reason(g, &reply),
-                });
-                refund(store, &groups[..i], tags, &replies, None).await;
-                metrics.banned.increment(1);
-                return Ok(Decision::Banned {
-                    remaining_ms: reply.ban_ms,
-                    made,
-                });
+    /// Sends a call to the store that decided the subject.
+    async fn on_store(
+        &self,
+        store: Store,
+        call: &SubjectCall<'_>,
+    ) -> Result<SubjectReply, RedisFailure> {
+        match (store, &self.redis) {
+            (Store::Redis, Some(redis)) => redis.decide(call).await,
+            _ => DecisionStore::decide(self.local.as_ref(), call).await,
+        }
+    }
+
+    /// Gives the subjects decided before a refusal back exactly the tokens
+    /// they were charged, each on the store that charged it; with `rule`,
+    /// the first bannable one also counts a violation (which may ban:
+    /// returned).
+    async fn refund(
+        &self,
+        earlier: &[SubjectGroup<'_>],
+        tags: &[String],
+        decided: &[(SubjectReply, Store)],
+        rule: Option<&str>,
+    ) -> Option<BanMade> {
+        let mut ban = None;
+        for (j, (g, (reply, store))) in earlier.iter().zip(decided).enumerate() {
+            if !matches!(store, Store::Redis | Store::Local) {
+                continue; // let through undecided: nothing was charged
             }
-            Status::Limited => {
-                let refusing = g
-                    .rules
-                    .iter()
-                    .zip(&reply.buckets)
-                    .filter(|(_, b)| b.state == BucketState::Refusing);
-                let Some((rule, bucket)) = refusing
-                    .max_by_key(|(_, b)| b.wait_us)
-                    .map(|(r, b)| (*r, *b))
-                else {
-                    return Err(RedisFailure::Reply(redis::ParsingError::from(
-                        "a refusal without a refusing bucket",
-                    )));
+            let charged: Vec<&Rule> = g
+                .rules
+                .iter()
+                .zip(&reply.buckets)
+                .filter(|(_, b)| b.state == BucketState::Charged)
+                .map(|(r, _)| *r)
+                .collect();
+            let Some(rule) = rule else {
+                // Banned by a later subject: nothing to count, only give back.
+                if charged.is_empty() {
+                    continue;
+                }
+                let call = SubjectCall {
+                    tag: &tags[j],
+                    rules: &charged,
+                    ttl_ms: g.ttl_ms,
+                    bannable: false,
+                    mode: Mode::Refund { rule: "" },
+                    now_us: None,
                 };
-                if let Some(c) = metrics.rules.get(rule.index) {
-                    c.limited.increment(1);
+                if let Err(e) = self.on_store(*store, &call).await {
+                    log::warn!("could not refund {} after a refusal: {e}", tags[j]);
                 }
-                // Only a refusal by the client's own (IP-keyed) rules counts
-                // towards its ban: a full global or shared-key bucket is not
-                // this client's offence.
-                let violation = g.subject.bannable().then_some(&*rule.name);
-                if let Some(made) = refund(store, &groups[..i], tags, &replies, violation).await {
-                    metrics.banned.increment(1);
-                    return Ok(Decision::Banned {
-                        remaining_ms: made.dur_ms,
-                        made: Some(made),
-                    });
-                }
-                let retry_after_s = ceil_secs(bucket.wait_us.max(1) as u64).max(1);
-                return Ok(Decision::Limited {
-                    info: rate_info(rule, &bucket),
-                    retry_after_s,
-                });
-            }
-        }
-    }
-    // Allowed: the most restrictive non-shadow rule gives the headers.
-    let mut best: Option<RateInfo<'r>> = None;
-    for ((g, reply), tag) in groups.iter().zip(&replies).zip(tags) {
-        for (rule, b) in g.rules.iter().zip(&reply.buckets) {
-            if let Some(c) = metrics.rules.get(rule.index) {
-                if b.state == BucketState::ShadowRefusing {
-                    c.shadow_limited.increment(1);
-                    log::info!("shadow rule {} would limit {}", rule.name, tag);
-                } else {
-                    c.allowed.increment(1);
-                }
-            }
-            if rule.shadow {
                 continue;
-            }
-            let info = rate_info(rule, b);
-            if best.as_ref().is_none_or(|x| info.remaining < x.remaining) {
-                best = Some(info);
-            }
-        }
-    }
-    Ok(Decision::Allowed { info: best })
-}
-
-/// Gives the subjects decided before a refusal back exactly the tokens they
-/// were charged; with `rule`, the first bannable one also counts a
-/// violation (which may ban: returned).
-async fn refund<S: DecisionStore>(
-    store: &S,
-    earlier: &[SubjectGroup<'_>],
-    tags: &[String],
-    replies: &[SubjectReply],
-    rule: Option<&str>,
-) -> Option<BanMade> {
-    let mut ban = None;
-    for (j, (g, reply)) in earlier.iter().zip(replies).enumerate() {
-        let charged: Vec<&Rule> = g
-            .rules
-            .iter()
-            .zip(&reply.buckets)
-            .filter(|(_, b)| b.state == BucketState::Charged)
-            .map(|(r, _)| *r)
-            .collect();
-        let Some(rule) = rule else {
-            // Banned by a later subject: nothing to count, only give back.
-            if charged.is_empty() {
-                continue;
-            }
+            };
             let call = SubjectCall {
                 tag: &tags[j],
                 rules: &charged,
                 ttl_ms: g.ttl_ms,
-                bannable: false,
-                mode: Mode::Refund { rule: "" },
+                bannable: g.subject.bannable(),
+                mode: Mode::Refund { rule },
                 now_us: None,
             };
-            if let Err(e) = store.decide(&call).await {
-                log::warn!("could not refund {} after a refusal: {e}", tags[j]);
+            match self.on_store(*store, &call).await {
+                Ok(r) if r.status == Status::BannedNow => {
+                    ban = Some(BanMade {
+                        tag: tags[j].clone(),
+                        dur_ms: r.ban_ms,
+                        strikes: r.strikes,
+                        until_ms: r.until_ms,
+                        reason: format!("rule {rule}"),
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("could not refund {} after a refusal: {e}", tags[j]),
             }
-            continue;
-        };
-        let call = SubjectCall {
-            tag: &tags[j],
-            rules: &charged,
-            ttl_ms: g.ttl_ms,
-            bannable: g.subject.bannable(),
-            mode: Mode::Refund { rule },
-            now_us: None,
-        };
-        match store.decide(&call).await {
-            Ok(r) if r.status == Status::BannedNow => {
-                ban = Some(BanMade {
-                    tag: tags[j].clone(),
-                    dur_ms: r.ban_ms,
-                    strikes: r.strikes,
-                    until_ms: r.until_ms,
-                    reason: format!("rule {rule}"),
-                });
-            }
-            Ok(_) => {}
-            Err(e) => log::warn!("could not refund {} after a refusal: {e}", tags[j]),
         }
+        ban
     }
-    ban
 }
+
 fn refusing_reason(g: &SubjectGroup<'_>, reply: &SubjectReply) -> String {
     g.rules
         .iter()
