@@ -14,9 +14,11 @@
 -- All values are integers below 2^53, exact in Lua's doubles.
 --
 -- KEYS[1]  state hash <prefix>{<subject>}:b - field per rule = TAT (us);
---          '#vs' = violation window start (ms), '#vc' = violations in it
--- KEYS[2]  ban hash   <prefix>{<subject>}:ban - until (ms), strikes,
---          reason, source, at (ms), dur (ms)
+--          '#vs' = violation window start (ms), '#vc' = violations in it;
+--          '#bu' = ban until (ms), '#bs' = strikes (kept until '#bu' +
+--          memory). One key per subject, so a slot being moved never
+--          answers TRYAGAIN. The ban's full record (<prefix>{<subject>}:ban,
+--          read by the admin API and reconcile) is written by ban.lua.
 -- ARGV[1]  now in microseconds, or '' for redis TIME (tests pin the clock)
 -- ARGV[2]  'd' decide, or 'r:<rule>' refund: give the costs back (rule
 --          <rule> of another subject refused the request), count a violation
@@ -49,14 +51,20 @@ local bannable = ARGV[4] == '1'
 local after = tonumber(ARGV[5])
 
 local strikes = 0
+-- The hash lives at least until the ban ends plus ban memory (strikes).
+local floor = 0
+local b = redis.call('HMGET', KEYS[1], '#bu', '#bs')
+if b[1] or b[2] then
+  floor = (tonumber(b[1]) or 0) + tonumber(ARGV[10]) - now_ms
+end
 if bannable then
-  local b = redis.call('HMGET', KEYS[2], 'until', 'strikes')
   local ban_until = tonumber(b[1]) or 0
   strikes = tonumber(b[2]) or 0
   if mode == 'd' and ban_until > now_ms then
     return {2, ban_until - now_ms, strikes, ban_until}
   end
 end
+if ttl < floor then ttl = floor end
 
 local n = (#ARGV - 10) / 5
 local fields = {}
@@ -158,10 +166,11 @@ local max = tonumber(ARGV[9])
 if dur > max then dur = max end
 dur = math.floor(dur)
 local ban_until = now_ms + dur
-redis.call('HSET', KEYS[2], 'until', ban_until, 'strikes', strikes,
-  'reason', 'rule ' .. refused, 'source', 'auto', 'at', now_ms, 'dur', dur)
-redis.call('PEXPIRE', KEYS[2], dur + tonumber(ARGV[10]))
+redis.call('HSET', KEYS[1], '#bu', ban_until, '#bs', strikes)
 redis.call('HDEL', KEYS[1], '#vs', '#vc')
+local keep = dur + tonumber(ARGV[10])
+if keep < ttl then keep = ttl end
+redis.call('PEXPIRE', KEYS[1], keep)
 out[1] = 3
 out[2] = dur
 out[3] = strikes

@@ -24,7 +24,11 @@ struct Flags {
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // The Redis client logs every lost connection and slot-map refresh
+    // (many lines a second during a failover); floodgate logs each change
+    // of state itself, so the client's own lines are errors only by default.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,redis=error"))
+        .init();
     let config = match floodgate::config::Config::load(&flags.config) {
         Ok(c) => c,
         Err(e) => {

@@ -23,6 +23,7 @@
 //! map the breakers use is read again. Only a call that still fails when the
 //! budget is spent counts as failed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -176,6 +177,9 @@ pub struct RedisLink {
     config: RedisConfig,
     topology: Notify,
     retries: metrics::Counter,
+    epoch: std::time::Instant,
+    /// When NOSCRIPT was last logged, in ms since `epoch` (0 = never).
+    noscript_logged_ms: AtomicU64,
 }
 
 impl RedisLink {
@@ -185,6 +189,8 @@ impl RedisLink {
             config,
             topology: Notify::new(),
             retries: metrics::counter!(crate::metrics::REDIS_RETRIES),
+            epoch: std::time::Instant::now(),
+            noscript_logged_ms: AtomicU64::new(0),
         })
     }
 
@@ -324,10 +330,7 @@ impl RedisLink {
             }
             let failure = match self.send(&call(evalsha), left).await {
                 Err(RedisFailure::Redis(e)) if evalsha && is_noscript(&e) => {
-                    log::debug!(
-                        "NOSCRIPT on the node of {:?}; sending the script body",
-                        keys.first()
-                    );
+                    self.note_noscript();
                     evalsha = false;
                     continue;
                 }
@@ -344,6 +347,21 @@ impl RedisLink {
             self.retries.increment(1);
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(RETRY_PAUSE_MAX);
+        }
+    }
+
+    /// Logs a lost script cache once, not once per call that meets it
+    /// (every call in flight does, and on a cluster every node's).
+    fn note_noscript(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.noscript_logged_ms.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 1000)
+            && self
+                .noscript_logged_ms
+                .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            log::info!("Redis lost the script cache (NOSCRIPT); sending the script body");
         }
     }
 

@@ -118,7 +118,7 @@ fn cluster_limits_bans_failover_and_script_flush() {
         "requests failed after SCRIPT FLUSH on the cluster"
     );
     assert!(
-        !a.log().contains("Redis unavailable"),
+        !a.log().contains("unavailable after"),
         "SCRIPT FLUSH opened the breaker:\n{}",
         a.log()
     );
@@ -126,7 +126,7 @@ fn cluster_limits_bans_failover_and_script_flush() {
     // Move the slot of a client's keys to another master, as `redis-cli
     // --cluster reshard` does: afterwards MOVED is followed and the bucket
     // has moved along. (Mid-move, a script whose keys are half-moved gets
-    // TRYAGAIN; that request is decided by on_failure, never a 5xx.)
+    // TRYAGAIN, which is retried within the call's budget.)
     let mover = "203.0.113.77";
     let key = format!("{p}{{ip:{mover}}}:b");
     assert_eq!(get_as(&a.url("/"), mover).status, 200);
@@ -134,33 +134,15 @@ fn cluster_limits_bans_failover_and_script_flush() {
     let target = (0..cluster.nodes.len())
         .find(|&i| i != source && cluster.nodes[i].cli(&["ROLE"]).starts_with("master"))
         .unwrap();
-    let slot = cluster.nodes[source]
+    let slot: u16 = cluster.nodes[source]
         .cli(&["CLUSTER", "KEYSLOT", &key])
         .trim()
-        .to_string();
-    let id = |i: usize| {
-        cluster.nodes[i]
-            .cli(&["CLUSTER", "MYID"])
-            .trim()
-            .to_string()
-    };
-    let (source_id, target_id) = (id(source), id(target));
-    cluster.nodes[target].cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id]);
-    cluster.nodes[source].cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id]);
-    let keys = cluster.nodes[source].cli(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
-    let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
-    assert!(keys.contains(&key.as_str()), "{keys:?}");
-    let port = cluster.nodes[target].port.to_string();
-    let mut migrate = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
-    migrate.extend(keys.iter().copied());
-    assert_eq!(cluster.nodes[source].cli(&migrate).trim(), "OK");
-    for n in cluster
-        .nodes
-        .iter()
-        .filter(|n| n.cli(&["ROLE"]).starts_with("master"))
-    {
-        n.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &target_id]);
-    }
+        .parse()
+        .unwrap();
+    cluster.begin_slot_move(slot, source, target);
+    let moved = cluster.migrate_keys(slot, source, target, |_| true);
+    assert!(moved.contains(&key), "{moved:?}");
+    cluster.finish_slot_move(slot, target);
     let errors_before = redis_errors(&a);
     let statuses: Vec<u16> = (0..3).map(|_| get_as(&a.url("/"), mover).status).collect();
     assert_eq!(
@@ -293,7 +275,14 @@ fn failovers_under_load_keep_every_subject_within_its_bound() {
     let up = Upstream::start();
     let p = prefix();
     let setup = cluster_setup(&cluster, &up, &p, FAILOVER_RULES, "");
-    let (a, b) = (Gateway::start(&setup), Gateway::start(&setup));
+    // The default per-call budget, as a new user would run it.
+    let start = || {
+        let (port, admin) = (free_port(), free_port());
+        let config = Gateway::config(port, admin, &setup)
+            .replace("timeout = \"200ms\"\n", "timeout = \"50ms\"\n");
+        Gateway::start_config(port, admin, config, &[])
+    };
+    let (a, b) = (start(), start());
     let urls = vec![a.url("/"), b.url("/")];
     let key = |ip: &str| format!("{p}{{ip:{ip}}}:b");
     for round in 0..5 {
@@ -326,7 +315,10 @@ fn failovers_under_load_keep_every_subject_within_its_bound() {
                 over.push(format!("{ip}: {} allowed in {:.2}s", t.allowed, t.span_s()));
             }
         }
-        // Fresh clients after the failover: 12 quick requests each.
+        // Fresh clients after the failover: 12 quick requests each, every
+        // one decided by Redis.
+        let local_before = (a.decisions("local"), b.decisions("local"));
+        let redis_before = a.decisions("redis") + b.decisions("redis");
         let mut fresh_over = Vec::new();
         for i in 0..30 {
             let ip = format!("10.{round}.1.{i}");
@@ -358,6 +350,175 @@ fn failovers_under_load_keep_every_subject_within_its_bound() {
             fresh_over.is_empty(),
             "round {round}: fresh clients over-admitted after the failover: {fresh_over:?}"
         );
+        assert_eq!(
+            (a.decisions("local"), b.decisions("local")),
+            local_before,
+            "round {round}: decisions fell back to the local store after the failover"
+        );
+        assert_eq!(
+            a.decisions("redis") + b.decisions("redis") - redis_before,
+            30 * 12,
+            "round {round}: every decision after the failover is made by Redis"
+        );
         cluster.restart(victim);
     }
+    // Every failover was announced: the dead shard's breaker, and its
+    // retirement once a replica owned its slots.
+    let log = a.log();
+    assert!(log.contains("unavailable after"), "{log}");
+    assert!(log.contains("owns no slots any more"), "{log}");
+    assert_eq!(a.metric("floodgate_degraded"), 0.0);
+}
+
+/// `redis-cli --cluster reshard` moves the slots of live subjects from one
+/// master to another under load: no 5xx, no subject over its bound, and
+/// every decision made by Redis (a slot in the middle of its move answers
+/// TRYAGAIN or ASK, which is retried within the call's budget).
+#[test]
+fn reshard_under_load_keeps_every_subject_exact() {
+    let cluster = RedisCluster::start();
+    let up = Upstream::start();
+    let p = prefix();
+    let setup = cluster_setup(&cluster, &up, &p, FAILOVER_RULES, "");
+    let (a, b) = (Gateway::start(&setup), Gateway::start(&setup));
+    let masters = cluster.masters();
+    let (source, target) = (masters[0], masters[1]);
+    let id = |i: usize| {
+        cluster.nodes[i]
+            .cli(&["CLUSTER", "MYID"])
+            .trim()
+            .to_string()
+    };
+    // The slots redis-cli moves first are the source's lowest ones.
+    let first_slot = |node: usize| -> u16 {
+        let nodes = cluster.nodes[node].cli(&["CLUSTER", "NODES"]);
+        let me = nodes.lines().find(|l| l.contains("myself")).unwrap();
+        let range = me.split_whitespace().nth(8).unwrap();
+        range.split('-').next().unwrap().parse().unwrap()
+    };
+    let low = first_slot(source);
+    const MOVED: u16 = 600;
+    let subjects: Vec<String> = (0..5000)
+        .map(|i| format!("10.9.{}.{}", i / 250, i % 250))
+        .filter(|ip| {
+            let slot: u16 = cluster.nodes[source]
+                .cli(&["CLUSTER", "KEYSLOT", &format!("{p}{{ip:{ip}}}:b")])
+                .trim()
+                .parse()
+                .unwrap();
+            (low..low + MOVED).contains(&slot)
+        })
+        .take(24)
+        .collect();
+    assert_eq!(subjects.len(), 24);
+    // Every subject has a bucket (and, for the moves, a key) before the move.
+    let load = SubjectLoad::start(
+        vec![a.url("/"), b.url("/")],
+        subjects.clone(),
+        4,
+        Duration::from_secs(60),
+    );
+    thread::sleep(Duration::from_millis(300));
+    let out = std::process::Command::new("redis-cli")
+        .args(["--cluster", "reshard"])
+        .arg(format!("127.0.0.1:{}", cluster.nodes[source].port))
+        .args(["--cluster-from", &id(source), "--cluster-to", &id(target)])
+        .args(["--cluster-slots", &MOVED.to_string(), "--cluster-yes"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "reshard failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    thread::sleep(Duration::from_millis(300));
+    let tallies = load.finish();
+    for ip in &subjects {
+        assert_eq!(
+            cluster.master_of(&format!("{p}{{ip:{ip}}}:b")),
+            target,
+            "{ip} did not move"
+        );
+    }
+    for (ip, t) in &tallies {
+        assert_eq!(t.fivexx, 0, "5xx for {ip} during the reshard");
+        assert!(
+            t.allowed <= t.bound(BURST, RATE),
+            "{ip}: {} allowed in {:.2}s during the reshard",
+            t.allowed,
+            t.span_s()
+        );
+        assert!(
+            t.limited > 0,
+            "{ip} was never limited: the load is too light to tell"
+        );
+    }
+    assert_eq!(
+        a.decisions("local") + b.decisions("local"),
+        0,
+        "decisions left Redis during the reshard"
+    );
+
+    // A slot held mid-move for longer than any call's budget, its keys
+    // moved in two batches: subjects already there, subjects new to it,
+    // subjects moved early and late all keep exact Redis decisions.
+    let slot = floodgate::redis_link::slot_of("ip:10.8.0.0");
+    let same_slot: Vec<String> = (1..2_000_000u32)
+        .map(|i| format!("10.8.{}.{}", i / 250 % 250, i % 250))
+        .filter(|ip| floodgate::redis_link::slot_of(&format!("ip:{ip}")) == slot)
+        .take(3)
+        .chain(std::iter::once("10.8.0.0".to_string()))
+        .collect();
+    assert_eq!(same_slot.len(), 4);
+    let source = cluster.master_of(&format!("{p}{{ip:10.8.0.0}}:b"));
+    let target = *cluster.masters().iter().find(|&&m| m != source).unwrap();
+    let (early, late) = (same_slot[0].clone(), same_slot[1].clone());
+    for ip in [&early, &late] {
+        assert_eq!(get_as(&a.url("/"), ip).status, 200);
+    }
+    let load = SubjectLoad::start(
+        vec![a.url("/"), b.url("/")],
+        same_slot.clone(),
+        2,
+        Duration::from_secs(30),
+    );
+    thread::sleep(Duration::from_millis(300));
+    cluster.begin_slot_move(slot, source, target);
+    thread::sleep(Duration::from_millis(800));
+    let first = cluster.migrate_keys(slot, source, target, |k| {
+        k.contains(&format!("{{ip:{early}}}"))
+    });
+    assert!(!first.is_empty());
+    thread::sleep(Duration::from_millis(800));
+    cluster.migrate_keys(slot, source, target, |_| true);
+    thread::sleep(Duration::from_millis(300));
+    cluster.finish_slot_move(slot, target);
+    thread::sleep(Duration::from_millis(300));
+    let tallies = load.finish();
+    for ip in [&early, &late] {
+        assert_eq!(
+            cluster.master_of(&format!("{p}{{ip:{ip}}}:b")),
+            target,
+            "{ip} did not move"
+        );
+    }
+    for (ip, t) in &tallies {
+        assert_eq!(t.fivexx, 0, "5xx for {ip} during the slow move");
+        assert!(
+            t.allowed <= t.bound(BURST, RATE),
+            "{ip}: {} allowed in {:.2}s during the slow move",
+            t.allowed,
+            t.span_s()
+        );
+    }
+    assert_eq!(
+        a.decisions("local") + b.decisions("local"),
+        0,
+        "decisions left Redis while a slot was held mid-move"
+    );
+    eprintln!(
+        "reshard: {MOVED} slots moved; script calls retried within their budget: {}",
+        a.metric("floodgate_redis_retries_total") + b.metric("floodgate_redis_retries_total")
+    );
 }

@@ -30,6 +30,10 @@ use crate::redis_link::{slot_of, RedisFailure, RedisLink, SlotRange};
 /// alternates between answers and failures to two lines, not one per call.
 const QUIET: Duration = Duration::from_secs(1);
 
+/// The name of the one breaker of a standalone Redis (and of a cluster
+/// before its slot map is known).
+const WHOLE: &str = "redis";
+
 /// Slots of a Redis Cluster.
 const SLOTS: usize = 16384;
 
@@ -98,6 +102,16 @@ impl Breaker {
         &self.name
     }
 
+    /// How logs name the shard: `Redis` for a standalone server (or a
+    /// cluster whose slot map is not known yet), `Redis shard <host:port>`.
+    fn label(&self) -> String {
+        if self.name == WHOLE {
+            "Redis".into()
+        } else {
+            format!("Redis shard {}", self.name)
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         !self.open.load(Ordering::Relaxed)
     }
@@ -115,8 +129,8 @@ impl Breaker {
             self.gauge.set(1.0);
             *self.opened_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             log::warn!(
-                "Redis shard {} unavailable after {n} failed calls ({e}); its subjects get on_failure until it answers again",
-                self.name
+                "{} unavailable after {n} failed calls ({e}); its subjects get on_failure until it answers again",
+                self.label()
             );
             return true;
         }
@@ -138,8 +152,8 @@ impl Breaker {
             .map(|t| format!(" after {:.1}s", t.elapsed().as_secs_f64()))
             .unwrap_or_default();
         log::warn!(
-            "Redis shard {} answers again{took}; its decisions go through Redis",
-            self.name
+            "{} answers again{took}; its decisions go through Redis",
+            self.label()
         );
         true
     }
@@ -183,11 +197,7 @@ impl Breakers {
         let breakers = Breakers {
             map: ArcSwap::from_pointee(ShardMap {
                 slots: Vec::new(),
-                shards: vec![Arc::new(Breaker::new(
-                    "redis".into(),
-                    threshold,
-                    start_open,
-                ))],
+                shards: vec![Arc::new(Breaker::new(WHOLE.into(), threshold, start_open))],
             }),
             threshold,
             degraded,
@@ -230,8 +240,8 @@ impl Breakers {
         b.success();
         if let Some(n) = b.spell.went_through(self.epoch) {
             log::info!(
-                "Redis shard {}: decisions go through Redis again ({n} used on_failure meanwhile)",
-                b.name
+                "{}: decisions go through Redis again ({n} used on_failure meanwhile)",
+                b.label()
             );
         }
     }

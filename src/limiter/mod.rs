@@ -158,6 +158,10 @@ pub struct BanMade {
     pub strikes: u32,
     pub until_ms: u64,
     pub reason: String,
+    /// Made by `decide.lua`: Redis enforces it, and its record (what the
+    /// admin API lists) is still to be written. A ban made by the local
+    /// store is written back when its shard answers again instead.
+    pub by_redis: bool,
 }
 
 /// What happens to a request.
@@ -280,6 +284,7 @@ impl Limiter {
                         strikes: reply.strikes,
                         until_ms: reply.until_ms,
                         reason: refusing_reason(g, &reply),
+                        by_redis: store == Store::Redis,
                     });
                     self.refund(&groups[..i], &tags, &decided, None).await;
                     metrics.banned.increment(1);
@@ -470,6 +475,7 @@ impl Limiter {
                         strikes: r.strikes,
                         until_ms: r.until_ms,
                         reason: format!("rule {rule}"),
+                        by_redis: *store == Store::Redis,
                     });
                 }
                 Ok(_) => {}

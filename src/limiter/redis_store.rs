@@ -1,4 +1,5 @@
-//! The Redis store: `lua/decide.lua` over the shared connection.
+//! The Redis store: `lua/decide.lua` over the shared connection, one key
+//! per subject (see the script's header).
 
 use std::sync::Arc;
 
@@ -52,7 +53,6 @@ impl RedisStore {
 
     async fn call(&self, call: &SubjectCall<'_>) -> Result<SubjectReply, RedisFailure> {
         let state = keys::state(&self.prefix, call.tag);
-        let ban = keys::ban(&self.prefix, call.tag);
         let refund_mode;
         let mode = match call.mode {
             Mode::Decide => "d",
@@ -65,7 +65,7 @@ impl RedisStore {
             .link
             .eval(
                 &scripts::DECIDE,
-                &[&state, &ban],
+                &[&state],
                 |cmd| {
                     match call.now_us {
                         Some(t) => cmd.arg(t),

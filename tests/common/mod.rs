@@ -272,6 +272,56 @@ impl RedisCluster {
         self.wait_in_sync();
     }
 
+    /// The node id of node `i`.
+    pub fn id(&self, i: usize) -> String {
+        self.nodes[i].cli(&["CLUSTER", "MYID"]).trim().to_string()
+    }
+
+    /// Starts moving `slot` from `source` to `target` as `redis-cli
+    /// --cluster reshard` does: target IMPORTING, then source MIGRATING.
+    pub fn begin_slot_move(&self, slot: u16, source: usize, target: usize) {
+        let slot = slot.to_string();
+        let ok = |out: String| assert_eq!(out.trim(), "OK", "SETSLOT {slot}");
+        ok(self.nodes[target].cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &self.id(source)]));
+        ok(self.nodes[source].cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &self.id(target)]));
+    }
+
+    /// MIGRATEs the keys of `slot` still on `source` that `pick` chooses
+    /// to `target`; returns the keys moved.
+    pub fn migrate_keys(
+        &self,
+        slot: u16,
+        source: usize,
+        target: usize,
+        pick: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let listed =
+            self.nodes[source].cli(&["CLUSTER", "GETKEYSINSLOT", &slot.to_string(), "1000"]);
+        let keys: Vec<String> = listed
+            .lines()
+            .filter(|k| !k.is_empty() && pick(k))
+            .map(str::to_string)
+            .collect();
+        if keys.is_empty() {
+            return keys;
+        }
+        let port = self.nodes[target].port.to_string();
+        let mut migrate = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+        migrate.extend(keys.iter().map(String::as_str));
+        assert_eq!(self.nodes[source].cli(&migrate).trim(), "OK", "{keys:?}");
+        keys
+    }
+
+    /// Ends a slot move: every master learns that `target` owns `slot`.
+    pub fn finish_slot_move(&self, slot: u16, target: usize) {
+        let (slot, id) = (slot.to_string(), self.id(target));
+        for n in self.nodes.iter().filter(|n| n.child.is_running()) {
+            if n.cli(&["ROLE"]).starts_with("master") {
+                n.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &id]);
+            }
+        }
+    }
+
     /// Indices of the live masters that own slots.
     pub fn masters(&self) -> Vec<usize> {
         self.nodes
@@ -704,6 +754,25 @@ impl Gateway {
             &[("Authorization", &format!("Bearer {ADMIN_TOKEN}"))],
             body,
         )
+    }
+
+    /// The value of one series from /metrics, written as rendered (e.g.
+    /// `floodgate_decisions_total{store="local"}`); 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = call("GET", &self.admin_url("/metrics"), &[], None).body;
+        text.lines()
+            .find(|l| {
+                l.strip_prefix(series)
+                    .is_some_and(|rest| rest.starts_with(' '))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// `floodgate_decisions_total{store}`: decisions made on `store`.
+    pub fn decisions(&self, store: &str) -> u64 {
+        self.metric(&format!("floodgate_decisions_total{{store=\"{store}\"}}")) as u64
     }
 
     /// `floodgate_requests_total{rule,decision}` from /metrics.
