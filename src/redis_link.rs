@@ -335,6 +335,8 @@ impl RedisLink {
                     continue;
                 }
                 Err(f) if f.is_transient() => f,
+                // Report the call's budget, not the part left for this try.
+                Err(RedisFailure::Timeout(_)) => return Err(RedisFailure::Timeout(limit)),
                 other => return other,
             };
             self.topology.notify_one();

@@ -161,7 +161,9 @@ impl Breaker {
     /// Retires the breaker of a master that no longer owns slots.
     fn retire(&self, now_owned_by: &str) {
         self.gauge.set(0.0);
-        if !self.is_closed() {
+        // The placeholder of a cluster whose slot map was not known yet is
+        // replaced, not failed over: the slot-map line says enough.
+        if !self.is_closed() && self.name != WHOLE {
             log::warn!(
                 "Redis shard {} owns no slots any more (failed over or resharded); its subjects are decided on {now_owned_by}",
                 self.name

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use breaker::{Breaker, Breakers};
-pub use cap::DecisionCap;
+use cap::DecisionCap;
 pub use local::LocalStore;
 pub use redis_store::RedisStore;
 
