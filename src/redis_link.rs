@@ -15,13 +15,22 @@
 //! request fails because a script is missing, and no `SCRIPT LOAD` to every
 //! cluster node (which fails while any node is down) is needed.
 //!
+//! On a Cluster, script calls (every request's decision) do not go through
+//! the cluster client: they are routed here, by the slot of their first key,
+//! over a connection to that slot's master alone, from a slot table read
+//! with `CLUSTER SLOTS`. The cluster client stops *every* command while it
+//! rebuilds its slot map, which it does at each redirect to a dead master;
+//! during a failover that stalls the healthy shards' decisions past their
+//! budget. Per-node connections keep a dead master's trouble to its own
+//! subjects. `MOVED` and `ASK` are followed here (ASK on a connection of its
+//! own, so no other call can come between `ASKING` and the script).
+//!
 //! A script call that fails for a reason a second try fixes (a redirect, a
 //! slot being moved, a connection to a node that is gone, a cluster that is
 //! electing a new master) is sent again within what is left of the same time
-//! budget, after a short pause in which the cluster client refreshes its slot
-//! map; the link also signals [`RedisLink::topology_changed`] so the shard
-//! map the breakers use is read again. Only a call that still fails when the
-//! budget is spent counts as failed.
+//! budget, after a short pause; the link also signals
+//! [`RedisLink::topology_changed`] so the slot table is read again. Only a
+//! call that still fails when the budget is spent counts as failed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,7 +39,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind, Value};
@@ -130,6 +139,69 @@ pub mod scripts {
 thread_local! {
     /// Per-thread connections, by link (`None` while one is opening).
     static THREAD_CONNS: std::cell::RefCell<std::collections::HashMap<usize, Option<Conn>>> = Default::default();
+    /// Per-thread connections to single Cluster nodes, by link and address.
+    static NODE_CONNS: std::cell::RefCell<std::collections::HashMap<(usize, String), MultiplexedConnection>> = Default::default();
+}
+
+/// Which master owns each slot, as last read with `CLUSTER SLOTS`.
+#[derive(Default)]
+struct SlotTable {
+    /// Index into `masters` per slot; empty until the table is first read.
+    owner: Vec<u16>,
+    masters: Vec<String>,
+}
+
+impl SlotTable {
+    fn from_ranges(ranges: &[SlotRange]) -> SlotTable {
+        let mut t = SlotTable {
+            owner: vec![u16::MAX; 16384],
+            masters: Vec::new(),
+        };
+        for r in ranges {
+            let i = match t.masters.iter().position(|m| *m == r.master) {
+                Some(i) => i,
+                None => {
+                    t.masters.push(r.master.clone());
+                    t.masters.len() - 1
+                }
+            } as u16;
+            for slot in r.first..=r.last.min(16383) {
+                t.owner[usize::from(slot)] = i;
+            }
+        }
+        t
+    }
+
+    fn master_of(&self, slot: u16) -> Option<&str> {
+        let i = *self.owner.get(usize::from(slot))?;
+        self.masters.get(usize::from(i)).map(String::as_str)
+    }
+}
+
+/// Where the next try of a script call goes on a Cluster.
+enum Hop {
+    /// The slot's master, from the slot table.
+    Owner,
+    /// A node a `MOVED` named.
+    Moved(String),
+    /// A node an `ASK` named: send `ASKING` first.
+    Ask(String),
+}
+
+/// Redirects followed at once within one call; past them, a redirect is
+/// treated like any transient failure (pause, then the slot table's owner).
+const MAX_REDIRECTS: u32 = 5;
+
+/// The Cluster slot of a key, with Redis' hash-tag rule: the part between
+/// the first `{` and the next `}`, if not empty, else the whole key.
+pub fn key_slot(key: &str) -> u16 {
+    let tagged = key.find('{').and_then(|open| {
+        let rest = &key[open + 1..];
+        rest.find('}')
+            .filter(|&close| close > 0)
+            .map(|close| &rest[..close])
+    });
+    slot_of(tagged.unwrap_or(key))
 }
 
 /// Opens a connection as `config` says, bounded by `connect_timeout`.
@@ -180,6 +252,8 @@ pub struct RedisLink {
     epoch: std::time::Instant,
     /// When NOSCRIPT was last logged, in ms since `epoch` (0 = never).
     noscript_logged_ms: AtomicU64,
+    /// The Cluster's slot owners (empty on a standalone server).
+    slots: arc_swap::ArcSwap<SlotTable>,
 }
 
 impl RedisLink {
@@ -191,6 +265,7 @@ impl RedisLink {
             retries: metrics::counter!(crate::metrics::REDIS_RETRIES),
             epoch: std::time::Instant::now(),
             noscript_logged_ms: AtomicU64::new(0),
+            slots: arc_swap::ArcSwap::from_pointee(SlotTable::default()),
         })
     }
 
@@ -323,15 +398,53 @@ impl RedisLink {
         let deadline = tokio::time::Instant::now() + limit;
         let mut evalsha = true;
         let mut pause = RETRY_PAUSE;
+        // On a Cluster whose slot table is known, route by the first key.
+        let slot = keys.first().map(|k| key_slot(k));
+        let mut hop = Hop::Owner;
+        let mut redirects = 0;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
                 return Err(RedisFailure::Timeout(limit));
             }
-            let failure = match self.send(&call(evalsha), left).await {
+            let node = match (&hop, slot) {
+                (Hop::Moved(addr), _) => Some((addr.clone(), false)),
+                (Hop::Ask(addr), _) => Some((addr.clone(), true)),
+                (Hop::Owner, Some(slot)) => self
+                    .slots
+                    .load()
+                    .master_of(slot)
+                    .map(|m| (m.to_string(), false)),
+                (Hop::Owner, None) => None,
+            };
+            let result = match &node {
+                Some((addr, asking)) => {
+                    self.send_to_node(addr, &call(evalsha), *asking, left).await
+                }
+                None => self.send(&call(evalsha), left).await,
+            };
+            let failure = match result {
                 Err(RedisFailure::Redis(e)) if evalsha && is_noscript(&e) => {
                     self.note_noscript();
                     evalsha = false;
+                    continue;
+                }
+                Err(RedisFailure::Redis(e))
+                    if node.is_some()
+                        && e.redirect_node().is_some()
+                        && redirects < MAX_REDIRECTS =>
+                {
+                    redirects += 1;
+                    let to = e
+                        .redirect_node()
+                        .map(|(a, _)| a.to_string())
+                        .unwrap_or_default();
+                    hop = if matches!(e.kind(), ErrorKind::Server(ServerErrorKind::Ask)) {
+                        Hop::Ask(to)
+                    } else {
+                        self.topology.notify_one();
+                        Hop::Moved(to)
+                    };
                     continue;
                 }
                 Err(f) if f.is_transient() => f,
@@ -349,6 +462,71 @@ impl RedisLink {
             self.retries.increment(1);
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(RETRY_PAUSE_MAX);
+            hop = Hop::Owner;
+        }
+    }
+
+    /// How to reach one node (`host:port`): the first seed's settings
+    /// (credentials, database) with that address.
+    fn node_info(&self, addr: &str) -> Result<redis::ConnectionInfo, RedisFailure> {
+        let (host, port) = addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+            .ok_or_else(|| {
+                RedisFailure::Reply(redis::ParsingError::from("a node address without a port"))
+            })?;
+        let seed = self
+            .config
+            .cluster
+            .first()
+            .cloned()
+            .or_else(|| self.config.url.clone())
+            .unwrap_or_default();
+        let info = redis::IntoConnectionInfo::into_connection_info(seed.as_str())?;
+        Ok(info.set_addr(redis::ConnectionAddr::Tcp(host, port)))
+    }
+
+    /// This thread's connection to one Cluster node, opened if needed.
+    async fn node_conn(&self, addr: &str) -> Result<MultiplexedConnection, RedisFailure> {
+        let key = (self as *const RedisLink as usize, addr.to_string());
+        if let Some(c) = NODE_CONNS.with(|m| m.borrow().get(&key).cloned()) {
+            return Ok(c);
+        }
+        let client = redis::Client::open(self.node_info(addr)?)?;
+        let conn = client.get_multiplexed_async_connection().await?;
+        NODE_CONNS.with(|m| m.borrow_mut().insert(key, conn.clone()));
+        Ok(conn)
+    }
+
+    /// Sends one command to one Cluster node, bounded by `limit`; with
+    /// `asking`, on a connection of its own, right after `ASKING`.
+    async fn send_to_node(
+        &self,
+        addr: &str,
+        cmd: &Cmd,
+        asking: bool,
+        limit: Duration,
+    ) -> Result<Value, RedisFailure> {
+        let call = async {
+            if asking {
+                let client = redis::Client::open(self.node_info(addr)?)?;
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                redis::cmd("ASKING").query_async::<()>(&mut conn).await?;
+                return Ok(cmd.query_async::<Value>(&mut conn).await?);
+            }
+            let mut conn = self.node_conn(addr).await?;
+            let r = cmd.query_async::<Value>(&mut conn).await;
+            if let Err(e) = &r {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                    let key = (self as *const RedisLink as usize, addr.to_string());
+                    NODE_CONNS.with(|m| m.borrow_mut().remove(&key));
+                }
+            }
+            Ok(r?)
+        };
+        match tokio::time::timeout(limit, call).await {
+            Ok(r) => r,
+            Err(_) => Err(RedisFailure::Timeout(limit)),
         }
     }
 
@@ -373,22 +551,44 @@ impl RedisLink {
         if !self.is_cluster() {
             return Ok(Vec::new());
         }
-        let value: Value = self
-            .query_within(
-                &redis::cmd("CLUSTER").arg("SLOTS").clone(),
-                self.admin_timeout(),
-            )
-            .await?;
-        parse_cluster_slots(&value).ok_or_else(|| {
-            RedisFailure::Reply(redis::ParsingError::from("CLUSTER SLOTS: unexpected reply"))
-        })
+        // Ask the masters last known, then the seeds, each on its own
+        // connection (the cluster client may be busy rebuilding its map).
+        let mut candidates: Vec<String> = self.slots.load().masters.clone();
+        for url in &self.config.cluster {
+            if let Ok(info) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+                if let redis::ConnectionAddr::Tcp(host, port) = info.addr() {
+                    candidates.push(format!("{host}:{port}"));
+                }
+            }
+        }
+        candidates.dedup();
+        let cmd = redis::cmd("CLUSTER").arg("SLOTS").clone();
+        let mut last = RedisFailure::NotConnected;
+        for addr in candidates {
+            let value = match self
+                .send_to_node(&addr, &cmd, false, self.config.connect_timeout)
+                .await
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let ranges = parse_cluster_slots(&value).ok_or_else(|| {
+                RedisFailure::Reply(redis::ParsingError::from("CLUSTER SLOTS: unexpected reply"))
+            })?;
+            self.slots.store(Arc::new(SlotTable::from_ranges(&ranges)));
+            return Ok(ranges);
+        }
+        Err(last)
     }
 
     /// PINGs one node (`host:port`) over a connection of its own, bounded
     /// by `redis.connect_timeout`: probes a shard without going through the
     /// cluster client's routing.
     pub async fn ping_node(&self, addr: &str) -> Result<(), RedisFailure> {
-        let client = redis::Client::open(format!("redis://{addr}"))?;
+        let client = redis::Client::open(self.node_info(addr)?)?;
         let limit = self.config.connect_timeout;
         let ping = async {
             let mut conn = client.get_multiplexed_async_connection().await?;
@@ -566,6 +766,43 @@ mod tests {
         assert!(!slots_on_failed_master(
             "b 127.0.0.1:7001@17001 master,fail - 0 0 2 connected\n"
         ));
+    }
+
+    #[test]
+    fn a_key_hashes_by_its_tag() {
+        assert_eq!(key_slot("fg:{ip:10.0.0.1}:b"), slot_of("ip:10.0.0.1"));
+        assert_eq!(key_slot("foo{hash_tag}"), 2515);
+        assert_eq!(key_slot("somekey"), 11058);
+        assert_eq!(
+            key_slot("a{}b"),
+            slot_of("a{}b"),
+            "an empty tag hashes the whole key"
+        );
+    }
+
+    #[test]
+    fn the_slot_table_names_each_slots_master() {
+        let t = SlotTable::from_ranges(&[
+            SlotRange {
+                first: 0,
+                last: 99,
+                master: "a:1".into(),
+            },
+            SlotRange {
+                first: 100,
+                last: 16383,
+                master: "b:1".into(),
+            },
+            SlotRange {
+                first: 200,
+                last: 200,
+                master: "a:1".into(),
+            },
+        ]);
+        assert_eq!(t.master_of(5), Some("a:1"));
+        assert_eq!(t.master_of(150), Some("b:1"));
+        assert_eq!(t.master_of(200), Some("a:1"));
+        assert_eq!(SlotTable::default().master_of(5), None);
     }
 
     #[test]
