@@ -25,11 +25,14 @@
 --
 -- KEYS[1]  state hash <prefix>{<subject>}:b - field per rate rule = TAT
 --          (us), per quota rule = 'start:count'; '#vs' = violation window
---          start (ms), '#vc' = violations in it
--- KEYS[2]  ban hash   <prefix>{<subject>}:ban - until (ms), strikes,
---          reason, source, at (ms), dur (ms)
--- KEYS[3..] one lease set <prefix>{<subject>}:c:<rule> per concurrency
---          rule, in the order of the rules
+--          start (ms), '#vc' = violations in it; '#bu' = ban until (ms),
+--          '#bs' = strikes (kept until '#bu' + memory). The ban lives in
+--          the state hash so that a subject without concurrency rules has
+--          one key, and a slot being moved never answers TRYAGAIN; the
+--          ban's full record (<prefix>{<subject>}:ban, read by the admin API
+--          and reconcile) is written by ban.lua.
+-- KEYS[2..] one lease set <prefix>{<subject>}:c:<rule> per concurrency
+--          rule, in the order of the rules (same hash tag, same slot)
 -- ARGV[1]  now in microseconds, or '' for redis TIME (tests pin the clock)
 -- ARGV[2]  'd' decide, 'r:<rule>' refund: give the costs back (rule <rule>
 --          of another subject refused the request; the request's leases
@@ -102,30 +105,39 @@ local ttl = tonumber(ARGV[3])
 local bannable = ARGV[4] == '1'
 local after = tonumber(ARGV[5])
 
-local strikes = 0
-if bannable then
-  local b = redis.call('HMGET', KEYS[2], 'until', 'strikes')
-  local ban_until = tonumber(b[1]) or 0
-  strikes = tonumber(b[2]) or 0
-  if mode == 'd' and ban_until > now_ms then
-    return {2, ban_until - now_ms, strikes, ban_until}
-  end
-end
-
+-- One read of the subject's hash: every rule's field, the violation
+-- window, and the ban.
 local lease = ARGV[11]
 local n = (#ARGV - 11) / 6
 local fields = {}
 for i = 1, n do fields[i] = ARGV[11 + (i - 1) * 6 + 1] end
 fields[n + 1] = '#vs'
 fields[n + 2] = '#vc'
+fields[n + 3] = '#bu'
+fields[n + 4] = '#bs'
 local cur = redis.call('HMGET', KEYS[1], unpack(fields))
+
+local strikes = 0
+-- The hash lives at least until the ban ends plus ban memory (strikes).
+local floor = 0
+if cur[n + 3] or cur[n + 4] then
+  floor = (tonumber(cur[n + 3]) or 0) + tonumber(ARGV[10]) - now_ms
+end
+if bannable then
+  local ban_until = tonumber(cur[n + 3]) or 0
+  strikes = tonumber(cur[n + 4]) or 0
+  if mode == 'd' and ban_until > now_ms then
+    return {2, ban_until - now_ms, strikes, ban_until}
+  end
+end
+if ttl < floor then ttl = floor end
 
 local out = {0, 0, 0, 0}
 local vals = {}
 local lease_keys = {}
 local refused = nil
 local now_s = math.floor(now / 1000000)
-local next_key = 2
+local next_key = 1
 for i = 1, n do
   local base = 11 + (i - 1) * 6
   local kind = ARGV[base + 2]
@@ -277,10 +289,11 @@ local max = tonumber(ARGV[9])
 if dur > max then dur = max end
 dur = math.floor(dur)
 local ban_until = now_ms + dur
-redis.call('HSET', KEYS[2], 'until', ban_until, 'strikes', strikes,
-  'reason', 'rule ' .. refused, 'source', 'auto', 'at', now_ms, 'dur', dur)
-redis.call('PEXPIRE', KEYS[2], dur + tonumber(ARGV[10]))
+redis.call('HSET', KEYS[1], '#bu', ban_until, '#bs', strikes)
 redis.call('HDEL', KEYS[1], '#vs', '#vc')
+local keep = dur + tonumber(ARGV[10])
+if keep < ttl then keep = ttl end
+redis.call('PEXPIRE', KEYS[1], keep)
 out[1] = 3
 out[2] = dur
 out[3] = strikes

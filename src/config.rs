@@ -174,6 +174,9 @@ pub struct RedisConfig {
     /// Coalesce the decisions that arrive together on one worker into one
     /// script call (standalone Redis; a Cluster decides one call each).
     pub coalesce: bool,
+    /// Per-node cap on Redis decision calls per second; past it a decision
+    /// uses `on_failure`. 0 = no cap.
+    pub max_decisions_per_second: u32,
 }
 
 impl Default for RedisConfig {
@@ -188,6 +191,7 @@ impl Default for RedisConfig {
             breaker_failures: 3,
             probe_interval: Duration::from_millis(500),
             coalesce: true,
+            max_decisions_per_second: 0,
         }
     }
 }

@@ -45,8 +45,13 @@ fn main() -> ExitCode {
         eprintln!("floodgate: --config PATH is required");
         return ExitCode::from(2);
     };
-    let logger =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+    // The Redis client logs every lost connection and slot-map refresh
+    // (many lines a second during a failover); floodgate logs each change
+    // of state itself, so the client's own lines are errors only by default.
+    let logger = env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,redis=error"),
+    )
+    .build();
     let max = logger.filter();
     let _ = floodgate::log_throttle::install(logger, max);
     let file = match floodgate::reload::ConfigFile::read(&path) {

@@ -23,6 +23,10 @@ pub const DENY_CACHE_HITS: &str = "floodgate_deny_cache_hits_total";
 pub const LEASE_ERRORS: &str = "floodgate_lease_errors_total";
 pub const UPSTREAM_FRESH_RETRIES: &str = "floodgate_upstream_fresh_retries_total";
 pub const CLIENT_ERRORS: &str = "floodgate_client_errors_total";
+pub const DECISIONS: &str = "floodgate_decisions_total";
+pub const SHARD_DEGRADED: &str = "floodgate_redis_shard_degraded";
+pub const REDIS_RETRIES: &str = "floodgate_redis_retries_total";
+pub const DECISIONS_SHED: &str = "floodgate_redis_shed_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub const NO_RULE: &str = "-";
@@ -75,6 +79,22 @@ pub fn install() -> Option<PrometheusHandle> {
         CLIENT_ERRORS,
         "Requests refused for the client's own fault (bad or stalled body, bad target, too many headers), by kind"
     );
+    metrics::describe_counter!(
+        DECISIONS,
+        "Subject decisions by where they were made: redis, local, allow, deny"
+    );
+    metrics::describe_gauge!(
+        SHARD_DEGRADED,
+        "1 while this Redis shard's breaker is open and its subjects get on_failure"
+    );
+    metrics::describe_counter!(
+        REDIS_RETRIES,
+        "Script calls sent again within their budget after a transient failure"
+    );
+    metrics::describe_counter!(
+        DECISIONS_SHED,
+        "Decisions past redis.max_decisions_per_second, sent to on_failure"
+    );
     Some(handle)
 }
 
@@ -105,6 +125,27 @@ impl std::fmt::Debug for RuleCounters {
     }
 }
 
+/// `floodgate_decisions_total`, one counter per store that decides.
+#[derive(Clone)]
+pub struct DecisionCounters {
+    pub redis: Counter,
+    pub local: Counter,
+    pub allow: Counter,
+    pub deny: Counter,
+}
+
+impl DecisionCounters {
+    fn new() -> DecisionCounters {
+        let c = |store: &'static str| metrics::counter!(DECISIONS, "store" => store);
+        DecisionCounters {
+            redis: c("redis"),
+            local: c("local"),
+            allow: c("allow"),
+            deny: c("deny"),
+        }
+    }
+}
+
 /// Handles the hot path uses, resolved once.
 #[derive(Clone)]
 pub struct GatewayMetrics {
@@ -119,6 +160,7 @@ pub struct GatewayMetrics {
     pub bans_active: Gauge,
     pub deny_cache_hits: Counter,
     pub lease_errors: Counter,
+    pub decisions: DecisionCounters,
 }
 
 impl GatewayMetrics {
@@ -138,6 +180,7 @@ impl GatewayMetrics {
             bans_active: metrics::gauge!(BANS_ACTIVE),
             deny_cache_hits: metrics::counter!(DENY_CACHE_HITS),
             lease_errors: metrics::counter!(LEASE_ERRORS),
+            decisions: DecisionCounters::new(),
         }
     }
 }

@@ -14,12 +14,32 @@
 //! routed by its first key, which also caches the script on that node. No
 //! request fails because a script is missing, and no `SCRIPT LOAD` to every
 //! cluster node (which fails while any node is down) is needed.
+//!
+//! On a Cluster, script calls (every request's decision) do not go through
+//! the cluster client: they are routed here, by the slot of their first key,
+//! over a connection to that slot's master alone, from a slot table read
+//! with `CLUSTER SLOTS`. The cluster client stops *every* command while it
+//! rebuilds its slot map, which it does at each redirect to a dead master;
+//! during a failover that stalls the healthy shards' decisions past their
+//! budget. Per-node connections keep a dead master's trouble to its own
+//! subjects. `MOVED` and `ASK` are followed here (ASK on a connection of its
+//! own, so no other call can come between `ASKING` and the script).
+//!
+//! A script call that fails for a reason a second try fixes (a redirect, a
+//! slot being moved, a connection to a node that is gone, a cluster that is
+//! electing a new master) is sent again within what is left of the same time
+//! budget, after a short pause; the link also signals
+//! [`RedisLink::topology_changed`] so the slot table is read again. Only a
+//! call that still fails when the budget is spent counts as failed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
+
 use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind, Value};
@@ -37,6 +57,52 @@ pub enum RedisFailure {
     Redis(#[from] RedisError),
     #[error("unexpected reply from Redis: {0}")]
     Reply(#[from] redis::ParsingError),
+}
+
+impl RedisFailure {
+    /// True for failures a second try of the same call can fix: redirects
+    /// (MOVED, ASK), a slot in the middle of a move (TRYAGAIN), a cluster
+    /// between a master's failure and its replica's promotion (CLUSTERDOWN,
+    /// MASTERDOWN), and connections to nodes that went away.
+    pub fn is_transient(&self) -> bool {
+        let RedisFailure::Redis(e) = self else {
+            return false;
+        };
+        matches!(
+            e.kind(),
+            ErrorKind::Io
+                | ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::Moved
+                        | ServerErrorKind::Ask
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                        | ServerErrorKind::BusyLoading
+                )
+        ) || e.is_connection_dropped()
+            || e.is_connection_refusal()
+    }
+}
+
+/// The pause before the first retry of a transient failure; it doubles per
+/// retry, up to [`RETRY_PAUSE_MAX`], and never passes the call's budget.
+const RETRY_PAUSE: Duration = Duration::from_millis(2);
+const RETRY_PAUSE_MAX: Duration = Duration::from_millis(20);
+
+/// The Redis Cluster slot of a subject whose keys carry the hash tag
+/// `{tag}` (CRC16/XMODEM of the tag, modulo 16384), as Redis computes it.
+pub fn slot_of(tag: &str) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % 16384
+}
+
+/// One range of slots and the address (`host:port`) of its master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotRange {
+    pub first: u16,
+    pub last: u16,
+    pub master: String,
 }
 
 /// A Lua script from `lua/`, with its SHA1 computed once.
@@ -83,18 +149,85 @@ pub mod scripts {
 thread_local! {
     /// Per-thread connections, by link (`None` while one is opening).
     static THREAD_CONNS: std::cell::RefCell<std::collections::HashMap<usize, Option<Conn>>> = Default::default();
+    /// Per-thread connections to single Cluster nodes, by link and address.
+    static NODE_CONNS: std::cell::RefCell<std::collections::HashMap<(usize, String), MultiplexedConnection>> = Default::default();
+}
+
+/// Which master owns each slot, as last read with `CLUSTER SLOTS`.
+#[derive(Default)]
+struct SlotTable {
+    /// Index into `masters` per slot; empty until the table is first read.
+    owner: Vec<u16>,
+    masters: Vec<String>,
+}
+
+impl SlotTable {
+    fn from_ranges(ranges: &[SlotRange]) -> SlotTable {
+        let mut t = SlotTable {
+            owner: vec![u16::MAX; 16384],
+            masters: Vec::new(),
+        };
+        for r in ranges {
+            let i = match t.masters.iter().position(|m| *m == r.master) {
+                Some(i) => i,
+                None => {
+                    t.masters.push(r.master.clone());
+                    t.masters.len() - 1
+                }
+            } as u16;
+            for slot in r.first..=r.last.min(16383) {
+                t.owner[usize::from(slot)] = i;
+            }
+        }
+        t
+    }
+
+    fn master_of(&self, slot: u16) -> Option<&str> {
+        let i = *self.owner.get(usize::from(slot))?;
+        self.masters.get(usize::from(i)).map(String::as_str)
+    }
+}
+
+/// Where the next try of a script call goes on a Cluster.
+enum Hop {
+    /// The slot's master, from the slot table.
+    Owner,
+    /// A node a `MOVED` named.
+    Moved(String),
+    /// A node an `ASK` named: send `ASKING` first.
+    Ask(String),
+}
+
+/// Redirects followed at once within one call; past them, a redirect is
+/// treated like any transient failure (pause, then the slot table's owner).
+const MAX_REDIRECTS: u32 = 5;
+
+/// The Cluster slot of a key, with Redis' hash-tag rule: the part between
+/// the first `{` and the next `}`, if not empty, else the whole key.
+pub fn key_slot(key: &str) -> u16 {
+    let tagged = key.find('{').and_then(|open| {
+        let rest = &key[open + 1..];
+        rest.find('}')
+            .filter(|&close| close > 0)
+            .map(|close| &rest[..close])
+    });
+    slot_of(tagged.unwrap_or(key))
 }
 
 /// Opens a connection as `config` says, bounded by `connect_timeout`.
 async fn open(c: &RedisConfig) -> Result<Conn, RedisFailure> {
     let limit = c.connect_timeout;
     if !c.cluster.is_empty() {
+        // Each attempt is bounded by `redis.timeout`; the whole call is
+        // bounded by floodgate's own timer, which also retries transient
+        // failures the library gave up on (see `RedisLink::eval`).
         let client = redis::cluster::ClusterClientBuilder::new(c.cluster.clone())
             .connection_timeout(c.connect_timeout)
             .response_timeout(c.timeout)
+            .overall_response_timeout(None)
             .retries(2)
-            .min_retry_wait(10)
-            .max_retry_wait(100)
+            .min_retry_wait(5)
+            .max_retry_wait(25)
             .build()?;
         return match tokio::time::timeout(limit, client.get_async_connection()).await {
             Ok(r) => Ok(Conn::Cluster(r?)),
@@ -124,6 +257,13 @@ enum Conn {
 pub struct RedisLink {
     conn: ArcSwapOption<Conn>,
     config: RedisConfig,
+    topology: Notify,
+    retries: metrics::Counter,
+    epoch: std::time::Instant,
+    /// When NOSCRIPT was last logged, in ms since `epoch` (0 = never).
+    noscript_logged_ms: AtomicU64,
+    /// The Cluster's slot owners (empty on a standalone server).
+    slots: arc_swap::ArcSwap<SlotTable>,
 }
 
 impl RedisLink {
@@ -131,7 +271,18 @@ impl RedisLink {
         Arc::new(RedisLink {
             conn: ArcSwapOption::empty(),
             config,
+            topology: Notify::new(),
+            retries: metrics::counter!(crate::metrics::REDIS_RETRIES),
+            epoch: std::time::Instant::now(),
+            noscript_logged_ms: AtomicU64::new(0),
+            slots: arc_swap::ArcSwap::from_pointee(SlotTable::default()),
         })
+    }
+
+    /// Resolves when a call met a sign that the cluster's topology changed
+    /// (a redirect, a node gone, a slot moving): time to read the slot map.
+    pub async fn topology_changed(&self) {
+        self.topology.notified().await
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -256,14 +407,208 @@ impl RedisLink {
             args(&mut cmd);
             cmd
         };
-        let started = tokio::time::Instant::now();
-        match self.send(&call(true), limit).await {
-            Err(RedisFailure::Redis(e)) if is_noscript(&e) => {
-                let left = limit.saturating_sub(started.elapsed());
-                log::info!("Redis lost the script cache (NOSCRIPT); sending the script body");
-                self.send(&call(false), left).await
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut evalsha = true;
+        let mut pause = RETRY_PAUSE;
+        // On a Cluster whose slot table is known, route by the first key.
+        let slot = keys.first().map(|k| key_slot(k));
+        let mut hop = Hop::Owner;
+        let mut redirects = 0;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(RedisFailure::Timeout(limit));
             }
-            other => other,
+            let node = match (&hop, slot) {
+                (Hop::Moved(addr), _) => Some((addr.clone(), false)),
+                (Hop::Ask(addr), _) => Some((addr.clone(), true)),
+                (Hop::Owner, Some(slot)) => self
+                    .slots
+                    .load()
+                    .master_of(slot)
+                    .map(|m| (m.to_string(), false)),
+                (Hop::Owner, None) => None,
+            };
+            let result = match &node {
+                Some((addr, asking)) => {
+                    self.send_to_node(addr, &call(evalsha), *asking, left).await
+                }
+                None => self.send(&call(evalsha), left).await,
+            };
+            let failure = match result {
+                Err(RedisFailure::Redis(e)) if evalsha && is_noscript(&e) => {
+                    self.note_noscript();
+                    evalsha = false;
+                    continue;
+                }
+                Err(RedisFailure::Redis(e))
+                    if node.is_some()
+                        && e.redirect_node().is_some()
+                        && redirects < MAX_REDIRECTS =>
+                {
+                    redirects += 1;
+                    let to = e
+                        .redirect_node()
+                        .map(|(a, _)| a.to_string())
+                        .unwrap_or_default();
+                    hop = if matches!(e.kind(), ErrorKind::Server(ServerErrorKind::Ask)) {
+                        Hop::Ask(to)
+                    } else {
+                        self.topology.notify_one();
+                        Hop::Moved(to)
+                    };
+                    continue;
+                }
+                Err(f) if f.is_transient() => f,
+                // Report the call's budget, not the part left for this try.
+                Err(RedisFailure::Timeout(_)) => return Err(RedisFailure::Timeout(limit)),
+                other => return other,
+            };
+            self.topology.notify_one();
+            // Retry only while a pause and another attempt still fit.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left <= pause * 2 {
+                return Err(failure);
+            }
+            log::debug!("retrying a script call after a transient failure: {failure}");
+            self.retries.increment(1);
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RETRY_PAUSE_MAX);
+            hop = Hop::Owner;
+        }
+    }
+
+    /// How to reach one node (`host:port`): the first seed's settings
+    /// (credentials, database) with that address.
+    fn node_info(&self, addr: &str) -> Result<redis::ConnectionInfo, RedisFailure> {
+        let (host, port) = addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+            .ok_or_else(|| {
+                RedisFailure::Reply(redis::ParsingError::from("a node address without a port"))
+            })?;
+        let seed = self
+            .config
+            .cluster
+            .first()
+            .cloned()
+            .or_else(|| self.config.url.clone())
+            .unwrap_or_default();
+        let info = redis::IntoConnectionInfo::into_connection_info(seed.as_str())?;
+        Ok(info.set_addr(redis::ConnectionAddr::Tcp(host, port)))
+    }
+
+    /// This thread's connection to one Cluster node, opened if needed.
+    async fn node_conn(&self, addr: &str) -> Result<MultiplexedConnection, RedisFailure> {
+        let key = (self as *const RedisLink as usize, addr.to_string());
+        if let Some(c) = NODE_CONNS.with(|m| m.borrow().get(&key).cloned()) {
+            return Ok(c);
+        }
+        let client = redis::Client::open(self.node_info(addr)?)?;
+        let conn = client.get_multiplexed_async_connection().await?;
+        NODE_CONNS.with(|m| m.borrow_mut().insert(key, conn.clone()));
+        Ok(conn)
+    }
+
+    /// Sends one command to one Cluster node, bounded by `limit`; with
+    /// `asking`, on a connection of its own, right after `ASKING`.
+    async fn send_to_node(
+        &self,
+        addr: &str,
+        cmd: &Cmd,
+        asking: bool,
+        limit: Duration,
+    ) -> Result<Value, RedisFailure> {
+        let call = async {
+            if asking {
+                let client = redis::Client::open(self.node_info(addr)?)?;
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                redis::cmd("ASKING").query_async::<()>(&mut conn).await?;
+                return Ok(cmd.query_async::<Value>(&mut conn).await?);
+            }
+            let mut conn = self.node_conn(addr).await?;
+            let r = cmd.query_async::<Value>(&mut conn).await;
+            if let Err(e) = &r {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                    let key = (self as *const RedisLink as usize, addr.to_string());
+                    NODE_CONNS.with(|m| m.borrow_mut().remove(&key));
+                }
+            }
+            Ok(r?)
+        };
+        match tokio::time::timeout(limit, call).await {
+            Ok(r) => r,
+            Err(_) => Err(RedisFailure::Timeout(limit)),
+        }
+    }
+
+    /// Logs a lost script cache once, not once per call that meets it
+    /// (every call in flight does, and on a cluster every node's).
+    fn note_noscript(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.noscript_logged_ms.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 1000)
+            && self
+                .noscript_logged_ms
+                .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            log::info!("Redis lost the script cache (NOSCRIPT); sending the script body");
+        }
+    }
+
+    /// Who owns which slots now, from `CLUSTER SLOTS` (empty on a
+    /// standalone server).
+    pub async fn slot_ranges(&self) -> Result<Vec<SlotRange>, RedisFailure> {
+        if !self.is_cluster() {
+            return Ok(Vec::new());
+        }
+        // Ask the masters last known, then the seeds, each on its own
+        // connection (the cluster client may be busy rebuilding its map).
+        let mut candidates: Vec<String> = self.slots.load().masters.clone();
+        for url in &self.config.cluster {
+            if let Ok(info) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+                if let redis::ConnectionAddr::Tcp(host, port) = info.addr() {
+                    candidates.push(format!("{host}:{port}"));
+                }
+            }
+        }
+        candidates.dedup();
+        let cmd = redis::cmd("CLUSTER").arg("SLOTS").clone();
+        let mut last = RedisFailure::NotConnected;
+        for addr in candidates {
+            let value = match self
+                .send_to_node(&addr, &cmd, false, self.config.connect_timeout)
+                .await
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let ranges = parse_cluster_slots(&value).ok_or_else(|| {
+                RedisFailure::Reply(redis::ParsingError::from("CLUSTER SLOTS: unexpected reply"))
+            })?;
+            self.slots.store(Arc::new(SlotTable::from_ranges(&ranges)));
+            return Ok(ranges);
+        }
+        Err(last)
+    }
+
+    /// PINGs one node (`host:port`) over a connection of its own, bounded
+    /// by `redis.connect_timeout`: probes a shard without going through the
+    /// cluster client's routing.
+    pub async fn ping_node(&self, addr: &str) -> Result<(), RedisFailure> {
+        let client = redis::Client::open(self.node_info(addr)?)?;
+        let limit = self.config.connect_timeout;
+        let ping = async {
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        match tokio::time::timeout(limit, ping).await {
+            Ok(r) => r.map(|_| ()).map_err(RedisFailure::from),
+            Err(_) => Err(RedisFailure::Timeout(limit)),
         }
     }
 
@@ -380,6 +725,39 @@ fn parse_cluster_masters(text: &str) -> Vec<(String, u16)> {
         .collect()
 }
 
+/// Slot ranges and their masters from a `CLUSTER SLOTS` reply.
+fn parse_cluster_slots(v: &Value) -> Option<Vec<SlotRange>> {
+    let Value::Array(ranges) = v else { return None };
+    let int = |v: &Value| match v {
+        Value::Int(i) => u16::try_from(*i).ok(),
+        _ => None,
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    ranges
+        .iter()
+        .map(|r| {
+            let Value::Array(f) = r else { return None };
+            let Value::Array(master) = f.get(2)? else {
+                return None;
+            };
+            let host = text(master.first()?)?;
+            let port = match master.get(1)? {
+                Value::Int(p) => *p,
+                _ => return None,
+            };
+            Some(SlotRange {
+                first: int(f.first()?)?,
+                last: int(f.get(1)?)?,
+                master: format!("{host}:{port}"),
+            })
+        })
+        .collect()
+}
+
 /// True while a master marked failed still owns slots (failover pending).
 fn slots_on_failed_master(text: &str) -> bool {
     text.lines().any(|line| {
@@ -400,6 +778,101 @@ mod tests {
         assert!(!slots_on_failed_master(
             "b 127.0.0.1:7001@17001 master,fail - 0 0 2 connected\n"
         ));
+    }
+
+    #[test]
+    fn a_key_hashes_by_its_tag() {
+        assert_eq!(key_slot("fg:{ip:10.0.0.1}:b"), slot_of("ip:10.0.0.1"));
+        assert_eq!(key_slot("foo{hash_tag}"), 2515);
+        assert_eq!(key_slot("somekey"), 11058);
+        assert_eq!(
+            key_slot("a{}b"),
+            slot_of("a{}b"),
+            "an empty tag hashes the whole key"
+        );
+    }
+
+    #[test]
+    fn the_slot_table_names_each_slots_master() {
+        let t = SlotTable::from_ranges(&[
+            SlotRange {
+                first: 0,
+                last: 99,
+                master: "a:1".into(),
+            },
+            SlotRange {
+                first: 100,
+                last: 16383,
+                master: "b:1".into(),
+            },
+            SlotRange {
+                first: 200,
+                last: 200,
+                master: "a:1".into(),
+            },
+        ]);
+        assert_eq!(t.master_of(5), Some("a:1"));
+        assert_eq!(t.master_of(150), Some("b:1"));
+        assert_eq!(t.master_of(200), Some("a:1"));
+        assert_eq!(SlotTable::default().master_of(5), None);
+    }
+
+    #[test]
+    fn slots_are_computed_as_redis_does() {
+        // CLUSTER KEYSLOT somekey = 11058; foo{hash_tag} hashes "hash_tag".
+        assert_eq!(slot_of("somekey"), 11058);
+        assert_eq!(slot_of("hash_tag"), 2515);
+    }
+
+    #[test]
+    fn cluster_slots_reply_gives_ranges_and_masters() {
+        let node = |port: i64| {
+            Value::Array(vec![
+                Value::BulkString(b"127.0.0.1".to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node(7000),
+                node(7003),
+            ]),
+            Value::Array(vec![Value::Int(5461), Value::Int(16383), node(7001)]),
+        ]);
+        assert_eq!(
+            parse_cluster_slots(&reply),
+            Some(vec![
+                SlotRange {
+                    first: 0,
+                    last: 5460,
+                    master: "127.0.0.1:7000".into()
+                },
+                SlotRange {
+                    first: 5461,
+                    last: 16383,
+                    master: "127.0.0.1:7001".into()
+                },
+            ])
+        );
+        assert_eq!(parse_cluster_slots(&Value::Int(1)), None);
+    }
+
+    #[test]
+    fn redirects_and_lost_nodes_are_transient_script_errors_are_not() {
+        let e = |kind, text: &'static str| RedisFailure::Redis(RedisError::from((kind, text)));
+        assert!(e(ErrorKind::Server(ServerErrorKind::TryAgain), "TRYAGAIN").is_transient());
+        assert!(e(ErrorKind::Server(ServerErrorKind::Moved), "MOVED").is_transient());
+        assert!(e(ErrorKind::Server(ServerErrorKind::ClusterDown), "down").is_transient());
+        assert!(e(ErrorKind::ClusterConnectionNotFound, "gone").is_transient());
+        assert!(!e(
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+            "ERR script"
+        )
+        .is_transient());
+        assert!(!RedisFailure::Timeout(Duration::from_millis(1)).is_transient());
     }
 
     #[test]

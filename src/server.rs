@@ -12,7 +12,7 @@ use crate::bans::{BanCache, Bans};
 use crate::config::Config;
 use crate::consumers::ConsumerTable;
 use crate::front_door::{self, Gateway, Snapshot, UpstreamClients};
-use crate::limiter::{BanParams, Breaker, Limiter, LocalStore, RedisStore};
+use crate::limiter::{BanParams, Breakers, Limiter, LocalStore, RedisStore};
 use crate::metrics::GatewayMetrics;
 use crate::redis_link::RedisLink;
 use crate::reload::{self, ConfigFile, Reloader};
@@ -65,7 +65,7 @@ pub async fn run(file: ConfigFile) -> std::io::Result<()> {
     } else {
         log::warn!("no [redis] section: limits and bans are kept in this process only, per node");
     }
-    let breaker = Arc::new(Breaker::new(
+    let breakers = Arc::new(Breakers::new(
         config
             .redis
             .as_ref()
@@ -74,6 +74,11 @@ pub async fn run(file: ConfigFile) -> std::io::Result<()> {
         link.is_some() && !connected,
         metrics.degraded.clone(),
     ));
+    if let (Some(link), true) = (&link, connected) {
+        if let Err(e) = breakers.refresh(link).await {
+            log::warn!("could not read the Redis Cluster slot map at start-up: {e}");
+        }
+    }
     let redis_store = link.clone().map(|l| RedisStore::new(l, params));
     let on_failure = config
         .redis
@@ -83,7 +88,7 @@ pub async fn run(file: ConfigFile) -> std::io::Result<()> {
     let limiter = Arc::new(Limiter::new(
         redis_store,
         local.clone(),
-        breaker.clone(),
+        breakers.clone(),
         on_failure,
         metrics.clone(),
     ));
@@ -276,14 +281,7 @@ fn spawn_background(
             actix_web::rt::spawn(async move {
                 loop {
                     tokio::time::sleep(probe_every).await;
-                    if limiter.breaker().is_closed() {
-                        continue;
-                    }
-                    if link.connect().await.is_err() {
-                        continue;
-                    }
-                    if link.query::<String>(&redis::cmd("PING")).await.is_ok() {
-                        limiter.breaker().close();
+                    if limiter.breakers().probe(&link).await {
                         bans.write_back_local_bans().await;
                         if let Err(e) = bans.reconcile().await {
                             log::warn!("reconcile after Redis came back failed: {e}");
@@ -291,6 +289,10 @@ fn spawn_background(
                     }
                 }
             });
+        }
+        if link.is_cluster() {
+            let (limiter, link) = (limiter.clone(), link.clone());
+            actix_web::rt::spawn(async move { limiter.breakers().watch(&link).await });
         }
         actix_web::rt::spawn(
             bans.clone()
@@ -301,7 +303,7 @@ fn spawn_background(
         actix_web::rt::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                if limiter.breaker().is_closed() {
+                if limiter.breakers().is_closed() {
                     b.write_back_local_bans().await;
                     b.heartbeat().await;
                     if let Err(e) = b.reconcile().await {

@@ -81,13 +81,13 @@ fn refusals_that_count_towards_a_ban_still_reach_redis() {
     );
     assert_eq!(get(&gw.url("/"), &[]).status, 200);
     assert_eq!(get(&gw.url("/"), &[]).status, 200);
-    let calls = redis.calls("evalsha");
+    let decided = gw.decisions("redis");
     assert_eq!(get(&gw.url("/"), &[]).status, 429);
     assert_eq!(get(&gw.url("/"), &[]).status, 429);
-    // The third violation bans: every one of them was counted in Redis.
+    // The third violation bans: every one of them was decided by Redis.
     let r = get(&gw.url("/"), &[]);
     assert_eq!(r.json()["error"], "banned", "{}", r.body);
-    assert_eq!(redis.calls("evalsha"), calls + 3);
+    assert_eq!(gw.decisions("redis"), decided + 3);
     assert_eq!(deny_cache_hits(&gw), 0);
 }
 

@@ -353,3 +353,59 @@ fn bans_made_during_an_outage_are_written_back() {
         r.status == 200 && r.json()["reason"].as_str().unwrap_or("").contains("outage")
     });
 }
+
+/// `redis.max_decisions_per_second`: decisions past the node's cap use
+/// `on_failure` (here the local store), are counted under the store that
+/// made them, never reach Redis, and the spell is announced once.
+#[test]
+fn decisions_past_the_cap_use_on_failure_and_are_counted() {
+    const CAP: u64 = 20;
+    let redis = RedisServer::start();
+    let up = Upstream::start();
+    let p = prefix();
+    let setup = Setup {
+        redis: Some(redis.url()),
+        upstream: &up.url(),
+        prefix: &p,
+        rules: RULES,
+        extra: "",
+    };
+    let (port, admin) = (free_port(), free_port());
+    let config = Gateway::config(port, admin, &setup).replace(
+        "timeout = \"200ms\"\n",
+        &format!("timeout = \"200ms\"\nmax_decisions_per_second = {CAP}\n"),
+    );
+    let g = Gateway::start_config(port, admin, config, &[]);
+    let calls_before = redis.calls("evalsha") + redis.calls("eval");
+    let started = Instant::now();
+    // Fresh clients only: each is allowed by either store, so the statuses
+    // say nothing and the metrics say everything.
+    for i in 0..200 {
+        let r = get_as(&g.url("/"), &format!("10.77.{}.{}", i / 200, i % 200));
+        assert_eq!(r.status, 200);
+    }
+    let bound = CAP + (CAP as f64 * started.elapsed().as_secs_f64()) as u64 + 1;
+    let (on_redis, on_local) = (g.decisions("redis"), g.decisions("local"));
+    assert_eq!(on_redis + on_local, 200);
+    assert!(
+        on_redis >= CAP && on_redis <= bound,
+        "{on_redis} decisions on Redis, cap {bound}"
+    );
+    assert_eq!(g.metric("floodgate_redis_shed_total") as u64, on_local);
+    assert_eq!(
+        redis.calls("evalsha") + redis.calls("eval") - calls_before,
+        on_redis,
+        "decisions past the cap reached Redis"
+    );
+    assert_eq!(
+        g.log().matches("max_decisions_per_second").count(),
+        1,
+        "{}",
+        g.log()
+    );
+    assert_eq!(
+        g.metric("floodgate_degraded"),
+        0.0,
+        "the cap is not an outage"
+    );
+}

@@ -207,7 +207,7 @@ async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
     };
     let link = redis.link();
     match link.query::<String>(&redis::cmd("PING")).await {
-        Ok(_) if state.gateway.limiter.breaker().is_closed() => HttpResponse::Ok().content_type("text/plain").body("ready: Redis answers\n"),
+        Ok(_) if state.gateway.limiter.breakers().is_closed() => HttpResponse::Ok().content_type("text/plain").body("ready: Redis answers\n"),
         Ok(_) => HttpResponse::ServiceUnavailable().content_type("text/plain").body("not ready: Redis answers again; the gateway returns to it within a probe interval\n"),
         Err(e) => HttpResponse::ServiceUnavailable().content_type("text/plain").body(format!("not ready: {e}; serving with on_failure\n")),
     }
@@ -519,7 +519,7 @@ async fn stats(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
         "version": env!("CARGO_PKG_VERSION"),
         "node": state.gateway.bans.node(),
         "store": if limiter.redis().is_some() { "redis" } else { "local" },
-        "degraded": limiter.redis().is_some() && !limiter.breaker().is_closed(),
+        "degraded": limiter.redis().is_some() && !limiter.breakers().is_closed(),
         "bans_active": bans_active,
         "decisions": decisions,
     }))

@@ -34,8 +34,9 @@ impl Bans {
             .insert_key(key, Duration::from_millis(remaining_ms));
     }
 
-    /// A decision just banned `key`: mirror it here at once, then tell the
-    /// other nodes and append to the audit log.
+    /// A decision just banned `key`: mirror it here at once, write the
+    /// ban's record (for a ban `decide.lua` made), tell the other nodes and
+    /// append to the audit log.
     pub async fn on_auto_ban(&self, key: ClientKey, made: BanMade) {
         self.cache
             .insert_key(key, Duration::from_millis(made.dur_ms));
@@ -48,6 +49,28 @@ impl Bans {
             made.reason
         );
         let subject = key.to_string();
+        // decide.lua enforces the ban from the subject's state hash (one key
+        // per subject); the record the admin API lists and reconcile reads
+        // is written here, which also tells the other nodes and the audit
+        // log.
+        if made.by_redis {
+            match self
+                .write_ban(
+                    BanTarget::Key(key),
+                    made.dur_ms,
+                    &made.reason,
+                    "auto",
+                    made.strikes,
+                    true,
+                )
+                .await
+            {
+                Ok(_) => return,
+                Err(e) => log::warn!(
+                    "the ban of {subject} is enforced, but its record could not be written: {e}"
+                ),
+            }
+        }
         self.publish(&BanEvent::Ban {
             subject: subject.clone(),
             remaining_ms: made.dur_ms,
@@ -108,7 +131,10 @@ impl Bans {
                 let v = link
                     .eval(
                         &scripts::BAN,
-                        &[&keys::ban(&self.prefix, &tag)],
+                        &[
+                            &keys::ban(&self.prefix, &tag),
+                            &keys::state(&self.prefix, &tag),
+                        ],
                         |c| {
                             c.arg(dur_ms)
                                 .arg(reason)

@@ -23,13 +23,15 @@ pub struct LeaseSlot {
 pub struct HeldSlots {
     pub tag: String,
     pub slots: Vec<LeaseSlot>,
+    /// Granted by Redis (else by this node's store): renewals and the
+    /// release go to the same place.
+    pub on_redis: bool,
 }
 
 /// Every slot one request holds, and where: Redis, or this node's store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseSet {
     pub id: String,
-    pub on_redis: bool,
     pub subjects: Vec<HeldSlots>,
 }
 

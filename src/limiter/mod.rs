@@ -8,12 +8,18 @@
 //! tokens anywhere (Redis Cluster cannot run one script across slots, so
 //! cross-subject atomicity is by compensation, not by one transaction).
 //!
-//! The [`Limiter`] owns the choice of store: Redis while its circuit breaker
-//! is closed, otherwise `redis.on_failure` (local, allow, deny). In front of
-//! Redis sits the [`DenyCache`]: a refusal whose end Redis told us is
-//! repeated from memory until then.
+//! The [`Limiter`] owns the choice of store, subject by subject: Redis
+//! while the breaker of the subject's shard is closed and the node is under
+//! `redis.max_decisions_per_second`, otherwise `redis.on_failure` (local,
+//! allow, deny). A call that fails after its retries sends that subject,
+//! and only that subject, to `on_failure`; refunds and concurrency leases go
+//! back to the store that charged. Every decision is counted by the store
+//! that made it (`floodgate_decisions_total{store}`). In front of Redis sits
+//! the [`DenyCache`]: a refusal whose end Redis told us is repeated from
+//! memory until then.
 
 mod breaker;
+mod cap;
 mod coalesce;
 pub mod deny_cache;
 mod leases;
@@ -24,14 +30,17 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use breaker::Breaker;
+use metrics::Counter;
+
+pub use breaker::{Breaker, Breakers};
+use cap::DecisionCap;
 pub use deny_cache::DenyCache;
 pub use leases::{HeldSlots, LeaseCall, LeaseSet, LeaseSlot};
 pub use local::LocalStore;
 pub use redis_store::RedisStore;
 
 use crate::config::{BanConfig, OnFailure};
-use crate::metrics::GatewayMetrics;
+use crate::metrics::{DecisionCounters, GatewayMetrics};
 use crate::redis_link::RedisFailure;
 use crate::rules::{ceil_secs, Limit, Rule, SubjectGroup};
 
@@ -179,6 +188,10 @@ pub struct BanMade {
     pub strikes: u32,
     pub until_ms: u64,
     pub reason: String,
+    /// Made by `decide.lua`: Redis enforces it, and its record (what the
+    /// admin API lists) is still to be written. A ban made by the local
+    /// store is written back when its shard answers again instead.
+    pub by_redis: bool,
 }
 
 /// What happens to a request.
@@ -204,31 +217,73 @@ pub enum Decision<'r> {
     Unavailable,
 }
 
+/// Where one subject was decided: the `store` label of
+/// `floodgate_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// Redis decided, exactly and for every node.
+    Redis,
+    /// This node's in-process store (`on_failure = "local"`, or no Redis).
+    Local,
+    /// Let through undecided (`on_failure = "allow"`).
+    Allow,
+    /// Refused undecided (`on_failure = "deny"`).
+    Deny,
+}
+
+impl Store {
+    fn counter(self, c: &DecisionCounters) -> &Counter {
+        match self {
+            Store::Redis => &c.redis,
+            Store::Local => &c.local,
+            Store::Allow => &c.allow,
+            Store::Deny => &c.deny,
+        }
+    }
+}
+
 /// Subjects the deny cache holds at most (bounded memory).
 const DENY_CACHE_SUBJECTS: usize = 100_000;
 
-/// The decision maker: stores, breaker and failure policy.
+/// The decision maker: stores, breakers, the decision cap, the deny cache
+/// and the failure policy.
 pub struct Limiter {
     redis: Option<RedisStore>,
     local: Arc<LocalStore>,
-    breaker: Arc<Breaker>,
+    breakers: Arc<Breakers>,
+    cap: DecisionCap,
     on_failure: OnFailure,
     metrics: GatewayMetrics,
     deny: DenyCache,
+}
+
+/// What the deny cache needs of one request decided on Redis.
+struct DenyMemory {
+    /// Automatic bans are on: refusals of bannable subjects must reach Redis.
+    bans_on: bool,
+    /// When the first call was sent: Redis' clock read each wait at or after
+    /// it, so `sent + wait` is never later than the moment a request passes.
+    sent: Instant,
 }
 
 impl Limiter {
     pub fn new(
         redis: Option<RedisStore>,
         local: Arc<LocalStore>,
-        breaker: Arc<Breaker>,
+        breakers: Arc<Breakers>,
         on_failure: OnFailure,
         metrics: GatewayMetrics,
     ) -> Limiter {
+        let cap = DecisionCap::new(
+            redis
+                .as_ref()
+                .map_or(0, |r| r.link().config().max_decisions_per_second),
+        );
         Limiter {
             redis,
             local,
-            breaker,
+            breakers,
+            cap,
             on_failure,
             metrics,
             deny: DenyCache::new(DENY_CACHE_SUBJECTS),
@@ -248,8 +303,8 @@ impl Limiter {
         self.redis.as_ref()
     }
 
-    pub fn breaker(&self) -> &Arc<Breaker> {
-        &self.breaker
+    pub fn breakers(&self) -> &Arc<Breakers> {
+        &self.breakers
     }
 
     /// Applies new escalation settings (a reload) to both stores.
@@ -260,15 +315,17 @@ impl Limiter {
         self.local.set_ban_params(ban);
     }
 
-    /// Decides a request whose matching rules are `groups`, and counts the
-    /// outcome per rule in the metrics.
+    /// Decides a request whose matching rules are `groups`, one subject at
+    /// a time (IP first), refunding earlier subjects when a later one
+    /// refuses; counts the outcome per rule in the metrics.
     pub async fn decide<'r>(&self, groups: &[SubjectGroup<'r>]) -> Decision<'r> {
         let tags: Vec<String> = groups.iter().map(|g| g.subject.tag()).collect();
-        if let Some(redis) = &self.redis {
-            if self.breaker.is_closed() {
-                let started = Instant::now();
-                if let Some(d) = self.deny.refusal(groups, &tags, started) {
-                    self.metrics.deny_cache_hits.increment(1);
+        let metrics = &self.metrics;
+        let sent = Instant::now();
+        let deny = match &self.redis {
+            Some(redis) => {
+                if let Some(d) = self.deny.refusal(groups, &tags, sent) {
+                    metrics.deny_cache_hits.increment(1);
                     d.rule.counters.limited.increment(1);
                     return Decision::Limited {
                         violated: vec![RateInfo {
@@ -279,51 +336,283 @@ impl Limiter {
                         retry_after_s: ceil_secs(d.wait.as_micros() as u64).max(1),
                     };
                 }
-                let deny = DenyMemory {
-                    cache: &self.deny,
+                Some(DenyMemory {
                     bans_on: redis.ban_params().after > 0,
-                    sent: started,
-                };
-                let result = run(redis, groups, &tags, &self.metrics, Some(deny))
-                    .await
-                    .map(|d| d.on_redis());
+                    sent,
+                })
+            }
+            None => None,
+        };
+        let needs_lease = groups
+            .iter()
+            .any(|g| g.rules.iter().any(|r| r.is_concurrency()));
+        let lease = if needs_lease {
+            leases::new_lease_id()
+        } else {
+            String::new()
+        };
+        let mut decided: Vec<(SubjectReply, Store)> = Vec::with_capacity(groups.len());
+        for (i, g) in groups.iter().enumerate() {
+            let call = SubjectCall {
+                tag: &tags[i],
+                rules: &g.rules,
+                ttl_ms: g.ttl_ms,
+                bannable: g.subject.bannable(),
+                mode: Mode::Decide,
+                now_us: None,
+                lease: &lease,
+            };
+            let (reply, store) = self.decide_subject(&call).await;
+            store.counter(&metrics.decisions).increment(1);
+            if store == Store::Deny {
+                self.refund(&groups[..i], &tags, &decided, &lease, None)
+                    .await;
+                metrics.unavailable.increment(1);
+                return Decision::Unavailable;
+            }
+            match reply.status {
+                Status::Allowed => decided.push((reply, store)),
+                Status::BannedBefore | Status::BannedNow => {
+                    let made = (reply.status == Status::BannedNow).then(|| BanMade {
+                        tag: tags[i].clone(),
+                        dur_ms: reply.ban_ms,
+                        strikes: reply.strikes,
+                        until_ms: reply.until_ms,
+                        reason: refusing_reason(g, &reply),
+                        by_redis: store == Store::Redis,
+                    });
+                    self.refund(&groups[..i], &tags, &decided, &lease, None)
+                        .await;
+                    metrics.banned.increment(1);
+                    return Decision::Banned {
+                        remaining_ms: reply.ban_ms,
+                        made,
+                    };
+                }
+                Status::Limited => {
+                    let mut refusing: Vec<(&'r Rule, BucketReply)> = g
+                        .rules
+                        .iter()
+                        .zip(&reply.buckets)
+                        .filter(|(_, b)| b.state == BucketState::Refusing)
+                        .map(|(r, b)| (*r, *b))
+                        .collect();
+                    // The longest wait first: it is the one the client sees.
+                    refusing.sort_by_key(|(_, b)| std::cmp::Reverse(b.wait_us));
+                    let Some(&(rule, bucket)) = refusing.first() else {
+                        // Not a reply either store gives; charge nothing
+                        // more and let the other subjects decide.
+                        log::debug!("a refusal of {} without a refusing bucket", tags[i]);
+                        decided.push((reply, store));
+                        continue;
+                    };
+                    rule.counters.limited.increment(1);
+                    if let (Some(deny), Store::Redis) = (&deny, store) {
+                        if !(deny.bans_on && g.subject.bannable()) {
+                            for (r, b) in &refusing {
+                                self.deny.remember(&tags[i], r, b, deny.sent);
+                            }
+                        }
+                    }
+                    // Only a refusal by the client's own (IP-keyed) rules
+                    // counts towards its ban: a full global or shared-key
+                    // bucket is not this client's offence.
+                    let violation = g.subject.bannable().then_some(&*rule.name);
+                    if let Some(made) = self
+                        .refund(&groups[..i], &tags, &decided, &lease, violation)
+                        .await
+                    {
+                        metrics.banned.increment(1);
+                        return Decision::Banned {
+                            remaining_ms: made.dur_ms,
+                            made: Some(made),
+                        };
+                    }
+                    let retry_after_s = ceil_secs(bucket.wait_us.max(1) as u64).max(1);
+                    return Decision::Limited {
+                        violated: refusing.iter().map(|(r, b)| rate_info(r, b)).collect(),
+                        retry_after_s,
+                    };
+                }
+            }
+        }
+        // Allowed: every non-shadow rule gives its headers; the concurrency
+        // slots taken are held until the response ends.
+        let mut applied: Vec<RateInfo<'r>> = Vec::new();
+        let mut held = Vec::new();
+        for ((g, (reply, store)), tag) in groups.iter().zip(&decided).zip(&tags) {
+            if *store == Store::Allow {
+                for rule in &g.rules {
+                    rule.counters.allowed.increment(1);
+                }
+                continue;
+            }
+            let slots: Vec<LeaseSlot> = g
+                .rules
+                .iter()
+                .zip(&reply.buckets)
+                .filter_map(|(rule, b)| match rule.limit {
+                    Limit::Concurrency(c) if b.state == BucketState::Charged => Some(LeaseSlot {
+                        rule: rule.name.clone(),
+                        lease_ms: c.lease_ms,
+                    }),
+                    _ => None,
+                })
+                .collect();
+            if !slots.is_empty() {
+                held.push(HeldSlots {
+                    tag: tag.clone(),
+                    slots,
+                    on_redis: *store == Store::Redis,
+                });
+            }
+            for (rule, b) in g.rules.iter().zip(&reply.buckets) {
+                if b.state == BucketState::ShadowRefusing {
+                    rule.counters.shadow_limited.increment(1);
+                    log::info!("shadow rule {} would limit {}", rule.name, tag);
+                } else {
+                    rule.counters.allowed.increment(1);
+                }
+                if rule.shadow {
+                    continue;
+                }
+                applied.push(rate_info(rule, b));
+            }
+        }
+        let leases = (!held.is_empty()).then_some(LeaseSet {
+            id: lease,
+            subjects: held,
+        });
+        Decision::Allowed { applied, leases }
+    }
+
+    /// Decides one subject: on Redis if its shard's breaker is closed and
+    /// the cap admits the call, otherwise (or if the call fails after its
+    /// retries) as `on_failure` says.
+    async fn decide_subject(&self, call: &SubjectCall<'_>) -> (SubjectReply, Store) {
+        if let Some(redis) = &self.redis {
+            let shard = self.breakers.for_tag(call.tag);
+            if !shard.is_closed() {
+                self.breakers.fell_back(&shard, &"its breaker is open");
+            } else if self.cap.admit() {
+                let started = Instant::now();
+                let result = redis.decide(call).await;
                 self.metrics
                     .redis_seconds
                     .record(started.elapsed().as_secs_f64());
                 match result {
-                    Ok(d) => {
-                        self.breaker.success();
-                        return d;
+                    Ok(reply) => {
+                        self.breakers.success(&shard);
+                        return (reply, Store::Redis);
                     }
                     Err(e) => {
                         self.metrics.redis_errors.increment(1);
-                        self.breaker.failure(&e);
+                        self.breakers.failure(&shard, &e);
+                        self.breakers.fell_back(&shard, &e);
                     }
                 }
             }
+            let undecided = SubjectReply {
+                status: Status::Allowed,
+                ban_ms: 0,
+                strikes: 0,
+                until_ms: 0,
+                buckets: Vec::new(),
+            };
             match self.on_failure {
-                OnFailure::Allow => {
-                    for rule in groups.iter().flat_map(|g| g.rules.iter()) {
-                        rule.counters.allowed.increment(1);
-                    }
-                    return Decision::Allowed {
-                        applied: Vec::new(),
-                        leases: None,
-                    };
-                }
-                OnFailure::Deny => {
-                    self.metrics.unavailable.increment(1);
-                    return Decision::Unavailable;
-                }
+                OnFailure::Allow => return (undecided, Store::Allow),
+                OnFailure::Deny => return (undecided, Store::Deny),
                 OnFailure::Local => {}
             }
         }
-        run(self.local.as_ref(), groups, &tags, &self.metrics, None)
-            .await
-            .unwrap_or(Decision::Allowed {
-                applied: Vec::new(),
-                leases: None,
-            })
+        (LocalStore::decide(&self.local, call), Store::Local)
+    }
+
+    /// Sends a call to the store that decided the subject.
+    async fn on_store(
+        &self,
+        store: Store,
+        call: &SubjectCall<'_>,
+    ) -> Result<SubjectReply, RedisFailure> {
+        match (store, &self.redis) {
+            (Store::Redis, Some(redis)) => redis.decide(call).await,
+            _ => DecisionStore::decide(self.local.as_ref(), call).await,
+        }
+    }
+
+    /// Gives the subjects decided before a refusal back exactly the tokens
+    /// they were charged, each on the store that charged it; with `rule`,
+    /// the first bannable one also counts a violation (which may ban:
+    /// returned).
+    async fn refund(
+        &self,
+        earlier: &[SubjectGroup<'_>],
+        tags: &[String],
+        decided: &[(SubjectReply, Store)],
+        lease: &str,
+        rule: Option<&str>,
+    ) -> Option<BanMade> {
+        let mut ban = None;
+        // These subjects get tokens back: what this node remembers of their
+        // refusals no longer holds.
+        for t in &tags[..decided.len()] {
+            self.deny.forget(t);
+        }
+        for (j, (g, (reply, store))) in earlier.iter().zip(decided).enumerate() {
+            if !matches!(store, Store::Redis | Store::Local) {
+                continue; // let through undecided: nothing was charged
+            }
+            let charged: Vec<&Rule> = g
+                .rules
+                .iter()
+                .zip(&reply.buckets)
+                .filter(|(_, b)| b.state == BucketState::Charged)
+                .map(|(r, _)| *r)
+                .collect();
+            let Some(rule) = rule else {
+                // Banned by a later subject: nothing to count, only give back.
+                if charged.is_empty() {
+                    continue;
+                }
+                let call = SubjectCall {
+                    tag: &tags[j],
+                    rules: &charged,
+                    ttl_ms: g.ttl_ms,
+                    bannable: false,
+                    mode: Mode::Refund { rule: "" },
+                    now_us: None,
+                    lease,
+                };
+                if let Err(e) = self.on_store(*store, &call).await {
+                    log::warn!("could not refund {} after a refusal: {e}", tags[j]);
+                }
+                continue;
+            };
+            let call = SubjectCall {
+                tag: &tags[j],
+                rules: &charged,
+                ttl_ms: g.ttl_ms,
+                bannable: g.subject.bannable(),
+                mode: Mode::Refund { rule },
+                now_us: None,
+                lease,
+            };
+            match self.on_store(*store, &call).await {
+                Ok(r) if r.status == Status::BannedNow => {
+                    ban = Some(BanMade {
+                        tag: tags[j].clone(),
+                        dur_ms: r.ban_ms,
+                        strikes: r.strikes,
+                        until_ms: r.until_ms,
+                        reason: format!("rule {rule}"),
+                        by_redis: *store == Store::Redis,
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("could not refund {} after a refusal: {e}", tags[j]),
+            }
+        }
+        ban
     }
 
     /// Reads a subject's state for `rules` without charging anything, from
@@ -344,7 +633,7 @@ impl Limiter {
             lease: "",
         };
         match &self.redis {
-            Some(redis) if self.breaker.is_closed() => redis.decide(&call).await,
+            Some(redis) if self.breakers.for_tag(tag).is_closed() => redis.decide(&call).await,
             _ => Ok(self.local.decide(&call)),
         }
     }
@@ -362,7 +651,7 @@ impl Limiter {
                 renew,
                 now_us: None,
             };
-            let result = match (&self.redis, set.on_redis) {
+            let result = match (&self.redis, s.on_redis) {
                 (Some(redis), true) => redis.leases(&call).await,
                 _ => Ok(self.local.leases(&call)),
             };
@@ -375,237 +664,6 @@ impl Limiter {
     }
 }
 
-/// Where `run` records refusals for the deny cache (Redis decisions only).
-struct DenyMemory<'a> {
-    cache: &'a DenyCache,
-    /// Automatic bans are on: refusals of bannable subjects must reach Redis.
-    bans_on: bool,
-    /// When the call was sent: Redis' clock read the wait at or after it, so
-    /// `sent + wait` is never later than the moment the request passes.
-    sent: Instant,
-}
-
-/// Decides every group on `store`, refunding earlier subjects when a later
-/// one refuses; counts the outcome in `metrics`, and remembers refusals in
-/// `deny` when given.
-async fn run<'r, S: DecisionStore>(
-    store: &S,
-    groups: &[SubjectGroup<'r>],
-    tags: &[String],
-    metrics: &GatewayMetrics,
-    deny: Option<DenyMemory<'_>>,
-) -> Result<Decision<'r>, RedisFailure> {
-    let mut replies: Vec<SubjectReply> = Vec::with_capacity(groups.len());
-    let needs_lease = groups
-        .iter()
-        .any(|g| g.rules.iter().any(|r| r.is_concurrency()));
-    let lease = if needs_lease {
-        leases::new_lease_id()
-    } else {
-        String::new()
-    };
-    for (i, g) in groups.iter().enumerate() {
-        let call = SubjectCall {
-            tag: &tags[i],
-            rules: &g.rules,
-            ttl_ms: g.ttl_ms,
-            bannable: g.subject.bannable(),
-            mode: Mode::Decide,
-            now_us: None,
-            lease: &lease,
-        };
-        let reply = store.decide(&call).await?;
-        match reply.status {
-            Status::Allowed => replies.push(reply),
-            Status::BannedBefore | Status::BannedNow => {
-                let made = (reply.status == Status::BannedNow).then(|| BanMade {
-                    tag: tags[i].clone(),
-                    dur_ms: reply.ban_ms,
-                    strikes: reply.strikes,
-                    until_ms: reply.until_ms,
-                    reason: refusing_reason(g, &reply),
-                });
-                refund(store, &groups[..i], tags, &replies, &lease, None).await;
-                if let Some(deny) = &deny {
-                    for t in &tags[..i] {
-                        deny.cache.forget(t);
-                    }
-                }
-                metrics.banned.increment(1);
-                return Ok(Decision::Banned {
-                    remaining_ms: reply.ban_ms,
-                    made,
-                });
-            }
-            Status::Limited => {
-                let mut refusing: Vec<(&'r Rule, BucketReply)> = g
-                    .rules
-                    .iter()
-                    .zip(&reply.buckets)
-                    .filter(|(_, b)| b.state == BucketState::Refusing)
-                    .map(|(r, b)| (*r, *b))
-                    .collect();
-                // The longest wait first: it is the one the client sees.
-                refusing.sort_by_key(|(_, b)| std::cmp::Reverse(b.wait_us));
-                let Some(&(rule, bucket)) = refusing.first() else {
-                    return Err(RedisFailure::Reply(redis::ParsingError::from(
-                        "a refusal without a refusing bucket",
-                    )));
-                };
-                rule.counters.limited.increment(1);
-                if let Some(deny) = &deny {
-                    if !(deny.bans_on && g.subject.bannable()) {
-                        for (r, b) in &refusing {
-                            deny.cache.remember(&tags[i], r, b, deny.sent);
-                        }
-                    }
-                    // The earlier subjects get their tokens back just below.
-                    for t in &tags[..i] {
-                        deny.cache.forget(t);
-                    }
-                }
-                // Only a refusal by the client's own (IP-keyed) rules counts
-                // towards its ban: a full global or shared-key bucket is not
-                // this client's offence.
-                let violation = g.subject.bannable().then_some(&*rule.name);
-                if let Some(made) =
-                    refund(store, &groups[..i], tags, &replies, &lease, violation).await
-                {
-                    metrics.banned.increment(1);
-                    return Ok(Decision::Banned {
-                        remaining_ms: made.dur_ms,
-                        made: Some(made),
-                    });
-                }
-                let retry_after_s = ceil_secs(bucket.wait_us.max(1) as u64).max(1);
-                return Ok(Decision::Limited {
-                    violated: refusing.iter().map(|(r, b)| rate_info(r, b)).collect(),
-                    retry_after_s,
-                });
-            }
-        }
-    }
-    // Allowed: every non-shadow rule gives its headers; the concurrency
-    // slots taken are held until the response ends.
-    let mut applied: Vec<RateInfo<'r>> = Vec::new();
-    let mut held = Vec::new();
-    for ((g, reply), tag) in groups.iter().zip(&replies).zip(tags) {
-        let slots: Vec<LeaseSlot> = g
-            .rules
-            .iter()
-            .zip(&reply.buckets)
-            .filter_map(|(rule, b)| match rule.limit {
-                Limit::Concurrency(c) if b.state == BucketState::Charged => Some(LeaseSlot {
-                    rule: rule.name.clone(),
-                    lease_ms: c.lease_ms,
-                }),
-                _ => None,
-            })
-            .collect();
-        if !slots.is_empty() {
-            held.push(leases::HeldSlots {
-                tag: tag.clone(),
-                slots,
-            });
-        }
-        for (rule, b) in g.rules.iter().zip(&reply.buckets) {
-            if b.state == BucketState::ShadowRefusing {
-                rule.counters.shadow_limited.increment(1);
-                log::info!("shadow rule {} would limit {}", rule.name, tag);
-            } else {
-                rule.counters.allowed.increment(1);
-            }
-            if rule.shadow {
-                continue;
-            }
-            applied.push(rate_info(rule, b));
-        }
-    }
-    let leases = (!held.is_empty()).then_some(LeaseSet {
-        id: lease,
-        on_redis: false,
-        subjects: held,
-    });
-    Ok(Decision::Allowed { applied, leases })
-}
-
-impl Decision<'_> {
-    /// Marks the slots of an allowed request as granted by Redis.
-    fn on_redis(mut self) -> Self {
-        if let Decision::Allowed {
-            leases: Some(set), ..
-        } = &mut self
-        {
-            set.on_redis = true;
-        }
-        self
-    }
-}
-
-/// Gives the subjects decided before a refusal back exactly the tokens they
-/// were charged; with `rule`, the first bannable one also counts a
-/// violation (which may ban: returned).
-async fn refund<S: DecisionStore>(
-    store: &S,
-    earlier: &[SubjectGroup<'_>],
-    tags: &[String],
-    replies: &[SubjectReply],
-    lease: &str,
-    rule: Option<&str>,
-) -> Option<BanMade> {
-    let mut ban = None;
-    for (j, (g, reply)) in earlier.iter().zip(replies).enumerate() {
-        let charged: Vec<&Rule> = g
-            .rules
-            .iter()
-            .zip(&reply.buckets)
-            .filter(|(_, b)| b.state == BucketState::Charged)
-            .map(|(r, _)| *r)
-            .collect();
-        let Some(rule) = rule else {
-            // Banned by a later subject: nothing to count, only give back.
-            if charged.is_empty() {
-                continue;
-            }
-            let call = SubjectCall {
-                tag: &tags[j],
-                rules: &charged,
-                ttl_ms: g.ttl_ms,
-                bannable: false,
-                mode: Mode::Refund { rule: "" },
-                now_us: None,
-                lease,
-            };
-            if let Err(e) = store.decide(&call).await {
-                log::warn!("could not refund {} after a refusal: {e}", tags[j]);
-            }
-            continue;
-        };
-        let call = SubjectCall {
-            tag: &tags[j],
-            rules: &charged,
-            ttl_ms: g.ttl_ms,
-            bannable: g.subject.bannable(),
-            mode: Mode::Refund { rule },
-            now_us: None,
-            lease,
-        };
-        match store.decide(&call).await {
-            Ok(r) if r.status == Status::BannedNow => {
-                ban = Some(BanMade {
-                    tag: tags[j].clone(),
-                    dur_ms: r.ban_ms,
-                    strikes: r.strikes,
-                    until_ms: r.until_ms,
-                    reason: format!("rule {rule}"),
-                });
-            }
-            Ok(_) => {}
-            Err(e) => log::warn!("could not refund {} after a refusal: {e}", tags[j]),
-        }
-    }
-    ban
-}
 fn refusing_reason(g: &SubjectGroup<'_>, reply: &SubjectReply) -> String {
     g.rules
         .iter()

@@ -1,5 +1,6 @@
 //! The Redis store: `lua/decide.lua` (and `lua/lease.lua` for the slots of
-//! requests in flight) over the shared connection, with decisions going
+//! requests in flight) over the shared connection, one key per subject
+//! apart from lease sets (see the script's header), with decisions going
 //! through the worker's [`Coalescer`] on a standalone Redis.
 
 use std::sync::Arc;
@@ -81,9 +82,8 @@ impl RedisStore {
     /// One subject's keys and `decide.lua` arguments, rendered once so that
     /// the call can wait in a batch without borrowing from the request.
     fn render(&self, call: &SubjectCall<'_>) -> DecideCall {
-        let mut keys = Vec::with_capacity(2);
+        let mut keys = Vec::with_capacity(1);
         keys.push(keys::state(&self.prefix, call.tag));
-        keys.push(keys::ban(&self.prefix, call.tag));
         keys.extend(
             call.rules
                 .iter()

@@ -230,9 +230,13 @@ impl RedisCluster {
                         "--cluster-config-file",
                         "nodes.conf",
                         "--cluster-node-timeout",
-                        "1000",
+                        "500",
                         "--cluster-replica-validity-factor",
                         "0",
+                        // A dead master stops only its own slots: the
+                        // other shards keep answering (per-shard degrading).
+                        "--cluster-require-full-coverage",
+                        "no",
                     ],
                 )
             })
@@ -256,18 +260,97 @@ impl RedisCluster {
         );
         let c = RedisCluster { nodes };
         c.wait_ok();
+        c.wait_in_sync();
+        c
+    }
+
+    /// Waits until three nodes are replicas and every replica's link to
+    /// its master is up.
+    pub fn wait_in_sync(&self) {
         wait_until("every replica in sync", Duration::from_secs(30), || {
-            c.nodes
+            self.nodes
                 .iter()
                 .filter(|n| n.cli(&["ROLE"]).starts_with("slave"))
                 .count()
                 == 3
-                && c.nodes.iter().all(|n| {
+                && self.nodes.iter().all(|n| {
                     let info = n.cli(&["INFO", "replication"]);
                     info.contains("role:master") || info.contains("master_link_status:up")
                 })
         });
-        c
+    }
+
+    /// Starts node `i` again after a kill: it keeps its cluster identity
+    /// (nodes.conf) and rejoins, as a replica once it was failed over.
+    pub fn restart(&mut self, i: usize) {
+        self.nodes[i].restart();
+        self.wait_ok();
+        self.wait_in_sync();
+    }
+
+    /// The node id of node `i`.
+    pub fn id(&self, i: usize) -> String {
+        self.nodes[i].cli(&["CLUSTER", "MYID"]).trim().to_string()
+    }
+
+    /// Starts moving `slot` from `source` to `target` as `redis-cli
+    /// --cluster reshard` does: target IMPORTING, then source MIGRATING.
+    pub fn begin_slot_move(&self, slot: u16, source: usize, target: usize) {
+        let slot = slot.to_string();
+        let ok = |out: String| assert_eq!(out.trim(), "OK", "SETSLOT {slot}");
+        ok(self.nodes[target].cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &self.id(source)]));
+        ok(self.nodes[source].cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &self.id(target)]));
+    }
+
+    /// MIGRATEs the keys of `slot` still on `source` that `pick` chooses
+    /// to `target`; returns the keys moved.
+    pub fn migrate_keys(
+        &self,
+        slot: u16,
+        source: usize,
+        target: usize,
+        pick: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let listed =
+            self.nodes[source].cli(&["CLUSTER", "GETKEYSINSLOT", &slot.to_string(), "1000"]);
+        let keys: Vec<String> = listed
+            .lines()
+            .filter(|k| !k.is_empty() && pick(k))
+            .map(str::to_string)
+            .collect();
+        if keys.is_empty() {
+            return keys;
+        }
+        let port = self.nodes[target].port.to_string();
+        let mut migrate = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+        migrate.extend(keys.iter().map(String::as_str));
+        assert_eq!(self.nodes[source].cli(&migrate).trim(), "OK", "{keys:?}");
+        keys
+    }
+
+    /// Ends a slot move: every master learns that `target` owns `slot`.
+    pub fn finish_slot_move(&self, slot: u16, target: usize) {
+        let (slot, id) = (slot.to_string(), self.id(target));
+        for n in self.nodes.iter().filter(|n| n.child.is_running()) {
+            if n.cli(&["ROLE"]).starts_with("master") {
+                n.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &id]);
+            }
+        }
+    }
+
+    /// Indices of the live masters that own slots.
+    pub fn masters(&self) -> Vec<usize> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.child.is_running())
+            .filter(|(_, n)| {
+                n.cli(&["CLUSTER", "NODES"])
+                    .lines()
+                    .any(|l| l.contains("myself,master") && l.split_whitespace().count() > 8)
+            })
+            .map(|(i, _)| i)
+            .collect()
     }
 
     pub fn wait_ok(&self) {
@@ -772,6 +855,11 @@ impl Gateway {
         )
     }
 
+    /// `floodgate_decisions_total{store}`: decisions made on `store`.
+    pub fn decisions(&self, store: &str) -> u64 {
+        self.metric(&format!("floodgate_decisions_total{{store=\"{store}\"}}")) as u64
+    }
+
     /// `floodgate_requests_total{rule,decision}` from /metrics.
     pub fn requests_metric(&self, rule: &str, decision: &str) -> u64 {
         let text = call("GET", &self.admin_url("/metrics"), &[], None).body;
@@ -967,5 +1055,99 @@ impl TestCa {
             key_pem: key.serialize_pem(),
             der: cert.der().to_vec(),
         }
+    }
+}
+
+// ---------------------------------------------------------------- load
+
+/// What one subject got from a [`SubjectLoad`].
+#[derive(Debug, Clone, Default)]
+pub struct SubjectTally {
+    pub allowed: u64,
+    pub limited: u64,
+    pub fivexx: u64,
+    pub first: Option<Instant>,
+    pub last: Option<Instant>,
+}
+
+impl SubjectTally {
+    /// Seconds between the first request's start and the last answer.
+    pub fn span_s(&self) -> f64 {
+        match (self.first, self.last) {
+            (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
+            _ => 0.0,
+        }
+    }
+
+    /// The most a token bucket of `burst` refilled at `rate` per second can
+    /// have allowed over this subject's span (plus one for clock edges).
+    pub fn bound(&self, burst: u64, rate: f64) -> u64 {
+        burst + (rate * self.span_s()).floor() as u64 + 1
+    }
+}
+
+/// Requests from many client addresses at once, spread over `threads`
+/// threads and over the gateways' URLs in turn, each subject tallied. Every
+/// thread stops when told or after `limit`.
+pub struct SubjectLoad {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tallies: Arc<std::sync::Mutex<HashMap<String, SubjectTally>>>,
+    handles: Vec<thread::JoinHandle<()>>,
+}
+
+impl SubjectLoad {
+    pub fn start(
+        urls: Vec<String>,
+        subjects: Vec<String>,
+        threads: usize,
+        limit: Duration,
+    ) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tallies = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let started = Instant::now();
+        let handles = (0..threads)
+            .map(|t| {
+                let mine: Vec<String> = subjects.iter().skip(t).step_by(threads).cloned().collect();
+                let (urls, stop, tallies) = (urls.clone(), stop.clone(), tallies.clone());
+                thread::spawn(move || {
+                    let mut n = 0usize;
+                    while !stop.load(Ordering::Relaxed)
+                        && started.elapsed() < limit
+                        && !mine.is_empty()
+                    {
+                        let ip = &mine[n % mine.len()];
+                        let url = &urls[n % urls.len()];
+                        n += 1;
+                        let at = Instant::now();
+                        let r = get_as(url, ip);
+                        let done = Instant::now();
+                        let mut all = tallies.lock().unwrap();
+                        let t: &mut SubjectTally = all.entry(ip.clone()).or_default();
+                        match r.status {
+                            200 => t.allowed += 1,
+                            429 => t.limited += 1,
+                            s if s >= 500 => t.fivexx += 1,
+                            _ => {}
+                        }
+                        t.first.get_or_insert(at);
+                        t.last = Some(done);
+                    }
+                })
+            })
+            .collect();
+        SubjectLoad {
+            stop,
+            tallies,
+            handles,
+        }
+    }
+
+    /// Stops every thread and returns the tallies by subject.
+    pub fn finish(mut self) -> HashMap<String, SubjectTally> {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+        std::mem::take(&mut *self.tallies.lock().unwrap())
     }
 }
