@@ -214,6 +214,19 @@ pub fn key_slot(key: &str) -> u16 {
     slot_of(tagged.unwrap_or(key))
 }
 
+/// The connection settings for `url`, with `TCP_NODELAY`: the client's
+/// default leaves Nagle's algorithm on, which holds back a small command
+/// while an earlier one is unacknowledged and made pipelined decisions wait
+/// on delayed ACKs (the worker idled at half load).
+fn nodelay(info: redis::ConnectionInfo) -> redis::ConnectionInfo {
+    info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
+}
+
+/// [`nodelay`] settings for a URL.
+fn connection_info(url: &str) -> redis::RedisResult<redis::ConnectionInfo> {
+    redis::IntoConnectionInfo::into_connection_info(url).map(nodelay)
+}
+
 /// Opens a connection as `config` says, bounded by `connect_timeout`.
 async fn open(c: &RedisConfig) -> Result<Conn, RedisFailure> {
     let limit = c.connect_timeout;
@@ -221,7 +234,12 @@ async fn open(c: &RedisConfig) -> Result<Conn, RedisFailure> {
         // Each attempt is bounded by `redis.timeout`; the whole call is
         // bounded by floodgate's own timer, which also retries transient
         // failures the library gave up on (see `RedisLink::eval`).
-        let client = redis::cluster::ClusterClientBuilder::new(c.cluster.clone())
+        let seeds = c
+            .cluster
+            .iter()
+            .map(|u| connection_info(u))
+            .collect::<redis::RedisResult<Vec<_>>>()?;
+        let client = redis::cluster::ClusterClientBuilder::new(seeds)
             .connection_timeout(c.connect_timeout)
             .response_timeout(c.timeout)
             .overall_response_timeout(None)
@@ -234,7 +252,7 @@ async fn open(c: &RedisConfig) -> Result<Conn, RedisFailure> {
             Err(_) => Err(RedisFailure::Timeout(limit)),
         };
     }
-    let client = redis::Client::open(c.url.clone().unwrap_or_default())?;
+    let client = redis::Client::open(connection_info(c.url.as_deref().unwrap_or_default())?)?;
     let cfg = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(c.connect_timeout))
         .set_response_timeout(Some(c.timeout.max(Duration::from_secs(1))))
@@ -494,7 +512,7 @@ impl RedisLink {
             .cloned()
             .or_else(|| self.config.url.clone())
             .unwrap_or_default();
-        let info = redis::IntoConnectionInfo::into_connection_info(seed.as_str())?;
+        let info = connection_info(seed.as_str())?;
         Ok(info.set_addr(redis::ConnectionAddr::Tcp(host, port)))
     }
 
@@ -694,7 +712,7 @@ impl RedisLink {
             Some(u) => u.clone(),
             None => self.config.cluster[attempt % self.config.cluster.len()].clone(),
         };
-        let client = redis::Client::open(url)?;
+        let client = redis::Client::open(connection_info(&url)?)?;
         match tokio::time::timeout(self.config.connect_timeout, client.get_async_pubsub()).await {
             Ok(r) => Ok(r?),
             Err(_) => Err(RedisFailure::Timeout(self.config.connect_timeout)),
