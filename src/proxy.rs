@@ -88,7 +88,8 @@ pub enum UpstreamFailure {
     /// No response head within `timeout`.
     Timeout,
     /// The upstream broke the exchange (bad response, connection lost
-    /// mid-request after the one retry a dead pooled connection gets).
+    /// mid-request: after the one retry a dead pooled connection gets when
+    /// the request is safe to repeat, at once when it is not).
     Broken,
 }
 
@@ -116,13 +117,28 @@ pub enum ForwardError {
     Client(ClientFault),
 }
 
+/// Whether sending `req` twice has the effect of sending it once: an
+/// idempotent method, or a client that said so with an `Idempotency-Key`
+/// (the upstream then deduplicates). A POST or PATCH without one may take a
+/// payment twice, so it is never repeated once it may have been written.
+fn safe_to_repeat(req: &HttpRequest) -> bool {
+    matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    ) || req.headers().contains_key(IDEMPOTENCY_KEY)
+}
+
+/// The header a client sets to make a non-idempotent request safe to repeat.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
 /// How an awc error came about, for what to do next.
 enum SendFailure {
     /// No connection was made (a connect() failed or timed out).
     Connect,
     /// A connection failed before any response byte: typically a pooled
-    /// connection the upstream had closed. The upstream has no answer under
-    /// way, so a fresh connection may try again.
+    /// connection the upstream had closed. The request may have been written
+    /// and processed all the same, so only a request that is safe to repeat
+    /// may try again on a fresh connection.
     DeadConnection,
     Timeout,
     Other,
@@ -231,9 +247,13 @@ impl Upstream {
         }
         let upload = Upload::new(payload, self.body_limits);
 
-        // A connect failure moves on to the next upstream, a dead pooled
-        // connection is retried once on a fresh one; either only while the
-        // whole body can still be sent again.
+        // A connect failure moves on to the next upstream, whatever the
+        // method: the upstream cannot have seen the request. A dead pooled
+        // connection is retried once on a fresh one, but only for a request
+        // that is safe to repeat: the upstream may have processed it before
+        // the connection died. Either only while the whole body can still be
+        // sent again.
+        let repeatable = safe_to_repeat(req);
         let mut connect_tries_left = self.bases.len();
         let mut fresh_retry = false;
         let mut i = self.next.fetch_add(1, Ordering::Relaxed) % self.bases.len();
@@ -323,7 +343,9 @@ impl Upstream {
                     }
                     UpstreamFailure::Unreachable
                 }
-                SendFailure::DeadConnection if !fresh_retry && upload.replayable() => {
+                SendFailure::DeadConnection
+                    if !fresh_retry && repeatable && upload.replayable() =>
+                {
                     log::debug!(
                         "connection to {} lost before an answer ({e}); retrying on a fresh one",
                         self.bases[i]

@@ -91,7 +91,11 @@ fn stale_keep_alive_connections_never_give_502() {
                 let url = url.clone();
                 thread::spawn(move || {
                     if i % 4 == 0 {
-                        call("POST", &url, &[], Some("{\"small\":\"body\"}")).status
+                        // Safe to repeat: a POST without the key is never
+                        // sent twice (see the test below).
+                        let key = format!("k-{pause_ms}-{i}");
+                        let headers = [("Idempotency-Key", key.as_str())];
+                        call("POST", &url, &headers, Some("{\"small\":\"body\"}")).status
                     } else {
                         call("GET", &url, &[], None).status
                     }
@@ -115,24 +119,31 @@ fn stale_keep_alive_connections_never_give_502() {
     );
 }
 
+/// How many times an upstream read each request, by its `X-Request-Id`.
+type SeenIds = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>;
+
 /// An upstream that answers the first request on each connection (keeping
 /// it open) and drops the connection, unanswered, when a second request
 /// arrives on it: what a pooled connection looks like when the upstream
-/// closed it just as the gateway reused it. Returns the port and the count
-/// of connections accepted.
-fn closes_on_reuse() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+/// closed it just as the gateway reused it (the request was read all the
+/// same). Returns the port, the count of connections accepted and how many
+/// times each request id was read.
+fn closes_on_reuse() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>, SeenIds) {
     use std::sync::atomic::{AtomicU64, Ordering};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let accepted = std::sync::Arc::new(AtomicU64::new(0));
+    let seen: SeenIds = Default::default();
     let count = accepted.clone();
+    let ids = seen.clone();
     thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { continue };
             count.fetch_add(1, Ordering::Relaxed);
+            let ids = ids.clone();
             thread::spawn(move || {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-                let Some(body_len) = read_request(&mut s) else {
+                let Some(body_len) = read_request(&mut s, &ids) else {
                     return;
                 };
                 let answer = format!("{{\"received\":{body_len}}}");
@@ -142,16 +153,16 @@ fn closes_on_reuse() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
                     answer.len()
                 );
                 // The next request on this connection is read and dropped.
-                let _ = read_request(&mut s);
+                let _ = read_request(&mut s, &ids);
             });
         }
     });
-    (port, accepted)
+    (port, accepted, seen)
 }
 
-/// Reads one request (head and sized body); its body length, or `None` at
-/// end of stream.
-fn read_request(s: &mut TcpStream) -> Option<usize> {
+/// Reads one request (head and sized body), counting its `X-Request-Id` in
+/// `seen`; its body length, or `None` at end of stream.
+fn read_request(s: &mut TcpStream, seen: &SeenIds) -> Option<usize> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
@@ -168,27 +179,68 @@ fn read_request(s: &mut TcpStream) -> Option<usize> {
         .unwrap_or(0);
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).ok()?;
+    if let Some(id) = head.lines().find_map(|l| l.strip_prefix("x-request-id:")) {
+        *seen
+            .lock()
+            .unwrap()
+            .entry(id.trim().to_string())
+            .or_default() += 1;
+    }
     Some(len)
 }
 
 #[test]
-fn a_pooled_connection_found_dead_is_retried_on_a_fresh_one() {
-    let (port, accepted) = closes_on_reuse();
+fn a_pooled_connection_found_dead_is_retried_on_a_fresh_one_only_when_safe() {
+    let (port, accepted, seen) = closes_on_reuse();
     let gw = gateway(&format!("http://127.0.0.1:{port}"), "", "");
     let url = gw.url("/x");
-    for i in 0..12 {
-        let r = if i % 3 == 0 {
-            call("POST", &url, &[], Some(&"b".repeat(1000)))
-        } else {
-            get(&url, &[])
+    let mut refused_posts = 0;
+    for i in 0..18 {
+        let id = format!("req-{i}");
+        let key = format!("key-{i}");
+        let mut headers = vec![("X-Request-Id", id.as_str())];
+        let r = match i % 3 {
+            // A GET is safe to repeat: it always gets through.
+            0 => get(&url, &headers),
+            // A POST that says it is safe to repeat gets through as well.
+            1 => {
+                headers.push(("Idempotency-Key", key.as_str()));
+                call("POST", &url, &headers, Some(&"b".repeat(1000)))
+            }
+            // A plain POST written to a dead connection may have been
+            // processed: it is answered 502, never sent a second time.
+            _ => {
+                let r = call("POST", &url, &headers, Some(&"b".repeat(1000)));
+                if r.status == 502 {
+                    assert_eq!(r.json()["error"], "bad_gateway", "request {i}");
+                    refused_posts += 1;
+                    continue;
+                }
+                r
+            }
         };
         assert_eq!(r.status, 200, "request {i}: {}\n{}", r.body, gw.log());
-        if i % 3 == 0 {
-            assert_eq!(r.json()["received"], 1000, "the body was sent again whole");
+        if i % 3 != 0 {
+            assert_eq!(r.json()["received"], 1000, "the body was sent whole");
         }
     }
+    let seen = seen.lock().unwrap();
+    for i in (2..18).step_by(3) {
+        let n = seen.get(&format!("req-{i}")).copied().unwrap_or(0);
+        assert_eq!(n, 1, "plain POST req-{i} was read {n} times");
+    }
+    assert!(
+        (0..18)
+            .filter(|i| i % 3 != 2)
+            .any(|i| seen[&format!("req-{i}")] == 2),
+        "some safe request was sent again on a fresh connection: {seen:?}"
+    );
     assert!(gw.metric("floodgate_upstream_fresh_retries_total") >= 1.0);
-    assert_eq!(gw.metric("floodgate_upstream_errors_total"), 0.0);
+    assert_eq!(
+        gw.metric("floodgate_upstream_errors_total"),
+        refused_posts as f64,
+        "only the refused plain POSTs count as upstream errors"
+    );
     assert!(accepted.load(std::sync::atomic::Ordering::Relaxed) >= 12);
 }
 
