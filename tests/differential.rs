@@ -67,20 +67,27 @@ max_duration = "20s"
 memory = "1h"
 "#;
 
-#[test]
-fn redis_and_local_stores_decide_identically() {
+/// Both stores over one config, against a Redis of their own: the
+/// compiled rules, the in-process store, a runtime and the Redis store.
+struct Stores {
+    _redis: RedisServer,
+    rules: RuleSet,
+    local: LocalStore,
+    rt: tokio::runtime::Runtime,
+    remote: RedisStore,
+}
+
+/// `config` with a `[redis]` section for a fresh server put before `[ban]`
+/// (or appended when it has none).
+fn stores(config: &str) -> Stores {
     let redis = RedisServer::start();
-    let config = Config::parse(
-        &CONFIG.replace(
-            "[ban]",
-            &format!(
-                "[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\n[ban]",
-                redis.url()
-            ),
-        ),
-        "differential",
-    )
-    .unwrap();
+    let section = format!("[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\n", redis.url());
+    let text = if config.contains("[ban]") {
+        config.replace("[ban]", &format!("{section}[ban]"))
+    } else {
+        format!("{config}\n{section}")
+    };
+    let config = Config::parse(&text, "differential").unwrap();
     let rules = RuleSet::compile(&config.rules);
     let params = BanParams::from_config(&config.ban);
     let local = LocalStore::new(params, 10_000, true);
@@ -91,6 +98,24 @@ fn redis_and_local_stores_decide_identically() {
     let link = RedisLink::new(config.redis.clone().unwrap());
     rt.block_on(link.connect()).unwrap();
     let remote = RedisStore::new(link, params);
+    Stores {
+        _redis: redis,
+        rules,
+        local,
+        rt,
+        remote,
+    }
+}
+
+#[test]
+fn redis_and_local_stores_decide_identically() {
+    let Stores {
+        _redis,
+        rules,
+        local,
+        rt,
+        remote,
+    } = stores(CONFIG);
 
     let all: Vec<&Rule> = rules.rules().iter().collect();
     let subsets: Vec<Vec<&Rule>> = vec![
@@ -200,28 +225,13 @@ memory = "3650d"
 
 #[test]
 fn quotas_and_concurrency_decide_identically_in_both_stores() {
-    let redis = RedisServer::start();
-    let config = Config::parse(
-        &PLAN_CONFIG.replace(
-            "[ban]",
-            &format!(
-                "[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\n[ban]",
-                redis.url()
-            ),
-        ),
-        "differential",
-    )
-    .unwrap();
-    let rules = RuleSet::compile(&config.rules);
-    let params = BanParams::from_config(&config.ban);
-    let local = LocalStore::new(params, 10_000, true);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let link = RedisLink::new(config.redis.clone().unwrap());
-    rt.block_on(link.connect()).unwrap();
-    let remote = RedisStore::new(link, params);
+    let Stores {
+        _redis,
+        rules,
+        local,
+        rt,
+        remote,
+    } = stores(PLAN_CONFIG);
 
     let all: Vec<&Rule> = rules.rules().iter().collect();
     let subsets: Vec<Vec<&Rule>> = vec![
@@ -350,26 +360,17 @@ fn quotas_and_concurrency_decide_identically_in_both_stores() {
 
 #[test]
 fn the_script_ends_a_day_quota_at_midnight_utc_and_a_month_quota_on_the_first() {
-    let redis = RedisServer::start();
-    let config = Config::parse(
-        &format!(
-            "[upstream]\nurls = [\"http://127.0.0.1:1\"]\n[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\
-             [[rules]]\nname = \"daily\"\nkey = \"ip\"\nquota = 2\nperiod = \"day\"\n\
-             [[rules]]\nname = \"monthly\"\nkey = \"ip\"\nquota = 3\nperiod = \"month\"\n",
-            redis.url()
-        ),
-        "quota",
-    )
-    .unwrap();
-    let rules = RuleSet::compile(&config.rules);
-    let params = BanParams::from_config(&config.ban);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let link = RedisLink::new(config.redis.clone().unwrap());
-    rt.block_on(link.connect()).unwrap();
-    let store = RedisStore::new(link, params);
+    let Stores {
+        _redis,
+        rules,
+        rt,
+        remote: store,
+        ..
+    } = stores(
+        "[upstream]\nurls = [\"http://127.0.0.1:1\"]\n\
+         [[rules]]\nname = \"daily\"\nkey = \"ip\"\nquota = 2\nperiod = \"day\"\n\
+         [[rules]]\nname = \"monthly\"\nkey = \"ip\"\nquota = 3\nperiod = \"month\"\n",
+    );
     let all: Vec<&Rule> = rules.rules().iter().collect();
     let decide = |now_us: u64| {
         let call = SubjectCall {
