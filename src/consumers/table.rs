@@ -100,30 +100,18 @@ impl ConsumerTable {
     /// Assigns `plan` to the consumer `hash`, in Redis and here; returns the
     /// runtime plan it had before.
     pub async fn assign(&self, hash: &str, plan: &str) -> Result<Option<String>, RedisFailure> {
-        let previous = match &self.link {
-            Some(link) => {
-                let key = keys::consumers(&self.prefix);
-                let t = link.admin_timeout();
-                let previous: Option<String> = link
-                    .query_within(&redis::cmd("HGET").arg(&key).arg(hash).clone(), t)
-                    .await?;
-                link.query_within::<i64>(
-                    &redis::cmd("HSET").arg(&key).arg(hash).arg(plan).clone(),
-                    t,
-                )
-                .await?;
-                self.bump(link).await;
-                previous
-            }
-            None => self.get(hash).map(|p| p.to_string()),
-        };
-        self.learn(hash, Some(plan));
-        Ok(previous)
+        self.change(hash, Some(plan)).await
     }
 
     /// Removes the runtime plan of `hash`; returns it (`None`: there was
     /// none, nothing changed).
     pub async fn unassign(&self, hash: &str) -> Result<Option<String>, RedisFailure> {
+        self.change(hash, None).await
+    }
+
+    /// Sets (`Some`) or removes (`None`) the runtime plan of `hash`, in
+    /// Redis and here; returns the one it had before.
+    async fn change(&self, hash: &str, plan: Option<&str>) -> Result<Option<String>, RedisFailure> {
         let previous = match &self.link {
             Some(link) => {
                 let key = keys::consumers(&self.prefix);
@@ -131,17 +119,23 @@ impl ConsumerTable {
                 let previous: Option<String> = link
                     .query_within(&redis::cmd("HGET").arg(&key).arg(hash).clone(), t)
                     .await?;
-                if previous.is_some() {
-                    link.query_within::<i64>(&redis::cmd("HDEL").arg(&key).arg(hash).clone(), t)
-                        .await?;
+                let write = match plan {
+                    Some(plan) => Some(redis::cmd("HSET").arg(&key).arg(hash).arg(plan).clone()),
+                    None if previous.is_some() => {
+                        Some(redis::cmd("HDEL").arg(&key).arg(hash).clone())
+                    }
+                    None => None,
+                };
+                if let Some(write) = write {
+                    link.query_within::<i64>(&write, t).await?;
                     self.bump(link).await;
                 }
                 previous
             }
             None => self.get(hash).map(|p| p.to_string()),
         };
-        if previous.is_some() {
-            self.learn(hash, None);
+        if plan.is_some() || previous.is_some() {
+            self.learn(hash, plan);
         }
         Ok(previous)
     }
