@@ -76,3 +76,41 @@ fn concurrent_decisions_share_calls_and_stay_exact() {
         gw.log()
     );
 }
+
+#[test]
+fn one_hot_subject_in_many_batches_gets_exactly_its_burst() {
+    // One client on 48 connections at once: its decisions share batches
+    // with themselves, which Redis decides on one copy of its state.
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let rule = "[[rules]]\nname = \"hot\"\nkey = \"ip\"\nrate = 1\nper = \"60s\"\nburst = 150\n";
+    let gw = Gateway::on(&redis, &up, rule, "");
+    let before = redis.calls("evalsha");
+    let allowed = Arc::new(AtomicU64::new(0));
+    let handles: Vec<_> = (0..48)
+        .map(|_| {
+            let (url, count) = (gw.url("/"), allowed.clone());
+            thread::spawn(move || {
+                for _ in 0..5 {
+                    let r = get_as(&url, "192.0.2.77");
+                    assert!(r.status == 200 || r.status == 429, "status {}", r.status);
+                    if r.status == 200 {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(allowed.load(Ordering::Relaxed), 150);
+    assert_eq!(up.hits(), 150);
+    let calls = redis.calls("evalsha") - before;
+    assert!(
+        calls < 150,
+        "{calls} script calls for 150 allowed: nothing was coalesced"
+    );
+    // The state Redis kept is the one a request at a time would leave: the
+    // bucket is empty, so the next request is refused.
+    assert_eq!(get_as(&gw.url("/"), "192.0.2.77").status, 429);
+}
