@@ -56,6 +56,9 @@
 -- = requests left in the period and wait = us until the next period; for
 -- 'c', room = free slots and wait = 1 s when refusing, else 0.
 --
+-- KEYS[i] and ARGV[i] above are KEYS[K + i] and ARGV[A + i] below: alone,
+-- K = A = 0; in a batch, the subject's offsets.
+--
 -- Needs Redis >= 5 (effects replication, so TIME may precede writes).
 
 -- The UTC calendar period holding now_s: its start and the next one's,
@@ -92,36 +95,46 @@ local function period_bounds(code, now_s)
   return start, start + len * 86400
 end
 
+-- @BODY@
+-- decide_batch.lua keeps what is above at its top level and makes what
+-- follows a function, whose parameters replace the next line: where this
+-- subject's keys and arguments start in KEYS and ARGV (offsets), how many
+-- arguments it has, and a reading of Redis' clock (nil: read it here).
+local K, A, NA, NOW = 0, 0, #ARGV, nil -- @FRAME@
+local hkey = KEYS[K + 1]
+
 local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
+if NOW ~= nil then
+  now = NOW
+elseif ARGV[A + 1] ~= '' then
+  now = tonumber(ARGV[A + 1])
 else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local now_ms = math.floor(now / 1000)
-local mode = string.sub(ARGV[2], 1, 1)
-local ttl = tonumber(ARGV[3])
-local bannable = ARGV[4] == '1'
-local after = tonumber(ARGV[5])
+local mode = string.sub(ARGV[A + 2], 1, 1)
+local ttl = tonumber(ARGV[A + 3])
+local bannable = ARGV[A + 4] == '1'
+local after = tonumber(ARGV[A + 5])
 
 -- One read of the subject's hash: every rule's field, the violation
 -- window, and the ban.
-local lease = ARGV[11]
-local n = (#ARGV - 11) / 6
+local lease = ARGV[A + 11]
+local n = (NA - 11) / 6
 local fields = {}
-for i = 1, n do fields[i] = ARGV[11 + (i - 1) * 6 + 1] end
+for i = 1, n do fields[i] = ARGV[A + 11 + (i - 1) * 6 + 1] end
 fields[n + 1] = '#vs'
 fields[n + 2] = '#vc'
 fields[n + 3] = '#bu'
 fields[n + 4] = '#bs'
-local cur = redis.call('HMGET', KEYS[1], unpack(fields))
+local cur = redis.call('HMGET', hkey, unpack(fields))
 
 local strikes = 0
 -- The hash lives at least until the ban ends plus ban memory (strikes).
 local floor = 0
 if cur[n + 3] or cur[n + 4] then
-  floor = (tonumber(cur[n + 3]) or 0) + tonumber(ARGV[10]) - now_ms
+  floor = (tonumber(cur[n + 3]) or 0) + tonumber(ARGV[A + 10]) - now_ms
 end
 if bannable then
   local ban_until = tonumber(cur[n + 3]) or 0
@@ -140,15 +153,15 @@ local now_s = math.floor(now / 1000000)
 local next_key = 1
 for i = 1, n do
   local base = 11 + (i - 1) * 6
-  local kind = ARGV[base + 2]
-  local b = tonumber(ARGV[base + 4])
-  local cost = tonumber(ARGV[base + 5])
+  local kind = ARGV[A + base + 2]
+  local b = tonumber(ARGV[A + base + 4])
+  local cost = tonumber(ARGV[A + base + 5])
   if mode == 'p' then cost = 0 end
-  local shadow = ARGV[base + 6] == '1'
+  local shadow = ARGV[A + base + 6] == '1'
   local pass = false
   local room, wait
   if kind == 'r' then
-    local T = tonumber(ARGV[base + 3])
+    local T = tonumber(ARGV[A + base + 3])
     local cap = T * b
     cost = T * cost
     local tat = tonumber(cur[i]) or now
@@ -168,7 +181,7 @@ for i = 1, n do
     end
     vals[i] = tat
   elseif kind == 'q' then
-    local start, stop = period_bounds(ARGV[base + 3], now_s)
+    local start, stop = period_bounds(ARGV[A + base + 3], now_s)
     local count = 0
     local ps, pc = string.match(cur[i] or '', '^(%d+):(%d+)$')
     if ps ~= nil and tonumber(ps) == start then count = tonumber(pc) end
@@ -187,7 +200,7 @@ for i = 1, n do
     if keep > ttl then ttl = keep end
   else
     next_key = next_key + 1
-    local key = KEYS[next_key]
+    local key = KEYS[K + next_key]
     lease_keys[i] = key
     local count = redis.call('ZCOUNT', key, '(' .. string.format('%.0f', now), '+inf')
     if mode == 'r' then
@@ -224,7 +237,7 @@ if refused == nil and mode == 'd' then
     if out[4 + (i - 1) * 3 + 1] == 0 then
       if lease_keys[i] ~= nil then
         local key = lease_keys[i]
-        local ms = tonumber(ARGV[11 + (i - 1) * 6 + 3])
+        local ms = tonumber(ARGV[A + 11 + (i - 1) * 6 + 3])
         redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now))
         redis.call('ZADD', key, string.format('%.0f', now + ms * 1000), lease)
         redis.call('PEXPIRE', key, ms)
@@ -235,14 +248,14 @@ if refused == nil and mode == 'd' then
     end
   end
   if #args > 0 then
-    redis.call('HSET', KEYS[1], unpack(args))
+    redis.call('HSET', hkey, unpack(args))
     -- Never cut short an open violation window.
     local vs = tonumber(cur[n + 1])
     if vs ~= nil and bannable and after > 0 then
-      local keep = vs + tonumber(ARGV[6]) - now_ms
+      local keep = vs + tonumber(ARGV[A + 6]) - now_ms
       if keep > ttl then ttl = keep end
     end
-    redis.call('PEXPIRE', KEYS[1], ttl)
+    redis.call('PEXPIRE', hkey, ttl)
   end
   return out
 end
@@ -256,10 +269,10 @@ if mode == 'r' then
     end
   end
   if #args > 0 then
-    redis.call('HSET', KEYS[1], unpack(args))
-    redis.call('PEXPIRE', KEYS[1], ttl)
+    redis.call('HSET', hkey, unpack(args))
+    redis.call('PEXPIRE', hkey, ttl)
   end
-  refused = string.sub(ARGV[2], 3)
+  refused = string.sub(ARGV[A + 2], 3)
 end
 
 -- A refusal: charge nothing, count a violation, maybe escalate.
@@ -267,7 +280,7 @@ out[1] = 1
 if not bannable or after <= 0 then
   return out
 end
-local within = tonumber(ARGV[6])
+local within = tonumber(ARGV[A + 6])
 local vs = tonumber(cur[n + 1])
 local vc = tonumber(cur[n + 2]) or 0
 if vs == nil or now_ms - vs >= within then
@@ -276,24 +289,24 @@ if vs == nil or now_ms - vs >= within then
 end
 vc = vc + 1
 if vc < after then
-  redis.call('HSET', KEYS[1], '#vs', vs, '#vc', vc)
+  redis.call('HSET', hkey, '#vs', vs, '#vc', vc)
   local keep = vs + within - now_ms
   if keep < ttl then keep = ttl end
-  redis.call('PEXPIRE', KEYS[1], keep)
+  redis.call('PEXPIRE', hkey, keep)
   return out
 end
 
 strikes = strikes + 1
-local dur = tonumber(ARGV[7]) * (tonumber(ARGV[8]) ^ (strikes - 1))
-local max = tonumber(ARGV[9])
+local dur = tonumber(ARGV[A + 7]) * (tonumber(ARGV[A + 8]) ^ (strikes - 1))
+local max = tonumber(ARGV[A + 9])
 if dur > max then dur = max end
 dur = math.floor(dur)
 local ban_until = now_ms + dur
-redis.call('HSET', KEYS[1], '#bu', ban_until, '#bs', strikes)
-redis.call('HDEL', KEYS[1], '#vs', '#vc')
-local keep = dur + tonumber(ARGV[10])
+redis.call('HSET', hkey, '#bu', ban_until, '#bs', strikes)
+redis.call('HDEL', hkey, '#vs', '#vc')
+local keep = dur + tonumber(ARGV[A + 10])
 if keep < ttl then keep = ttl end
-redis.call('PEXPIRE', KEYS[1], keep)
+redis.call('PEXPIRE', hkey, keep)
 out[1] = 3
 out[2] = dur
 out[3] = strikes

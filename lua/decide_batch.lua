@@ -3,10 +3,15 @@
 -- The gateway coalesces the decisions that arrive together on one worker
 -- into one call, so Redis pays the per-call cost (command parsing, script
 -- lookup, the Lua call, TIME) once per batch instead of once per request.
--- Each subject is decided exactly as decide.lua decides it alone: the line
--- marked below is replaced, when the gateway starts, by the whole text of
--- decide.lua, which becomes the body of decide_one. Subjects are decided in
--- order, on one reading of Redis' clock, atomically as a whole.
+-- Each subject is decided exactly as decide.lua decides it alone: the
+-- gateway assembles this script from both texts when it starts. What
+-- decide.lua has above its BODY marker (helper functions) goes at the
+-- PRELUDE marker below, once per call; the rest, without its FRAME line,
+-- becomes the body of decide_one (at the DECIDE marker), whose parameters are that frame: where the
+-- subject's keys and arguments start in KEYS and ARGV, how many arguments it
+-- has, and this call's one reading of Redis' clock. Arguments are read in
+-- place, never copied. Subjects are decided in order, on that one reading,
+-- atomically as a whole.
 --
 -- Standalone Redis only: on a Cluster the keys of different subjects live
 -- in different slots, and one script may only touch one slot.
@@ -85,27 +90,27 @@ function redis.call(cmd, key, ...)
   return real.call(cmd, key, ...)
 end
 
-local function decide_one(KEYS, ARGV)
+-- @PRELUDE@
+
+local function decide_one(K, A, NA, NOW)
 -- @DECIDE@
 end
 
-local now = nil
+local clock = nil
 local out = {}
 local k, a = 0, 1
 for s = 1, tonumber(ARGV[1]) do
   local nk, na = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local keys, argv = {}, {}
-  for i = 1, nk do keys[i] = KEYS[k + i] end
-  is_state[keys[1]] = true
-  for i = 1, na do argv[i] = ARGV[a + 2 + i] end
-  if argv[1] == '' then
-    if now == nil then
-      local t = redis.call('TIME')
-      now = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  is_state[KEYS[k + 1]] = true
+  local now = nil
+  if ARGV[a + 3] == '' then
+    if clock == nil then
+      local t = real.call('TIME')
+      clock = tonumber(t[1]) * 1000000 + tonumber(t[2])
     end
-    argv[1] = now
+    now = clock
   end
-  out[s] = decide_one(keys, argv)
+  out[s] = decide_one(k, a + 2, na, now)
   k = k + nk
   a = a + 2 + na
 end

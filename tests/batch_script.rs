@@ -15,8 +15,12 @@ fn batch_script() -> String {
     let dir = env!("CARGO_MANIFEST_DIR");
     let batch = std::fs::read_to_string(format!("{dir}/lua/decide_batch.lua")).unwrap();
     let one = std::fs::read_to_string(format!("{dir}/lua/decide.lua")).unwrap();
-    assert!(batch.contains("-- @DECIDE@"));
-    batch.replace("-- @DECIDE@", &one)
+    let text = floodgate::redis_link::scripts::decide_batch_source(&batch, &one);
+    assert!(
+        !text.contains("-- @"),
+        "a marker was left in the batch script"
+    );
+    text
 }
 
 fn decide_script() -> String {

@@ -125,14 +125,51 @@ pub mod scripts {
         LazyLock::new(|| LuaScript::new(include_str!("../../lua/unban.lua")));
     pub static INSPECT: LazyLock<LuaScript> =
         LazyLock::new(|| LuaScript::new(include_str!("../../lua/inspect.lua")));
-    /// `decide_batch.lua` with `decide.lua` put in at its marker line, so
+    /// `decide_batch.lua` assembled with `decide.lua` (see its header), so
     /// the batch decides each subject with the very same code. Built once
     /// for the life of the process.
     pub static DECIDE_BATCH: LazyLock<LuaScript> = LazyLock::new(|| {
-        let body = include_str!("../../lua/decide_batch.lua")
-            .replace("-- @DECIDE@", include_str!("../../lua/decide.lua"));
+        let body = decide_batch_source(
+            include_str!("../../lua/decide_batch.lua"),
+            include_str!("../../lua/decide.lua"),
+        );
         LuaScript::new(Box::leak(body.into_boxed_str()))
     });
+
+    /// The batch script's text: `decide.lua`'s helpers (above its `-- @BODY@`
+    /// line) at the batch's `-- @PRELUDE@` line, and the rest of it, without
+    /// its `-- @FRAME@` line (the batch passes that frame as parameters), at
+    /// the `-- @DECIDE@` line. Markers are whole lines, so text that merely
+    /// mentions them is left alone.
+    pub fn decide_batch_source(batch: &str, decide: &str) -> String {
+        let (mut prelude, mut body) = (String::new(), String::new());
+        let mut in_body = false;
+        for line in decide.lines() {
+            if line == "-- @BODY@" {
+                in_body = true;
+            } else if in_body {
+                if !line.ends_with("-- @FRAME@") {
+                    body.push_str(line);
+                    body.push('\n');
+                }
+            } else {
+                prelude.push_str(line);
+                prelude.push('\n');
+            }
+        }
+        let mut out = String::with_capacity(batch.len() + decide.len());
+        for line in batch.lines() {
+            match line {
+                "-- @PRELUDE@" => out.push_str(&prelude),
+                "-- @DECIDE@" => out.push_str(&body),
+                _ => {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
     pub static LEASE: LazyLock<LuaScript> =
         LazyLock::new(|| LuaScript::new(include_str!("../../lua/lease.lua")));
 }
