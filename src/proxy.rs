@@ -20,9 +20,8 @@ pub mod websocket;
 
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::body::SizedStream;
 use actix_web::error::ParseError;
@@ -36,6 +35,8 @@ use futures_util::Stream;
 use crate::client_ip::X_FORWARDED_FOR;
 use crate::config::UpstreamConfig;
 use crate::upload::{BodyLimits, ClientFault, IdleDeadline, Upload};
+use crate::upstreams::health::InFlight;
+use crate::upstreams::{Pick, Pool};
 
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -91,12 +92,16 @@ pub enum UpstreamFailure {
     /// mid-request: after the one retry a dead pooled connection gets when
     /// the request is safe to repeat, at once when it is not).
     Broken,
+    /// No URL of the pool takes traffic (probes or ejection hold them all
+    /// out); the first may again in about this many seconds.
+    NoHealthy(u64),
 }
 
 impl UpstreamFailure {
     pub fn status(self) -> StatusCode {
         match self {
             UpstreamFailure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamFailure::NoHealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -106,6 +111,15 @@ impl UpstreamFailure {
             UpstreamFailure::Unreachable => "upstream_unreachable",
             UpstreamFailure::Timeout => "upstream_timeout",
             UpstreamFailure::Broken => "bad_gateway",
+            UpstreamFailure::NoHealthy(_) => "no_healthy_upstream",
+        }
+    }
+
+    /// The client's answer for this failure.
+    pub fn answer(self) -> HttpResponse {
+        match self {
+            UpstreamFailure::NoHealthy(secs) => crate::responses::no_healthy_upstream(secs),
+            f => crate::responses::upstream_failure(f.status(), f.code()),
         }
     }
 }
@@ -115,6 +129,11 @@ impl UpstreamFailure {
 pub enum ForwardError {
     Upstream(UpstreamFailure),
     Client(ClientFault),
+}
+
+/// Whole seconds of `d`, rounded up, at least 1 (for Retry-After).
+pub(crate) fn retry_after_secs(d: Duration) -> u64 {
+    (d.as_millis().div_ceil(1000) as u64).max(1)
 }
 
 /// Whether sending `req` twice has the effect of sending it once: an
@@ -155,15 +174,13 @@ fn classify(e: &SendRequestError) -> SendFailure {
     }
 }
 
-/// One worker's connection to the upstreams.
+/// One worker's connections to the URLs of one pool.
 pub struct Upstream {
     /// Keeps idle connections for `upstream.idle_timeout`.
     client: awc::Client,
     /// Never reuses a connection: the one retry after a pooled connection
     /// turned out dead must not draw another stale one from the pool.
     fresh: awc::Client,
-    bases: Vec<String>,
-    next: AtomicUsize,
     timeout: Duration,
     body_limits: BodyLimits,
     /// `server.response_buffer`: the largest piece of a response body
@@ -193,12 +210,6 @@ impl Upstream {
         Upstream {
             client: build(config.idle_timeout),
             fresh: build(Duration::ZERO),
-            bases: config
-                .urls
-                .iter()
-                .map(|u| u.trim_end_matches('/').to_string())
-                .collect(),
-            next: AtomicUsize::new(0),
             timeout: config.timeout,
             body_limits,
             response_buffer,
@@ -206,16 +217,12 @@ impl Upstream {
         }
     }
 
-    /// The next upstream base URL in turn (`http://host:port`).
-    fn next_base(&self) -> &str {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.bases.len();
-        &self.bases[i]
-    }
-
-    /// Forwards `req` with its body; `client_ip` is who asked, `trusted`
-    /// whether the peer is a trusted proxy (its X-Forwarded-* are kept).
+    /// Forwards `req` with its body to a URL of `pool` (trying others when
+    /// that is safe, see below); `peer` is who asked, `trusted_peer`
+    /// whether it is a trusted proxy (its X-Forwarded-* are kept).
     pub async fn forward(
         &self,
+        pool: &Pool,
         req: &HttpRequest,
         payload: web::Payload,
         trusted_peer: bool,
@@ -247,24 +254,40 @@ impl Upstream {
         }
         let upload = Upload::new(payload, self.body_limits);
 
-        // A connect failure moves on to the next upstream, whatever the
-        // method: the upstream cannot have seen the request. A dead pooled
+        // A connect failure moves on to another URL, whatever the method:
+        // the upstream cannot have seen the request. A dead pooled
         // connection is retried once on a fresh one, but only for a request
         // that is safe to repeat: the upstream may have processed it before
-        // the connection died. Either only while the whole body can still be
-        // sent again.
+        // the connection died. Any other failure (a broken exchange, no
+        // answer in time) moves a request that is safe to repeat to another
+        // URL, at most `retries` times. All of it only while the whole body
+        // can still be sent again and the request's `timeout` has time left.
         let repeatable = safe_to_repeat(req);
-        let mut connect_tries_left = self.bases.len();
+        let deadline = Instant::now() + self.timeout;
+        let mut retries_left = pool.config.retries;
+        let mut tried: u64 = 0;
         let mut fresh_retry = false;
-        let mut i = self.next.fetch_add(1, Ordering::Relaxed) % self.bases.len();
+        let mut i = match pool.pick(0) {
+            Pick::Url(i) => i,
+            Pick::NoneHealthy(wait) => {
+                return Err(ForwardError::Upstream(UpstreamFailure::NoHealthy(
+                    retry_after_secs(wait),
+                )))
+            }
+            Pick::AllTried => return Err(ForwardError::Upstream(UpstreamFailure::NoHealthy(1))),
+        };
+        let mut first = true;
         loop {
+            let target = pool.target(i);
+            let flight = target.begin();
+            let left = deadline.saturating_duration_since(Instant::now());
             let client = if fresh_retry {
                 &self.fresh
             } else {
                 &self.client
             };
             let mut creq = client
-                .request(req.method().clone(), format!("{}{}", self.bases[i], path))
+                .request(req.method().clone(), format!("{}{}", target.base, path))
                 .no_decompress();
             if fresh_retry {
                 creq = creq.force_close();
@@ -289,7 +312,10 @@ impl Upstream {
             // `upstream.timeout` bounds the wait for the response head. With
             // a body, that wait starts when the upload ends: a large upload
             // may take as long as it keeps moving (a stalled client is cut
-            // after `server.client_body_timeout` without a byte).
+            // after `server.client_body_timeout` without a byte). A further
+            // try has what is left of the first one's time.
+            let limit = if first { self.timeout } else { left };
+            first = false;
             let sent = if has_body {
                 let creq = creq.timeout(UNBOUNDED_UPLOAD);
                 let body = upload.body();
@@ -301,14 +327,14 @@ impl Upstream {
                     // Waiting for a pooled connection (or a connect) counts
                     // against `timeout` too, as for a request without a body.
                     let waiting = async {
-                        tokio::time::sleep(self.timeout).await;
+                        tokio::time::sleep(limit).await;
                         if upload.started() {
                             std::future::pending::<()>().await;
                         }
                     };
                     let uploaded = async {
                         upload.finished().await;
-                        tokio::time::sleep(self.timeout).await;
+                        tokio::time::sleep(limit).await;
                     };
                     tokio::pin!(waiting, uploaded);
                     futures_util::future::select(waiting, uploaded).await;
@@ -319,28 +345,29 @@ impl Upstream {
                     futures_util::future::Either::Right(_) => Err(SendRequestError::Timeout),
                 }
             } else {
-                creq.send().await
+                creq.timeout(limit).send().await
             };
             let e = match sent {
                 Ok(resp) => {
                     upload.release();
-                    return Ok(self.response(resp));
+                    if resp.status().is_server_error() {
+                        pool.failed(i, resp.status().as_str());
+                    } else {
+                        target.succeeded();
+                    }
+                    return Ok(self.response(resp, flight));
                 }
                 Err(e) => e,
             };
+            drop(flight);
             if let Some(fault) = upload.fault() {
                 return Err(ForwardError::Client(fault));
             }
+            let may_go_on = upload.replayable() && deadline > Instant::now();
             let failure = match classify(&e) {
-                SendFailure::Timeout => UpstreamFailure::Timeout,
                 SendFailure::Connect => {
-                    log::warn!("upstream {} unreachable: {e}", self.bases[i]);
-                    connect_tries_left -= 1;
-                    if connect_tries_left > 0 && upload.replayable() {
-                        i = (i + 1) % self.bases.len();
-                        fresh_retry = false;
-                        continue;
-                    }
+                    log::warn!("upstream {} unreachable: {e}", target.base);
+                    pool.failed(i, "connect failed");
                     UpstreamFailure::Unreachable
                 }
                 SendFailure::DeadConnection
@@ -348,23 +375,39 @@ impl Upstream {
                 {
                     log::debug!(
                         "connection to {} lost before an answer ({e}); retrying on a fresh one",
-                        self.bases[i]
+                        target.base
                     );
                     self.fresh_retries.increment(1);
                     fresh_retry = true;
                     continue;
                 }
+                SendFailure::Timeout => UpstreamFailure::Timeout,
                 SendFailure::DeadConnection | SendFailure::Other => {
-                    log::warn!("upstream {} failed: {e}", self.bases[i]);
+                    log::warn!("upstream {} failed: {e}", target.base);
                     UpstreamFailure::Broken
                 }
             };
+            // Nothing was sent after a connect failure; anything else may
+            // have reached the upstream.
+            let nothing_sent = failure == UpstreamFailure::Unreachable;
+            if may_go_on && (nothing_sent || (repeatable && retries_left > 0)) {
+                tried |= 1u64 << (i % 64);
+                if let Pick::Url(next) = pool.pick(tried) {
+                    if !nothing_sent {
+                        retries_left -= 1;
+                    }
+                    pool.retried();
+                    i = next;
+                    fresh_retry = false;
+                    continue;
+                }
+            }
             return Err(ForwardError::Upstream(failure));
         }
     }
 
     /// The upstream's answer with its end-to-end headers and streamed body.
-    fn response<S>(&self, resp: awc::ClientResponse<S>) -> UpstreamResponse
+    fn response<S>(&self, resp: awc::ClientResponse<S>, flight: InFlight) -> UpstreamResponse
     where
         S: Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
     {
@@ -388,6 +431,7 @@ impl Upstream {
             size,
             rest: Bytes::new(),
             piece: self.response_buffer,
+            _flight: flight,
         };
         UpstreamResponse {
             builder,
@@ -485,6 +529,8 @@ pub struct ResponseBody {
     /// about twice `server.response_buffer`.
     rest: Bytes,
     piece: usize,
+    /// Counts the request as in flight to its URL until the body ends.
+    _flight: InFlight,
 }
 
 impl Stream for ResponseBody {
