@@ -169,14 +169,14 @@ impl UpstreamClients {
 }
 
 /// Phase 6 for an allowed request: stream it upstream (or relay its
-/// WebSocket) to its `pool`, add the RateLimit headers of the rules that
-/// applied, and hold its concurrency `slots` until the response (or the
-/// relayed connection) ends.
+/// WebSocket) to the pool its route picks from `pools`, add the RateLimit
+/// headers of the rules that applied, and hold its concurrency `slots`
+/// until the response (or the relayed connection) ends.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     req: HttpRequest,
     payload: web::Payload,
-    pool: &Arc<Pool>,
+    pools: &PoolSet,
     clients: &UpstreamClients,
     gw: &Gateway,
     peer: IpAddr,
@@ -184,6 +184,13 @@ async fn forward(
     applied: &[RateInfo<'_>],
     slots: Option<SlotGuard>,
 ) -> HttpResponse {
+    let pool = match pools.route(&req) {
+        Ok(p) => p,
+        Err(e) => {
+            crate::metrics::client_error("ambiguous_path");
+            return responses::bad_request(e.to_string());
+        }
+    };
     if websocket::is_upgrade(&req) {
         if !pool.config.websocket {
             return responses::websocket_refused();
@@ -241,14 +248,6 @@ pub async fn front_door(
     if let Some(answer) = screening::screen(&req, snap.header_limits) {
         return answer;
     }
-    // Which pool the request goes to, if it is allowed.
-    let pool = match snap.pools.route(&req) {
-        Ok(p) => p,
-        Err(e) => {
-            crate::metrics::client_error("ambiguous_path");
-            return responses::bad_request(e.to_string());
-        }
-    };
     // 1. identity
     let peer = req
         .peer_addr()
@@ -261,7 +260,18 @@ pub async fn front_door(
     // 2. allowlist
     if gw.bans.cache().is_allowlisted(ip) {
         gw.metrics.allowlisted.increment(1);
-        return forward(req, payload, pool, &clients, &gw, peer, trusted, &[], None).await;
+        return forward(
+            req,
+            payload,
+            &snap.pools,
+            &clients,
+            &gw,
+            peer,
+            trusted,
+            &[],
+            None,
+        )
+        .await;
     }
     // 3. ban cache
     if let Some(left) = gw.bans.cache().banned(ip, &key) {
@@ -283,14 +293,33 @@ pub async fn front_door(
     }
     if groups.is_empty() {
         gw.metrics.allowed_unmatched.increment(1);
-        return forward(req, payload, pool, &clients, &gw, peer, trusted, &[], None).await;
+        return forward(
+            req,
+            payload,
+            &snap.pools,
+            &clients,
+            &gw,
+            peer,
+            trusted,
+            &[],
+            None,
+        )
+        .await;
     }
     // 5. decision, 6. answer
     match gw.limiter.decide(&groups).await {
         Decision::Allowed { applied, leases } => {
             let slots = leases.map(|set| SlotGuard::hold(gw.limiter.clone(), set));
             forward(
-                req, payload, pool, &clients, &gw, peer, trusted, &applied, slots,
+                req,
+                payload,
+                &snap.pools,
+                &clients,
+                &gw,
+                peer,
+                trusted,
+                &applied,
+                slots,
             )
             .await
         }

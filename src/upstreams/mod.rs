@@ -285,3 +285,90 @@ impl PoolSet {
         Ok(&self.default)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        Config::parse(
+            &format!("[upstream]\nurls = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\", \"http://127.0.0.1:3\"]\neject_after = 1\n{extra}"),
+            "t.toml",
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn the_url_with_fewest_requests_in_flight_is_picked() {
+        let set = PoolSet::compile(&config(""), None);
+        let pool = set.default_pool();
+        let _busy0 = pool.target(0).begin();
+        let _busy2 = [pool.target(2).begin(), pool.target(2).begin()];
+        for _ in 0..6 {
+            assert!(matches!(pool.pick(0), Pick::Url(1)));
+        }
+        // Already tried: the next least busy.
+        assert!(matches!(pool.pick(0b010), Pick::Url(0)));
+        assert!(matches!(pool.pick(0b111), Pick::AllTried));
+    }
+
+    #[test]
+    fn ties_go_round_and_ejected_urls_are_skipped() {
+        let set = PoolSet::compile(&config(""), None);
+        let pool = set.default_pool();
+        let mut seen = [0; 3];
+        for _ in 0..30 {
+            if let Pick::Url(i) = pool.pick(0) {
+                seen[i] += 1;
+            }
+        }
+        assert_eq!(seen, [10, 10, 10]);
+        pool.failed(1, "test");
+        for _ in 0..10 {
+            assert!(!matches!(pool.pick(0), Pick::Url(1)));
+        }
+        pool.failed(0, "test");
+        pool.failed(2, "test");
+        match pool.pick(0) {
+            Pick::NoneHealthy(wait) => assert!(wait <= Duration::from_secs(30)),
+            _ => panic!("every URL is ejected"),
+        }
+    }
+
+    #[test]
+    fn a_pool_of_one_url_is_not_ejected_by_its_failures() {
+        let c = Config::parse(
+            "[upstream]\nurls = [\"http://127.0.0.1:1\"]\neject_after = 1\n",
+            "t.toml",
+        )
+        .expect("valid");
+        let set = PoolSet::compile(&c, None);
+        set.default_pool().failed(0, "test");
+        assert!(matches!(set.default_pool().pick(0), Pick::Url(0)));
+    }
+
+    #[test]
+    fn a_reload_keeps_pools_and_health_of_urls_that_stay() {
+        let first = PoolSet::compile(
+            &config("[upstreams.b]\nurls = [\"http://127.0.0.1:4\"]\n"),
+            None,
+        );
+        first.default_pool().failed(1, "test");
+        // Same settings: the very same pool.
+        let same = PoolSet::compile(
+            &config("[upstreams.b]\nurls = [\"http://127.0.0.1:4\"]\n"),
+            Some(&first),
+        );
+        assert!(Arc::ptr_eq(same.default_pool(), first.default_pool()));
+        // Changed settings: a new pool, but URL 2 stays ejected.
+        let changed = PoolSet::compile(&config("timeout = \"9s\"\n"), Some(&first));
+        assert!(!Arc::ptr_eq(changed.default_pool(), first.default_pool()));
+        assert!(Arc::ptr_eq(
+            changed.default_pool().target(1),
+            first.default_pool().target(1)
+        ));
+        assert!(!changed.default_pool().target(1).available());
+        assert!(changed.by_name("b").is_none());
+        assert!(changed.by_name("default").is_some());
+    }
+}
