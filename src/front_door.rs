@@ -169,14 +169,14 @@ impl UpstreamClients {
 }
 
 /// Phase 6 for an allowed request: stream it upstream (or relay its
-/// WebSocket) to the pool its route picks from `pools`, add the RateLimit
+/// WebSocket) to the pool its route picks (from `snap`), add the RateLimit
 /// headers of the rules that applied, and hold its concurrency `slots`
 /// until the response (or the relayed connection) ends.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     req: HttpRequest,
     payload: web::Payload,
-    pools: &PoolSet,
+    snap: &Snapshot,
     clients: &UpstreamClients,
     gw: &Gateway,
     peer: IpAddr,
@@ -184,7 +184,7 @@ async fn forward(
     applied: &[RateInfo<'_>],
     slots: Option<SlotGuard>,
 ) -> HttpResponse {
-    let pool = match pools.route(&req) {
+    let pool = match snap.pools.route(&req) {
         Ok(p) => p,
         Err(e) => {
             crate::metrics::client_error("ambiguous_path");
@@ -260,18 +260,7 @@ pub async fn front_door(
     // 2. allowlist
     if gw.bans.cache().is_allowlisted(ip) {
         gw.metrics.allowlisted.increment(1);
-        return forward(
-            req,
-            payload,
-            &snap.pools,
-            &clients,
-            &gw,
-            peer,
-            trusted,
-            &[],
-            None,
-        )
-        .await;
+        return forward(req, payload, &snap, &clients, &gw, peer, trusted, &[], None).await;
     }
     // 3. ban cache
     if let Some(left) = gw.bans.cache().banned(ip, &key) {
@@ -293,33 +282,14 @@ pub async fn front_door(
     }
     if groups.is_empty() {
         gw.metrics.allowed_unmatched.increment(1);
-        return forward(
-            req,
-            payload,
-            &snap.pools,
-            &clients,
-            &gw,
-            peer,
-            trusted,
-            &[],
-            None,
-        )
-        .await;
+        return forward(req, payload, &snap, &clients, &gw, peer, trusted, &[], None).await;
     }
     // 5. decision, 6. answer
     match gw.limiter.decide(&groups).await {
         Decision::Allowed { applied, leases } => {
             let slots = leases.map(|set| SlotGuard::hold(gw.limiter.clone(), set));
             forward(
-                req,
-                payload,
-                &snap.pools,
-                &clients,
-                &gw,
-                peer,
-                trusted,
-                &applied,
-                slots,
+                req, payload, &snap, &clients, &gw, peer, trusted, &applied, slots,
             )
             .await
         }

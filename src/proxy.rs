@@ -1,10 +1,15 @@
 //! Forwarding allowed requests to the upstream, streaming both ways.
 //!
-//! One [`Upstream`] per worker thread (awc clients are not `Send`), each with
-//! its own keep-alive pool. Bodies are never collected: the request body is
-//! handed to the upstream as a stream (sized when the client gave a length),
-//! and the upstream's body flows back the same way, so memory per request
-//! stays at a few buffers whatever the size.
+//! One [`Upstream`] per worker thread and upstream pool (awc clients are not
+//! `Send`), each with its own keep-alive connections. Which URL of the pool
+//! takes a try, and whether it may, is asked of [`crate::upstreams`];
+//! `forward` decides whether a failed try may be repeated (see there) and
+//! reports each outcome back for passive ejection.
+//!
+//! Bodies are never collected: the request body is handed to the upstream
+//! as a stream (sized when the client gave a length), and the upstream's
+//! body flows back the same way, so memory per request stays at a few
+//! buffers whatever the size.
 //!
 //! Header handling follows RFC 9110 §7.6.1: hop-by-hop headers and every
 //! header named in `Connection` are dropped in both directions;
@@ -14,28 +19,27 @@
 //! An HTTP/2 request is forwarded as HTTP/1.1: its `:authority` becomes
 //! `X-Forwarded-Host` (the upstream gets its own `Host`), split `cookie`
 //! fields are joined again (RFC 9113 §8.2.3), and a body without a length
-//! goes upstream chunked. WebSocket upgrades are relayed by [`websocket`].
+//! goes upstream chunked. WebSocket upgrades are relayed by [`websocket`];
+//! the response on its way back is [`response`]'s.
 
+mod response;
 pub mod websocket;
 
+pub use response::{ResponseBody, UpstreamResponse};
+
 use std::net::IpAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use actix_web::body::SizedStream;
 use actix_web::error::ParseError;
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
-use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
+use actix_web::{web, HttpRequest, HttpResponse};
 use awc::error::{ConnectError, SendRequestError};
-use bytes::Bytes;
-use futures_util::Stream;
 
 use crate::client_ip::X_FORWARDED_FOR;
 use crate::config::UpstreamConfig;
-use crate::upload::{BodyLimits, ClientFault, IdleDeadline, Upload};
-use crate::upstreams::health::InFlight;
+use crate::upload::{BodyLimits, ClientFault, Upload};
 use crate::upstreams::{Pick, Pool};
 
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -355,7 +359,12 @@ impl Upstream {
                     } else {
                         target.succeeded();
                     }
-                    return Ok(self.response(resp, flight));
+                    return Ok(response::build(
+                        resp,
+                        self.timeout,
+                        self.response_buffer,
+                        flight,
+                    ));
                 }
                 Err(e) => e,
             };
@@ -403,40 +412,6 @@ impl Upstream {
                 }
             }
             return Err(ForwardError::Upstream(failure));
-        }
-    }
-
-    /// The upstream's answer with its end-to-end headers and streamed body.
-    fn response<S>(&self, resp: awc::ClientResponse<S>, flight: InFlight) -> UpstreamResponse
-    where
-        S: Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
-    {
-        let mut builder = HttpResponse::build(resp.status());
-        let listed = connection_listed(resp.headers());
-        for (name, value) in resp.headers().iter() {
-            if is_hop_by_hop(name) || listed.contains(name) || name == header::CONTENT_LENGTH {
-                continue;
-            }
-            builder.append_header((name.clone(), value.clone()));
-        }
-        let size: Option<u64> = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        let status = resp.status();
-        let body = ResponseBody {
-            inner: Box::pin(resp),
-            idle: IdleDeadline::new(self.timeout),
-            size,
-            rest: Bytes::new(),
-            piece: self.response_buffer,
-            _flight: flight,
-        };
-        UpstreamResponse {
-            builder,
-            body,
-            status,
         }
     }
 }
@@ -513,79 +488,3 @@ fn set_forwarded(req: &HttpRequest, out: &mut HeaderMap, trusted_peer: bool, pee
 /// A per-request bound for uploads that effectively turns awc's own one
 /// off; [`UploadBody`] and the head deadline bound them instead.
 const UNBOUNDED_UPLOAD: Duration = Duration::from_secs(365 * 24 * 3600);
-
-type BoxedBody = Pin<Box<dyn Stream<Item = Result<Bytes, awc::error::PayloadError>>>>;
-
-/// The upstream's response body, streamed, aborted if the upstream sends
-/// nothing for `upstream.timeout` (a stalled upstream never pins a
-/// connection forever; a slow large download still completes).
-pub struct ResponseBody {
-    inner: BoxedBody,
-    idle: IdleDeadline,
-    /// The upstream's Content-Length, kept so the client gets it too.
-    size: Option<u64>,
-    /// What is left of the last chunk read: handed on in pieces of at most
-    /// `piece` bytes, so the connection's write buffer never holds more than
-    /// about twice `server.response_buffer`.
-    rest: Bytes,
-    piece: usize,
-    /// Counts the request as in flight to its URL until the body ends.
-    _flight: InFlight,
-}
-
-impl Stream for ResponseBody {
-    type Item = Result<Bytes, std::io::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        if !this.rest.is_empty() {
-            let n = this.rest.len().min(this.piece);
-            return Poll::Ready(Some(Ok(this.rest.split_to(n))));
-        }
-        match this.inner.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Ok(mut b))) => {
-                this.idle.progress();
-                if b.len() > this.piece {
-                    this.rest = b.split_off(this.piece);
-                }
-                Poll::Ready(Some(Ok(b)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                Poll::Ready(Some(Err(std::io::Error::other(e.to_string()))))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending if this.idle.expired(cx) => {
-                log::warn!(
-                    "upstream body stalled for {:?}; closing the response",
-                    this.idle.limit()
-                );
-                Poll::Ready(Some(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "upstream body stalled",
-                ))))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-/// The upstream's answer, ready to be decorated and sent to the client.
-pub struct UpstreamResponse {
-    pub builder: HttpResponseBuilder,
-    body: ResponseBody,
-    status: StatusCode,
-}
-
-impl UpstreamResponse {
-    /// Streams the body back: sized when the upstream gave its length.
-    pub fn into_response(mut self) -> HttpResponse {
-        let s = self.status;
-        if s.is_informational() || s == StatusCode::NO_CONTENT || s == StatusCode::NOT_MODIFIED {
-            return self.builder.finish();
-        }
-        match self.body.size {
-            Some(n) => self.builder.body(SizedStream::new(n, self.body)),
-            None => self.builder.streaming(self.body),
-        }
-    }
-}
