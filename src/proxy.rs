@@ -284,7 +284,6 @@ impl Upstream {
         loop {
             let target = pool.target(i);
             let flight = target.begin();
-            let left = deadline.saturating_duration_since(Instant::now());
             let client = if fresh_retry {
                 &self.fresh
             } else {
@@ -318,7 +317,11 @@ impl Upstream {
             // may take as long as it keeps moving (a stalled client is cut
             // after `server.client_body_timeout` without a byte). A further
             // try has what is left of the first one's time.
-            let limit = if first { self.timeout } else { left };
+            let limit = if first {
+                self.timeout
+            } else {
+                deadline.saturating_duration_since(Instant::now())
+            };
             first = false;
             let sent = if has_body {
                 let creq = creq.timeout(UNBOUNDED_UPLOAD);

@@ -16,7 +16,7 @@
 pub mod health;
 mod probe;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,8 +35,13 @@ pub struct Pool {
     pub name: Arc<str>,
     pub config: Arc<UpstreamConfig>,
     targets: Vec<Arc<Target>>,
-    next: AtomicUsize,
     retries: metrics::Counter,
+}
+
+thread_local! {
+    /// Where this worker starts its next scan of a pool: ties go round in
+    /// turn without a counter that every worker writes.
+    static TURN: Cell<usize> = const { Cell::new(0) };
 }
 
 /// What [`Pool::pick`] found.
@@ -84,7 +89,6 @@ impl Pool {
             name,
             config: Arc::new(config.clone()),
             targets,
-            next: AtomicUsize::new(0),
         }
     }
 
@@ -113,7 +117,7 @@ impl Pool {
 
     /// The URL for the next try: among those that take traffic and are not
     /// in `tried` (bit i = URL i), the one with the fewest requests in
-    /// flight, ties going round in turn.
+    /// flight, ties going round in turn (per worker thread).
     pub fn pick(&self, tried: u64) -> Pick {
         let n = self.targets.len();
         if n == 1 {
@@ -123,7 +127,11 @@ impl Pool {
                 (_, false) => Pick::NoneHealthy(self.wait()),
             };
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = TURN.with(|t| {
+            let v = t.get();
+            t.set(v.wrapping_add(1));
+            v
+        });
         let mut best: Option<(usize, usize)> = None;
         let mut any_available = false;
         for k in 0..n {
