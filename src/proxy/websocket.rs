@@ -110,22 +110,18 @@ pub async fn relay(
             pool.retried();
         }
         tried |= 1u64 << (i % 64);
-        let base = pool.target(i).base.as_str();
-        let authority = base
-            .parse::<actix_web::http::Uri>()
-            .ok()
-            .and_then(|u| {
-                let host = u.host()?.to_string();
-                Some(format!("{host}:{}", u.port_u16().unwrap_or(80)))
-            })
-            .ok_or(UpstreamFailure::Unreachable)?;
+        let target = pool.target(i);
+        let (base, authority) = (target.base.as_str(), target.authority.clone());
         match tokio::time::timeout(
             config.connect_timeout,
             TcpStream::connect(authority.as_str()),
         )
         .await
         {
-            Ok(Ok(s)) => break (s, base, authority),
+            Ok(Ok(s)) => {
+                target.succeeded();
+                break (s, base, authority);
+            }
             Ok(Err(e)) => {
                 log::warn!("upstream {base} unreachable for a WebSocket: {e}");
             }

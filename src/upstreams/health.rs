@@ -25,6 +25,8 @@ pub(crate) fn now_ms() -> u64 {
 pub struct Target {
     /// `http://host:port`, without a trailing slash.
     pub base: String,
+    /// `host:port` to connect to (port 80 when the URL gives none).
+    pub authority: String,
     pool: Arc<str>,
     outstanding: AtomicUsize,
     /// The active probes' verdict; true while the pool has no probes.
@@ -43,11 +45,18 @@ pub struct Target {
 impl Target {
     pub fn new(pool: &Arc<str>, url: &str) -> Target {
         let base = url.trim_end_matches('/').to_string();
+        // Validation made sure of an http URL with a host.
+        let authority = base
+            .parse::<actix_web::http::Uri>()
+            .ok()
+            .and_then(|u| Some(format!("{}:{}", u.host()?, u.port_u16().unwrap_or(80))))
+            .unwrap_or_else(|| base.trim_start_matches("http://").to_string());
         let labels = [("pool", pool.to_string()), ("url", base.clone())];
         let t = Target {
             healthy: metrics::gauge!(crate::metrics::UPSTREAM_HEALTHY, &labels),
             ejections: metrics::counter!(crate::metrics::UPSTREAM_EJECTIONS, &labels),
             base,
+            authority,
             pool: pool.clone(),
             outstanding: AtomicUsize::new(0),
             probe_ok: AtomicBool::new(true),
@@ -204,6 +213,9 @@ mod tests {
     fn ejection_follows_consecutive_failures_and_ends_by_itself() {
         let t = Target::new(&Arc::from("p"), "http://127.0.0.1:1/");
         assert_eq!(t.base, "http://127.0.0.1:1");
+        assert_eq!(t.authority, "127.0.0.1:1");
+        let default_port = Target::new(&Arc::from("p"), "http://upstream.internal/");
+        assert_eq!(default_port.authority, "upstream.internal:80");
         t.failed(2, Duration::from_millis(30), "x");
         t.succeeded();
         t.failed(2, Duration::from_millis(30), "x");

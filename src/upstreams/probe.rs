@@ -96,8 +96,7 @@ async fn run(job: Job) {
             if t.probe_epoch.load(Ordering::Acquire) != job.epoch {
                 return;
             }
-            let authority = t.base.trim_start_matches("http://").to_string();
-            (authority, t.probed_ok())
+            (t.authority.clone(), t.probed_ok())
         };
         let outcome = probe(&authority, &h.path, h.timeout).await;
         let Some(t) = job.target.upgrade() else {
