@@ -737,3 +737,60 @@ fn pool_and_route_config_errors_exit_2_naming_the_key() {
         }
     }
 }
+
+/// An upstream that accepts WebSockets, says `hello`, then echoes text.
+fn websocket_echo() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            thread::spawn(move || {
+                let Ok(mut ws) = tungstenite::accept(stream) else {
+                    return;
+                };
+                if ws.send(tungstenite::Message::text("hello")).is_err() {
+                    return;
+                }
+                while let Ok(tungstenite::Message::Text(t)) = ws.read() {
+                    let reply = tungstenite::Message::text(format!("echo: {}", t.as_str()));
+                    if ws.send(reply).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_websocket_upgrade_goes_to_its_routed_pool_and_past_a_dead_member() {
+    let posts: Posts = Posts::default();
+    let http_only = Instance::start("default", &posts);
+    let echo = websocket_echo();
+    let dead = free_port();
+    let gw = gateway(&format!(
+        "[upstream]\nurls = [{}]\n\n[upstreams.live]\nurls = [\"http://127.0.0.1:{dead}\", \"http://127.0.0.1:{echo}\"]\neject_after = 0\n\n\
+         [[routes]]\nmatch = {{ path_prefix = \"/ws\" }}\nupstream = \"live\"\n",
+        urls(&[&http_only])
+    ));
+    // Upgrades meet the dead member first in turn; none may fail.
+    for i in 0..4 {
+        let (mut ws, resp) = tungstenite::connect(format!("ws://127.0.0.1:{}/ws/chat", gw.port))
+            .unwrap_or_else(|e| {
+                panic!("upgrade {i}: {e}\n{}", gw.log());
+            });
+        assert_eq!(resp.status().as_u16(), 101);
+        assert_eq!(ws.read().unwrap().into_text().unwrap().as_str(), "hello");
+        ws.send(tungstenite::Message::text(format!("m{i}")))
+            .unwrap();
+        assert_eq!(
+            ws.read().unwrap().into_text().unwrap().as_str(),
+            format!("echo: m{i}")
+        );
+        let _ = ws.close(None);
+    }
+    assert!(gw.metric("floodgate_upstream_retries_total{pool=\"live\"}") >= 1.0);
+    assert_eq!(http_only.hits(), 0, "no upgrade went to the default pool");
+}
