@@ -5,6 +5,9 @@
 //! what is wrong, so `floodgate --check` can print it and exit 2. Nothing
 //! later in the program re-validates: the rest of the gateway takes a
 //! [`Config`] as proof that its values are sound.
+//!
+//! The upstream part (`[upstream]`, `[upstreams.NAME]`, `health`,
+//! `[[routes]]`) and its checks live in `pools.rs`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
