@@ -8,7 +8,8 @@
 //! 4. rules - the matching rules and the consumer's plan rules, grouped by
 //!    subject;
 //! 5. decision - one store call per subject;
-//! 6. answer - forward (plus RateLimit headers), 429, ban status, or 503.
+//! 6. answer - forward to the routed pool (plus RateLimit headers), 429,
+//!    ban status, or 503.
 //!
 //! Each request reads one [`Snapshot`] of what a reload can change (rules,
 //! trusted proxies, ban status, upstreams) when it starts, and uses it to
@@ -30,7 +31,7 @@ use arc_swap::ArcSwap;
 
 use crate::bans::{Bans, Breadth};
 use crate::client_ip::{ClientIpResolver, ClientKey};
-use crate::config::{Config, UpstreamConfig};
+use crate::config::Config;
 use crate::consumers::{ConsumerTable, Plans};
 use crate::in_flight::{self, SlotGuard};
 use crate::limiter::{BanMade, Decision, Limiter, RateInfo};
@@ -40,6 +41,7 @@ use crate::responses;
 use crate::rules::RuleSet;
 use crate::screening::{self, HeaderLimits};
 use crate::upload::BodyLimits;
+use crate::upstreams::{Pool, PoolSet};
 
 /// The parts of the configuration a reload replaces, as one immutable
 /// value: a request reads it once, at its start.
@@ -47,9 +49,10 @@ pub struct Snapshot {
     pub resolver: ClientIpResolver,
     pub rules: RuleSet,
     pub ban_status: StatusCode,
-    /// Shared with the previous snapshot while `[upstream]` is unchanged, so
-    /// the workers keep their upstream connections across such reloads.
-    pub upstream: Arc<UpstreamConfig>,
+    /// `[upstream]`, `[upstreams.*]` and `[[routes]]`. A pool whose settings
+    /// a reload left alone is the same `Arc`, so the workers keep their
+    /// connections to it; every URL keeps its health state.
+    pub pools: PoolSet,
     /// `[consumers]` and `[plans.*]`, compiled (`None`: no consumers).
     pub plans: Option<Plans>,
     /// Phase 0's limits on request headers.
@@ -59,13 +62,10 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Compiles `config`; `previous` lends its upstream settings when they
-    /// are the same.
+    /// Compiles `config`; `previous` lends its pools (and their health)
+    /// where they stay.
     pub fn new(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
-        let upstream = match previous {
-            Some(p) if *p.upstream == config.upstream => p.upstream.clone(),
-            _ => Arc::new(config.upstream.clone()),
-        };
+        let pools = PoolSet::compile(config, previous.map(|p| &p.pools));
         let rules = RuleSet::compile(&config.rules);
         let plans = Plans::compile(config, &rules);
         Snapshot {
@@ -76,7 +76,7 @@ impl Snapshot {
             rules,
             ban_status: StatusCode::from_u16(config.ban.status)
                 .unwrap_or(StatusCode::TOO_MANY_REQUESTS),
-            upstream,
+            pools,
             plans,
             header_limits: HeaderLimits {
                 max_headers: config.server.max_headers,
@@ -129,11 +129,12 @@ impl Gateway {
     }
 }
 
-/// One worker's upstream clients (awc clients are per thread), rebuilt
-/// when a reload changes `[upstream]`; requests in flight finish on the
-/// client they started with.
+/// One worker's upstream clients (awc clients are per thread), one per
+/// pool, built on a pool's first request and dropped once no snapshot
+/// holds that pool any more; requests in flight finish on the client they
+/// started with.
 pub struct UpstreamClients {
-    current: RefCell<Option<(Arc<UpstreamConfig>, Rc<Upstream>)>>,
+    current: RefCell<Vec<(Arc<Pool>, Rc<Upstream>)>>,
     /// Set at start-up (`server.client_body_timeout`, `max_body_size`,
     /// `response_buffer` need a restart).
     body_limits: BodyLimits,
@@ -143,63 +144,71 @@ pub struct UpstreamClients {
 impl UpstreamClients {
     pub fn new(body_limits: BodyLimits, response_buffer: usize) -> UpstreamClients {
         UpstreamClients {
-            current: RefCell::new(None),
+            current: RefCell::new(Vec::new()),
             body_limits,
             response_buffer,
         }
     }
 
-    /// The client for `config`, built on first use of these settings.
-    fn for_config(&self, config: &Arc<UpstreamConfig>) -> Rc<Upstream> {
+    /// The client for `pool`, built on first use.
+    fn for_pool(&self, pool: &Arc<Pool>) -> Rc<Upstream> {
         let mut current = self.current.borrow_mut();
-        match &*current {
-            Some((c, up)) if Arc::ptr_eq(c, config) => up.clone(),
-            _ => {
-                let up = Rc::new(Upstream::new(
-                    config,
-                    self.body_limits,
-                    self.response_buffer,
-                ));
-                *current = Some((config.clone(), up.clone()));
-                up
-            }
+        if let Some((_, up)) = current.iter().find(|(p, _)| Arc::ptr_eq(p, pool)) {
+            return up.clone();
         }
+        // Pools only this list still holds were replaced by a reload.
+        current.retain(|(p, _)| Arc::strong_count(p) > 1);
+        let up = Rc::new(Upstream::new(
+            &pool.config,
+            self.body_limits,
+            self.response_buffer,
+        ));
+        current.push((pool.clone(), up.clone()));
+        up
     }
 }
 
 /// Phase 6 for an allowed request: stream it upstream (or relay its
-/// WebSocket), add the RateLimit headers of the rules that applied, and
-/// hold its concurrency `slots` until the response (or the relayed
-/// connection) ends.
+/// WebSocket) to the pool its route picks (from `snap`), add the RateLimit
+/// headers of the rules that applied, and hold its concurrency `slots`
+/// until the response (or the relayed connection) ends.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     req: HttpRequest,
     payload: web::Payload,
-    up: &Upstream,
+    snap: &Snapshot,
+    clients: &UpstreamClients,
     gw: &Gateway,
-    upstream: &UpstreamConfig,
     peer: IpAddr,
     trusted: bool,
     applied: &[RateInfo<'_>],
     slots: Option<SlotGuard>,
 ) -> HttpResponse {
+    let pool = match snap.pools.route(&req) {
+        Ok(p) => p,
+        Err(e) => {
+            crate::metrics::client_error("ambiguous_path");
+            return responses::bad_request(e.to_string());
+        }
+    };
     if websocket::is_upgrade(&req) {
-        if !upstream.websocket {
+        if !pool.config.websocket {
             return responses::websocket_refused();
         }
-        return match websocket::relay(&req, payload, up, upstream, trusted, peer).await {
+        return match websocket::relay(&req, payload, pool, trusted, peer).await {
             Ok(mut relayed) => {
                 responses::add_rate_headers(&mut relayed.builder, applied);
                 hold(relayed.into_response(), slots)
             }
             Err(failure) => {
                 crate::metrics::upstream_error(failure.code());
-                responses::upstream_failure(failure.status(), failure.code())
+                failure.answer()
             }
         };
     }
+    let up = clients.for_pool(pool);
     let started = std::time::Instant::now();
-    let result = up.forward(&req, payload, trusted, peer).await;
+    let result = up.forward(pool, &req, payload, trusted, peer).await;
     gw.metrics
         .upstream_seconds
         .record(started.elapsed().as_secs_f64());
@@ -210,7 +219,7 @@ async fn forward(
         }
         Err(ForwardError::Upstream(failure)) => {
             crate::metrics::upstream_error(failure.code());
-            responses::upstream_failure(failure.status(), failure.code())
+            failure.answer()
         }
         Err(ForwardError::Client(fault)) => {
             crate::metrics::client_error(fault.code());
@@ -239,8 +248,6 @@ pub async fn front_door(
     if let Some(answer) = screening::screen(&req, snap.header_limits) {
         return answer;
     }
-    let up = clients.for_config(&snap.upstream);
-    let upstream = &*snap.upstream;
     // 1. identity
     let peer = req
         .peer_addr()
@@ -253,7 +260,7 @@ pub async fn front_door(
     // 2. allowlist
     if gw.bans.cache().is_allowlisted(ip) {
         gw.metrics.allowlisted.increment(1);
-        return forward(req, payload, &up, &gw, upstream, peer, trusted, &[], None).await;
+        return forward(req, payload, &snap, &clients, &gw, peer, trusted, &[], None).await;
     }
     // 3. ban cache
     if let Some(left) = gw.bans.cache().banned(ip, &key) {
@@ -275,14 +282,14 @@ pub async fn front_door(
     }
     if groups.is_empty() {
         gw.metrics.allowed_unmatched.increment(1);
-        return forward(req, payload, &up, &gw, upstream, peer, trusted, &[], None).await;
+        return forward(req, payload, &snap, &clients, &gw, peer, trusted, &[], None).await;
     }
     // 5. decision, 6. answer
     match gw.limiter.decide(&groups).await {
         Decision::Allowed { applied, leases } => {
             let slots = leases.map(|set| SlotGuard::hold(gw.limiter.clone(), set));
             forward(
-                req, payload, &up, &gw, upstream, peer, trusted, &applied, slots,
+                req, payload, &snap, &clients, &gw, peer, trusted, &applied, slots,
             )
             .await
         }

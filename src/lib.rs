@@ -36,3 +36,4 @@ pub mod send_timeout;
 pub mod server;
 pub mod tls;
 pub mod upload;
+pub mod upstreams;

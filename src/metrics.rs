@@ -22,6 +22,9 @@ pub const WEBSOCKET_CONNECTIONS: &str = "floodgate_websocket_connections";
 pub const DENY_CACHE_HITS: &str = "floodgate_deny_cache_hits_total";
 pub const LEASE_ERRORS: &str = "floodgate_lease_errors_total";
 pub const UPSTREAM_FRESH_RETRIES: &str = "floodgate_upstream_fresh_retries_total";
+pub const UPSTREAM_HEALTHY: &str = "floodgate_upstream_healthy";
+pub const UPSTREAM_RETRIES: &str = "floodgate_upstream_retries_total";
+pub const UPSTREAM_EJECTIONS: &str = "floodgate_upstream_ejections_total";
 pub const CLIENT_ERRORS: &str = "floodgate_client_errors_total";
 pub const DECISIONS: &str = "floodgate_decisions_total";
 pub const SHARD_DEGRADED: &str = "floodgate_redis_shard_degraded";
@@ -74,6 +77,18 @@ pub fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         UPSTREAM_FRESH_RETRIES,
         "Requests sent again on a fresh connection after a pooled one was found dead"
+    );
+    metrics::describe_gauge!(
+        UPSTREAM_HEALTHY,
+        "1 while this upstream URL takes traffic (probes healthy, not ejected), by pool and url"
+    );
+    metrics::describe_counter!(
+        UPSTREAM_RETRIES,
+        "Requests tried again on another URL of the pool, by pool"
+    );
+    metrics::describe_counter!(
+        UPSTREAM_EJECTIONS,
+        "Times an upstream URL was taken out of rotation after failures in a row, by pool and url"
     );
     metrics::describe_counter!(
         CLIENT_ERRORS,

@@ -1,10 +1,15 @@
 //! Forwarding allowed requests to the upstream, streaming both ways.
 //!
-//! One [`Upstream`] per worker thread (awc clients are not `Send`), each with
-//! its own keep-alive pool. Bodies are never collected: the request body is
-//! handed to the upstream as a stream (sized when the client gave a length),
-//! and the upstream's body flows back the same way, so memory per request
-//! stays at a few buffers whatever the size.
+//! One [`Upstream`] per worker thread and upstream pool (awc clients are not
+//! `Send`), each with its own keep-alive connections. Which URL of the pool
+//! takes a try, and whether it may, is asked of [`crate::upstreams`];
+//! `forward` decides whether a failed try may be repeated (see there) and
+//! reports each outcome back for passive ejection.
+//!
+//! Bodies are never collected: the request body is handed to the upstream
+//! as a stream (sized when the client gave a length), and the upstream's
+//! body flows back the same way, so memory per request stays at a few
+//! buffers whatever the size.
 //!
 //! Header handling follows RFC 9110 §7.6.1: hop-by-hop headers and every
 //! header named in `Connection` are dropped in both directions;
@@ -14,28 +19,28 @@
 //! An HTTP/2 request is forwarded as HTTP/1.1: its `:authority` becomes
 //! `X-Forwarded-Host` (the upstream gets its own `Host`), split `cookie`
 //! fields are joined again (RFC 9113 §8.2.3), and a body without a length
-//! goes upstream chunked. WebSocket upgrades are relayed by [`websocket`].
+//! goes upstream chunked. WebSocket upgrades are relayed by [`websocket`];
+//! the response on its way back is [`response`]'s.
 
+mod response;
 pub mod websocket;
 
+pub use response::{ResponseBody, UpstreamResponse};
+
 use std::net::IpAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::body::SizedStream;
 use actix_web::error::ParseError;
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
-use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
+use actix_web::{web, HttpRequest, HttpResponse};
 use awc::error::{ConnectError, SendRequestError};
-use bytes::Bytes;
-use futures_util::Stream;
 
 use crate::client_ip::X_FORWARDED_FOR;
 use crate::config::UpstreamConfig;
-use crate::upload::{BodyLimits, ClientFault, IdleDeadline, Upload};
+use crate::upload::{BodyLimits, ClientFault, Upload};
+use crate::upstreams::{Pick, Pool};
 
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -91,12 +96,16 @@ pub enum UpstreamFailure {
     /// mid-request: after the one retry a dead pooled connection gets when
     /// the request is safe to repeat, at once when it is not).
     Broken,
+    /// No URL of the pool takes traffic (probes or ejection hold them all
+    /// out); the first may again in about this many seconds.
+    NoHealthy(u64),
 }
 
 impl UpstreamFailure {
     pub fn status(self) -> StatusCode {
         match self {
             UpstreamFailure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamFailure::NoHealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -106,6 +115,15 @@ impl UpstreamFailure {
             UpstreamFailure::Unreachable => "upstream_unreachable",
             UpstreamFailure::Timeout => "upstream_timeout",
             UpstreamFailure::Broken => "bad_gateway",
+            UpstreamFailure::NoHealthy(_) => "no_healthy_upstream",
+        }
+    }
+
+    /// The client's answer for this failure.
+    pub fn answer(self) -> HttpResponse {
+        match self {
+            UpstreamFailure::NoHealthy(secs) => crate::responses::no_healthy_upstream(secs),
+            f => crate::responses::upstream_failure(f.status(), f.code()),
         }
     }
 }
@@ -115,6 +133,11 @@ impl UpstreamFailure {
 pub enum ForwardError {
     Upstream(UpstreamFailure),
     Client(ClientFault),
+}
+
+/// Whole seconds of `d`, rounded up, at least 1 (for Retry-After).
+pub(crate) fn retry_after_secs(d: Duration) -> u64 {
+    (d.as_millis().div_ceil(1000) as u64).max(1)
 }
 
 /// Whether sending `req` twice has the effect of sending it once: an
@@ -155,15 +178,13 @@ fn classify(e: &SendRequestError) -> SendFailure {
     }
 }
 
-/// One worker's connection to the upstreams.
+/// One worker's connections to the URLs of one pool.
 pub struct Upstream {
     /// Keeps idle connections for `upstream.idle_timeout`.
     client: awc::Client,
     /// Never reuses a connection: the one retry after a pooled connection
     /// turned out dead must not draw another stale one from the pool.
     fresh: awc::Client,
-    bases: Vec<String>,
-    next: AtomicUsize,
     timeout: Duration,
     body_limits: BodyLimits,
     /// `server.response_buffer`: the largest piece of a response body
@@ -193,12 +214,6 @@ impl Upstream {
         Upstream {
             client: build(config.idle_timeout),
             fresh: build(Duration::ZERO),
-            bases: config
-                .urls
-                .iter()
-                .map(|u| u.trim_end_matches('/').to_string())
-                .collect(),
-            next: AtomicUsize::new(0),
             timeout: config.timeout,
             body_limits,
             response_buffer,
@@ -206,16 +221,12 @@ impl Upstream {
         }
     }
 
-    /// The next upstream base URL in turn (`http://host:port`).
-    fn next_base(&self) -> &str {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.bases.len();
-        &self.bases[i]
-    }
-
-    /// Forwards `req` with its body; `client_ip` is who asked, `trusted`
-    /// whether the peer is a trusted proxy (its X-Forwarded-* are kept).
+    /// Forwards `req` with its body to a URL of `pool` (trying others when
+    /// that is safe, see below); `peer` is who asked, `trusted_peer`
+    /// whether it is a trusted proxy (its X-Forwarded-* are kept).
     pub async fn forward(
         &self,
+        pool: &Pool,
         req: &HttpRequest,
         payload: web::Payload,
         trusted_peer: bool,
@@ -247,24 +258,39 @@ impl Upstream {
         }
         let upload = Upload::new(payload, self.body_limits);
 
-        // A connect failure moves on to the next upstream, whatever the
-        // method: the upstream cannot have seen the request. A dead pooled
+        // A connect failure moves on to another URL, whatever the method:
+        // the upstream cannot have seen the request. A dead pooled
         // connection is retried once on a fresh one, but only for a request
         // that is safe to repeat: the upstream may have processed it before
-        // the connection died. Either only while the whole body can still be
-        // sent again.
+        // the connection died. Any other failure (a broken exchange, no
+        // answer in time) moves a request that is safe to repeat to another
+        // URL, at most `retries` times. All of it only while the whole body
+        // can still be sent again and the request's `timeout` has time left.
         let repeatable = safe_to_repeat(req);
-        let mut connect_tries_left = self.bases.len();
+        let deadline = Instant::now() + self.timeout;
+        let mut retries_left = pool.config.retries;
+        let mut tried: u64 = 0;
         let mut fresh_retry = false;
-        let mut i = self.next.fetch_add(1, Ordering::Relaxed) % self.bases.len();
+        let mut i = match pool.pick(0) {
+            Pick::Url(i) => i,
+            Pick::NoneHealthy(wait) => {
+                return Err(ForwardError::Upstream(UpstreamFailure::NoHealthy(
+                    retry_after_secs(wait),
+                )))
+            }
+            Pick::AllTried => return Err(ForwardError::Upstream(UpstreamFailure::NoHealthy(1))),
+        };
+        let mut first = true;
         loop {
+            let target = pool.target(i);
+            let flight = target.begin();
             let client = if fresh_retry {
                 &self.fresh
             } else {
                 &self.client
             };
             let mut creq = client
-                .request(req.method().clone(), format!("{}{}", self.bases[i], path))
+                .request(req.method().clone(), format!("{}{}", target.base, path))
                 .no_decompress();
             if fresh_retry {
                 creq = creq.force_close();
@@ -289,7 +315,14 @@ impl Upstream {
             // `upstream.timeout` bounds the wait for the response head. With
             // a body, that wait starts when the upload ends: a large upload
             // may take as long as it keeps moving (a stalled client is cut
-            // after `server.client_body_timeout` without a byte).
+            // after `server.client_body_timeout` without a byte). A further
+            // try has what is left of the first one's time.
+            let limit = if first {
+                self.timeout
+            } else {
+                deadline.saturating_duration_since(Instant::now())
+            };
+            first = false;
             let sent = if has_body {
                 let creq = creq.timeout(UNBOUNDED_UPLOAD);
                 let body = upload.body();
@@ -301,14 +334,14 @@ impl Upstream {
                     // Waiting for a pooled connection (or a connect) counts
                     // against `timeout` too, as for a request without a body.
                     let waiting = async {
-                        tokio::time::sleep(self.timeout).await;
+                        tokio::time::sleep(limit).await;
                         if upload.started() {
                             std::future::pending::<()>().await;
                         }
                     };
                     let uploaded = async {
                         upload.finished().await;
-                        tokio::time::sleep(self.timeout).await;
+                        tokio::time::sleep(limit).await;
                     };
                     tokio::pin!(waiting, uploaded);
                     futures_util::future::select(waiting, uploaded).await;
@@ -319,28 +352,34 @@ impl Upstream {
                     futures_util::future::Either::Right(_) => Err(SendRequestError::Timeout),
                 }
             } else {
-                creq.send().await
+                creq.timeout(limit).send().await
             };
             let e = match sent {
                 Ok(resp) => {
                     upload.release();
-                    return Ok(self.response(resp));
+                    if resp.status().is_server_error() {
+                        pool.failed(i, "a 5xx answer");
+                    } else {
+                        target.succeeded();
+                    }
+                    return Ok(response::build(
+                        resp,
+                        self.timeout,
+                        self.response_buffer,
+                        flight,
+                    ));
                 }
                 Err(e) => e,
             };
+            drop(flight);
             if let Some(fault) = upload.fault() {
                 return Err(ForwardError::Client(fault));
             }
+            let may_go_on = upload.replayable() && deadline > Instant::now();
             let failure = match classify(&e) {
-                SendFailure::Timeout => UpstreamFailure::Timeout,
                 SendFailure::Connect => {
-                    log::warn!("upstream {} unreachable: {e}", self.bases[i]);
-                    connect_tries_left -= 1;
-                    if connect_tries_left > 0 && upload.replayable() {
-                        i = (i + 1) % self.bases.len();
-                        fresh_retry = false;
-                        continue;
-                    }
+                    log::warn!("upstream {} unreachable: {e}", target.base);
+                    pool.failed(i, "connect failed");
                     UpstreamFailure::Unreachable
                 }
                 SendFailure::DeadConnection
@@ -348,51 +387,34 @@ impl Upstream {
                 {
                     log::debug!(
                         "connection to {} lost before an answer ({e}); retrying on a fresh one",
-                        self.bases[i]
+                        target.base
                     );
                     self.fresh_retries.increment(1);
                     fresh_retry = true;
                     continue;
                 }
+                SendFailure::Timeout => UpstreamFailure::Timeout,
                 SendFailure::DeadConnection | SendFailure::Other => {
-                    log::warn!("upstream {} failed: {e}", self.bases[i]);
+                    log::warn!("upstream {} failed: {e}", target.base);
                     UpstreamFailure::Broken
                 }
             };
-            return Err(ForwardError::Upstream(failure));
-        }
-    }
-
-    /// The upstream's answer with its end-to-end headers and streamed body.
-    fn response<S>(&self, resp: awc::ClientResponse<S>) -> UpstreamResponse
-    where
-        S: Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
-    {
-        let mut builder = HttpResponse::build(resp.status());
-        let listed = connection_listed(resp.headers());
-        for (name, value) in resp.headers().iter() {
-            if is_hop_by_hop(name) || listed.contains(name) || name == header::CONTENT_LENGTH {
-                continue;
+            // Nothing was sent after a connect failure; anything else may
+            // have reached the upstream.
+            let nothing_sent = failure == UpstreamFailure::Unreachable;
+            if may_go_on && (nothing_sent || (repeatable && retries_left > 0)) {
+                tried |= 1u64 << (i % 64);
+                if let Pick::Url(next) = pool.pick(tried) {
+                    if !nothing_sent {
+                        retries_left -= 1;
+                    }
+                    pool.retried();
+                    i = next;
+                    fresh_retry = false;
+                    continue;
+                }
             }
-            builder.append_header((name.clone(), value.clone()));
-        }
-        let size: Option<u64> = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        let status = resp.status();
-        let body = ResponseBody {
-            inner: Box::pin(resp),
-            idle: IdleDeadline::new(self.timeout),
-            size,
-            rest: Bytes::new(),
-            piece: self.response_buffer,
-        };
-        UpstreamResponse {
-            builder,
-            body,
-            status,
+            return Err(ForwardError::Upstream(failure));
         }
     }
 }
@@ -469,77 +491,3 @@ fn set_forwarded(req: &HttpRequest, out: &mut HeaderMap, trusted_peer: bool, pee
 /// A per-request bound for uploads that effectively turns awc's own one
 /// off; [`UploadBody`] and the head deadline bound them instead.
 const UNBOUNDED_UPLOAD: Duration = Duration::from_secs(365 * 24 * 3600);
-
-type BoxedBody = Pin<Box<dyn Stream<Item = Result<Bytes, awc::error::PayloadError>>>>;
-
-/// The upstream's response body, streamed, aborted if the upstream sends
-/// nothing for `upstream.timeout` (a stalled upstream never pins a
-/// connection forever; a slow large download still completes).
-pub struct ResponseBody {
-    inner: BoxedBody,
-    idle: IdleDeadline,
-    /// The upstream's Content-Length, kept so the client gets it too.
-    size: Option<u64>,
-    /// What is left of the last chunk read: handed on in pieces of at most
-    /// `piece` bytes, so the connection's write buffer never holds more than
-    /// about twice `server.response_buffer`.
-    rest: Bytes,
-    piece: usize,
-}
-
-impl Stream for ResponseBody {
-    type Item = Result<Bytes, std::io::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        if !this.rest.is_empty() {
-            let n = this.rest.len().min(this.piece);
-            return Poll::Ready(Some(Ok(this.rest.split_to(n))));
-        }
-        match this.inner.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Ok(mut b))) => {
-                this.idle.progress();
-                if b.len() > this.piece {
-                    this.rest = b.split_off(this.piece);
-                }
-                Poll::Ready(Some(Ok(b)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                Poll::Ready(Some(Err(std::io::Error::other(e.to_string()))))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending if this.idle.expired(cx) => {
-                log::warn!(
-                    "upstream body stalled for {:?}; closing the response",
-                    this.idle.limit()
-                );
-                Poll::Ready(Some(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "upstream body stalled",
-                ))))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-/// The upstream's answer, ready to be decorated and sent to the client.
-pub struct UpstreamResponse {
-    pub builder: HttpResponseBuilder,
-    body: ResponseBody,
-    status: StatusCode,
-}
-
-impl UpstreamResponse {
-    /// Streams the body back: sized when the upstream gave its length.
-    pub fn into_response(mut self) -> HttpResponse {
-        let s = self.status;
-        if s.is_informational() || s == StatusCode::NO_CONTENT || s == StatusCode::NOT_MODIFIED {
-            return self.builder.finish();
-        }
-        match self.body.size {
-            Some(n) => self.builder.body(SizedStream::new(n, self.body)),
-            None => self.builder.streaming(self.body),
-        }
-    }
-}

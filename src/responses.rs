@@ -152,6 +152,16 @@ pub fn upstream_failure(status: StatusCode, code: &str) -> HttpResponse {
     json_error(status, json!({"error": code}))
 }
 
+/// No URL of the request's pool takes traffic: 503, and Retry-After until
+/// the first one may again.
+pub fn no_healthy_upstream(retry_after_s: u64) -> HttpResponse {
+    let secs = retry_after_s.max(1);
+    let mut b = HttpResponse::build(StatusCode::SERVICE_UNAVAILABLE);
+    b.insert_header((RETRY_AFTER, secs));
+    b.content_type("application/json")
+        .body(json!({"error": "no_healthy_upstream", "retry_after": secs}).to_string())
+}
+
 /// A WebSocket upgrade while `upstream.websocket = false`.
 pub fn websocket_refused() -> HttpResponse {
     json_error(

@@ -175,15 +175,7 @@ impl Rule {
             }
         }
         if let Some(h) = &self.host {
-            // The Host header itself: X-Forwarded-Host is client-controlled.
-            let host = req
-                .headers()
-                .get(actix_web::http::header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .or_else(|| req.uri().host())
-                .unwrap_or("");
-            let bare = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
-            if !bare.eq_ignore_ascii_case(h) && !host.eq_ignore_ascii_case(h) {
+            if !host_is(req, h) {
                 return Ok(false);
             }
         }
@@ -204,6 +196,20 @@ impl Rule {
         }
         Ok(true)
     }
+}
+
+/// Whether `req` is for host `h` (with or without its port). The Host
+/// header itself (or HTTP/2's `:authority`): X-Forwarded-Host is
+/// client-controlled. Routes match hosts the same way.
+pub fn host_is(req: &HttpRequest, h: &str) -> bool {
+    let host = req
+        .headers()
+        .get(actix_web::http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().host())
+        .unwrap_or("");
+    let bare = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+    bare.eq_ignore_ascii_case(h) || host.eq_ignore_ascii_case(h)
 }
 
 /// Whole seconds, rounded up.

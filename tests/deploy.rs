@@ -59,6 +59,8 @@ fn exported(name: &str) -> bool {
         metrics::DEGRADED,
         metrics::BANS_TOTAL,
         metrics::UPSTREAM_ERRORS,
+        metrics::UPSTREAM_EJECTIONS,
+        metrics::UPSTREAM_HEALTHY,
     ];
     all.iter().any(|m| {
         name == *m
@@ -78,7 +80,7 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
         &dir,
     );
     let text = assert_success(&out, "promtool check rules");
-    assert!(text.contains("SUCCESS: 7 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 9 rules found"), "{text}");
     let out = run(
         "promtool",
         &["test", "rules", "floodgate-alerts.test.yml"],

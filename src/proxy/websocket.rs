@@ -32,11 +32,11 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use super::{
-    connection_listed, copy_end_to_end, is_hop_by_hop, set_forwarded, Upstream, UpstreamFailure,
+    connection_listed, copy_end_to_end, is_hop_by_hop, set_forwarded, UpstreamFailure,
     X_FORWARDED_HOST, X_FORWARDED_PROTO,
 };
 use crate::client_ip::X_FORWARDED_FOR;
-use crate::config::UpstreamConfig;
+use crate::upstreams::{Pick, Pool};
 
 /// Largest upstream response head read.
 const MAX_HEAD: usize = 16 * 1024;
@@ -84,41 +84,52 @@ impl Relayed {
     }
 }
 
-/// Forwards the upgrade request `req` to the next upstream and, if it
+/// Forwards the upgrade request `req` to a URL of `pool` and, if it
 /// switches protocols, relays the connection; `payload` is the client's
-/// byte stream after the request head.
+/// byte stream after the request head. A URL that refuses the connection
+/// is counted towards its ejection and the next one is tried (nothing was
+/// sent); once connected there is no second try.
 pub async fn relay(
     req: &HttpRequest,
     payload: web::Payload,
-    up: &Upstream,
-    config: &UpstreamConfig,
+    pool: &Pool,
     trusted_peer: bool,
     peer: IpAddr,
 ) -> Result<Relayed, UpstreamFailure> {
-    let base = up.next_base();
-    let authority = base
-        .parse::<actix_web::http::Uri>()
-        .ok()
-        .and_then(|u| {
-            let host = u.host()?.to_string();
-            Some(format!("{host}:{}", u.port_u16().unwrap_or(80)))
-        })
-        .ok_or(UpstreamFailure::Unreachable)?;
-    let stream = match tokio::time::timeout(
-        config.connect_timeout,
-        TcpStream::connect(authority.as_str()),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            log::warn!("upstream {base} unreachable for a WebSocket: {e}");
-            return Err(UpstreamFailure::Unreachable);
+    let config = &*pool.config;
+    let mut tried = 0u64;
+    let (stream, base, authority) = loop {
+        let i = match pool.pick(tried) {
+            Pick::Url(i) => i,
+            Pick::NoneHealthy(wait) => {
+                return Err(UpstreamFailure::NoHealthy(super::retry_after_secs(wait)))
+            }
+            Pick::AllTried => return Err(UpstreamFailure::Unreachable),
+        };
+        if tried != 0 {
+            pool.retried();
         }
-        Err(_) => {
-            log::warn!("upstream {base} did not accept a WebSocket connection in time");
-            return Err(UpstreamFailure::Unreachable);
+        tried |= 1u64 << (i % 64);
+        let target = pool.target(i);
+        let (base, authority) = (target.base.as_str(), target.authority.clone());
+        match tokio::time::timeout(
+            config.connect_timeout,
+            TcpStream::connect(authority.as_str()),
+        )
+        .await
+        {
+            Ok(Ok(s)) => {
+                target.succeeded();
+                break (s, base, authority);
+            }
+            Ok(Err(e)) => {
+                log::warn!("upstream {base} unreachable for a WebSocket: {e}");
+            }
+            Err(_) => {
+                log::warn!("upstream {base} did not accept a WebSocket connection in time");
+            }
         }
+        pool.failed(i, "connect failed");
     };
     let _ = stream.set_nodelay(true);
     let (mut read, mut write) = stream.into_split();

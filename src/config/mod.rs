@@ -5,6 +5,9 @@
 //! what is wrong, so `floodgate --check` can print it and exit 2. Nothing
 //! later in the program re-validates: the rest of the gateway takes a
 //! [`Config`] as proof that its values are sound.
+//!
+//! The upstream part (`[upstream]`, `[upstreams.NAME]`, `health`,
+//! `[[routes]]`) and its checks live in `pools.rs`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,7 +18,10 @@ use actix_web::http::header::HeaderName;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+mod pools;
+
 pub use crate::limits::Period;
+pub use pools::{HealthConfig, RouteConfig, RouteMatch, UpstreamConfig};
 /// Headers actix-http parses at most: a request with more gets 400 before
 /// floodgate sees it, so `server.max_headers` can only be lower.
 pub const MAX_HEADERS_PARSED: usize = 96;
@@ -44,6 +50,12 @@ pub struct Config {
     #[serde(default)]
     pub redis: Option<RedisConfig>,
     pub upstream: UpstreamConfig,
+    /// `[upstreams.NAME]`: named pools that `[[routes]]` send requests to.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// `[[routes]]`: which pool a request goes to; first match wins.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
     #[serde(default)]
     pub client_ip: ClientIpConfig,
     #[serde(default)]
@@ -194,49 +206,6 @@ impl Default for RedisConfig {
             max_decisions_per_second: 0,
         }
     }
-}
-
-/// `[upstream]`: where allowed traffic goes.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    pub urls: Vec<String>,
-    #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Upstream connections one worker keeps at most (keep-alive pool).
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
-    /// Whether WebSocket upgrades are forwarded; `false` answers them 501.
-    #[serde(default = "yes")]
-    pub websocket: bool,
-    /// A WebSocket connection with no byte either way for this long is closed.
-    #[serde(default = "default_websocket_idle_timeout", with = "humantime_serde")]
-    pub websocket_idle_timeout: Duration,
-    /// How long an idle pooled connection is kept; below the upstream's own
-    /// keep-alive timeout, so the gateway closes first.
-    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
-    pub idle_timeout: Duration,
-}
-
-fn default_upstream_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(2)
-}
-fn default_max_connections() -> usize {
-    1024
-}
-fn default_websocket_idle_timeout() -> Duration {
-    Duration::from_secs(300)
-}
-fn yes() -> bool {
-    true
-}
-fn default_idle_timeout() -> Duration {
-    Duration::from_secs(4)
 }
 
 /// `[client_ip]`: who is asking.
@@ -766,17 +735,6 @@ impl Config {
         const TEN_YEARS: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
         let mut bounded: Vec<(&str, Duration, Duration)> = vec![
             ("server.shutdown_timeout", self.server.shutdown_timeout, DAY),
-            ("upstream.timeout", self.upstream.timeout, DAY),
-            (
-                "upstream.connect_timeout",
-                self.upstream.connect_timeout,
-                DAY,
-            ),
-            (
-                "upstream.websocket_idle_timeout",
-                self.upstream.websocket_idle_timeout,
-                DAY,
-            ),
             ("ban.within", self.ban.within, TEN_YEARS),
             ("ban.duration", self.ban.duration, TEN_YEARS),
             ("ban.max_duration", self.ban.max_duration, TEN_YEARS),
@@ -800,48 +758,7 @@ impl Config {
                 );
             }
         }
-        if self.upstream.urls.is_empty() {
-            return err("upstream.urls", "needs at least one URL".into());
-        }
-        for (i, u) in self.upstream.urls.iter().enumerate() {
-            match u.parse::<actix_web::http::Uri>() {
-                Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {
-                    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
-                        return err(
-                            &format!("upstream.urls[{i}]"),
-                            format!("`{u}` has a path; give scheme, host and port only"),
-                        );
-                    }
-                }
-                Ok(uri) if uri.scheme_str() == Some("https") => {
-                    return err(
-                        &format!("upstream.urls[{i}]"),
-                        "https upstreams are not supported yet; use http://".into(),
-                    )
-                }
-                _ => {
-                    return err(
-                        &format!("upstream.urls[{i}]"),
-                        format!("`{u}` is not an http URL like http://127.0.0.1:3000"),
-                    )
-                }
-            }
-        }
-        if self.upstream.timeout.is_zero() {
-            return err("upstream.timeout", "must be greater than 0".into());
-        }
-        if self.upstream.connect_timeout.is_zero() {
-            return err("upstream.connect_timeout", "must be greater than 0".into());
-        }
-        if self.upstream.max_connections == 0 {
-            return err("upstream.max_connections", "must be at least 1".into());
-        }
-        if self.upstream.websocket_idle_timeout.is_zero() {
-            return err(
-                "upstream.websocket_idle_timeout",
-                "must be greater than 0".into(),
-            );
-        }
+        pools::validate(self)?;
         if let Some(tls) = &self.server.tls {
             if tls.cert.as_os_str().is_empty() {
                 return err("server.tls.cert", "must name a PEM certificate file".into());
@@ -1058,7 +975,6 @@ impl Config {
         for (key, value) in [
             ("server.send_timeout", s.send_timeout),
             ("server.client_body_timeout", s.client_body_timeout),
-            ("upstream.idle_timeout", self.upstream.idle_timeout),
         ] {
             if value.is_zero() || value > DAY {
                 return err(key, "must be more than 0 and at most 1 day".into());
@@ -1137,6 +1053,22 @@ impl Config {
         };
         let _ = writeln!(s, "store         {store}");
         let _ = writeln!(s, "upstream      {}", self.upstream.urls.join(", "));
+        for (name, pool) in &self.upstreams {
+            let _ = writeln!(s, "pool          {name}: {}", pool.urls.join(", "));
+        }
+        for r in &self.routes {
+            let m = &r.matcher;
+            let _ = writeln!(
+                s,
+                "route         host {} path {} methods {} -> {}",
+                m.host.as_deref().unwrap_or("*"),
+                m.path_prefix.as_deref().unwrap_or("*"),
+                m.methods
+                    .as_ref()
+                    .map_or("*".to_string(), |ms| ms.join(",")),
+                r.upstream
+            );
+        }
         let _ = writeln!(
             s,
             "websocket     {}",
