@@ -36,6 +36,7 @@
 -- go to Redis directly.
 
 local real = redis
+local n_subjects = tonumber(ARGV[1])
 -- key -> {v = field -> value (false: absent), d = changed fields (in
 -- order), seen = field -> true once changed, ttl = last PEXPIRE or nil}
 local state = {}
@@ -56,11 +57,26 @@ local function change(h, f, value)
     h.d[#h.d + 1] = f
   end
 end
--- Which keys are state hashes (the first key of each subject); every
--- other key passes through.
+-- The state hashes worth a copy: those of subjects that come more than
+-- once in this batch. A subject that comes once is decided on Redis
+-- directly (the copy would only add work); every other key passes through.
 local is_state = {}
-local redis = {}
-function redis.call(cmd, key, ...)
+do
+  local count = {}
+  local k, a = 0, 1
+  for _ = 1, n_subjects do
+    local key = KEYS[k + 1]
+    local c = (count[key] or 0) + 1
+    count[key] = c
+    if c == 2 then is_state[key] = true end
+    k = k + tonumber(ARGV[a + 1])
+    a = a + 2 + tonumber(ARGV[a + 2])
+  end
+end
+local cached = {}
+-- What decide_one calls: Redis itself, or the copy for a repeated subject.
+local redis = real
+function cached.call(cmd, key, ...)
   if key == nil then return real.call(cmd) end
   if not is_state[key] then return real.call(cmd, key, ...) end
   local h = hash_of(key)
@@ -99,9 +115,9 @@ end
 local clock = nil
 local out = {}
 local k, a = 0, 1
-for s = 1, tonumber(ARGV[1]) do
+for s = 1, n_subjects do
   local nk, na = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  is_state[KEYS[k + 1]] = true
+  if is_state[KEYS[k + 1]] then redis = cached else redis = real end
   local now = nil
   if ARGV[a + 3] == '' then
     if clock == nil then

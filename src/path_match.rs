@@ -145,6 +145,30 @@ impl<'a> PathReadings<'a> {
     pub fn others(&self) -> &[String] {
         &self.others
     }
+
+    /// Whether the path starts with `prefix`, when every reading agrees.
+    /// When they do not, the plain reading and one that disagrees (each
+    /// cut to 200 characters, for the log): a path that would match under
+    /// one reading and not another is refused rather than guessed, by rules
+    /// and routes alike.
+    pub fn starts_with(
+        &self,
+        prefix: &str,
+        case_sensitive: bool,
+    ) -> Result<bool, (String, String)> {
+        let plain = has_prefix(self.plain(), prefix, case_sensitive);
+        match self
+            .others
+            .iter()
+            .find(|o| has_prefix(o, prefix, case_sensitive) != plain)
+        {
+            Some(other) => Err((
+                self.plain().chars().take(200).collect(),
+                other.chars().take(200).collect(),
+            )),
+            None => Ok(plain),
+        }
+    }
 }
 
 /// Whether `path` starts with `prefix`; without `case_sensitive`, ASCII

@@ -17,7 +17,7 @@ pub use crate::config::KeyKind;
 use crate::config::{LimitConfig, RuleConfig};
 pub use crate::limits::{ConcurrencySpec, Period, QuotaSpec};
 use crate::metrics::RuleCounters;
-use crate::path_match::{has_prefix, PathReadings};
+use crate::path_match::PathReadings;
 
 /// Header values longer than this cannot be a rate-limit key: the request is
 /// refused with 400 rather than the key being truncated into collisions.
@@ -180,19 +180,13 @@ impl Rule {
             }
         }
         if let Some(p) = &self.path_prefix {
-            let plain = has_prefix(path.plain(), p, self.case_sensitive);
-            if let Some(other) = path
-                .others()
-                .iter()
-                .find(|o| has_prefix(o, p, self.case_sensitive) != plain)
-            {
-                return Err(AmbiguousPath {
-                    plain: path.plain().chars().take(200).collect(),
-                    other: other.chars().take(200).collect(),
+            return path
+                .starts_with(p, self.case_sensitive)
+                .map_err(|(plain, other)| AmbiguousPath {
+                    plain,
+                    other,
                     rule: self.name.to_string(),
                 });
-            }
-            return Ok(plain);
         }
         Ok(true)
     }

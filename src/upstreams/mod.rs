@@ -24,7 +24,7 @@ use actix_web::http::Method;
 use actix_web::HttpRequest;
 
 use crate::config::{Config, RouteConfig, UpstreamConfig};
-use crate::path_match::{has_prefix, PathReadings};
+use crate::path_match::PathReadings;
 use health::Target;
 
 /// The name `[upstream]` goes by in metrics, logs and routes.
@@ -273,19 +273,10 @@ impl PoolSet {
                 }
             }
             if let Some(p) = &r.path_prefix {
-                let plain = has_prefix(path.plain(), p, r.case_sensitive);
-                if let Some(other) = path
-                    .others()
-                    .iter()
-                    .find(|o| has_prefix(o, p, r.case_sensitive) != plain)
-                {
-                    return Err(AmbiguousRoute {
-                        plain: path.plain().chars().take(200).collect(),
-                        other: other.chars().take(200).collect(),
-                    });
-                }
-                if !plain {
-                    continue;
+                match path.starts_with(p, r.case_sensitive) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err((plain, other)) => return Err(AmbiguousRoute { plain, other }),
                 }
             }
             return Ok(&r.pool);
