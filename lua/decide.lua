@@ -61,6 +61,11 @@
 --
 -- Needs Redis >= 5 (effects replication, so TIME may precede writes).
 
+-- What every decision reads, as locals: a local is a slot of the running
+-- function, a global is a table lookup each time.
+local KEYS, ARGV, redis, tonumber, unpack = KEYS, ARGV, redis, tonumber, unpack
+local floor_of, sub = math.floor, string.sub
+
 -- The UTC calendar period holding now_s: its start and the next one's,
 -- in seconds (months by Howard Hinnant's civil_from_days).
 local function period_bounds(code, now_s)
@@ -95,6 +100,13 @@ local function period_bounds(code, now_s)
   return start, start + len * 86400
 end
 
+-- The commands on the subject's state hash go through these, so that a
+-- batch can point them at its copy of a hash that comes back within it.
+local function hmget(key, fields) return redis.call('HMGET', key, unpack(fields)) end
+local function hset(key, args) return redis.call('HSET', key, unpack(args)) end
+local function hdel(key, fields) return redis.call('HDEL', key, unpack(fields)) end
+local function pexpire(key, ms) return redis.call('PEXPIRE', key, ms) end
+
 -- @BODY@
 -- decide_batch.lua keeps what is above at its top level and makes what
 -- follows a function, whose parameters replace the next line: where this
@@ -112,8 +124,8 @@ else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local now_ms = math.floor(now / 1000)
-local mode = string.sub(ARGV[A + 2], 1, 1)
+local now_ms = floor_of(now / 1000)
+local mode = sub(ARGV[A + 2], 1, 1)
 local ttl = tonumber(ARGV[A + 3])
 local bannable = ARGV[A + 4] == '1'
 local after = tonumber(ARGV[A + 5])
@@ -128,7 +140,7 @@ fields[n + 1] = '#vs'
 fields[n + 2] = '#vc'
 fields[n + 3] = '#bu'
 fields[n + 4] = '#bs'
-local cur = redis.call('HMGET', hkey, unpack(fields))
+local cur = hmget(hkey, fields)
 
 local strikes = 0
 -- The hash lives at least until the ban ends plus ban memory (strikes).
@@ -146,10 +158,11 @@ end
 if ttl < floor then ttl = floor end
 
 local out = {0, 0, 0, 0}
+local o = 4
 local vals = {}
-local lease_keys = {}
+local lease_keys = nil
 local refused = nil
-local now_s = math.floor(now / 1000000)
+local now_s = floor_of(now / 1000000)
 local next_key = 1
 for i = 1, n do
   local base = 11 + (i - 1) * 6
@@ -201,6 +214,7 @@ for i = 1, n do
   else
     next_key = next_key + 1
     local key = KEYS[K + next_key]
+    if lease_keys == nil then lease_keys = {} end
     lease_keys[i] = key
     local count = redis.call('ZCOUNT', key, '(' .. string.format('%.0f', now), '+inf')
     if mode == 'r' then
@@ -222,9 +236,8 @@ for i = 1, n do
     if shadow then state = 2 else state = 1 end
     if state == 1 and refused == nil then refused = fields[i] end
   end
-  out[#out + 1] = state
-  out[#out + 1] = room
-  out[#out + 1] = wait
+  out[o + 1], out[o + 2], out[o + 3] = state, room, wait
+  o = o + 3
 end
 
 if mode == 'p' then return out end
@@ -235,8 +248,8 @@ if refused == nil and mode == 'd' then
   local args = {}
   for i = 1, n do
     if out[4 + (i - 1) * 3 + 1] == 0 then
-      if lease_keys[i] ~= nil then
-        local key = lease_keys[i]
+      local key = lease_keys and lease_keys[i]
+      if key then
         local ms = tonumber(ARGV[A + 11 + (i - 1) * 6 + 3])
         redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now))
         redis.call('ZADD', key, string.format('%.0f', now + ms * 1000), lease)
@@ -248,14 +261,14 @@ if refused == nil and mode == 'd' then
     end
   end
   if #args > 0 then
-    redis.call('HSET', hkey, unpack(args))
+    hset(hkey, args)
     -- Never cut short an open violation window.
     local vs = tonumber(cur[n + 1])
     if vs ~= nil and bannable and after > 0 then
       local keep = vs + tonumber(ARGV[A + 6]) - now_ms
       if keep > ttl then ttl = keep end
     end
-    redis.call('PEXPIRE', hkey, ttl)
+    pexpire(hkey, ttl)
   end
   return out
 end
@@ -263,14 +276,14 @@ end
 if mode == 'r' then
   local args = {}
   for i = 1, n do
-    if lease_keys[i] == nil then
+    if not (lease_keys and lease_keys[i]) then
       args[#args + 1] = fields[i]
       args[#args + 1] = vals[i]
     end
   end
   if #args > 0 then
-    redis.call('HSET', hkey, unpack(args))
-    redis.call('PEXPIRE', hkey, ttl)
+    hset(hkey, args)
+    pexpire(hkey, ttl)
   end
   refused = string.sub(ARGV[A + 2], 3)
 end
@@ -289,10 +302,10 @@ if vs == nil or now_ms - vs >= within then
 end
 vc = vc + 1
 if vc < after then
-  redis.call('HSET', hkey, '#vs', vs, '#vc', vc)
+  hset(hkey, {'#vs', vs, '#vc', vc})
   local keep = vs + within - now_ms
   if keep < ttl then keep = ttl end
-  redis.call('PEXPIRE', hkey, keep)
+  pexpire(hkey, keep)
   return out
 end
 
@@ -302,11 +315,11 @@ local max = tonumber(ARGV[A + 9])
 if dur > max then dur = max end
 dur = math.floor(dur)
 local ban_until = now_ms + dur
-redis.call('HSET', hkey, '#bu', ban_until, '#bs', strikes)
-redis.call('HDEL', hkey, '#vs', '#vc')
+hset(hkey, {'#bu', ban_until, '#bs', strikes})
+hdel(hkey, {'#vs', '#vc'})
 local keep = dur + tonumber(ARGV[A + 10])
 if keep < ttl then keep = ttl end
-redis.call('PEXPIRE', hkey, keep)
+pexpire(hkey, keep)
 out[1] = 3
 out[2] = dur
 out[3] = strikes

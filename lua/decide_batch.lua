@@ -35,19 +35,21 @@
 -- of per decision. Lease sets (sorted sets) are not copied: their commands
 -- go to Redis directly.
 
-local real = redis
 local n_subjects = tonumber(ARGV[1])
 -- key -> {v = field -> value (false: absent), d = changed fields (in
 -- order), seen = field -> true once changed, ttl = last PEXPIRE or nil}
 local state = {}
 local order = {}
+local last_key, last_h = nil, nil
 local function hash_of(key)
+  if key == last_key then return last_h end
   local h = state[key]
   if h == nil then
     h = {v = {}, d = {}, seen = {}, ttl = nil}
     state[key] = h
     order[#order + 1] = key
   end
+  last_key, last_h = key, h
   return h
 end
 local function change(h, f, value)
@@ -73,40 +75,43 @@ do
     a = a + 2 + tonumber(ARGV[a + 2])
   end
 end
-local cached = {}
--- What decide_one calls: Redis itself, or the copy for a repeated subject.
-local redis = real
-function cached.call(cmd, key, ...)
-  if key == nil then return real.call(cmd) end
-  if not is_state[key] then return real.call(cmd, key, ...) end
-  local h = hash_of(key)
-  local args = {...}
-  if cmd == 'HMGET' then
-    local missing = {}
-    for i = 1, #args do
-      if h.v[args[i]] == nil then missing[#missing + 1] = args[i] end
-    end
-    if #missing > 0 then
-      local got = real.call('HMGET', key, unpack(missing))
-      for i = 1, #missing do h.v[missing[i]] = got[i] end
-    end
-    local out = {}
-    for i = 1, #args do out[i] = h.v[args[i]] end
-    return out
-  elseif cmd == 'HSET' then
-    for i = 1, #args, 2 do change(h, args[i], args[i + 1]) end
-    return 0
-  elseif cmd == 'HDEL' then
-    for i = 1, #args do change(h, args[i], false) end
-    return 0
-  elseif cmd == 'PEXPIRE' then
-    h.ttl = args[1]
-    return 1
-  end
-  return real.call(cmd, key, ...)
-end
-
 -- @PRELUDE@
+
+-- decide.lua's commands on a state hash (hmget, hset, hdel, pexpire, from
+-- its helpers above), on Redis itself or, for a repeated subject, on the
+-- batch's copy.
+local direct_hmget, direct_hset, direct_hdel, direct_pexpire = hmget, hset, hdel, pexpire
+local function copy_hmget(key, fields)
+  local v = hash_of(key).v
+  local missing = nil
+  for i = 1, #fields do
+    if v[fields[i]] == nil then
+      if missing == nil then missing = {} end
+      missing[#missing + 1] = fields[i]
+    end
+  end
+  if missing ~= nil then
+    local got = redis.call('HMGET', key, unpack(missing))
+    for i = 1, #missing do v[missing[i]] = got[i] end
+  end
+  local out = {}
+  for i = 1, #fields do out[i] = v[fields[i]] end
+  return out
+end
+local function copy_hset(key, args)
+  local h = hash_of(key)
+  for i = 1, #args, 2 do change(h, args[i], args[i + 1]) end
+  return 0
+end
+local function copy_hdel(key, fields)
+  local h = hash_of(key)
+  for i = 1, #fields do change(h, fields[i], false) end
+  return 0
+end
+local function copy_pexpire(key, ms)
+  hash_of(key).ttl = ms
+  return 1
+end
 
 local function decide_one(K, A, NA, NOW)
 -- @DECIDE@
@@ -117,11 +122,15 @@ local out = {}
 local k, a = 0, 1
 for s = 1, n_subjects do
   local nk, na = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  if is_state[KEYS[k + 1]] then redis = cached else redis = real end
+  if is_state[KEYS[k + 1]] then
+    hmget, hset, hdel, pexpire = copy_hmget, copy_hset, copy_hdel, copy_pexpire
+  else
+    hmget, hset, hdel, pexpire = direct_hmget, direct_hset, direct_hdel, direct_pexpire
+  end
   local now = nil
   if ARGV[a + 3] == '' then
     if clock == nil then
-      local t = real.call('TIME')
+      local t = redis.call('TIME')
       clock = tonumber(t[1]) * 1000000 + tonumber(t[2])
     end
     now = clock
@@ -146,8 +155,8 @@ for _, key in ipairs(order) do
       set[#set + 1] = value
     end
   end
-  if #del > 0 then real.call('HDEL', key, unpack(del)) end
-  if #set > 0 then real.call('HSET', key, unpack(set)) end
-  if h.ttl ~= nil then real.call('PEXPIRE', key, h.ttl) end
+  if #del > 0 then redis.call('HDEL', key, unpack(del)) end
+  if #set > 0 then redis.call('HSET', key, unpack(set)) end
+  if h.ttl ~= nil then redis.call('PEXPIRE', key, h.ttl) end
 end
 return out
