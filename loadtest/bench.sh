@@ -149,18 +149,23 @@ wrk_parse() {
     '
 }
 
-# Redis commands so far: "calls total". `calls` are the script calls the
-# gateway sends (EVALSHA, and EVAL after a NOSCRIPT); `total` is every
+# Redis commands so far: "calls total usec". `calls` are the script calls
+# the gateway sends (EVALSHA, and EVAL after a NOSCRIPT); `total` is every
 # command INFO commandstats counts, which includes the commands a script
-# runs inside Redis (TIME, HMGET, HSET, PEXPIRE, ...). Our own INFO and
+# runs inside Redis (TIME, HMGET, HSET, PEXPIRE, ...); `usec` is the time
+# Redis spent running those script calls (the rest of its CPU is reading,
+# parsing and answering them, and its event loop). Our own INFO and
 # redis-cli's COMMAND are left out.
 redis_calls() {
     lt_redis INFO commandstats | awk -F'calls=' '
         /^cmdstat_/ && !/^cmdstat_(info|command)/ {
             split($2, a, ","); total += a[1]
-            if ($1 ~ /^cmdstat_eval(sha)?(_ro)?:$/) calls += a[1]
+            if ($1 ~ /^cmdstat_eval(sha)?(_ro)?:$/) {
+                calls += a[1]
+                split($0, u, "usec="); split(u[2], b, ","); usec += b[1]
+            }
         }
-        END { print calls + 0, total + 0 }'
+        END { print calls + 0, total + 0, usec + 0 }'
 }
 
 run_wrk() {
@@ -398,7 +403,7 @@ for conns in $CONNS; do
     fi
     for ((round = 1; round <= ROUNDS; round++)); do
         for s in "${scenarios[@]}"; do
-            read -r calls0 total0 < <(redis_calls)
+            read -r calls0 total0 usec0 < <(redis_calls)
             pcpu0=$(lt_cpu_ticks ${proxy_pid[$s]})
             rcpu0=$(lt_cpu_ticks "$REDIS_PID")
             ucpu0=$(lt_cpu_ticks "$UPSTREAM_PID")
@@ -407,13 +412,13 @@ for conns in $CONNS; do
             pcpu1=$(lt_cpu_ticks ${proxy_pid[$s]})
             rcpu1=$(lt_cpu_ticks "$REDIS_PID")
             ucpu1=$(lt_cpu_ticks "$UPSTREAM_PID")
-            read -r calls1 total1 < <(redis_calls)
+            read -r calls1 total1 usec1 < <(redis_calls)
             read -r rps p50 p99 reqs non2xx errs < <(wrk_parse <"$out")
             wcpu=$(awk '$1 == "wrk-cpu" { printf "%d", ($2 + $3) * 100 + 0.5 }' "$out")
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
                 "$conns" "$s" "$round" "$rps" "$p50" "$p99" "$reqs" \
                 "$((calls1 - calls0))" "$non2xx" "$errs" "$((total1 - total0))" \
-                "$((pcpu1 - pcpu0))" "$((rcpu1 - rcpu0))" "$((ucpu1 - ucpu0))" "${wcpu:-0}" >>"$results"
+                "$((pcpu1 - pcpu0))" "$((rcpu1 - rcpu0))" "$((ucpu1 - ucpu0))" "${wcpu:-0}" "$((usec1 - usec0))" >>"$results"
             lt_log "c=$conns round $round $s: $rps req/s, p50 ${p50}us, p99 ${p99}us, non-2xx $non2xx"
         done
     done
@@ -489,21 +494,23 @@ echo "## CPU time per request (µs), each process, same rounds"
 echo
 echo "CPU seconds each process used during the scenario's rounds, divided by the requests completed."
 echo "The proxy column is the process under test (nginx counts its worker); 2 CPUs are shared by all four."
+echo "\"In scripts\" is the time Redis spent running the script calls (INFO commandstats usec, wall time: a script preempted"
+echo "on a busy machine counts its wait too); the rest of Redis' CPU is reading, parsing and answering them, and waking up."
 for conns in $CONNS; do
     echo
     echo "### $conns connections"
     echo
-    echo "| scenario | proxy | Redis | upstream | wrk | total | Redis µs per Redis call |"
-    echo "|---|---:|---:|---:|---:|---:|---:|"
+    echo "| scenario | proxy | Redis | (of which in scripts) | upstream | wrk | total | Redis µs per Redis call |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
     for s in "${scenarios[@]}"; do
         reqs=$(sum_col 7 "$conns" "$s")
         calls=$(sum_col 8 "$conns" "$s")
         awk -v s="$s" -v reqs="$reqs" -v calls="$calls" \
             -v p="$(sum_col 12 "$conns" "$s")" -v r="$(sum_col 13 "$conns" "$s")" \
             -v u="$(sum_col 14 "$conns" "$s")" -v w="$(sum_col 15 "$conns" "$s")" \
-            -v tck="$(getconf CLK_TCK)" 'BEGIN {
+            -v us="$(sum_col 16 "$conns" "$s")" -v tck="$(getconf CLK_TCK)" 'BEGIN {
             f = (reqs > 0) ? 1000000 / tck / reqs : 0
-            printf "| %s | %.1f | %.1f | %.1f | %.1f | %.1f | %s |\n", s, p * f, r * f, u * f, w * f, (p + r + u + w) * f,
+            printf "| %s | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %s |\n", s, p * f, r * f, (reqs > 0 ? us / reqs : 0), u * f, w * f, (p + r + u + w) * f,
                 (calls > reqs / 100 ? sprintf("%.1f", r * 1000000 / tck / calls) : "–")
         }'
     done
