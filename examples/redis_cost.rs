@@ -115,6 +115,19 @@ fn call(shape: Shape, sha: &str, batch: usize, n: usize) -> redis::Cmd {
     cmd
 }
 
+/// Whether a reply is that of allowed decisions (status 0), one or a batch:
+/// what the never-refusing rule must give, so a change to `decide.lua`'s
+/// arguments that this tool missed shows at once instead of measuring
+/// something else.
+fn allowed(reply: &redis::Value, shape: Shape) -> bool {
+    let one = |v: &redis::Value| matches!(v, redis::Value::Array(items) if matches!(items.first(), Some(redis::Value::Int(0))));
+    match (shape, reply) {
+        (Shape::Single, v) => one(v),
+        (_, redis::Value::Array(replies)) => !replies.is_empty() && replies.iter().all(one),
+        _ => false,
+    }
+}
+
 /// Seconds of CPU the process has used, all its threads (the first field
 /// of each thread's schedstat is its time on a CPU in nanoseconds).
 fn cpu_seconds(pid: u32) -> f64 {
@@ -207,7 +220,14 @@ async fn run_for(
             tasks.push(tokio::spawn(async move {
                 let mut done = 0usize;
                 while Instant::now() < stop {
-                    let _: redis::Value = cmds[done % cmds.len()].query_async(&mut con).await?;
+                    let reply: redis::Value = cmds[done % cmds.len()].query_async(&mut con).await?;
+                    if done == 0 && !allowed(&reply, shape) {
+                        return Err(redis::RedisError::from((
+                            redis::ErrorKind::Client,
+                            "not an allowed decision: the arguments here are out of step with decide.lua",
+                            format!("{reply:?}"),
+                        )));
+                    }
                     done += 1;
                 }
                 redis::RedisResult::Ok(done)

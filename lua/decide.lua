@@ -77,15 +77,15 @@ local function period_bounds(code, now_s)
     local s = now_s - now_s % 86400
     return s, s + 86400
   end
-  local days = math.floor(now_s / 86400)
+  local days = floor_of(now_s / 86400)
   local z = days + 719468
-  local era = math.floor(z / 146097)
+  local era = floor_of(z / 146097)
   local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-    - math.floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local yoe = floor_of((doe - floor_of(doe / 1460) + floor_of(doe / 36524)
+    - floor_of(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + floor_of(yoe / 4) - floor_of(yoe / 100))
+  local mp = floor_of((5 * doy + 2) / 153)
+  local d = doy - floor_of((153 * mp + 2) / 5) + 1
   local m = mp + 3
   if mp >= 10 then m = mp - 9 end
   local y = yoe + era * 400
@@ -160,7 +160,7 @@ if ttl < floor then ttl = floor end
 local out = {0, 0, 0, 0}
 local o = 4
 local vals = {}
-local lease_keys = nil
+local lease_keys = {}
 local refused = nil
 local now_s = floor_of(now / 1000000)
 local next_key = 1
@@ -214,7 +214,6 @@ for i = 1, n do
   else
     next_key = next_key + 1
     local key = KEYS[K + next_key]
-    if lease_keys == nil then lease_keys = {} end
     lease_keys[i] = key
     local count = redis.call('ZCOUNT', key, '(' .. string.format('%.0f', now), '+inf')
     if mode == 'r' then
@@ -248,8 +247,8 @@ if refused == nil and mode == 'd' then
   local args = {}
   for i = 1, n do
     if out[4 + (i - 1) * 3 + 1] == 0 then
-      local key = lease_keys and lease_keys[i]
-      if key then
+      local key = lease_keys[i]
+      if key ~= nil then
         local ms = tonumber(ARGV[A + 11 + (i - 1) * 6 + 3])
         redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now))
         redis.call('ZADD', key, string.format('%.0f', now + ms * 1000), lease)
@@ -276,7 +275,7 @@ end
 if mode == 'r' then
   local args = {}
   for i = 1, n do
-    if not (lease_keys and lease_keys[i]) then
+    if lease_keys[i] == nil then
       args[#args + 1] = fields[i]
       args[#args + 1] = vals[i]
     end
@@ -285,7 +284,7 @@ if mode == 'r' then
     hset(hkey, args)
     pexpire(hkey, ttl)
   end
-  refused = string.sub(ARGV[A + 2], 3)
+  refused = sub(ARGV[A + 2], 3)
 end
 
 -- A refusal: charge nothing, count a violation, maybe escalate.
@@ -313,7 +312,7 @@ strikes = strikes + 1
 local dur = tonumber(ARGV[A + 7]) * (tonumber(ARGV[A + 8]) ^ (strikes - 1))
 local max = tonumber(ARGV[A + 9])
 if dur > max then dur = max end
-dur = math.floor(dur)
+dur = floor_of(dur)
 local ban_until = now_ms + dur
 hset(hkey, {'#bu', ban_until, '#bs', strikes})
 hdel(hkey, {'#vs', '#vc'})

@@ -40,16 +40,13 @@ local n_subjects = tonumber(ARGV[1])
 -- order), seen = field -> true once changed, ttl = last PEXPIRE or nil}
 local state = {}
 local order = {}
-local last_key, last_h = nil, nil
 local function hash_of(key)
-  if key == last_key then return last_h end
   local h = state[key]
   if h == nil then
     h = {v = {}, d = {}, seen = {}, ttl = nil}
     state[key] = h
     order[#order + 1] = key
   end
-  last_key, last_h = key, h
   return h
 end
 local function change(h, f, value)
