@@ -21,6 +21,9 @@ local b = redis.call('HMGET', KEYS[1], 'until', 'strikes', 'reason', 'source', '
 local s = redis.call('HMGET', KEYS[2], '#bu', '#bs')
 if (tonumber(s[1]) or 0) > (tonumber(b[1]) or 0) then b[1] = s[1] end
 if (tonumber(s[2]) or 0) > (tonumber(b[2]) or 0) then b[2] = s[2] end
+-- Only decide.lua bans without writing a record first, so a ban known from
+-- the state hash alone is an automatic one.
+if not b[4] and s[1] then b[4] = 'auto' end
 local tat = false
 if ARGV[1] ~= '' then tat = redis.call('HGET', KEYS[2], ARGV[1]) end
 return {whole(now), whole(b[1]), whole(b[2]), b[3] or '', b[4] or '', whole(b[5]), whole(b[6]), whole(tat)}

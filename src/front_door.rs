@@ -300,7 +300,7 @@ pub async fn front_door(
         Decision::Banned {
             remaining_ms, made, ..
         } => {
-            note_ban(&gw, key, remaining_ms, made);
+            note_ban(&gw, key, remaining_ms, made).await;
             responses::banned(snap.ban_status, Duration::from_millis(remaining_ms))
         }
         Decision::Unavailable => responses::unavailable(),
@@ -308,9 +308,18 @@ pub async fn front_door(
 }
 
 /// A decision found the client banned: mirror it in the cache at once and,
-/// for a ban this request made, tell the fleet and the audit log.
-fn note_ban(gw: &Gateway, key: ClientKey, remaining_ms: u64, made: Option<BanMade>) {
+/// for a ban this request made, write its record, tell the fleet and the
+/// audit log. A ban Redis made is written before the client hears of it, so
+/// what the client was told is already in the admin API and the audit log
+/// (a ban is rare; the banned client is the one that waits). A ban the local
+/// fallback made is written in the background: Redis is failing then, and
+/// the restore path writes it back when Redis returns.
+async fn note_ban(gw: &Gateway, key: ClientKey, remaining_ms: u64, made: Option<BanMade>) {
     match made {
+        Some(made) if made.by_redis => {
+            gw.bans.learn(key, made.dur_ms);
+            gw.bans.on_auto_ban(key, made).await;
+        }
         Some(made) => {
             gw.bans.learn(key, made.dur_ms);
             let bans = gw.bans.clone();
