@@ -171,7 +171,8 @@ impl UpstreamClients {
 /// Phase 6 for an allowed request: stream it upstream (or relay its
 /// WebSocket) to the pool its route picks (from `snap`), add the RateLimit
 /// headers of the rules that applied, and hold its concurrency `slots`
-/// until the response (or the relayed connection) ends.
+/// until the response (or the relayed connection) ends, whatever the
+/// answer is.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     req: HttpRequest,
@@ -183,6 +184,31 @@ async fn forward(
     trusted: bool,
     applied: &[RateInfo<'_>],
     slots: Option<SlotGuard>,
+) -> HttpResponse {
+    // A HEAD response's body is never sent: nothing would end it.
+    let bodiless = req.method() == actix_web::http::Method::HEAD;
+    let resp = answer(req, payload, snap, clients, gw, peer, trusted, applied).await;
+    match slots {
+        Some(slots) if bodiless => {
+            slots.release().await;
+            resp
+        }
+        Some(slots) => in_flight::carry(resp, slots).await,
+        None => resp,
+    }
+}
+
+/// [`forward`]'s answer, before the slots are attached to it.
+#[allow(clippy::too_many_arguments)]
+async fn answer(
+    req: HttpRequest,
+    payload: web::Payload,
+    snap: &Snapshot,
+    clients: &UpstreamClients,
+    gw: &Gateway,
+    peer: IpAddr,
+    trusted: bool,
+    applied: &[RateInfo<'_>],
 ) -> HttpResponse {
     let pool = match snap.pools.route(&req) {
         Ok(p) => p,
@@ -198,7 +224,7 @@ async fn forward(
         return match websocket::relay(&req, payload, pool, trusted, peer).await {
             Ok(mut relayed) => {
                 responses::add_rate_headers(&mut relayed.builder, applied);
-                hold(relayed.into_response(), slots)
+                relayed.into_response()
             }
             Err(failure) => {
                 crate::metrics::upstream_error(failure.code());
@@ -215,7 +241,7 @@ async fn forward(
     match result {
         Ok(mut resp) => {
             responses::add_rate_headers(&mut resp.builder, applied);
-            hold(resp.into_response(), slots)
+            resp.into_response()
         }
         Err(ForwardError::Upstream(failure)) => {
             crate::metrics::upstream_error(failure.code());
@@ -225,14 +251,6 @@ async fn forward(
             crate::metrics::client_error(fault.code());
             responses::client_error(fault.status(), fault.code(), fault.message())
         }
-    }
-}
-
-/// Keeps the concurrency slots of `resp` until its body ends.
-fn hold(resp: HttpResponse, slots: Option<SlotGuard>) -> HttpResponse {
-    match slots {
-        Some(slots) => in_flight::carry(resp, slots),
-        None => resp,
     }
 }
 

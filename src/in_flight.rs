@@ -6,7 +6,14 @@
 //! byte is sent, or until the client goes away (actix then drops the
 //! response, and with it the guard). It is separate from the front door
 //! because it is tied to a response's life, not to a phase of the request.
+//!
+//! A slot is free before the client can know its response ended: the body
+//! holds back its end (the chunk that completes a known length, or the end
+//! of a stream) until the release has reached the store. Otherwise a client
+//! that sends its next request as soon as the last one ends could find its
+//! own slot still taken and be refused for being in flight twice.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -45,6 +52,30 @@ impl SlotGuard {
     }
 }
 
+impl SlotGuard {
+    /// Stops renewing and gives back the slots; resolves once the store
+    /// has them back, or the release failed (counted), or it took longer
+    /// than [`Limiter::release_wait`] (it goes on in the background).
+    pub fn release(mut self) -> Releasing {
+        if let Some(r) = self.renewal.take() {
+            r.abort();
+        }
+        let (limiter, set) = (self.limiter.clone(), self.set.take());
+        let wait = limiter.release_wait();
+        let release = actix_web::rt::spawn(async move {
+            if let Some(set) = set {
+                limiter.leases(&set, false).await;
+            }
+        });
+        Box::pin(async move {
+            let _ = tokio::time::timeout(wait, release).await;
+        })
+    }
+}
+
+/// A release under way.
+pub type Releasing = Pin<Box<dyn Future<Output = ()>>>;
+
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         if let Some(r) = self.renewal.take() {
@@ -62,10 +93,25 @@ impl Drop for SlotGuard {
     }
 }
 
-/// A response body that holds its request's slots until it is dropped.
+/// A response body that holds its request's slots until its end, and
+/// holds its end back until the slots are released.
 struct HeldBody {
     inner: BoxBody,
-    _slots: SlotGuard,
+    slots: Option<SlotGuard>,
+    /// Bytes still to come, when the length is known: the chunk that
+    /// completes it is the end the client sees.
+    left: Option<u64>,
+    releasing: Option<Releasing>,
+    /// The chunk held back while the release is under way.
+    last: Option<Bytes>,
+}
+
+impl HeldBody {
+    fn start_release(&mut self) {
+        if let Some(slots) = self.slots.take() {
+            self.releasing = Some(slots.release());
+        }
+    }
 }
 
 impl MessageBody for HeldBody {
@@ -79,15 +125,64 @@ impl MessageBody for HeldBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, Self::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_next(cx)
+        let this = self.get_mut();
+        loop {
+            if let Some(releasing) = this.releasing.as_mut() {
+                if releasing.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.releasing = None;
+                // The held-back last chunk, or the end of a stream.
+                return Poll::Ready(this.last.take().map(Ok));
+            }
+            let next = match Pin::new(&mut this.inner).poll_next(cx) {
+                Poll::Ready(next) => next,
+                Poll::Pending => return Poll::Pending,
+            };
+            if this.slots.is_none() {
+                return Poll::Ready(next);
+            }
+            match next {
+                Some(Ok(chunk)) => {
+                    if let Some(left) = this.left.as_mut() {
+                        *left = left.saturating_sub(chunk.len() as u64);
+                        if *left == 0 {
+                            this.last = Some(chunk);
+                            this.start_release();
+                            continue;
+                        }
+                    }
+                    return Poll::Ready(Some(Ok(chunk)));
+                }
+                None => {
+                    this.start_release();
+                    continue;
+                }
+                // The guard goes with the body when actix drops it.
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+            }
+        }
     }
 }
 
-/// `resp` with `slots` held until its body has been sent or dropped.
-pub fn carry(resp: HttpResponse, slots: SlotGuard) -> HttpResponse {
+/// `resp` with `slots` held until its body has been sent (the end of it
+/// waiting for their release) or dropped. A response without a body gives
+/// them back before it is answered.
+pub async fn carry(resp: HttpResponse, slots: SlotGuard) -> HttpResponse {
+    let left = match resp.body().size() {
+        BodySize::None | BodySize::Sized(0) => {
+            slots.release().await;
+            return resp;
+        }
+        BodySize::Sized(n) => Some(n),
+        BodySize::Stream => None,
+    };
     resp.map_body(|_, inner| HeldBody {
         inner,
-        _slots: slots,
+        slots: Some(slots),
+        left,
+        releasing: None,
+        last: None,
     })
     .map_into_boxed_body()
 }

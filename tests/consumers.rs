@@ -10,6 +10,8 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -509,10 +511,9 @@ fn concurrency_slots_are_shared_released_and_outlive_no_dead_node() {
     for s in slow {
         assert_eq!(s.join().unwrap(), 200);
     }
-    // Released when the responses ended, well before their leases would end.
-    wait_until("slots released", Duration::from_millis(500), || {
-        in_flight(&b) == 0
-    });
+    // Released before the responses ended, well before their leases would
+    // end.
+    assert_eq!(in_flight(&b), 0, "slots still held after their responses");
     assert_eq!(get_key(&a, "/", "k-static-pro").status, 200);
 
     // A client that goes away mid-download frees its slot.
@@ -557,4 +558,91 @@ fn concurrency_slots_are_shared_released_and_outlive_no_dead_node() {
     for d in doomed {
         assert_eq!(d.join().unwrap(), 0, "the killed node answered");
     }
+}
+
+/// One slot, leased for longer than the test: only a release frees it.
+const ONE_SLOT: &str = r#"
+[consumers]
+key = "header:X-Api-Key"
+keys = { "k-one" = "single" }
+
+[plans.single]
+rules = [{ name = "single-inflight", concurrency = 1, lease = "30s" }]
+"#;
+
+const ROUNDS: usize = 40;
+
+#[test]
+fn a_client_that_waits_for_each_answer_is_never_refused_for_being_in_flight() {
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let p = prefix();
+    let setup = Setup {
+        redis: Some(redis.url()),
+        upstream: &up.url(),
+        prefix: &p,
+        rules: "",
+        extra: ONE_SLOT,
+    };
+    let (a, b) = (Gateway::start(&setup), Gateway::start(&setup));
+    // Other clients keep both nodes busy, so that work queued on a worker
+    // (as a release sent after the answer would be) is late.
+    let stop = Arc::new(AtomicBool::new(false));
+    let noise: Vec<_> = (0..6)
+        .map(|i| {
+            let (stop, url) = (stop.clone(), [&a, &b][i % 2].url("/bytes/20000"));
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(r) = ureq::get(&url).call() {
+                        let _ = r.into_string();
+                    }
+                }
+            })
+        })
+        .collect();
+    // A sized body, a stream without a length, no body at all, and a HEAD
+    // (a length but no body), each through both nodes in turn: the next
+    // request goes out the moment the last answer is complete.
+    let mut seen = Vec::new();
+    for round in 0..ROUNDS {
+        for (method, path, want) in [
+            ("GET", "/", 200),
+            ("GET", "/bytes/100000", 200),
+            ("GET", "/status/204", 204),
+            ("HEAD", "/", 200),
+        ] {
+            let gw = [&a, &b][round % 2];
+            let r = call(method, &gw.url(path), &[(KEY, "k-one")], None);
+            assert_eq!(
+                r.status, want,
+                "{method} {path} in round {round}: {}",
+                r.body
+            );
+            seen.push(r.status);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for n in noise {
+        n.join().unwrap();
+    }
+    assert_eq!(seen.len(), 4 * ROUNDS);
+    // The slot really is one: a request in flight shuts out the next.
+    let slow = {
+        let url = a.url("/slow/1500");
+        thread::spawn(move || call("GET", &url, &[(KEY, "k-one")], None).status)
+    };
+    wait_until(
+        "the slow request holds the slot",
+        Duration::from_secs(2),
+        || {
+            let v = b.admin("GET", "/admin/consumers/k-one", None).json();
+            v["rules"][0]["in_flight"] == 1
+        },
+    );
+    let r = call("GET", &b.url("/"), &[(KEY, "k-one")], None);
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(slow.join().unwrap(), 200);
+    assert_eq!(
+        call("GET", &b.url("/"), &[(KEY, "k-one")], None).status,
+        200
+    );
 }

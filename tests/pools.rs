@@ -66,58 +66,43 @@ impl Instance {
 
     fn run(&mut self) {
         use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
-        let (tx, rx) = std::sync::mpsc::channel();
         let (name, port) = (self.name, self.port);
         let (flags, posts) = (self.flags.clone(), self.posts.clone());
-        let join = thread::spawn(move || {
-            let sys = actix_web::rt::System::new();
-            sys.block_on(async move {
-                let server = HttpServer::new(move || {
+        self.server = Some(serve_in_thread!(port, move || {
+            HttpServer::new(move || {
+                let (flags, posts) = (flags.clone(), posts.clone());
+                App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
                     let (flags, posts) = (flags.clone(), posts.clone());
-                    App::new().default_service(web::to(
-                        move |req: HttpRequest, body: web::Bytes| {
-                            let (flags, posts) = (flags.clone(), posts.clone());
-                            async move {
-                                if req.path() == "/healthz" {
-                                    return if flags.sick.load(Ordering::Relaxed) {
-                                        HttpResponse::ServiceUnavailable().body("sick")
-                                    } else {
-                                        HttpResponse::Ok().body("ok")
-                                    };
-                                }
-                                flags.hits.fetch_add(1, Ordering::Relaxed);
-                                if req.method() == actix_web::http::Method::POST {
-                                    let id = req
-                                        .headers()
-                                        .get("x-request-id")
-                                        .and_then(|v| v.to_str().ok());
-                                    count_post(&posts, id);
-                                }
-                                let status = if flags.fail.load(Ordering::Relaxed) {
-                                    actix_web::http::StatusCode::INTERNAL_SERVER_ERROR
-                                } else {
-                                    actix_web::http::StatusCode::OK
-                                };
-                                HttpResponse::build(status).json(serde_json::json!({
-                                    "name": name,
-                                    "path": req.path(),
-                                    "body_len": body.len(),
-                                }))
-                            }
-                        },
-                    ))
-                })
-                .workers(2)
-                .disable_signals()
-                .bind(("127.0.0.1", port))
-                .unwrap()
-                .run();
-                tx.send(server.handle()).unwrap();
-                let _ = server.await;
-            });
-        });
-        let handle = rx.recv().unwrap();
-        self.server = Some((handle, join));
+                    async move {
+                        if req.path() == "/healthz" {
+                            return if flags.sick.load(Ordering::Relaxed) {
+                                HttpResponse::ServiceUnavailable().body("sick")
+                            } else {
+                                HttpResponse::Ok().body("ok")
+                            };
+                        }
+                        flags.hits.fetch_add(1, Ordering::Relaxed);
+                        if req.method() == actix_web::http::Method::POST {
+                            let id = req
+                                .headers()
+                                .get("x-request-id")
+                                .and_then(|v| v.to_str().ok());
+                            count_post(&posts, id);
+                        }
+                        let status = if flags.fail.load(Ordering::Relaxed) {
+                            actix_web::http::StatusCode::INTERNAL_SERVER_ERROR
+                        } else {
+                            actix_web::http::StatusCode::OK
+                        };
+                        HttpResponse::build(status).json(serde_json::json!({
+                            "name": name,
+                            "path": req.path(),
+                            "body_len": body.len(),
+                        }))
+                    }
+                }))
+            })
+        }));
     }
 
     fn url(&self) -> String {

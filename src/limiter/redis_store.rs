@@ -143,6 +143,11 @@ impl RedisStore {
         })
     }
 
+    /// One call's budget (`redis.timeout`).
+    pub fn timeout(&self) -> std::time::Duration {
+        self.link.config().timeout
+    }
+
     async fn lease_call(&self, call: &LeaseCall<'_>) -> Result<u32, RedisFailure> {
         let keys: Vec<String> = call
             .slots

@@ -456,15 +456,11 @@ impl Upstream {
         use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
         use futures_util::StreamExt;
         let hits = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let h = hits.clone();
-        thread::spawn(move || {
-            let sys = actix_web::rt::System::new();
-            sys.block_on(async move {
-                let h2 = h.clone();
-                let server = HttpServer::new(move || {
-                    let h = h2.clone();
-                    App::new()
+        let h2 = hits.clone();
+        let (handle, _) = serve_in_thread!(port, move || {
+            HttpServer::new(move || {
+                let h = h2.clone();
+                App::new()
                         .app_data(web::Data::new(h))
                         .app_data(web::PayloadConfig::new(usize::MAX))
                         .route(
@@ -549,21 +545,12 @@ impl Upstream {
                                     }))
                             },
                         ))
-                })
-                .workers(2)
-                .keep_alive(keep_alive.map_or(
-                    actix_web::http::KeepAlive::default(),
-                    actix_web::http::KeepAlive::Timeout,
-                ))
-                .disable_signals()
-                .bind(("127.0.0.1", port))
-                .unwrap()
-                .run();
-                tx.send(server.handle()).unwrap();
-                let _ = server.await;
-            });
+            })
+            .keep_alive(keep_alive.map_or(
+                actix_web::http::KeepAlive::default(),
+                actix_web::http::KeepAlive::Timeout,
+            ))
         });
-        let handle = rx.recv().unwrap();
         Upstream {
             port,
             hits,
@@ -587,6 +574,43 @@ impl Drop for Upstream {
         }
     }
 }
+
+/// Runs a server in a thread of its own (its own System, as actix needs:
+/// `make` runs inside it). Returns its handle, to stop it, and the thread,
+/// to wait for it. Use it through [`serve_in_thread!`].
+pub fn run_in_thread(
+    make: impl FnOnce() -> actix_web::dev::Server + Send + 'static,
+) -> (actix_web::dev::ServerHandle, thread::JoinHandle<()>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let join = thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let server = make();
+            let _ = tx.send(server.handle());
+            let _ = server.await;
+        });
+    });
+    let handle = rx.recv().expect("the test server starts");
+    (handle, join)
+}
+
+/// Serves the `HttpServer` that `$make` builds on `127.0.0.1:$port`, with
+/// two workers and no signal handling, in a thread of its own; evaluates to
+/// `(ServerHandle, JoinHandle<()>)`. A macro because `HttpServer`'s bounds
+/// name types actix-web does not re-export.
+macro_rules! serve_in_thread {
+    ($port:expr, $make:expr) => {{
+        let (port, make) = ($port, $make);
+        $crate::common::run_in_thread(move || {
+            make()
+                .workers(2)
+                .disable_signals()
+                .bind(("127.0.0.1", port))
+                .expect("the test server binds its port")
+                .run()
+        })
+    }};
+}
+pub(crate) use serve_in_thread;
 
 // ---------------------------------------------------------------- gateway
 
