@@ -50,9 +50,7 @@ impl SlotGuard {
             renewal,
         }
     }
-}
 
-impl SlotGuard {
     /// Stops renewing and gives back the slots; resolves once the store
     /// has them back, or the release failed (counted), or it took longer
     /// than [`Limiter::release_wait`] (it goes on in the background).
