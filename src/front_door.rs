@@ -185,15 +185,10 @@ async fn forward(
     applied: &[RateInfo<'_>],
     slots: Option<SlotGuard>,
 ) -> HttpResponse {
-    // A HEAD response's body is never sent: nothing would end it.
-    let bodiless = req.method() == actix_web::http::Method::HEAD;
+    let head = req.method() == actix_web::http::Method::HEAD;
     let resp = answer(req, payload, snap, clients, gw, peer, trusted, applied).await;
     match slots {
-        Some(slots) if bodiless => {
-            slots.release().await;
-            resp
-        }
-        Some(slots) => in_flight::carry(resp, slots).await,
+        Some(slots) => in_flight::carry(resp, slots, head).await,
         None => resp,
     }
 }
@@ -333,16 +328,15 @@ pub async fn front_door(
 /// fallback made is written in the background: Redis is failing then, and
 /// the restore path writes it back when Redis returns.
 async fn note_ban(gw: &Gateway, key: ClientKey, remaining_ms: u64, made: Option<BanMade>) {
-    match made {
-        Some(made) if made.by_redis => {
-            gw.bans.learn(key, made.dur_ms);
-            gw.bans.on_auto_ban(key, made).await;
-        }
-        Some(made) => {
-            gw.bans.learn(key, made.dur_ms);
-            let bans = gw.bans.clone();
-            actix_web::rt::spawn(async move { bans.on_auto_ban(key, made).await });
-        }
-        None => gw.bans.learn(key, remaining_ms),
+    let Some(made) = made else {
+        gw.bans.learn(key, remaining_ms);
+        return;
+    };
+    gw.bans.learn(key, made.dur_ms);
+    if made.by_redis {
+        gw.bans.on_auto_ban(key, made).await;
+    } else {
+        let bans = gw.bans.clone();
+        actix_web::rt::spawn(async move { bans.on_auto_ban(key, made).await });
     }
 }

@@ -55,19 +55,28 @@ impl SlotGuard {
     /// has them back, or the release failed (counted), or it took longer
     /// than [`Limiter::release_wait`] (it goes on in the background).
     pub fn release(mut self) -> Releasing {
+        let wait = self.limiter.release_wait();
+        let release = self.let_go();
+        Box::pin(async move {
+            if let Some(release) = release {
+                let _ = tokio::time::timeout(wait, release).await;
+            }
+        })
+    }
+
+    /// Stops renewing and starts the release, if the slots are still held
+    /// and there is a worker to run it (outside one, the process is
+    /// stopping and the leases end by themselves).
+    fn let_go(&mut self) -> Option<tokio::task::JoinHandle<()>> {
         if let Some(r) = self.renewal.take() {
             r.abort();
         }
-        let (limiter, set) = (self.limiter.clone(), self.set.take());
-        let wait = limiter.release_wait();
-        let release = actix_web::rt::spawn(async move {
-            if let Some(set) = set {
-                limiter.leases(&set, false).await;
-            }
-        });
-        Box::pin(async move {
-            let _ = tokio::time::timeout(wait, release).await;
-        })
+        let set = self.set.take()?;
+        actix_rt::Arbiter::try_current()?;
+        let limiter = self.limiter.clone();
+        Some(actix_web::rt::spawn(async move {
+            limiter.leases(&set, false).await;
+        }))
     }
 }
 
@@ -76,18 +85,7 @@ pub type Releasing = Pin<Box<dyn Future<Output = ()>>>;
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        if let Some(r) = self.renewal.take() {
-            r.abort();
-        }
-        let Some(set) = self.set.take() else { return };
-        // Outside a worker (the process is stopping) the leases end by
-        // themselves.
-        if actix_rt::Arbiter::try_current().is_some() {
-            let limiter = self.limiter.clone();
-            actix_web::rt::spawn(async move {
-                limiter.leases(&set, false).await;
-            });
-        }
+        self.let_go();
     }
 }
 
@@ -164,16 +162,17 @@ impl MessageBody for HeldBody {
 }
 
 /// `resp` with `slots` held until its body has been sent (the end of it
-/// waiting for their release) or dropped. A response without a body gives
-/// them back before it is answered.
-pub async fn carry(resp: HttpResponse, slots: SlotGuard) -> HttpResponse {
+/// waiting for their release) or dropped. A response without a body, or
+/// the answer to a `head` request (whose body is never sent, so nothing
+/// would end it), gives them back before it is answered.
+pub async fn carry(resp: HttpResponse, slots: SlotGuard, head: bool) -> HttpResponse {
     let left = match resp.body().size() {
-        BodySize::None | BodySize::Sized(0) => {
+        BodySize::Sized(n) if n > 0 && !head => Some(n),
+        BodySize::Stream if !head => None,
+        _ => {
             slots.release().await;
             return resp;
         }
-        BodySize::Sized(n) => Some(n),
-        BodySize::Stream => None,
     };
     resp.map_body(|_, inner| HeldBody {
         inner,

@@ -602,7 +602,6 @@ fn a_client_that_waits_for_each_answer_is_never_refused_for_being_in_flight() {
     // A sized body, a stream without a length, no body at all, and a HEAD
     // (a length but no body), each through both nodes in turn: the next
     // request goes out the moment the last answer is complete.
-    let mut seen = Vec::new();
     for round in 0..ROUNDS {
         for (method, path, want) in [
             ("GET", "/", 200),
@@ -617,14 +616,12 @@ fn a_client_that_waits_for_each_answer_is_never_refused_for_being_in_flight() {
                 "{method} {path} in round {round}: {}",
                 r.body
             );
-            seen.push(r.status);
         }
     }
     stop.store(true, Ordering::Relaxed);
     for n in noise {
         n.join().unwrap();
     }
-    assert_eq!(seen.len(), 4 * ROUNDS);
     // The slot really is one: a request in flight shuts out the next.
     let slow = {
         let url = a.url("/slow/1500");

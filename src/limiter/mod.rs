@@ -638,9 +638,6 @@ impl Limiter {
         }
     }
 
-    /// Renews (`renew`) or releases the slots of `set` in the store that
-    /// granted them. A failure is counted: the slot then ends with its
-    /// lease.
     /// How long a response's end waits for its slots' release before it
     /// goes out anyway (the release goes on behind it): one Redis call's
     /// budget, so a failing Redis delays a response's end by no more than
@@ -652,6 +649,9 @@ impl Limiter {
         }
     }
 
+    /// Renews (`renew`) or releases the slots of `set` in the store that
+    /// granted them. A failure is counted: the slot then ends with its
+    /// lease.
     pub async fn leases(&self, set: &LeaseSet, renew: bool) -> u32 {
         let mut held = 0;
         for s in &set.subjects {
