@@ -6,57 +6,20 @@
 //! store call, so a refused request charges none of them.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::http::Method;
 use actix_web::HttpRequest;
 
 use crate::client_ip::ClientKey;
-pub use crate::config::KeyKind;
 use crate::config::{LimitConfig, RuleConfig};
-pub use crate::limits::{ConcurrencySpec, Period, QuotaSpec};
 use crate::metrics::RuleCounters;
 use crate::path_match::PathReadings;
+use crate::policy::{ceil_secs, BucketSpec, ConcurrencySpec, KeyKind, Limit, QuotaSpec};
 
 /// Header values longer than this cannot be a rate-limit key: the request is
 /// refused with 400 rather than the key being truncated into collisions.
 pub const MAX_KEY_HEADER_LEN: usize = 256;
-
-/// A token bucket in the exact integer form both stores use (GCRA):
-/// one token every `interval_us` microseconds, `burst` tokens at most.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BucketSpec {
-    pub interval_us: u64,
-    pub burst: u32,
-    pub cost: u32,
-}
-
-impl BucketSpec {
-    /// `rate` tokens per `per`, rounded to whole microseconds per token.
-    pub fn new(rate: f64, per: Duration, burst: u32, cost: u32) -> BucketSpec {
-        let interval_us = ((per.as_secs_f64() * 1e6) / rate).round().max(1.0) as u64;
-        BucketSpec {
-            interval_us,
-            burst,
-            cost,
-        }
-    }
-
-    /// Time for an empty bucket to fill: `burst x interval`.
-    pub fn capacity_us(&self) -> u64 {
-        self.interval_us * u64::from(self.burst)
-    }
-}
-
-/// What a rule limits: a token bucket, a calendar quota, or the requests
-/// in flight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
-    Rate(BucketSpec),
-    Quota(QuotaSpec),
-    Concurrency(ConcurrencySpec),
-}
 
 /// A compiled rule.
 #[derive(Debug)]
@@ -204,11 +167,6 @@ pub fn host_is(req: &HttpRequest, h: &str) -> bool {
         .unwrap_or("");
     let bare = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
     bare.eq_ignore_ascii_case(h) || host.eq_ignore_ascii_case(h)
-}
-
-/// Whole seconds, rounded up.
-pub fn ceil_secs(us: u64) -> u64 {
-    us.div_ceil(1_000_000)
 }
 
 /// Who a group of rules is charged to.
@@ -410,26 +368,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sub_second_periods_keep_their_rate() {
-        let b = BucketSpec::new(1.0, Duration::from_millis(250), 1, 1);
-        assert_eq!(b.interval_us, 250_000);
-        let b = BucketSpec::new(3.0, Duration::from_secs(1), 3, 1);
-        assert_eq!(b.interval_us, 333_333);
-    }
-
-    #[test]
     fn key_values_never_break_hash_tags() {
         assert_eq!(encode_key_value(b"a{b}c%d e"), "a%7Bb%7Dc%25d%20e");
-    }
-
-    #[test]
-    fn key_kinds_parse() {
-        assert_eq!(KeyKind::parse("ip").unwrap(), KeyKind::Ip);
-        assert!(matches!(
-            KeyKind::parse("header:X-Api-Key").unwrap(),
-            KeyKind::Header(_)
-        ));
-        assert!(KeyKind::parse("cookie:x").is_err());
-        assert!(KeyKind::parse("header:bad name").is_err());
     }
 }

@@ -125,7 +125,7 @@ fn redis_and_local_stores_decide_identically() {
         vec![all[0], all[1]],
     ];
     let tags = ["ip:203.0.113.1", "ip:203.0.113.2", "ip:2001:db8::/64"];
-    let ttl_ms = rules.ttl_ms(&floodgate::rules::KeyKind::Ip);
+    let ttl_ms = rules.ttl_ms(&floodgate::policy::KeyKind::Ip);
 
     let mut rng = Rng(0x9e3779b97f4a7c15);
     // Start on a whole second far from any real clock: the stores must only
@@ -242,12 +242,12 @@ fn quotas_and_concurrency_decide_identically_in_both_stores() {
         vec![all[1], all[2], all[4]],
     ];
     let tags = ["ip:203.0.113.1", "ip:203.0.113.2"];
-    let ttl_ms = rules.ttl_ms(&floodgate::rules::KeyKind::Ip);
+    let ttl_ms = rules.ttl_ms(&floodgate::policy::KeyKind::Ip);
     let slots = |rules: &[&Rule]| -> Vec<LeaseSlot> {
         rules
             .iter()
             .filter_map(|r| match r.limit {
-                floodgate::rules::Limit::Concurrency(c) => Some(LeaseSlot {
+                floodgate::policy::Limit::Concurrency(c) => Some(LeaseSlot {
                     rule: r.name.clone(),
                     lease_ms: c.lease_ms,
                 }),
@@ -376,7 +376,7 @@ fn the_script_ends_a_day_quota_at_midnight_utc_and_a_month_quota_on_the_first() 
         let call = SubjectCall {
             tag: "ip:203.0.113.9",
             rules: &all,
-            ttl_ms: rules.ttl_ms(&floodgate::rules::KeyKind::Ip),
+            ttl_ms: rules.ttl_ms(&floodgate::policy::KeyKind::Ip),
             bannable: false,
             mode: Mode::Decide,
             now_us: Some(now_us),

@@ -23,9 +23,10 @@ use crate::config::check_consumer_key;
 use crate::consumers::key_hash;
 use crate::front_door::{Gateway, Snapshot};
 use crate::limiter::rate_info;
+use crate::policy::Limit;
 use crate::redis_link::RedisFailure;
 use crate::responses::json_error;
-use crate::rules::{Limit, Rule, Subject};
+use crate::rules::{Rule, Subject};
 
 fn unavailable(e: RedisFailure) -> HttpResponse {
     json_error(

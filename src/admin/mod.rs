@@ -30,10 +30,11 @@ use crate::bans::{BanError, BanTarget};
 use crate::config::{parse_cidr, Config};
 use crate::front_door::Gateway;
 use crate::keys;
+use crate::policy::KeyKind;
 use crate::redis_link::scripts;
 use crate::reload::Reloader;
 use crate::responses::json_error;
-use crate::rules::{encode_key_value, KeyKind, Subject};
+use crate::rules::{encode_key_value, Subject};
 
 /// Largest admin request body accepted.
 const MAX_BODY: usize = 16 * 1024;

@@ -14,13 +14,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use actix_web::http::header::HeaderName;
 use ipnet::IpNet;
 use serde::Deserialize;
 
 mod pools;
 
-pub use crate::limits::Period;
+pub use crate::policy::{KeyKind, Period};
 pub use pools::{HealthConfig, RouteConfig, RouteMatch, UpstreamConfig};
 /// Headers actix-http parses at most: a request with more gets 400 before
 /// floodgate sees it, so `server.max_headers` can only be lower.
@@ -239,35 +238,6 @@ pub struct MatchConfig {
     /// Compare `path_prefix` with regard to case (default: case folded).
     #[serde(default)]
     pub case_sensitive: bool,
-}
-
-/// What a rule's bucket is keyed by.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyKind {
-    /// The client's IP key (IPv6 grouped per prefix).
-    Ip,
-    /// The value of a request header; requests without it skip the rule.
-    Header(HeaderName),
-    /// One bucket for the whole gateway.
-    Global,
-}
-
-impl KeyKind {
-    /// Parses `ip`, `global` or `header:<Name>`.
-    pub fn parse(s: &str) -> Result<KeyKind, String> {
-        match s {
-            "ip" => Ok(KeyKind::Ip),
-            "global" => Ok(KeyKind::Global),
-            _ => match s.strip_prefix("header:") {
-                Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
-                    .map(KeyKind::Header)
-                    .map_err(|_| format!("`{name}` is not a valid header name")),
-                None => Err(format!(
-                    "`{s}` is not one of \"ip\", \"global\", \"header:<Name>\""
-                )),
-            },
-        }
-    }
 }
 
 /// One `[[rules]]` entry, or one rule of a plan. A rule is one of three

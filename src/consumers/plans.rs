@@ -15,8 +15,9 @@ use super::{key_hash, ConsumerTable};
 use crate::client_ip::ClientKey;
 use crate::config::Config;
 use crate::path_match::PathReadings;
+use crate::policy::KeyKind;
 use crate::rules::{
-    KeyHeaderTooLong, KeyKind, MatchError, Rule, RuleSet, Subject, SubjectGroup, MAX_KEY_HEADER_LEN,
+    KeyHeaderTooLong, MatchError, Rule, RuleSet, Subject, SubjectGroup, MAX_KEY_HEADER_LEN,
 };
 
 /// One plan: its name and the rules it gives each consumer.

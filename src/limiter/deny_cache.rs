@@ -31,7 +31,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::BucketReply;
-use crate::rules::{Limit, Rule, SubjectGroup};
+use crate::policy::Limit;
+use crate::rules::{Rule, SubjectGroup};
 
 const SHARDS: usize = 16;
 

@@ -23,7 +23,7 @@ use arc_swap::ArcSwap;
 use super::{
     BanParams, BucketReply, BucketState, LeaseCall, Mode, Status, SubjectCall, SubjectReply,
 };
-use crate::rules::Limit;
+use crate::policy::Limit;
 
 const SHARDS: usize = 32;
 
@@ -554,7 +554,7 @@ impl LocalStore {
         &self,
         tag: &str,
         rule: &crate::rules::Rule,
-        bucket: crate::rules::BucketSpec,
+        bucket: crate::policy::BucketSpec,
     ) -> (u64, u64) {
         let now = wall_clock_us();
         let shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());

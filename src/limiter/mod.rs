@@ -41,8 +41,9 @@ pub use redis_store::RedisStore;
 
 use crate::config::{BanConfig, OnFailure};
 use crate::metrics::{DecisionCounters, GatewayMetrics};
+use crate::policy::{ceil_secs, Limit};
 use crate::redis_link::RedisFailure;
-use crate::rules::{ceil_secs, Limit, Rule, SubjectGroup};
+use crate::rules::{Rule, SubjectGroup};
 
 /// The escalation settings both stores apply.
 #[derive(Debug, Clone, Copy, PartialEq)]

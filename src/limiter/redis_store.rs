@@ -14,8 +14,8 @@ use super::{
     SubjectReply,
 };
 use crate::keys;
+use crate::policy::Limit;
 use crate::redis_link::{scripts, RedisFailure, RedisLink};
-use crate::rules::Limit;
 
 /// Decides subjects with one EVALSHA each.
 pub struct RedisStore {

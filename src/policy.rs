@@ -1,15 +1,92 @@
-//! The limit kinds beside the token bucket: calendar quotas and
-//! concurrency caps, with their math.
+//! What a policy is: a token bucket, a calendar quota or a concurrency
+//! cap ([`Limit`]), and who it is charged to ([`KeyKind`]), with their math.
 //!
-//! A quota counts requests over whole calendar periods in UTC (an hour, a
-//! day, a month) and refuses until the next period starts; a concurrency
-//! cap counts requests in flight. Both are decided by the same script call
-//! as a subject's token buckets (`lua/decide.lua`), and the local store
-//! ports the same math, so it is written down here once, in integers, with
-//! the edge cases pinned by tests. It is separate from `rules` because it is
-//! pure arithmetic on time, used by both stores and by the headers.
+//! A token bucket is kept in the exact integer form both stores use
+//! (GCRA, [`BucketSpec`]); a quota counts requests over whole calendar
+//! periods in UTC (an hour, a day, a month) and refuses until the next
+//! period starts; a concurrency cap counts requests in flight. All three
+//! are decided by the same script call (`lua/decide.lua`), and the local
+//! store ports the same math, so it is written down here once, in
+//! integers, with the edge cases pinned by tests.
+//!
+//! It is the vocabulary every other part speaks (the config parses into
+//! it, `rules` compiles matchers around it, `limiter` decides with it), so
+//! it depends on nothing of floodgate's. The name follows the RateLimit
+//! headers, whose items are *policies*.
 
+use std::time::Duration;
+
+use actix_web::http::header::HeaderName;
 use serde::Deserialize;
+
+/// What a rule's bucket is keyed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyKind {
+    /// The client's IP key (IPv6 grouped per prefix).
+    Ip,
+    /// The value of a request header; requests without it skip the rule.
+    Header(HeaderName),
+    /// One bucket for the whole gateway.
+    Global,
+}
+
+impl KeyKind {
+    /// Parses `ip`, `global` or `header:<Name>`.
+    pub fn parse(s: &str) -> Result<KeyKind, String> {
+        match s {
+            "ip" => Ok(KeyKind::Ip),
+            "global" => Ok(KeyKind::Global),
+            _ => match s.strip_prefix("header:") {
+                Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
+                    .map(KeyKind::Header)
+                    .map_err(|_| format!("`{name}` is not a valid header name")),
+                None => Err(format!(
+                    "`{s}` is not one of \"ip\", \"global\", \"header:<Name>\""
+                )),
+            },
+        }
+    }
+}
+
+/// What a rule limits: a token bucket, a calendar quota, or the requests
+/// in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Rate(BucketSpec),
+    Quota(QuotaSpec),
+    Concurrency(ConcurrencySpec),
+}
+
+/// A token bucket in the exact integer form both stores use (GCRA):
+/// one token every `interval_us` microseconds, `burst` tokens at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketSpec {
+    pub interval_us: u64,
+    pub burst: u32,
+    pub cost: u32,
+}
+
+impl BucketSpec {
+    /// `rate` tokens per `per`, rounded to whole microseconds per token.
+    pub fn new(rate: f64, per: Duration, burst: u32, cost: u32) -> BucketSpec {
+        let interval_us = ((per.as_secs_f64() * 1e6) / rate).round().max(1.0) as u64;
+        BucketSpec {
+            interval_us,
+            burst,
+            cost,
+        }
+    }
+
+    /// Time for an empty bucket to fill: `burst x interval`.
+    pub fn capacity_us(&self) -> u64 {
+        self.interval_us * u64::from(self.burst)
+    }
+}
+
+/// Whole seconds, rounded up.
+pub fn ceil_secs(us: u64) -> u64 {
+    us.div_ceil(1_000_000)
+}
 
 /// A calendar period of a quota, in UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -150,6 +227,25 @@ mod tests {
         }
         days += d - 1;
         days * 86_400 + hh * 3600 + mm * 60 + ss
+    }
+
+    #[test]
+    fn sub_second_periods_keep_their_rate() {
+        let b = BucketSpec::new(1.0, Duration::from_millis(250), 1, 1);
+        assert_eq!(b.interval_us, 250_000);
+        let b = BucketSpec::new(3.0, Duration::from_secs(1), 3, 1);
+        assert_eq!(b.interval_us, 333_333);
+    }
+
+    #[test]
+    fn key_kinds_parse() {
+        assert_eq!(KeyKind::parse("ip").unwrap(), KeyKind::Ip);
+        assert!(matches!(
+            KeyKind::parse("header:X-Api-Key").unwrap(),
+            KeyKind::Header(_)
+        ));
+        assert!(KeyKind::parse("cookie:x").is_err());
+        assert!(KeyKind::parse("header:bad name").is_err());
     }
 
     #[test]
