@@ -31,6 +31,12 @@
 //! budget, after a short pause; the link also signals
 //! [`RedisLink::topology_changed`] so the slot table is read again. Only a
 //! call that still fails when the budget is spent counts as failed.
+//!
+//! The parts: this file holds the link, its connections and script calls;
+//! `failure` says why a call failed and whether a retry helps; `nodes`
+//! talks to single Cluster nodes (slot map, probes, `SCAN`, pub/sub);
+//! `slots` is the Cluster's slot math and table; [`scripts`] is the
+//! registry of the Lua scripts the binary carries.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -41,138 +47,25 @@ use tokio::sync::Notify;
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind, Value};
+use redis::{Cmd, ErrorKind, FromRedisValue, ServerErrorKind, Value};
 
 use crate::config::RedisConfig;
 
+mod failure;
+mod nodes;
+pub mod scripts;
 mod slots;
 
+pub use failure::{is_noscript, RedisFailure};
+pub use scripts::LuaScript;
+
+use slots::SlotTable;
 pub use slots::{key_slot, slot_of, SlotRange};
-use slots::{parse_cluster_masters, parse_cluster_slots, slots_on_failed_master, SlotTable};
-
-/// Why a Redis call did not give an answer.
-#[derive(Debug, thiserror::Error)]
-pub enum RedisFailure {
-    #[error("not connected to Redis")]
-    NotConnected,
-    #[error("Redis did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("Redis error: {0}")]
-    Redis(#[from] RedisError),
-    #[error("unexpected reply from Redis: {0}")]
-    Reply(#[from] redis::ParsingError),
-}
-
-impl RedisFailure {
-    /// True for failures a second try of the same call can fix: redirects
-    /// (MOVED, ASK), a slot in the middle of a move (TRYAGAIN), a cluster
-    /// between a master's failure and its replica's promotion (CLUSTERDOWN,
-    /// MASTERDOWN), and connections to nodes that went away.
-    pub fn is_transient(&self) -> bool {
-        let RedisFailure::Redis(e) = self else {
-            return false;
-        };
-        matches!(
-            e.kind(),
-            ErrorKind::Io
-                | ErrorKind::ClusterConnectionNotFound
-                | ErrorKind::Server(
-                    ServerErrorKind::Moved
-                        | ServerErrorKind::Ask
-                        | ServerErrorKind::TryAgain
-                        | ServerErrorKind::ClusterDown
-                        | ServerErrorKind::MasterDown
-                        | ServerErrorKind::ReadOnly
-                        | ServerErrorKind::BusyLoading
-                )
-        ) || e.is_connection_dropped()
-            || e.is_connection_refusal()
-    }
-}
 
 /// The pause before the first retry of a transient failure; it doubles per
 /// retry, up to [`RETRY_PAUSE_MAX`], and never passes the call's budget.
 const RETRY_PAUSE: Duration = Duration::from_millis(2);
 const RETRY_PAUSE_MAX: Duration = Duration::from_millis(20);
-
-/// A Lua script from `lua/`, with its SHA1 computed once.
-#[derive(Debug)]
-pub struct LuaScript {
-    body: &'static str,
-    sha: String,
-}
-
-impl LuaScript {
-    pub fn new(body: &'static str) -> LuaScript {
-        LuaScript {
-            body,
-            sha: redis::Script::new(body).get_hash().to_string(),
-        }
-    }
-}
-
-/// The scripts the gateway runs, loaded into the binary at build time.
-pub mod scripts {
-    use super::LuaScript;
-    use std::sync::LazyLock;
-
-    pub static DECIDE: LazyLock<LuaScript> =
-        LazyLock::new(|| LuaScript::new(include_str!("../../lua/decide.lua")));
-    pub static BAN: LazyLock<LuaScript> =
-        LazyLock::new(|| LuaScript::new(include_str!("../../lua/ban.lua")));
-    pub static UNBAN: LazyLock<LuaScript> =
-        LazyLock::new(|| LuaScript::new(include_str!("../../lua/unban.lua")));
-    pub static INSPECT: LazyLock<LuaScript> =
-        LazyLock::new(|| LuaScript::new(include_str!("../../lua/inspect.lua")));
-    /// `decide_batch.lua` assembled with `decide.lua` (see its header), so
-    /// the batch decides each subject with the very same code. Built once
-    /// for the life of the process.
-    pub static DECIDE_BATCH: LazyLock<LuaScript> = LazyLock::new(|| {
-        let body = decide_batch_source(
-            include_str!("../../lua/decide_batch.lua"),
-            include_str!("../../lua/decide.lua"),
-        );
-        LuaScript::new(Box::leak(body.into_boxed_str()))
-    });
-
-    /// The batch script's text: `decide.lua`'s helpers (above its `-- @BODY@`
-    /// line) at the batch's `-- @PRELUDE@` line, and the rest of it, without
-    /// its `-- @FRAME@` line (the batch passes that frame as parameters), at
-    /// the `-- @DECIDE@` line. Markers are whole lines, so text that merely
-    /// mentions them is left alone.
-    pub fn decide_batch_source(batch: &str, decide: &str) -> String {
-        let (mut prelude, mut body) = (String::new(), String::new());
-        let mut in_body = false;
-        for line in decide.lines() {
-            if line == "-- @BODY@" {
-                in_body = true;
-            } else if in_body {
-                if !line.ends_with("-- @FRAME@") {
-                    body.push_str(line);
-                    body.push('\n');
-                }
-            } else {
-                prelude.push_str(line);
-                prelude.push('\n');
-            }
-        }
-        let mut out = String::with_capacity(batch.len() + decide.len());
-        for line in batch.lines() {
-            match line {
-                "-- @PRELUDE@" => out.push_str(&prelude),
-                "-- @DECIDE@" => out.push_str(&body),
-                _ => {
-                    out.push_str(line);
-                    out.push('\n');
-                }
-            }
-        }
-        out
-    }
-    pub static LEASE: LazyLock<LuaScript> =
-        LazyLock::new(|| LuaScript::new(include_str!("../../lua/lease.lua")));
-}
 
 thread_local! {
     /// Per-thread connections, by link (`None` while one is opening).
@@ -304,14 +197,7 @@ impl RedisLink {
         }
         let conn = open(&self.config).await?;
         self.conn.store(Some(Arc::new(conn)));
-        for script in [
-            &*scripts::DECIDE,
-            &*scripts::BAN,
-            &*scripts::UNBAN,
-            &*scripts::INSPECT,
-            &*scripts::DECIDE_BATCH,
-            &*scripts::LEASE,
-        ] {
+        for script in scripts::all() {
             let load = redis::cmd("SCRIPT").arg("LOAD").arg(script.body).clone();
             // On a cluster this goes to every node and fails while one is
             // down; EVAL on NOSCRIPT covers whatever is missed.
@@ -477,70 +363,6 @@ impl RedisLink {
         }
     }
 
-    /// How to reach one node (`host:port`): the first seed's settings
-    /// (credentials, database) with that address.
-    fn node_info(&self, addr: &str) -> Result<redis::ConnectionInfo, RedisFailure> {
-        let (host, port) = addr
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-            .ok_or_else(|| {
-                RedisFailure::Reply(redis::ParsingError::from("a node address without a port"))
-            })?;
-        let seed = self
-            .config
-            .cluster
-            .first()
-            .cloned()
-            .or_else(|| self.config.url.clone())
-            .unwrap_or_default();
-        let info = connection_info(seed.as_str())?;
-        Ok(info.set_addr(redis::ConnectionAddr::Tcp(host, port)))
-    }
-
-    /// This thread's connection to one Cluster node, opened if needed.
-    async fn node_conn(&self, addr: &str) -> Result<MultiplexedConnection, RedisFailure> {
-        let key = (self as *const RedisLink as usize, addr.to_string());
-        if let Some(c) = NODE_CONNS.with(|m| m.borrow().get(&key).cloned()) {
-            return Ok(c);
-        }
-        let client = redis::Client::open(self.node_info(addr)?)?;
-        let conn = client.get_multiplexed_async_connection().await?;
-        NODE_CONNS.with(|m| m.borrow_mut().insert(key, conn.clone()));
-        Ok(conn)
-    }
-
-    /// Sends one command to one Cluster node, bounded by `limit`; with
-    /// `asking`, on a connection of its own, right after `ASKING`.
-    async fn send_to_node(
-        &self,
-        addr: &str,
-        cmd: &Cmd,
-        asking: bool,
-        limit: Duration,
-    ) -> Result<Value, RedisFailure> {
-        let call = async {
-            if asking {
-                let client = redis::Client::open(self.node_info(addr)?)?;
-                let mut conn = client.get_multiplexed_async_connection().await?;
-                redis::cmd("ASKING").query_async::<()>(&mut conn).await?;
-                return Ok(cmd.query_async::<Value>(&mut conn).await?);
-            }
-            let mut conn = self.node_conn(addr).await?;
-            let r = cmd.query_async::<Value>(&mut conn).await;
-            if let Err(e) = &r {
-                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
-                    let key = (self as *const RedisLink as usize, addr.to_string());
-                    NODE_CONNS.with(|m| m.borrow_mut().remove(&key));
-                }
-            }
-            Ok(r?)
-        };
-        match tokio::time::timeout(limit, call).await {
-            Ok(r) => r,
-            Err(_) => Err(RedisFailure::Timeout(limit)),
-        }
-    }
-
     /// Logs a lost script cache once, not once per call that meets it
     /// (every call in flight does, and on a cluster every node's).
     fn note_noscript(&self) {
@@ -556,172 +378,8 @@ impl RedisLink {
         }
     }
 
-    /// Who owns which slots now, from `CLUSTER SLOTS` (empty on a
-    /// standalone server).
-    pub async fn slot_ranges(&self) -> Result<Vec<SlotRange>, RedisFailure> {
-        if !self.is_cluster() {
-            return Ok(Vec::new());
-        }
-        // Ask the masters last known, then the seeds, each on its own
-        // connection (the cluster client may be busy rebuilding its map).
-        let mut candidates: Vec<String> = self.slots.load().masters.clone();
-        for url in &self.config.cluster {
-            if let Ok(info) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
-                if let redis::ConnectionAddr::Tcp(host, port) = info.addr() {
-                    candidates.push(format!("{host}:{port}"));
-                }
-            }
-        }
-        candidates.dedup();
-        let cmd = redis::cmd("CLUSTER").arg("SLOTS").clone();
-        let mut last = RedisFailure::NotConnected;
-        for addr in candidates {
-            let value = match self
-                .send_to_node(&addr, &cmd, false, self.config.connect_timeout)
-                .await
-            {
-                Ok(v) => v,
-                Err(e) => {
-                    last = e;
-                    continue;
-                }
-            };
-            let ranges = parse_cluster_slots(&value).ok_or_else(|| {
-                RedisFailure::Reply(redis::ParsingError::from("CLUSTER SLOTS: unexpected reply"))
-            })?;
-            self.slots.store(Arc::new(SlotTable::from_ranges(&ranges)));
-            return Ok(ranges);
-        }
-        Err(last)
-    }
-
-    /// PINGs one node (`host:port`) over a connection of its own, bounded
-    /// by `redis.connect_timeout`: probes a shard without going through the
-    /// cluster client's routing.
-    pub async fn ping_node(&self, addr: &str) -> Result<(), RedisFailure> {
-        let client = redis::Client::open(self.node_info(addr)?)?;
-        let limit = self.config.connect_timeout;
-        let ping = async {
-            let mut conn = client.get_multiplexed_async_connection().await?;
-            redis::cmd("PING").query_async::<String>(&mut conn).await
-        };
-        match tokio::time::timeout(limit, ping).await {
-            Ok(r) => r.map(|_| ()).map_err(RedisFailure::from),
-            Err(_) => Err(RedisFailure::Timeout(limit)),
-        }
-    }
-
-    /// The addresses (`host:port`) of every master, or of the one server.
-    pub async fn masters(&self) -> Result<Vec<(String, u16)>, RedisFailure> {
-        let conn = self.current()?;
-        let Conn::Cluster(_) = conn else {
-            return Ok(Vec::new());
-        };
-        let text: String = self
-            .query_within(
-                &redis::cmd("CLUSTER").arg("NODES").clone(),
-                self.admin_timeout(),
-            )
-            .await?;
-        if slots_on_failed_master(&text) {
-            // A partial walk would look like "no bans" for those slots.
-            return Err(RedisFailure::Redis(RedisError::from((
-                ErrorKind::Server(ServerErrorKind::ClusterDown),
-                "a failed master still owns slots; retry after the failover",
-            ))));
-        }
-        Ok(parse_cluster_masters(&text))
-    }
-
     /// A bound for admin and background calls: they may walk many keys.
     pub fn admin_timeout(&self) -> Duration {
         (self.config.timeout * 20).max(Duration::from_secs(2))
-    }
-
-    /// All keys matching `pattern`, with SCAN on every master (never KEYS,
-    /// which blocks Redis).
-    pub async fn scan(&self, pattern: &str) -> Result<Vec<String>, RedisFailure> {
-        let masters = self.masters().await?;
-        let mut keys = Vec::new();
-        let targets: Vec<Option<(String, u16)>> = if masters.is_empty() {
-            vec![None]
-        } else {
-            masters.into_iter().map(Some).collect()
-        };
-        for target in targets {
-            let mut cursor: u64 = 0;
-            loop {
-                let mut cmd = redis::cmd("SCAN");
-                cmd.arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(1000);
-                let (next, batch): (u64, Vec<String>) = match &target {
-                    None => self.query_within(&cmd, self.admin_timeout()).await?,
-                    Some((host, port)) => {
-                        let Conn::Cluster(mut c) = self.current()? else {
-                            return Err(RedisFailure::NotConnected);
-                        };
-                        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                            host: host.clone(),
-                            port: *port,
-                        });
-                        let fut = c.route_command(cmd, routing);
-                        let v = tokio::time::timeout(self.admin_timeout(), fut)
-                            .await
-                            .map_err(|_| RedisFailure::Timeout(self.admin_timeout()))??;
-                        FromRedisValue::from_redis_value(v)?
-                    }
-                };
-                keys.extend(batch);
-                cursor = next;
-                if cursor == 0 {
-                    break;
-                }
-            }
-        }
-        keys.sort();
-        keys.dedup();
-        Ok(keys)
-    }
-
-    /// Opens a dedicated pub/sub connection. On a cluster any node will do:
-    /// classic PUBLISH reaches every node's subscribers.
-    pub async fn pubsub(&self, attempt: usize) -> Result<redis::aio::PubSub, RedisFailure> {
-        let url = match &self.config.url {
-            Some(u) => u.clone(),
-            None => self.config.cluster[attempt % self.config.cluster.len()].clone(),
-        };
-        let client = redis::Client::open(connection_info(&url)?)?;
-        match tokio::time::timeout(self.config.connect_timeout, client.get_async_pubsub()).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(RedisFailure::Timeout(self.config.connect_timeout)),
-        }
-    }
-}
-
-/// True when Redis does not have the script (flushed, restarted, failed over).
-pub fn is_noscript(e: &RedisError) -> bool {
-    matches!(e.kind(), ErrorKind::Server(ServerErrorKind::NoScript)) || e.code() == Some("NOSCRIPT")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redirects_and_lost_nodes_are_transient_script_errors_are_not() {
-        let e = |kind, text: &'static str| RedisFailure::Redis(RedisError::from((kind, text)));
-        assert!(e(ErrorKind::Server(ServerErrorKind::TryAgain), "TRYAGAIN").is_transient());
-        assert!(e(ErrorKind::Server(ServerErrorKind::Moved), "MOVED").is_transient());
-        assert!(e(ErrorKind::Server(ServerErrorKind::ClusterDown), "down").is_transient());
-        assert!(e(ErrorKind::ClusterConnectionNotFound, "gone").is_transient());
-        assert!(!e(
-            ErrorKind::Server(ServerErrorKind::ResponseError),
-            "ERR script"
-        )
-        .is_transient());
-        assert!(!RedisFailure::Timeout(Duration::from_millis(1)).is_transient());
     }
 }
