@@ -12,7 +12,7 @@ use crate::bans::{BanCache, Bans};
 use crate::config::Config;
 use crate::consumers::ConsumerTable;
 use crate::front_door::{self, Gateway, Snapshot, UpstreamClients};
-use crate::limiter::{BanParams, Breakers, Limiter, LocalStore, RedisStore};
+use crate::limiter::{BanParams, Breakers, Limiter, LimiterSettings, LocalStore, RedisStore};
 use crate::metrics::GatewayMetrics;
 use crate::redis_link::RedisLink;
 use crate::reload::{self, ConfigFile, Reloader};
@@ -80,16 +80,23 @@ pub async fn run(file: ConfigFile) -> std::io::Result<()> {
         }
     }
     let redis_store = link.clone().map(|l| RedisStore::new(l, params));
-    let on_failure = config
-        .redis
-        .as_ref()
-        .map(|r| r.on_failure)
-        .unwrap_or(crate::config::OnFailure::Local);
+    let settings = LimiterSettings {
+        on_failure: config
+            .redis
+            .as_ref()
+            .map(|r| r.on_failure)
+            .unwrap_or(crate::config::OnFailure::Local),
+        max_decisions_per_second: config
+            .redis
+            .as_ref()
+            .map_or(0, |r| r.max_decisions_per_second),
+    };
     let limiter = Arc::new(Limiter::new(
         redis_store,
         local.clone(),
         breakers.clone(),
-        on_failure,
+        settings,
+        params,
         metrics.clone(),
     ));
     let cache = Arc::new(BanCache::new(

@@ -29,9 +29,9 @@ use subtle::ConstantTimeEq;
 use crate::bans::{BanError, BanTarget};
 use crate::config::{parse_cidr, Config};
 use crate::front_door::Gateway;
-use crate::keys;
+use crate::limiter::Readiness;
 use crate::policy::KeyKind;
-use crate::redis_link::scripts;
+use crate::redis_link::RedisFailure;
 use crate::reload::Reloader;
 use crate::responses::json_error;
 use crate::rules::{encode_key_value, Subject};
@@ -201,16 +201,26 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
-    let Some(redis) = state.gateway.limiter.redis() else {
-        return HttpResponse::Ok()
+    let text = |status: StatusCode, body: String| {
+        HttpResponse::build(status)
             .content_type("text/plain")
-            .body("ready: no Redis configured; in-process store\n");
+            .body(body)
     };
-    let link = redis.link();
-    match link.query::<String>(&redis::cmd("PING")).await {
-        Ok(_) if state.gateway.limiter.breakers().is_closed() => HttpResponse::Ok().content_type("text/plain").body("ready: Redis answers\n"),
-        Ok(_) => HttpResponse::ServiceUnavailable().content_type("text/plain").body("not ready: Redis answers again; the gateway returns to it within a probe interval\n"),
-        Err(e) => HttpResponse::ServiceUnavailable().content_type("text/plain").body(format!("not ready: {e}; serving with on_failure\n")),
+    match state.gateway.limiter.readiness().await {
+        Readiness::NoSharedStore => text(
+            StatusCode::OK,
+            "ready: no Redis configured; in-process store\n".into(),
+        ),
+        Readiness::Ready => text(StatusCode::OK, "ready: Redis answers\n".into()),
+        Readiness::Recovering => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: Redis answers again; the gateway returns to it within a probe interval\n"
+                .into(),
+        ),
+        Readiness::Down(e) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {e}; serving with on_failure\n"),
+        ),
     }
 }
 
@@ -444,36 +454,16 @@ async fn bucket(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
         KeyKind::Global => Subject::Global,
     };
     let tag = subject.tag();
-    let cap = spec.capacity_us();
-    let (room_us, full_in_us) = match gw.limiter.redis() {
-        None => gw.limiter.local().peek(&tag, rule, spec),
-        Some(redis) => {
-            let link = redis.link();
-            let prefix = redis.prefix();
-            let v = link
-                .eval(
-                    &scripts::INSPECT,
-                    &[&keys::ban(prefix, &tag), &keys::state(prefix, &tag)],
-                    |c| {
-                        c.arg(&*rule.name);
-                    },
-                    link.admin_timeout(),
-                )
-                .await;
-            let fields: Vec<String> = match v.map(redis::FromRedisValue::from_redis_value) {
-                Ok(Ok(f)) => f,
-                Ok(Err(e)) => return failed(BanError::Unavailable(e.into())),
-                Err(e) => return failed(BanError::Unavailable(e)),
-            };
-            let now: u64 = fields.first().and_then(|s| s.parse().ok()).unwrap_or(0);
-            let tat: u64 = fields
-                .get(7)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(now)
-                .max(now);
-            (cap.saturating_sub(tat - now), tat - now)
-        }
+    // A look at cost 0: nothing is charged, and the store is the one that
+    // decides this subject now.
+    let reply = match gw.limiter.peek(&tag, &[rule], rule.subject_ttl_ms).await {
+        Ok(r) => r,
+        Err(e) => return failed(BanError::Unavailable(e)),
     };
+    let Some(b) = reply.buckets.first() else {
+        return failed(BanError::Unavailable(RedisFailure::NotConnected));
+    };
+    let (room_us, full_in_us) = (b.room_us.max(0) as u64, b.wait_us.max(0) as u64);
     HttpResponse::Ok().json(json!({
         "rule": &*rule.name,
         "subject": raw_subject,
@@ -519,8 +509,8 @@ async fn stats(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
     HttpResponse::Ok().json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "node": state.gateway.bans.node(),
-        "store": if limiter.redis().is_some() { "redis" } else { "local" },
-        "degraded": limiter.redis().is_some() && !limiter.breakers().is_closed(),
+        "store": if limiter.has_shared_store() { "redis" } else { "local" },
+        "degraded": limiter.is_degraded(),
         "bans_active": bans_active,
         "decisions": decisions,
     }))

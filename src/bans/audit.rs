@@ -68,7 +68,7 @@ impl Bans {
                 }
             }
             None => {
-                let ms = crate::limiter::local::wall_clock_us() / 1000;
+                let ms = crate::limiter::wall_clock_us() / 1000;
                 let seq = self
                     .local_seq
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -24,7 +24,7 @@ impl Bans {
         let key = keys::epoch(&self.prefix);
         let fresh = format!(
             "{:x}-{}",
-            crate::limiter::local::wall_clock_us(),
+            crate::limiter::wall_clock_us(),
             std::process::id()
         );
         let set = redis::cmd("SET").arg(&key).arg(&fresh).arg("NX").clone();
@@ -103,7 +103,7 @@ impl Bans {
     /// Writes bans made by the local store during an outage back to Redis,
     /// so they hold on every node and survive restarts.
     pub async fn write_back_local_bans(&self) {
-        let now_ms = crate::limiter::local::wall_clock_us() / 1000;
+        let now_ms = crate::limiter::wall_clock_us() / 1000;
         let mut failed = Vec::new();
         for b in self.local.take_made_bans() {
             let left = b.until_ms.saturating_sub(now_ms);

@@ -199,7 +199,7 @@ impl Bans {
             }
             (None, BanTarget::Cidr(net)) => {
                 self.cache.insert_cidr(net, Duration::from_millis(dur_ms));
-                let now_ms = crate::limiter::local::wall_clock_us() / 1000;
+                let now_ms = crate::limiter::wall_clock_us() / 1000;
                 BanView::new(
                     subject.clone(),
                     now_ms + dur_ms,
@@ -319,7 +319,7 @@ impl Bans {
     /// Every active ban, keys and CIDRs, sorted by subject.
     pub async fn list(&self) -> Result<Vec<BanView>, BanError> {
         let Some(link) = &self.link else {
-            let now_ms = crate::limiter::local::wall_clock_us() / 1000;
+            let now_ms = crate::limiter::wall_clock_us() / 1000;
             let mut out: Vec<BanView> = self
                 .local
                 .active_bans()

@@ -28,36 +28,14 @@ use std::sync::Arc;
 use redis::Value;
 use tokio::sync::oneshot;
 
-use crate::redis_link::{scripts, RedisFailure, RedisLink};
+use super::decide::{self, DecideCall};
+use crate::redis_link::{RedisFailure, RedisLink};
 
 /// Decision calls one worker keeps in flight before it starts to batch.
 /// Two: a second request at light load never waits for the first.
 const MAX_IN_FLIGHT: usize = 2;
 /// Subjects in one batch at most (bounds one script run inside Redis).
 const MAX_BATCH: usize = 128;
-
-/// One subject's `decide.lua` call: its keys and arguments, rendered.
-#[derive(Debug, Clone)]
-pub struct DecideCall {
-    pub keys: Vec<String>,
-    pub args: Vec<String>,
-}
-
-impl DecideCall {
-    /// Sends this call alone (EVALSHA of `decide.lua`).
-    pub async fn send(&self, link: &RedisLink) -> Result<Value, RedisFailure> {
-        let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
-        link.eval(
-            &scripts::DECIDE,
-            &keys,
-            |cmd| {
-                cmd.arg(&self.args[..]);
-            },
-            link.config().timeout,
-        )
-        .await
-    }
-}
 
 struct Waiting {
     call: DecideCall,
@@ -158,34 +136,11 @@ async fn send_batch(link: &RedisLink, batch: Vec<Waiting>) {
         }
         return;
     }
-    let mut keys: Vec<&str> = Vec::new();
-    for w in &batch {
-        keys.extend(w.call.keys.iter().map(String::as_str));
-    }
-    let result = link
-        .eval(
-            &scripts::DECIDE_BATCH,
-            &keys,
-            |cmd| {
-                cmd.arg(batch.len());
-                for w in &batch {
-                    cmd.arg(w.call.keys.len())
-                        .arg(w.call.args.len())
-                        .arg(&w.call.args[..]);
-                }
-            },
-            link.config().timeout,
-        )
-        .await;
-    match result {
-        Ok(Value::Array(replies)) if replies.len() == batch.len() => {
+    let calls: Vec<&DecideCall> = batch.iter().map(|w| &w.call).collect();
+    match decide::send_batch(link, &calls).await {
+        Ok(replies) => {
             for (w, v) in batch.into_iter().zip(replies) {
                 let _ = w.reply.send(Ok(v));
-            }
-        }
-        Ok(_) => {
-            for w in batch {
-                let _ = w.reply.send(Err(unexpected_batch_reply()));
             }
         }
         Err(e) => {
@@ -194,13 +149,6 @@ async fn send_batch(link: &RedisLink, batch: Vec<Waiting>) {
             }
         }
     }
-}
-
-fn unexpected_batch_reply() -> RedisFailure {
-    RedisFailure::Redis(redis::RedisError::from((
-        redis::ErrorKind::UnexpectedReturnType,
-        "decide_batch.lua returned an unexpected reply",
-    )))
 }
 
 /// The same failure for every decision of a failed batch.

@@ -15,108 +15,25 @@
 //! entries; past that the eighth closest to expiry is evicted at once
 //! (banned subjects last).
 
+mod admin;
+mod state;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use super::{
-    BanParams, BucketReply, BucketState, LeaseCall, Mode, Status, SubjectCall, SubjectReply,
+pub use admin::LocalBan;
+use state::{make_room, SubjectState, Written};
+
+use super::call::{
+    BanParams, BucketReply, BucketState, DecisionStore, Mode, Status, SubjectCall, SubjectReply,
 };
+use super::slots::LeaseCall;
 use crate::policy::Limit;
+use crate::redis_link::RedisFailure;
 
 const SHARDS: usize = 32;
-
-#[derive(Debug, Default)]
-struct SubjectState {
-    /// (rule name, TAT in µs)
-    tats: Vec<(Arc<str>, u64)>,
-    /// (rule name, period start in s, count): the quota counters.
-    quotas: Vec<(Arc<str>, u64, u64)>,
-    /// The lease sets of concurrency rules (their own keys in Redis).
-    leases: Vec<LeaseSetState>,
-    /// Violation window start (ms) and count.
-    window: Option<(u64, u32)>,
-    state_expires_ms: u64,
-    ban_until_ms: u64,
-    strikes: u32,
-    reason: String,
-    source: &'static str,
-    ban_at_ms: u64,
-    ban_dur_ms: u64,
-    ban_expires_ms: u64,
-}
-
-/// One concurrency rule's lease set: lease id -> expiry (µs).
-#[derive(Debug)]
-struct LeaseSetState {
-    rule: Arc<str>,
-    members: Vec<(String, u64)>,
-    expires_ms: u64,
-}
-
-impl LeaseSetState {
-    /// Leases still running at `now` (ZCOUNT key (now +inf).
-    fn live(&self, now: u64) -> u64 {
-        self.members.iter().filter(|(_, e)| *e > now).count() as u64
-    }
-}
-
-impl SubjectState {
-    /// Applies the TTLs a Redis key would have.
-    fn expire(&mut self, now_ms: u64) {
-        if self.state_expires_ms < now_ms {
-            self.tats.clear();
-            self.quotas.clear();
-            self.window = None;
-        }
-        if self.ban_expires_ms < now_ms {
-            self.ban_until_ms = 0;
-            self.strikes = 0;
-        }
-        self.leases.retain(|l| l.expires_ms >= now_ms);
-    }
-
-    fn is_idle(&self, now_ms: u64) -> bool {
-        self.state_expires_ms < now_ms
-            && self.ban_expires_ms < now_ms
-            && self.leases.iter().all(|l| l.expires_ms < now_ms)
-    }
-
-    fn lease_set(&mut self, rule: &Arc<str>) -> &mut LeaseSetState {
-        let at = match self.leases.iter().position(|l| l.rule == *rule) {
-            Some(i) => i,
-            None => {
-                self.leases.push(LeaseSetState {
-                    rule: rule.clone(),
-                    members: Vec::new(),
-                    expires_ms: 0,
-                });
-                self.leases.len() - 1
-            }
-        };
-        &mut self.leases[at]
-    }
-}
-
-/// A rule's new value, as the script would write it.
-#[derive(Debug, Clone, Copy)]
-enum Written {
-    Tat(u64),
-    Quota { start: u64, count: u64 },
-    Lease { ms: u64 },
-}
-
-/// A ban the local store made or holds, as the admin API shows it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LocalBan {
-    pub tag: String,
-    pub until_ms: u64,
-    pub strikes: u32,
-    pub reason: String,
-    pub source: &'static str,
-    pub dur_ms: u64,
-}
 
 /// The in-process decision store.
 pub struct LocalStore {
@@ -172,34 +89,7 @@ impl LocalStore {
         let now = call.now_us.unwrap_or_else(wall_clock_us);
         let now_ms = now / 1000;
         if !shard.contains_key(call.tag) && shard.len() >= self.per_shard {
-            // Full: drop idle subjects, then, if still full, an eighth of the
-            // shard (those that would expire first), so that the cost of
-            // making room is paid once per many new subjects, not per
-            // request. Banned subjects are evicted last.
-            shard.retain(|_, s| !s.is_idle(now_ms));
-            if shard.len() >= self.per_shard * 7 / 8 {
-                let mut by_expiry: Vec<(u64, String)> = shard
-                    .iter()
-                    .map(|(k, s)| {
-                        let banned = if s.ban_until_ms > now_ms {
-                            u64::MAX / 2
-                        } else {
-                            0
-                        };
-                        (
-                            s.state_expires_ms
-                                .max(s.ban_expires_ms)
-                                .saturating_add(banned),
-                            k.clone(),
-                        )
-                    })
-                    .collect();
-                let drop = (self.per_shard / 8).max(1).min(by_expiry.len() - 1);
-                by_expiry.select_nth_unstable_by_key(drop, |(t, _)| *t);
-                for (_, k) in by_expiry.into_iter().take(drop) {
-                    shard.remove(&k);
-                }
-            }
+            make_room(&mut shard, self.per_shard, now_ms);
         }
         let s = shard.entry(call.tag.to_string()).or_default();
         s.expire(now_ms);
@@ -453,161 +343,21 @@ impl LocalStore {
         reply.buckets = buckets;
         reply
     }
+}
 
-    /// An operator's ban (no-Redis mode), keeping the strike count.
-    pub fn ban(&self, tag: &str, dur_ms: u64, reason: &str, source: &'static str) -> LocalBan {
-        let ban = **self.ban.load();
-        let now_ms = wall_clock_us() / 1000;
-        let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
-        let s = shard.entry(tag.to_string()).or_default();
-        s.expire(now_ms);
-        s.ban_until_ms = now_ms + dur_ms;
-        s.reason = reason.to_string();
-        s.source = source;
-        s.ban_at_ms = now_ms;
-        s.ban_dur_ms = dur_ms;
-        s.ban_expires_ms = now_ms + dur_ms + ban.memory_ms;
-        LocalBan {
-            tag: tag.to_string(),
-            until_ms: s.ban_until_ms,
-            strikes: s.strikes,
-            reason: s.reason.clone(),
-            source,
-            dur_ms,
-        }
-    }
-
-    /// Lifts a ban; true if one was active.
-    pub fn unban(&self, tag: &str) -> bool {
-        let now_ms = wall_clock_us() / 1000;
-        let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
-        match shard.get_mut(tag) {
-            Some(s) if s.ban_until_ms > now_ms => {
-                s.ban_until_ms = 0;
-                s.window = None;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Active bans, for the admin API in no-Redis mode.
-    pub fn active_bans(&self) -> Vec<LocalBan> {
-        let now_ms = wall_clock_us() / 1000;
-        let mut out = Vec::new();
-        for shard in &self.shards {
-            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            for (tag, s) in shard.iter() {
-                if s.ban_until_ms > now_ms && s.ban_expires_ms > now_ms {
-                    out.push(LocalBan {
-                        tag: tag.clone(),
-                        until_ms: s.ban_until_ms,
-                        strikes: s.strikes,
-                        reason: s.reason.clone(),
-                        source: s.source,
-                        dur_ms: s.ban_dur_ms,
-                    });
-                }
-            }
-        }
-        out.sort_by(|a, b| a.tag.cmp(&b.tag));
-        out
-    }
-
-    /// Renews or releases one request's leases of one subject, exactly as
-    /// `lua/lease.lua` does; returns how many sets still hold it.
-    pub fn leases(&self, call: &LeaseCall<'_>) -> u32 {
-        let mut shard = self
-            .shard(call.tag)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let now = call.now_us.unwrap_or_else(wall_clock_us);
-        let now_ms = now / 1000;
-        let Some(s) = shard.get_mut(call.tag) else {
-            return 0;
-        };
-        s.expire(now_ms);
-        let mut held = 0;
-        for slot in call.slots {
-            let Some(set) = s.leases.iter_mut().find(|l| l.rule == slot.rule) else {
-                continue;
-            };
-            if !call.renew {
-                set.members.retain(|(id, _)| id != call.lease);
-                continue;
-            }
-            if let Some(m) = set
-                .members
-                .iter_mut()
-                .find(|(id, e)| id == call.lease && *e > now)
-            {
-                m.1 = now + slot.lease_ms * 1000;
-                set.expires_ms = now_ms + slot.lease_ms;
-                held += 1;
-            }
-        }
-        held
-    }
-
-    /// Tokens left in a rule's bucket without charging it: (room µs, µs to full).
-    pub fn peek(
+impl DecisionStore for LocalStore {
+    fn decide(
         &self,
-        tag: &str,
-        rule: &crate::rules::Rule,
-        bucket: crate::policy::BucketSpec,
-    ) -> (u64, u64) {
-        let now = wall_clock_us();
-        let shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
-        let cap = bucket.capacity_us();
-        let tat = shard
-            .get(tag)
-            .filter(|s| s.state_expires_ms > now / 1000)
-            .and_then(|s| {
-                s.tats
-                    .iter()
-                    .find(|(n, _)| **n == *rule.name)
-                    .map(|(_, t)| *t)
-            })
-            .unwrap_or(now)
-            .max(now);
-        (cap.saturating_sub(tat - now), tat - now)
+        call: &SubjectCall<'_>,
+    ) -> impl std::future::Future<Output = Result<SubjectReply, RedisFailure>> {
+        std::future::ready(Ok(LocalStore::decide(self, call)))
     }
 
-    /// Takes the bans made since the last call (for write-back to Redis).
-    pub fn take_made_bans(&self) -> Vec<LocalBan> {
-        std::mem::take(&mut *self.made.lock().unwrap_or_else(|p| p.into_inner())).into()
-    }
-
-    /// Puts back bans whose write-back failed, to try again later.
-    pub fn return_made_bans(&self, bans: Vec<LocalBan>) {
-        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
-        for b in bans.into_iter().rev() {
-            made.push_front(b);
-        }
-    }
-
-    /// Forgets idle subjects and returns memory; run periodically.
-    pub fn sweep(&self) {
-        let now_ms = wall_clock_us() / 1000;
-        for shard in &self.shards {
-            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            shard.retain(|_, s| !s.is_idle(now_ms));
-            if shard.capacity() > 64 && shard.capacity() > shard.len() * 4 {
-                shard.shrink_to_fit();
-            }
-        }
-    }
-
-    /// Subjects tracked now (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    fn leases(
+        &self,
+        call: &LeaseCall<'_>,
+    ) -> impl std::future::Future<Output = Result<u32, RedisFailure>> {
+        std::future::ready(Ok(LocalStore::leases(self, call)))
     }
 }
 
@@ -617,34 +367,4 @@ pub fn wall_clock_us() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Config;
-    use crate::rules::{Rule, RuleSet};
-
-    #[test]
-    fn memory_stays_bounded_with_many_subjects() {
-        let text = "[upstream]\nurls = [\"http://127.0.0.1:1\"]\n[[rules]]\nname = \"r\"\nkey = \"ip\"\nrate = 1\nper = \"1h\"\nburst = 5\n";
-        let config = Config::parse(text, "t").unwrap();
-        let rules = RuleSet::compile(&config.rules);
-        let rule: Vec<&Rule> = rules.rules().iter().collect();
-        let store = LocalStore::new(BanParams::from_config(&config.ban), SHARDS * 16, false);
-        for i in 0..20_000u32 {
-            let tag = format!("ip:10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
-            let call = SubjectCall {
-                tag: &tag,
-                rules: &rule,
-                ttl_ms: 3_600_000,
-                bannable: true,
-                mode: Mode::Decide,
-                now_us: None,
-                lease: "",
-            };
-            assert_eq!(store.decide(&call).status, Status::Allowed);
-        }
-        assert!(store.len() <= SHARDS * 16, "{} subjects kept", store.len());
-    }
 }

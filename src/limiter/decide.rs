@@ -1,0 +1,456 @@
+//! One request's decision over its subjects: the deny cache first, then one
+//! store call per subject (IP first), refunds of the earlier subjects when
+//! a later one refuses, and the outcome with its header numbers.
+
+use std::time::Instant;
+
+use metrics::Counter;
+
+use super::call::{
+    BucketReply, BucketState, DecisionStore, Mode, SharedStore, Status, SubjectCall, SubjectReply,
+};
+use super::slots::{new_lease_id, HeldSlots, LeaseSet, LeaseSlot};
+use super::{Limiter, Route};
+use crate::config::OnFailure;
+use crate::metrics::DecisionCounters;
+use crate::policy::{ceil_secs, Limit};
+use crate::redis_link::RedisFailure;
+use crate::rules::{Rule, SubjectGroup};
+
+/// The numbers of the RateLimit headers, for one rule.
+#[derive(Debug, Clone)]
+pub struct RateInfo<'r> {
+    pub rule: &'r Rule,
+    /// Whole tokens, requests or slots left.
+    pub remaining: u64,
+    /// Whole seconds until the bucket is full or the quota's period ends
+    /// (0 for a concurrency cap, which has no reset).
+    pub reset_s: u64,
+}
+
+/// A ban this request just made.
+#[derive(Debug, Clone)]
+pub struct BanMade {
+    pub tag: String,
+    pub dur_ms: u64,
+    pub strikes: u32,
+    pub until_ms: u64,
+    pub reason: String,
+    /// Made by `decide.lua`: Redis enforces it, and its record (what the
+    /// admin API lists) is still to be written. A ban made by the local
+    /// store is written back when its shard answers again instead.
+    pub by_redis: bool,
+}
+
+/// What happens to a request.
+#[derive(Debug)]
+pub enum Decision<'r> {
+    /// Forward, holding `leases` (the concurrency slots taken) until the
+    /// response ends; `applied` is every non-shadow rule that applied.
+    Allowed {
+        applied: Vec<RateInfo<'r>>,
+        leases: Option<LeaseSet>,
+    },
+    /// Refused by `violated` (never empty), the one keeping the client
+    /// waiting longest first.
+    Limited {
+        violated: Vec<RateInfo<'r>>,
+        retry_after_s: u64,
+    },
+    Banned {
+        remaining_ms: u64,
+        made: Option<BanMade>,
+    },
+    /// Redis is unavailable and `on_failure = "deny"`.
+    Unavailable,
+}
+
+/// Where one subject was decided: the `store` label of
+/// `floodgate_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// Redis decided, exactly and for every node.
+    Redis,
+    /// This node's in-process store (`on_failure = "local"`, or no Redis).
+    Local,
+    /// Let through undecided (`on_failure = "allow"`).
+    Allow,
+    /// Refused undecided (`on_failure = "deny"`).
+    Deny,
+}
+
+impl Store {
+    fn counter(self, c: &DecisionCounters) -> &Counter {
+        match self {
+            Store::Redis => &c.redis,
+            Store::Local => &c.local,
+            Store::Allow => &c.allow,
+            Store::Deny => &c.deny,
+        }
+    }
+}
+
+/// What the deny cache needs of one request decided on Redis.
+struct DenyMemory {
+    /// Automatic bans are on: refusals of bannable subjects must reach Redis.
+    bans_on: bool,
+    /// When the first call was sent: Redis' clock read each wait at or after
+    /// it, so `sent + wait` is never later than the moment a request passes.
+    sent: Instant,
+}
+
+/// One request's subjects as they are being decided.
+struct Pass<'g, 'r> {
+    groups: &'g [SubjectGroup<'r>],
+    tags: Vec<String>,
+    /// The reply and store of each subject decided so far (allowed).
+    decided: Vec<(SubjectReply, Store)>,
+    /// The request's lease id for concurrency slots (`""`: none needed).
+    lease: String,
+}
+
+impl<S: SharedStore> Limiter<S> {
+    /// Decides a request whose matching rules are `groups`, one subject at
+    /// a time (IP first), refunding earlier subjects when a later one
+    /// refuses; counts the outcome per rule in the metrics.
+    pub async fn decide<'r>(&self, groups: &[SubjectGroup<'r>]) -> Decision<'r> {
+        let tags: Vec<String> = groups.iter().map(|g| g.subject.tag()).collect();
+        let sent = Instant::now();
+        let deny = match &self.shared {
+            Some(_) => {
+                if let Some(refused) = self.cached_refusal(groups, &tags, sent) {
+                    return refused;
+                }
+                Some(DenyMemory {
+                    bans_on: self.ban_params().after > 0,
+                    sent,
+                })
+            }
+            None => None,
+        };
+        let needs_lease = groups
+            .iter()
+            .any(|g| g.rules.iter().any(|r| r.is_concurrency()));
+        let mut pass = Pass {
+            groups,
+            tags,
+            decided: Vec::with_capacity(groups.len()),
+            lease: if needs_lease {
+                new_lease_id()
+            } else {
+                String::new()
+            },
+        };
+        for (i, g) in groups.iter().enumerate() {
+            let call = SubjectCall {
+                tag: &pass.tags[i],
+                rules: &g.rules,
+                ttl_ms: g.ttl_ms,
+                bannable: g.subject.bannable(),
+                mode: Mode::Decide,
+                now_us: None,
+                lease: &pass.lease,
+            };
+            let (reply, store) = self.decide_subject(&call).await;
+            store.counter(&self.metrics.decisions).increment(1);
+            if store == Store::Deny {
+                self.refund(&pass, None).await;
+                self.metrics.unavailable.increment(1);
+                return Decision::Unavailable;
+            }
+            match reply.status {
+                Status::Allowed => pass.decided.push((reply, store)),
+                Status::BannedBefore | Status::BannedNow => {
+                    let made = (reply.status == Status::BannedNow).then(|| BanMade {
+                        tag: pass.tags[i].clone(),
+                        dur_ms: reply.ban_ms,
+                        strikes: reply.strikes,
+                        until_ms: reply.until_ms,
+                        reason: refusing_reason(g, &reply),
+                        by_redis: store == Store::Redis,
+                    });
+                    self.refund(&pass, None).await;
+                    self.metrics.banned.increment(1);
+                    return Decision::Banned {
+                        remaining_ms: reply.ban_ms,
+                        made,
+                    };
+                }
+                Status::Limited => {
+                    if let Some(refused) =
+                        self.limited(&pass, i, &reply, store, deny.as_ref()).await
+                    {
+                        return refused;
+                    }
+                    // Not a reply either store gives (a refusal without a
+                    // refusing rule): charge nothing more and let the other
+                    // subjects decide.
+                    log::debug!("a refusal of {} without a refusing bucket", pass.tags[i]);
+                    pass.decided.push((reply, store));
+                }
+            }
+        }
+        self.allowed(pass)
+    }
+
+    /// A request the deny cache refuses, with no store call.
+    fn cached_refusal<'r>(
+        &self,
+        groups: &[SubjectGroup<'r>],
+        tags: &[String],
+        now: Instant,
+    ) -> Option<Decision<'r>> {
+        let d = self.deny.refusal(groups, tags, now)?;
+        self.metrics.deny_cache_hits.increment(1);
+        d.rule.counters.limited.increment(1);
+        Some(Decision::Limited {
+            violated: vec![RateInfo {
+                rule: d.rule,
+                remaining: 0,
+                reset_s: ceil_secs(d.to_full.as_micros() as u64),
+            }],
+            retry_after_s: ceil_secs(d.wait.as_micros() as u64).max(1),
+        })
+    }
+
+    /// Subject `i` refused: remember the refusal where the deny cache may,
+    /// refund the subjects before it (counting a violation for a refusal
+    /// of the client's own rules), and answer. `None` when the reply names
+    /// no refusing rule.
+    async fn limited<'r>(
+        &self,
+        pass: &Pass<'_, 'r>,
+        i: usize,
+        reply: &SubjectReply,
+        store: Store,
+        deny: Option<&DenyMemory>,
+    ) -> Option<Decision<'r>> {
+        let g = &pass.groups[i];
+        let mut refusing: Vec<(&'r Rule, BucketReply)> = g
+            .rules
+            .iter()
+            .zip(&reply.buckets)
+            .filter(|(_, b)| b.state == BucketState::Refusing)
+            .map(|(r, b)| (*r, *b))
+            .collect();
+        // The longest wait first: it is the one the client sees.
+        refusing.sort_by_key(|(_, b)| std::cmp::Reverse(b.wait_us));
+        let &(rule, bucket) = refusing.first()?;
+        rule.counters.limited.increment(1);
+        if let (Some(deny), Store::Redis) = (deny, store) {
+            if !(deny.bans_on && g.subject.bannable()) {
+                for (r, b) in &refusing {
+                    self.deny.remember(&pass.tags[i], r, b, deny.sent);
+                }
+            }
+        }
+        // Only a refusal by the client's own (IP-keyed) rules counts
+        // towards its ban: a full global or shared-key bucket is not this
+        // client's offence.
+        let violation = g.subject.bannable().then_some(&*rule.name);
+        if let Some(made) = self.refund(pass, violation).await {
+            self.metrics.banned.increment(1);
+            return Some(Decision::Banned {
+                remaining_ms: made.dur_ms,
+                made: Some(made),
+            });
+        }
+        let retry_after_s = ceil_secs(bucket.wait_us.max(1) as u64).max(1);
+        Some(Decision::Limited {
+            violated: refusing.iter().map(|(r, b)| rate_info(r, b)).collect(),
+            retry_after_s,
+        })
+    }
+
+    /// Every subject allowed: every non-shadow rule gives its headers; the
+    /// concurrency slots taken are held until the response ends.
+    fn allowed<'r>(&self, pass: Pass<'_, 'r>) -> Decision<'r> {
+        let mut applied: Vec<RateInfo<'r>> = Vec::new();
+        let mut held = Vec::new();
+        for ((g, (reply, store)), tag) in pass.groups.iter().zip(&pass.decided).zip(&pass.tags) {
+            if *store == Store::Allow {
+                for rule in &g.rules {
+                    rule.counters.allowed.increment(1);
+                }
+                continue;
+            }
+            let slots: Vec<LeaseSlot> = g
+                .rules
+                .iter()
+                .zip(&reply.buckets)
+                .filter_map(|(rule, b)| match rule.limit {
+                    Limit::Concurrency(c) if b.state == BucketState::Charged => Some(LeaseSlot {
+                        rule: rule.name.clone(),
+                        lease_ms: c.lease_ms,
+                    }),
+                    _ => None,
+                })
+                .collect();
+            if !slots.is_empty() {
+                held.push(HeldSlots {
+                    tag: tag.clone(),
+                    slots,
+                    on_redis: *store == Store::Redis,
+                });
+            }
+            for (rule, b) in g.rules.iter().zip(&reply.buckets) {
+                if b.state == BucketState::ShadowRefusing {
+                    rule.counters.shadow_limited.increment(1);
+                    log::info!("shadow rule {} would limit {}", rule.name, tag);
+                } else {
+                    rule.counters.allowed.increment(1);
+                }
+                if rule.shadow {
+                    continue;
+                }
+                applied.push(rate_info(rule, b));
+            }
+        }
+        let leases = (!held.is_empty()).then_some(LeaseSet {
+            id: pass.lease,
+            subjects: held,
+        });
+        Decision::Allowed { applied, leases }
+    }
+
+    /// Decides one subject: on Redis if its shard's breaker is closed and
+    /// the cap admits the call, otherwise (or if the call fails after its
+    /// retries) as `on_failure` says.
+    async fn decide_subject(&self, call: &SubjectCall<'_>) -> (SubjectReply, Store) {
+        if self.shared.is_none() {
+            return (self.local.decide(call), Store::Local);
+        }
+        match self.route(call.tag) {
+            Route::Fallback => {
+                let shard = self.breakers.for_tag(call.tag);
+                self.breakers.fell_back(&shard, &"its breaker is open");
+            }
+            Route::Shared(shared, shard) => {
+                if self.cap.admit() {
+                    let started = Instant::now();
+                    let result = shared.decide(call).await;
+                    self.metrics
+                        .redis_seconds
+                        .record(started.elapsed().as_secs_f64());
+                    match result {
+                        Ok(reply) => {
+                            self.breakers.success(&shard);
+                            return (reply, Store::Redis);
+                        }
+                        Err(e) => {
+                            self.metrics.redis_errors.increment(1);
+                            self.breakers.failure(&shard, &e);
+                            self.breakers.fell_back(&shard, &e);
+                        }
+                    }
+                }
+            }
+        }
+        match self.on_failure {
+            OnFailure::Allow => (SubjectReply::undecided(), Store::Allow),
+            OnFailure::Deny => (SubjectReply::undecided(), Store::Deny),
+            OnFailure::Local => (self.local.decide(call), Store::Local),
+        }
+    }
+
+    /// Sends a call to the store that decided the subject.
+    async fn on_store(
+        &self,
+        store: Store,
+        call: &SubjectCall<'_>,
+    ) -> Result<SubjectReply, RedisFailure> {
+        match (store, &self.shared) {
+            (Store::Redis, Some(shared)) => shared.decide(call).await,
+            _ => DecisionStore::decide(self.local.as_ref(), call).await,
+        }
+    }
+
+    /// Gives the subjects decided before a refusal back exactly the tokens
+    /// they were charged, each on the store that charged it; with `rule`,
+    /// the first bannable one also counts a violation (which may ban:
+    /// returned).
+    async fn refund(&self, pass: &Pass<'_, '_>, rule: Option<&str>) -> Option<BanMade> {
+        let mut ban = None;
+        // These subjects get tokens back: what this node remembers of their
+        // refusals no longer holds.
+        for t in &pass.tags[..pass.decided.len()] {
+            self.deny.forget(t);
+        }
+        for (j, (g, (reply, store))) in pass.groups.iter().zip(&pass.decided).enumerate() {
+            if !matches!(store, Store::Redis | Store::Local) {
+                continue; // let through undecided: nothing was charged
+            }
+            let charged: Vec<&Rule> = g
+                .rules
+                .iter()
+                .zip(&reply.buckets)
+                .filter(|(_, b)| b.state == BucketState::Charged)
+                .map(|(r, _)| *r)
+                .collect();
+            // Banned by a later subject: nothing to count, only give back.
+            if rule.is_none() && charged.is_empty() {
+                continue;
+            }
+            let call = SubjectCall {
+                tag: &pass.tags[j],
+                rules: &charged,
+                ttl_ms: g.ttl_ms,
+                bannable: rule.is_some() && g.subject.bannable(),
+                mode: Mode::Refund {
+                    rule: rule.unwrap_or(""),
+                },
+                now_us: None,
+                lease: &pass.lease,
+            };
+            match self.on_store(*store, &call).await {
+                Ok(r) if r.status == Status::BannedNow => {
+                    ban = Some(BanMade {
+                        tag: pass.tags[j].clone(),
+                        dur_ms: r.ban_ms,
+                        strikes: r.strikes,
+                        until_ms: r.until_ms,
+                        reason: format!("rule {}", rule.unwrap_or("")),
+                        by_redis: *store == Store::Redis,
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("could not refund {} after a refusal: {e}", pass.tags[j]),
+            }
+        }
+        ban
+    }
+}
+
+fn refusing_reason(g: &SubjectGroup<'_>, reply: &SubjectReply) -> String {
+    g.rules
+        .iter()
+        .zip(&reply.buckets)
+        .find(|(_, b)| b.state == BucketState::Refusing)
+        .map(|(r, _)| format!("rule {}", r.name))
+        .unwrap_or_else(|| "repeated refusals".into())
+}
+
+/// The header numbers of one rule's reply (see [`BucketReply`]).
+pub fn rate_info<'r>(rule: &'r Rule, b: &BucketReply) -> RateInfo<'r> {
+    match rule.limit {
+        Limit::Rate(bucket) => {
+            let interval = bucket.interval_us.max(1) as i64;
+            let cap = bucket.capacity_us() as i64;
+            RateInfo {
+                rule,
+                remaining: (b.room_us.max(0) / interval) as u64,
+                reset_s: ceil_secs((cap - b.room_us).max(0) as u64),
+            }
+        }
+        Limit::Quota(_) => RateInfo {
+            rule,
+            remaining: b.room_us.max(0) as u64,
+            reset_s: ceil_secs(b.wait_us.max(0) as u64),
+        },
+        Limit::Concurrency(_) => RateInfo {
+            rule,
+            remaining: b.room_us.max(0) as u64,
+            reset_s: 0,
+        },
+    }
+}
