@@ -1,9 +1,8 @@
--- inspect.lua: read a subject's ban and one bucket without changing them.
+-- inspect.lua: read a subject's ban without changing it.
 --
 -- KEYS[1]  ban hash   <prefix>{<subject>}:ban
 -- KEYS[2]  state hash <prefix>{<subject>}:b
--- ARGV[1]  bucket field (rule name), or '' for none
--- Returns {now_us, until_ms, strikes, reason, source, at_ms, dur_ms, tat_us}
+-- Returns {now_us, until_ms, strikes, reason, source, at_ms, dur_ms}
 -- as strings, '' for what does not exist. Numbers are formatted as whole
 -- decimals (Lua's own tostring would give 1.7e+15).
 
@@ -24,6 +23,4 @@ if (tonumber(s[2]) or 0) > (tonumber(b[2]) or 0) then b[2] = s[2] end
 -- Only decide.lua bans without writing a record first, so a ban known from
 -- the state hash alone is an automatic one.
 if not b[4] and s[1] then b[4] = 'auto' end
-local tat = false
-if ARGV[1] ~= '' then tat = redis.call('HGET', KEYS[2], ARGV[1]) end
-return {whole(now), whole(b[1]), whole(b[2]), b[3] or '', b[4] or '', whole(b[5]), whole(b[6]), whole(tat)}
+return {whole(now), whole(b[1]), whole(b[2]), b[3] or '', b[4] or '', whole(b[5]), whole(b[6])}

@@ -19,6 +19,7 @@ pub mod config;
 pub mod consumers;
 pub mod dashboard;
 pub mod front_door;
+pub mod gateway;
 pub mod in_flight;
 pub mod keys;
 pub mod limiter;

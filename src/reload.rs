@@ -30,7 +30,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ConfigError};
-use crate::front_door::{Gateway, Snapshot};
+use crate::gateway::{Gateway, Snapshot};
 use crate::limiter::BanParams;
 use crate::tls::{self, ServedCertificate};
 

@@ -21,7 +21,7 @@ use super::{bad_request, not_found, AdminState};
 use crate::bans::BanEvent;
 use crate::config::check_consumer_key;
 use crate::consumers::key_hash;
-use crate::front_door::{Gateway, Snapshot};
+use crate::gateway::{Gateway, Snapshot};
 use crate::limiter::rate_info;
 use crate::policy::Limit;
 use crate::redis_link::RedisFailure;

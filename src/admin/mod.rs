@@ -28,7 +28,7 @@ use subtle::ConstantTimeEq;
 
 use crate::bans::{BanError, BanTarget};
 use crate::config::{parse_cidr, Config};
-use crate::front_door::Gateway;
+use crate::gateway::Gateway;
 use crate::limiter::Readiness;
 use crate::policy::KeyKind;
 use crate::redis_link::RedisFailure;

@@ -20,7 +20,8 @@
 //! - [`audit`]: the append-only audit stream;
 //! - [`breadth`]: how wide a network an operator may ban or allowlist;
 //! - [`events`]: pub/sub, heartbeats and reconcile;
-//! - `restore`: what happens when Redis loses its data or goes away.
+//! - `restore`: what happens when Redis loses its data or goes away;
+//! - `scripts`: the ban scripts' arguments and replies, typed.
 //!
 //! This file holds the shared types and the [`Bans`] service's state.
 
@@ -31,6 +32,7 @@ pub mod events;
 
 mod allowlist;
 mod restore;
+mod scripts;
 mod service;
 
 use std::collections::VecDeque;

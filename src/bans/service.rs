@@ -7,16 +7,18 @@
 //! published to the other nodes and audited.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::scripts::{self, BanWrite};
 use super::{events::BanEvent, key_tag, BanError, BanTarget, BanView, Bans};
 use crate::client_ip::ClientKey;
 use crate::keys;
 use crate::limiter::BanMade;
-use crate::redis_link::{scripts, RedisFailure, RedisLink};
+use crate::redis_link::{RedisFailure, RedisLink};
 
 #[derive(Debug, Serialize, Deserialize)]
 struct CidrBanRecord {
@@ -28,18 +30,39 @@ struct CidrBanRecord {
 }
 
 impl Bans {
-    /// Records that a decision found `key` banned (made elsewhere).
-    pub fn learn(&self, key: ClientKey, remaining_ms: u64) {
-        self.cache
-            .insert_key(key, Duration::from_millis(remaining_ms));
-    }
-
-    /// A decision just banned `key`: mirror it here at once, write the
-    /// ban's record (for a ban `decide.lua` made), tell the other nodes and
-    /// append to the audit log.
-    pub async fn on_auto_ban(&self, key: ClientKey, made: BanMade) {
+    /// A decision found `key` banned: the one place a decision's ban
+    /// reaches the ban service. The cache learns it at once, so the
+    /// client's next requests cost no store call. For a ban this request
+    /// made (`made`), the record is written, the fleet told and the audit
+    /// log appended: before the client hears of it for a ban Redis made (so
+    /// what the client was told is already listed and audited; a ban is
+    /// rare, and the banned client is the one that waits), in the
+    /// background for one the local fallback made (Redis is failing then,
+    /// and the write-back brings it to Redis when it returns).
+    pub async fn decided(
+        self: &Arc<Self>,
+        key: ClientKey,
+        remaining_ms: u64,
+        made: Option<BanMade>,
+    ) {
+        let Some(made) = made else {
+            self.cache
+                .insert_key(key, Duration::from_millis(remaining_ms));
+            return;
+        };
         self.cache
             .insert_key(key, Duration::from_millis(made.dur_ms));
+        if made.by_redis {
+            self.record_auto_ban(key, made).await;
+        } else {
+            let bans = self.clone();
+            actix_web::rt::spawn(async move { bans.record_auto_ban(key, made).await });
+        }
+    }
+
+    /// Writes an automatic ban's record (for a ban `decide.lua` made), tells
+    /// the other nodes and appends to the audit log.
+    async fn record_auto_ban(&self, key: ClientKey, made: BanMade) {
         crate::metrics::ban_made("auto");
         log::warn!(
             "banned {} for {}s (strike {}, {})",
@@ -127,35 +150,25 @@ impl Bans {
         let subject = target.subject();
         let view = match (&self.link, target) {
             (Some(link), BanTarget::Key(key)) => {
-                let tag = key_tag(&key);
-                let v = link
-                    .eval(
-                        &scripts::BAN,
-                        &[
-                            &keys::ban(&self.prefix, &tag),
-                            &keys::state(&self.prefix, &tag),
-                        ],
-                        |c| {
-                            c.arg(dur_ms)
-                                .arg(reason)
-                                .arg(self.params.load().memory_ms)
-                                .arg(source)
-                                .arg(strikes)
-                                .arg(if keep_longer { "1" } else { "0" });
-                        },
-                        link.admin_timeout(),
-                    )
-                    .await?;
-                let (until_ms, strikes, now_ms): (u64, u32, u64) =
-                    redis::FromRedisValue::from_redis_value(v).map_err(RedisFailure::from)?;
-                self.cache
-                    .insert_key(key, Duration::from_millis(until_ms.saturating_sub(now_ms)));
+                let ban = BanWrite {
+                    dur_ms,
+                    reason,
+                    memory_ms: self.params.load().memory_ms,
+                    source,
+                    strikes,
+                    keep_longer,
+                };
+                let w = scripts::write(link, &self.prefix, &key_tag(&key), &ban).await?;
+                self.cache.insert_key(
+                    key,
+                    Duration::from_millis(w.until_ms.saturating_sub(w.now_ms)),
+                );
                 BanView::new(
                     subject.clone(),
-                    until_ms,
-                    now_ms,
+                    w.until_ms,
+                    w.now_ms,
                     reason.into(),
-                    strikes,
+                    w.strikes,
                     source.into(),
                 )
             }
@@ -226,22 +239,10 @@ impl Bans {
         let lifted = match (&self.link, target) {
             (Some(link), BanTarget::Key(key)) => {
                 let tag = key_tag(&key);
-                let v = link
-                    .eval(
-                        &scripts::UNBAN,
-                        &[
-                            &keys::ban(&self.prefix, &tag),
-                            &keys::state(&self.prefix, &tag),
-                        ],
-                        |_| {},
-                        link.admin_timeout(),
-                    )
-                    .await?;
-                let n: i64 =
-                    redis::FromRedisValue::from_redis_value(v).map_err(RedisFailure::from)?;
+                let lifted = scripts::lift(link, &self.prefix, &tag).await?;
                 self.cache.remove_key(&key);
                 self.local.unban(&tag);
-                n == 1
+                lifted
             }
             (Some(link), BanTarget::Cidr(net)) => {
                 let active = self
@@ -367,38 +368,24 @@ impl Bans {
         Ok(out)
     }
 
+    /// The active ban of subject `tag` in Redis, if any.
     pub(super) async fn inspect_tag(
         &self,
         link: &RedisLink,
         tag: &str,
     ) -> Result<Option<BanView>, RedisFailure> {
-        let v = link
-            .eval(
-                &scripts::INSPECT,
-                &[
-                    &keys::ban(&self.prefix, tag),
-                    &keys::state(&self.prefix, tag),
-                ],
-                |c| {
-                    c.arg("");
-                },
-                link.admin_timeout(),
-            )
-            .await?;
-        let f: Vec<String> = redis::FromRedisValue::from_redis_value(v)?;
-        let num = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
-        let now_ms = num(0).unwrap_or(0) / 1000;
-        match num(1) {
-            Some(until) if until > now_ms => Ok(Some(BanView::new(
-                tag.strip_prefix("ip:").unwrap_or(tag).to_string(),
-                until,
-                now_ms,
-                f.get(3).cloned().unwrap_or_default(),
-                num(2).unwrap_or(0) as u32,
-                f.get(4).cloned().unwrap_or_default(),
-            ))),
-            _ => Ok(None),
+        let i = scripts::inspect(link, &self.prefix, tag).await?;
+        if i.until_ms <= i.now_ms {
+            return Ok(None);
         }
+        Ok(Some(BanView::new(
+            tag.strip_prefix("ip:").unwrap_or(tag).to_string(),
+            i.until_ms,
+            i.now_ms,
+            i.reason,
+            i.strikes,
+            i.source,
+        )))
     }
 
     /// One subject's active ban.

@@ -1,0 +1,202 @@
+//! The front door: every public request, through named phases, cheapest
+//! first, so that the common refusals cost the least:
+//!
+//! 0. [`screen`] - header limits, `CONNECT`, `OPTIONS *` ([`crate::screening`]);
+//! 1. [`Exchange::identify`] - peer address, trusted proxies, X-Forwarded-For;
+//! 2. [`Exchange::allowlist`] - in memory, then forward with no Redis call;
+//! 3. [`Exchange::ban_cache`] - in memory, answer with no Redis call;
+//! 4. [`Exchange::rules`] - the matching rules and the consumer's plan
+//!    rules, grouped by subject;
+//! 5. [`Exchange::decide`] - one store call per subject;
+//! 6. [`Exchange::forward`] - to the routed pool (plus RateLimit headers);
+//!    refusals were answered by the phase that made them (429, ban status,
+//!    503).
+//!
+//! A request carries one [`Exchange`] through the phases; each phase
+//! returns "go on" (`Ok`) or an [`Exit`]: forward at once without limits,
+//! or answer now. Each request reads one [`Snapshot`] of what a reload can
+//! change when it starts, and uses it to the end, so a reload never mixes
+//! two configurations within a request.
+//!
+//! The shared state it reads is [`crate::gateway`]; the answers' shapes
+//! live in [`crate::responses`]; phase 6 is `forward`.
+
+mod forward;
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use crate::client_ip::ClientKey;
+use crate::gateway::{Gateway, Snapshot, UpstreamClients};
+use crate::in_flight::SlotGuard;
+use crate::limiter::{Decision, RateInfo};
+use crate::responses;
+use crate::rules::SubjectGroup;
+use crate::screening;
+
+/// One request on its way through the phases: what it is, the
+/// configuration it was started under, and who is asking.
+pub(crate) struct Exchange<'a> {
+    req: HttpRequest,
+    snap: &'a Snapshot,
+    gw: &'a Gateway,
+    clients: &'a UpstreamClients,
+    /// The connection's peer, and whether it is a trusted proxy.
+    peer: IpAddr,
+    trusted: bool,
+    /// The client (the peer, or what a trusted proxy says) and its key.
+    ip: IpAddr,
+    key: ClientKey,
+}
+
+/// Why the limiting phases stopped early.
+pub(crate) enum Exit {
+    /// Forward without limits or RateLimit headers (allowlisted, or no
+    /// rule applies).
+    Forward,
+    /// Answer with this; nothing is forwarded.
+    Answer(HttpResponse),
+}
+
+/// What an allowed request takes to phase 6: the RateLimit numbers of the
+/// rules that applied, and the concurrency slots it holds until its
+/// response ends.
+#[derive(Default)]
+pub(crate) struct Admitted<'a> {
+    applied: Vec<RateInfo<'a>>,
+    slots: Option<SlotGuard>,
+}
+
+/// The front door: every public request comes here.
+pub async fn front_door(
+    req: HttpRequest,
+    payload: web::Payload,
+    gw: web::Data<Gateway>,
+    clients: web::Data<UpstreamClients>,
+) -> HttpResponse {
+    let snap = gw.snapshot();
+    if let Err(answer) = screen(&req, &snap) {
+        return answer;
+    }
+    let ex = Exchange::identify(req, &snap, &gw, &clients);
+    match ex.limit().await {
+        Ok(admitted) => ex.forward(payload, admitted).await,
+        Err(Exit::Forward) => ex.forward(payload, Admitted::default()).await,
+        Err(Exit::Answer(answer)) => answer,
+    }
+}
+
+/// Phase 0: requests that go no further, whoever sends them.
+fn screen(req: &HttpRequest, snap: &Snapshot) -> Result<(), HttpResponse> {
+    match screening::screen(req, snap.header_limits) {
+        Some(answer) => Err(answer),
+        None => Ok(()),
+    }
+}
+
+impl<'a> Exchange<'a> {
+    /// Phase 1: who is asking. The peer address, or the client a trusted
+    /// proxy names in X-Forwarded-For, and its key (IPv6 grouped).
+    fn identify(
+        req: HttpRequest,
+        snap: &'a Snapshot,
+        gw: &'a Gateway,
+        clients: &'a UpstreamClients,
+    ) -> Exchange<'a> {
+        let peer = req
+            .peer_addr()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let trusted = snap.resolver.is_trusted(peer);
+        let ip = snap.resolver.resolve_from(peer, trusted, req.headers());
+        let key = snap.resolver.key(ip);
+        Exchange {
+            req,
+            snap,
+            gw,
+            clients,
+            peer,
+            trusted,
+            ip,
+            key,
+        }
+    }
+
+    /// Phases 2 to 5: whether the request may pass, and with what.
+    async fn limit(&self) -> Result<Admitted<'a>, Exit> {
+        self.allowlist()?;
+        self.ban_cache()?;
+        let groups = self.rules()?;
+        self.decide(&groups).await
+    }
+
+    /// Phase 2: an allowlisted client is forwarded with no Redis call and
+    /// no RateLimit headers.
+    fn allowlist(&self) -> Result<(), Exit> {
+        if self.gw.bans.cache().is_allowlisted(self.ip) {
+            self.gw.metrics.allowlisted.increment(1);
+            return Err(Exit::Forward);
+        }
+        Ok(())
+    }
+
+    /// Phase 3: a client this node knows to be banned is answered at once.
+    fn ban_cache(&self) -> Result<(), Exit> {
+        match self.gw.bans.cache().banned(self.ip, &self.key) {
+            Some(left) => {
+                self.gw.metrics.banned.increment(1);
+                Err(Exit::Answer(responses::banned(self.snap.ban_status, left)))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Phase 4: the rules that match, with the consumer's plan rules,
+    /// grouped by subject. A key header too long or a path whose readings
+    /// disagree is refused with 400; no rule at all forwards.
+    fn rules(&self) -> Result<Vec<SubjectGroup<'a>>, Exit> {
+        let bad_request = |kind: &'static str, message: String| {
+            crate::metrics::client_error(kind);
+            Exit::Answer(responses::bad_request(message))
+        };
+        let mut groups = self
+            .snap
+            .rules
+            .groups(&self.req, self.key)
+            .map_err(|e| bad_request(e.kind(), e.to_string()))?;
+        if let Some(plans) = &self.snap.plans {
+            plans
+                .apply(&self.req, self.key, &self.gw.consumers, &mut groups)
+                .map_err(|e| Exit::Answer(responses::bad_request(e.to_string())))?;
+        }
+        if groups.is_empty() {
+            self.gw.metrics.allowed_unmatched.increment(1);
+            return Err(Exit::Forward);
+        }
+        Ok(groups)
+    }
+
+    /// Phase 5: one store call per subject. A refusal is answered here; a
+    /// ban this request made or met is handed to the ban service.
+    async fn decide(&self, groups: &[SubjectGroup<'a>]) -> Result<Admitted<'a>, Exit> {
+        match self.gw.limiter.decide(groups).await {
+            Decision::Allowed { applied, leases } => Ok(Admitted {
+                applied,
+                slots: leases.map(|set| SlotGuard::hold(self.gw.limiter.clone(), set)),
+            }),
+            Decision::Limited {
+                violated,
+                retry_after_s,
+            } => Err(Exit::Answer(responses::limited(&violated, retry_after_s))),
+            Decision::Banned { remaining_ms, made } => {
+                self.gw.bans.decided(self.key, remaining_ms, made).await;
+                Err(Exit::Answer(responses::banned(
+                    self.snap.ban_status,
+                    std::time::Duration::from_millis(remaining_ms),
+                )))
+            }
+            Decision::Unavailable => Err(Exit::Answer(responses::unavailable())),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The gateway's shared state: what every worker reads to serve a request.
+//!
+//! [`Gateway`] holds the parts that live as long as the process (the
+//! limiter, the bans, the consumer table, the metric handles) and the
+//! current [`Snapshot`] of everything a reload can change, behind one
+//! atomic pointer. [`UpstreamClients`] are a worker's own connections to
+//! the upstream pools. The front door reads all of this; the admin API and
+//! reload change it; none of it is request logic, so it lives apart from
+//! the phases that use it.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use arc_swap::ArcSwap;
+
+use crate::bans::{Bans, Breadth};
+use crate::client_ip::ClientIpResolver;
+use crate::config::Config;
+use crate::consumers::{ConsumerTable, Plans};
+use crate::limiter::Limiter;
+use crate::metrics::GatewayMetrics;
+use crate::proxy::Upstream;
+use crate::rules::RuleSet;
+use crate::screening::HeaderLimits;
+use crate::upload::BodyLimits;
+use crate::upstreams::{Pool, PoolSet};
+
+/// The parts of the configuration a reload replaces, as one immutable
+/// value: a request reads it once, at its start.
+pub struct Snapshot {
+    pub resolver: ClientIpResolver,
+    pub rules: RuleSet,
+    pub ban_status: StatusCode,
+    /// `[upstream]`, `[upstreams.*]` and `[[routes]]`. A pool whose settings
+    /// a reload left alone is the same `Arc`, so the workers keep their
+    /// connections to it; every URL keeps its health state.
+    pub pools: PoolSet,
+    /// `[consumers]` and `[plans.*]`, compiled (`None`: no consumers).
+    pub plans: Option<Plans>,
+    /// Phase 0's limits on request headers.
+    pub header_limits: HeaderLimits,
+    /// How wide a network an operator may ban or allowlist without `force`.
+    pub breadth: Breadth,
+}
+
+impl Snapshot {
+    /// Compiles `config`; `previous` lends its pools (and their health)
+    /// where they stay.
+    pub fn new(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
+        let pools = PoolSet::compile(config, previous.map(|p| &p.pools));
+        let rules = RuleSet::compile(&config.rules);
+        let plans = Plans::compile(config, &rules);
+        Snapshot {
+            resolver: ClientIpResolver::new(
+                config.client_ip.trusted_proxies.clone(),
+                config.client_ip.ipv6_prefix,
+            ),
+            rules,
+            ban_status: StatusCode::from_u16(config.ban.status)
+                .unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+            pools,
+            plans,
+            header_limits: HeaderLimits {
+                max_headers: config.server.max_headers,
+                max_header_bytes: config.server.max_header_bytes,
+            },
+            breadth: Breadth {
+                min_prefix_v4: config.ban.min_prefix_v4,
+                min_prefix_v6: config.ban.min_prefix_v6,
+            },
+        }
+    }
+}
+
+/// Everything the front door needs, shared by all workers.
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+    /// The runtime plan assignments, cached on this node.
+    pub consumers: Arc<ConsumerTable>,
+    pub limiter: Arc<Limiter>,
+    pub bans: Arc<Bans>,
+    pub metrics: GatewayMetrics,
+}
+
+impl Gateway {
+    pub fn new(
+        snapshot: Snapshot,
+        consumers: Arc<ConsumerTable>,
+        limiter: Arc<Limiter>,
+        bans: Arc<Bans>,
+        metrics: GatewayMetrics,
+    ) -> Gateway {
+        Gateway {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            consumers,
+            limiter,
+            bans,
+            metrics,
+        }
+    }
+
+    /// The configuration in effect now; requests that start later may see
+    /// a newer one.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Puts `next` in effect for every request that starts from now on.
+    pub fn replace_snapshot(&self, next: Snapshot) {
+        self.snapshot.store(Arc::new(next));
+    }
+}
+
+/// One worker's upstream clients (awc clients are per thread), one per
+/// pool, built on a pool's first request and dropped once no snapshot
+/// holds that pool any more; requests in flight finish on the client they
+/// started with.
+pub struct UpstreamClients {
+    current: RefCell<Vec<(Arc<Pool>, Rc<Upstream>)>>,
+    /// Set at start-up (`server.client_body_timeout`, `max_body_size`,
+    /// `response_buffer` need a restart).
+    body_limits: BodyLimits,
+    response_buffer: usize,
+}
+
+impl UpstreamClients {
+    pub fn new(body_limits: BodyLimits, response_buffer: usize) -> UpstreamClients {
+        UpstreamClients {
+            current: RefCell::new(Vec::new()),
+            body_limits,
+            response_buffer,
+        }
+    }
+
+    /// The client for `pool`, built on first use.
+    pub(crate) fn for_pool(&self, pool: &Arc<Pool>) -> Rc<Upstream> {
+        let mut current = self.current.borrow_mut();
+        if let Some((_, up)) = current.iter().find(|(p, _)| Arc::ptr_eq(p, pool)) {
+            return up.clone();
+        }
+        // Pools only this list still holds were replaced by a reload.
+        current.retain(|(p, _)| Arc::strong_count(p) > 1);
+        let up = Rc::new(Upstream::new(
+            &pool.config,
+            self.body_limits,
+            self.response_buffer,
+        ));
+        current.push((pool.clone(), up.clone()));
+        up
+    }
+}
