@@ -2,6 +2,8 @@
 //! shutdown. The per-request logic is [`crate::front_door`]; this module
 //! only builds what it needs and serves it.
 
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,28 +34,94 @@ fn node_id(config: &Config) -> String {
     })
 }
 
-/// Runs the gateway until SIGTERM or SIGINT; SIGHUP reloads `file`.
+/// Runs the gateway until SIGTERM or SIGINT; SIGHUP reloads `file`. The
+/// listeners are bound once Redis has been tried and the bans read, so a
+/// node takes no connection before it knows who is banned.
 pub async fn run(file: ConfigFile) -> std::io::Result<()> {
-    let config = &file.config;
-    let prom = crate::metrics::install();
-    crate::log_throttle::LOG.set_window(config.server.log_throttle);
-    let metrics = GatewayMetrics::resolve();
-    let params = BanParams::from_config(&config.ban);
-    let local = Arc::new(LocalStore::new(
-        params,
-        LOCAL_MAX_SUBJECTS,
-        config.redis.is_some(),
-    ));
+    let node = Node::start(&file).await;
+    let listeners = Listeners::bind(&file.config)?;
+    node.serve(&file, listeners, wait_for_stop_signal()).await
+}
 
-    let link = config.redis.clone().map(RedisLink::new);
-    let mut connected = false;
-    if let Some(link) = &link {
-        let target = link
-            .config()
-            .url
-            .clone()
-            .unwrap_or_else(|| link.config().cluster.join(","));
-        match link.connect().await {
+/// Runs the gateway on listeners bound by the caller until `shutdown`
+/// resolves, then stops as on SIGTERM: no new connections, requests in
+/// flight finished within `server.shutdown_timeout`. Tests run whole
+/// gateways in process this way, on ports they bound themselves.
+pub async fn run_with(
+    file: ConfigFile,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + 'static,
+) -> std::io::Result<()> {
+    let node = Node::start(&file).await;
+    node.serve(&file, listeners, shutdown).await
+}
+
+/// The public and admin listeners, bound.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `server.listen` and `server.admin_listen` as the gateway does
+    /// itself (address reuse, a backlog of 4096).
+    pub fn bind(config: &Config) -> std::io::Result<Listeners> {
+        let bind = |addr: SocketAddr, key: &str| {
+            tcp_listener(addr).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({key}): {e}"))
+            })
+        };
+        Ok(Listeners {
+            public: bind(config.server.listen, "server.listen")?,
+            admin: bind(config.server.admin_listen, "server.admin_listen")?,
+        })
+    }
+}
+
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(TcpListener::from(socket))
+}
+
+/// A node's parts once started: connected to Redis (or not), bans read.
+struct Node {
+    prom: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    metrics: GatewayMetrics,
+    link: Option<Arc<RedisLink>>,
+    local: Arc<LocalStore>,
+    limiter: Arc<Limiter>,
+    bans: Arc<Bans>,
+    consumers: Arc<ConsumerTable>,
+}
+
+impl Node {
+    /// Start-up steps 1 to 3: metrics, the stores, Redis (tried, never
+    /// waited for beyond `redis.connect_timeout`), and the bans it holds.
+    async fn start(file: &ConfigFile) -> Node {
+        let config = &file.config;
+        let prom = crate::metrics::install();
+        crate::log_throttle::LOG.set_window(config.server.log_throttle);
+        let metrics = GatewayMetrics::resolve();
+        let params = BanParams::from_config(&config.ban);
+        let local = Arc::new(LocalStore::new(
+            params,
+            LOCAL_MAX_SUBJECTS,
+            config.redis.is_some(),
+        ));
+
+        let link = config.redis.clone().map(RedisLink::new);
+        let mut connected = false;
+        if let Some(link) = &link {
+            let target = link
+                .config()
+                .url
+                .clone()
+                .unwrap_or_else(|| link.config().cluster.join(","));
+            match link.connect().await {
             Ok(()) => {
                 connected = true;
                 log::info!("connected to Redis at {target}");
@@ -63,194 +131,208 @@ pub async fn run(file: ConfigFile) -> std::io::Result<()> {
                 link.config().on_failure
             ),
         }
-    } else {
-        log::warn!("no [redis] section: limits and bans are kept in this process only, per node");
-    }
-    let breakers = Arc::new(Breakers::new(
-        config
-            .redis
-            .as_ref()
-            .map(|r| r.breaker_failures)
-            .unwrap_or(1),
-        link.is_some() && !connected,
-        metrics.degraded.clone(),
-    ));
-    if let (Some(link), true) = (&link, connected) {
-        if let Err(e) = breakers.refresh(link).await {
-            log::warn!("could not read the Redis Cluster slot map at start-up: {e}");
-        }
-    }
-    let redis_store = link.clone().map(|l| RedisStore::new(l, params));
-    let settings = LimiterSettings {
-        on_failure: config
-            .redis
-            .as_ref()
-            .map(|r| r.on_failure)
-            .unwrap_or(crate::config::OnFailure::Local),
-        max_decisions_per_second: config
-            .redis
-            .as_ref()
-            .map_or(0, |r| r.max_decisions_per_second),
-    };
-    let limiter = Arc::new(Limiter::new(
-        redis_store,
-        local.clone(),
-        breakers.clone(),
-        settings,
-        params,
-        metrics.clone(),
-    ));
-    let cache = Arc::new(BanCache::new(
-        config.allowlist.clone(),
-        metrics.bans_active.clone(),
-    ));
-    let prefix = config
-        .redis
-        .as_ref()
-        .map(|r| r.key_prefix.clone())
-        .unwrap_or_default();
-    let consumers = Arc::new(ConsumerTable::new(
-        link.clone(),
-        prefix.clone(),
-        config.plans.keys().cloned().collect(),
-    ));
-    let bans = Arc::new(Bans::new(
-        cache,
-        link.clone(),
-        local.clone(),
-        prefix,
-        params,
-        node_id(config),
-        config.ban.audit_max_len,
-        config.client_ip.ipv6_prefix,
-    ));
-    bans.follow_with(consumers.clone());
-    if connected {
-        if let Err(e) = bans.reconcile().await {
-            log::warn!("could not read bans from Redis at start-up: {e}");
-        }
-    }
-
-    let gateway = web::Data::new(Gateway::new(
-        Snapshot::new(config, None),
-        consumers,
-        limiter.clone(),
-        bans.clone(),
-        metrics,
-    ));
-    let served = file
-        .certificate
-        .clone()
-        .map(|c| Arc::new(ServedCertificate::new(c)));
-    let reloader = Arc::new(Reloader::new(&file, gateway.clone(), served.clone()));
-    reload::reload_on_hangup(reloader.clone());
-
-    spawn_background(
-        config,
-        link.clone(),
-        limiter.clone(),
-        bans.clone(),
-        local.clone(),
-        prom.clone(),
-    );
-
-    let response_buffer = config.server.response_buffer;
-    let body_limits = BodyLimits {
-        idle: config.server.client_body_timeout,
-        max_size: config.server.max_body_size,
-    };
-    let workers = if config.server.workers == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    } else {
-        config.server.workers
-    };
-    let public = HttpServer::new({
-        let gateway = gateway.clone();
-        move || {
-            App::new()
-                .app_data(gateway.clone())
-                .app_data(web::Data::new(UpstreamClients::new(
-                    body_limits,
-                    response_buffer,
-                )))
-                .default_service(web::to(front_door::front_door))
-        }
-    })
-    .workers(workers)
-    .backlog(4096)
-    .max_connections(100_000)
-    .h1_write_buffer_size(config.server.response_buffer)
-    .on_connect(crate::send_timeout::on_connect(config.server.send_timeout))
-    .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1))
-    .disable_signals();
-    let public = match &served {
-        Some(served) => {
-            public.bind_rustls_0_23(config.server.listen, tls::server_config(served.clone())?)
-        }
-        None => public.bind(config.server.listen),
-    }
-    .map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!(
-                "cannot listen on {} (server.listen): {e}",
-                config.server.listen
-            ),
-        )
-    })?
-    .run();
-
-    if !config.server.admin_listen.ip().is_loopback() {
-        log::warn!(
-            "the admin API listens on {}, not on loopback: keep it behind a firewall",
-            config.server.admin_listen
-        );
-    }
-    let admin_state = web::Data::new(AdminState::new(config, gateway.clone(), prom, reloader));
-    let admin_server = HttpServer::new(move || {
-        App::new()
-            .app_data(admin_state.clone())
-            .configure(admin::routes)
-    })
-    .workers(1)
-    .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1))
-    .disable_signals()
-    .bind(config.server.admin_listen)
-    .map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!(
-                "cannot listen on {} (server.admin_listen): {e}",
-                config.server.admin_listen
-            ),
-        )
-    })?
-    .run();
-
-    let (public_handle, admin_handle) = (public.handle(), admin_server.handle());
-    actix_web::rt::spawn(async move {
-        wait_for_stop_signal().await;
-        log::info!("stopping: no new connections; finishing requests in flight");
-        let _ = futures_util::future::join(public_handle.stop(true), admin_handle.stop(true)).await;
-    });
-    log::info!(
-        "floodgate {} listening on {} ({}; admin on {})",
-        env!("CARGO_PKG_VERSION"),
-        config.server.listen,
-        if served.is_some() {
-            "HTTPS, HTTP/2 and HTTP/1.1"
         } else {
-            "HTTP/1.1"
-        },
-        config.server.admin_listen
-    );
-    let (a, b) = futures_util::future::join(public, admin_server).await;
-    a?;
-    b?;
-    log::info!("stopped");
-    Ok(())
+            log::warn!(
+                "no [redis] section: limits and bans are kept in this process only, per node"
+            );
+        }
+        let breakers = Arc::new(Breakers::new(
+            config
+                .redis
+                .as_ref()
+                .map(|r| r.breaker_failures)
+                .unwrap_or(1),
+            link.is_some() && !connected,
+            metrics.degraded.clone(),
+        ));
+        if let (Some(link), true) = (&link, connected) {
+            if let Err(e) = breakers.refresh(link).await {
+                log::warn!("could not read the Redis Cluster slot map at start-up: {e}");
+            }
+        }
+        let redis_store = link.clone().map(|l| RedisStore::new(l, params));
+        let settings = LimiterSettings {
+            on_failure: config
+                .redis
+                .as_ref()
+                .map(|r| r.on_failure)
+                .unwrap_or(crate::config::OnFailure::Local),
+            max_decisions_per_second: config
+                .redis
+                .as_ref()
+                .map_or(0, |r| r.max_decisions_per_second),
+        };
+        let limiter = Arc::new(Limiter::new(
+            redis_store,
+            local.clone(),
+            breakers.clone(),
+            settings,
+            params,
+            metrics.clone(),
+        ));
+        let cache = Arc::new(BanCache::new(
+            config.allowlist.clone(),
+            metrics.bans_active.clone(),
+        ));
+        let prefix = config
+            .redis
+            .as_ref()
+            .map(|r| r.key_prefix.clone())
+            .unwrap_or_default();
+        let consumers = Arc::new(ConsumerTable::new(
+            link.clone(),
+            prefix.clone(),
+            config.plans.keys().cloned().collect(),
+        ));
+        let bans = Arc::new(Bans::new(
+            cache,
+            link.clone(),
+            local.clone(),
+            prefix,
+            params,
+            node_id(config),
+            config.ban.audit_max_len,
+            config.client_ip.ipv6_prefix,
+        ));
+        bans.follow_with(consumers.clone());
+        if connected {
+            if let Err(e) = bans.reconcile().await {
+                log::warn!("could not read bans from Redis at start-up: {e}");
+            }
+        }
+        Node {
+            prom,
+            metrics,
+            link,
+            local,
+            limiter,
+            bans,
+            consumers,
+        }
+    }
+
+    /// Start-up step 4 and the life of the node: serves `listeners` until
+    /// `shutdown` resolves.
+    async fn serve(
+        self,
+        file: &ConfigFile,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()> + 'static,
+    ) -> std::io::Result<()> {
+        let Node {
+            prom,
+            metrics,
+            link,
+            local,
+            limiter,
+            bans,
+            consumers,
+        } = self;
+        let config = &file.config;
+        let public_addr = listeners.public.local_addr()?;
+        let admin_addr = listeners.admin.local_addr()?;
+        let gateway = web::Data::new(Gateway::new(
+            Snapshot::new(config, None),
+            consumers,
+            limiter.clone(),
+            bans.clone(),
+            metrics,
+        ));
+        let served = file
+            .certificate
+            .clone()
+            .map(|c| Arc::new(ServedCertificate::new(c)));
+        let reloader = Arc::new(Reloader::new(&file, gateway.clone(), served.clone()));
+        reload::reload_on_hangup(reloader.clone());
+
+        spawn_background(
+            config,
+            link.clone(),
+            limiter.clone(),
+            bans.clone(),
+            local.clone(),
+            prom.clone(),
+        );
+
+        let response_buffer = config.server.response_buffer;
+        let body_limits = BodyLimits {
+            idle: config.server.client_body_timeout,
+            max_size: config.server.max_body_size,
+        };
+        let workers = if config.server.workers == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            config.server.workers
+        };
+        let public = HttpServer::new({
+            let gateway = gateway.clone();
+            move || {
+                App::new()
+                    .app_data(gateway.clone())
+                    .app_data(web::Data::new(UpstreamClients::new(
+                        body_limits,
+                        response_buffer,
+                    )))
+                    .default_service(web::to(front_door::front_door))
+            }
+        })
+        .workers(workers)
+        .max_connections(100_000)
+        .h1_write_buffer_size(config.server.response_buffer)
+        .on_connect(crate::send_timeout::on_connect(config.server.send_timeout))
+        .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1))
+        .disable_signals();
+        let public = match &served {
+            Some(served) => {
+                public.listen_rustls_0_23(listeners.public, tls::server_config(served.clone())?)
+            }
+            None => public.listen(listeners.public),
+        }?
+        .run();
+
+        if !admin_addr.ip().is_loopback() {
+            log::warn!(
+                "the admin API listens on {admin_addr}, not on loopback: keep it behind a firewall"
+            );
+        }
+        let admin_state = web::Data::new(AdminState::new(config, gateway.clone(), prom, reloader));
+        let admin_server = HttpServer::new(move || {
+            App::new()
+                .app_data(admin_state.clone())
+                .configure(admin::routes)
+        })
+        .workers(1)
+        .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1))
+        .disable_signals()
+        .listen(listeners.admin)?
+        .run();
+
+        let (public_handle, admin_handle) = (public.handle(), admin_server.handle());
+        actix_web::rt::spawn(async move {
+            shutdown.await;
+            log::info!("stopping: no new connections; finishing requests in flight");
+            let _ =
+                futures_util::future::join(public_handle.stop(true), admin_handle.stop(true)).await;
+        });
+        log::info!(
+            "floodgate {} listening on {} ({}; admin on {})",
+            env!("CARGO_PKG_VERSION"),
+            public_addr,
+            if served.is_some() {
+                "HTTPS, HTTP/2 and HTTP/1.1"
+            } else {
+                "HTTP/1.1"
+            },
+            admin_addr
+        );
+        let (a, b) = futures_util::future::join(public, admin_server).await;
+        a?;
+        b?;
+        log::info!("stopped");
+        Ok(())
+    }
 }
 
 async fn wait_for_stop_signal() {
