@@ -17,19 +17,19 @@ use actix_web::http::header::{HeaderMap, HeaderName};
 use ipnet::IpNet;
 
 /// The `X-Forwarded-For` header, named once.
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// The identity rate limits and bans apply to: an IPv4 address or an IPv6
 /// network of `ipv6_prefix` bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ClientKey {
+pub(crate) enum ClientKey {
     V4(std::net::Ipv4Addr),
     V6 { net: Ipv6Addr, prefix: u8 },
 }
 
 impl ClientKey {
     /// Groups `ip` into its key (IPv6 masked to `prefix` bits).
-    pub fn new(ip: IpAddr, ipv6_prefix: u8) -> ClientKey {
+    pub(crate) fn new(ip: IpAddr, ipv6_prefix: u8) -> ClientKey {
         match ip {
             IpAddr::V4(v4) => ClientKey::V4(v4),
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -51,7 +51,7 @@ impl ClientKey {
     }
 
     /// The key as a network, for CIDR containment checks.
-    pub fn as_net(&self) -> IpNet {
+    pub(crate) fn as_net(&self) -> IpNet {
         match *self {
             ClientKey::V4(a) => IpNet::from(IpAddr::V4(a)),
             ClientKey::V6 { net, prefix } => {
@@ -61,7 +61,7 @@ impl ClientKey {
     }
 
     /// The first address of the key, for allowlist checks.
-    pub fn addr(&self) -> IpAddr {
+    pub(crate) fn addr(&self) -> IpAddr {
         match *self {
             ClientKey::V4(a) => IpAddr::V4(a),
             ClientKey::V6 { net, .. } => IpAddr::V6(net),
@@ -109,7 +109,7 @@ impl ClientIpResolver {
 
     /// [`Self::resolve`] for a caller that already knows whether `peer` is
     /// a trusted proxy (the front door needs that answer again to forward).
-    pub fn resolve_from(&self, peer: IpAddr, peer_trusted: bool, headers: &HeaderMap) -> IpAddr {
+    pub(crate) fn resolve_from(&self, peer: IpAddr, peer_trusted: bool, headers: &HeaderMap) -> IpAddr {
         let peer = canonical(peer);
         if !peer_trusted {
             return peer;
@@ -138,11 +138,11 @@ impl ClientIpResolver {
     }
 
     /// The rate-limit / ban identity of `ip`.
-    pub fn key(&self, ip: IpAddr) -> ClientKey {
+    pub(crate) fn key(&self, ip: IpAddr) -> ClientKey {
         ClientKey::new(ip, self.ipv6_prefix)
     }
 
-    pub fn ipv6_prefix(&self) -> u8 {
+    pub(crate) fn ipv6_prefix(&self) -> u8 {
         self.ipv6_prefix
     }
 }

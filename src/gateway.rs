@@ -29,26 +29,26 @@ use crate::upstreams::{Pool, PoolSet};
 
 /// The parts of the configuration a reload replaces, as one immutable
 /// value: a request reads it once, at its start.
-pub struct Snapshot {
-    pub resolver: ClientIpResolver,
-    pub rules: RuleSet,
-    pub ban_status: StatusCode,
+pub(crate) struct Snapshot {
+    pub(crate) resolver: ClientIpResolver,
+    pub(crate) rules: RuleSet,
+    pub(crate) ban_status: StatusCode,
     /// `[upstream]`, `[upstreams.*]` and `[[routes]]`. A pool whose settings
     /// a reload left alone is the same `Arc`, so the workers keep their
     /// connections to it; every URL keeps its health state.
-    pub pools: PoolSet,
+    pub(crate) pools: PoolSet,
     /// `[consumers]` and `[plans.*]`, compiled (`None`: no consumers).
-    pub plans: Option<Plans>,
+    pub(crate) plans: Option<Plans>,
     /// Phase 0's limits on request headers.
-    pub header_limits: HeaderLimits,
+    pub(crate) header_limits: HeaderLimits,
     /// How wide a network an operator may ban or allowlist without `force`.
-    pub breadth: Breadth,
+    pub(crate) breadth: Breadth,
 }
 
 impl Snapshot {
     /// Compiles `config`; `previous` lends its pools (and their health)
     /// where they stay.
-    pub fn new(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
+    pub(crate) fn new(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
         let pools = PoolSet::compile(config, previous.map(|p| &p.pools));
         let rules = RuleSet::compile(&config.rules);
         let plans = Plans::compile(config, &rules);
@@ -75,17 +75,17 @@ impl Snapshot {
 }
 
 /// Everything the front door needs, shared by all workers.
-pub struct Gateway {
+pub(crate) struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     /// The runtime plan assignments, cached on this node.
-    pub consumers: Arc<ConsumerTable>,
-    pub limiter: Arc<Limiter>,
-    pub bans: Arc<Bans>,
-    pub metrics: GatewayMetrics,
+    pub(crate) consumers: Arc<ConsumerTable>,
+    pub(crate) limiter: Arc<Limiter>,
+    pub(crate) bans: Arc<Bans>,
+    pub(crate) metrics: GatewayMetrics,
 }
 
 impl Gateway {
-    pub fn new(
+    pub(crate) fn new(
         snapshot: Snapshot,
         consumers: Arc<ConsumerTable>,
         limiter: Arc<Limiter>,
@@ -103,12 +103,12 @@ impl Gateway {
 
     /// The configuration in effect now; requests that start later may see
     /// a newer one.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
     }
 
     /// Puts `next` in effect for every request that starts from now on.
-    pub fn replace_snapshot(&self, next: Snapshot) {
+    pub(crate) fn replace_snapshot(&self, next: Snapshot) {
         self.snapshot.store(Arc::new(next));
     }
 }
@@ -117,7 +117,7 @@ impl Gateway {
 /// pool, built on a pool's first request and dropped once no snapshot
 /// holds that pool any more; requests in flight finish on the client they
 /// started with.
-pub struct UpstreamClients {
+pub(crate) struct UpstreamClients {
     current: RefCell<Vec<(Arc<Pool>, Rc<Upstream>)>>,
     /// Set at start-up (`server.client_body_timeout`, `max_body_size`,
     /// `response_buffer` need a restart).
@@ -126,7 +126,7 @@ pub struct UpstreamClients {
 }
 
 impl UpstreamClients {
-    pub fn new(body_limits: BodyLimits, response_buffer: usize) -> UpstreamClients {
+    pub(crate) fn new(body_limits: BodyLimits, response_buffer: usize) -> UpstreamClients {
         UpstreamClients {
             current: RefCell::new(Vec::new()),
             body_limits,

@@ -26,14 +26,14 @@ use crate::limiter::{LeaseSet, Limiter};
 
 /// Holds a request's concurrency slots: renews their leases every third of
 /// a lease, and releases them when dropped.
-pub struct SlotGuard {
+pub(crate) struct SlotGuard {
     limiter: Arc<Limiter>,
     set: Option<LeaseSet>,
     renewal: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl SlotGuard {
-    pub fn hold(limiter: Arc<Limiter>, set: LeaseSet) -> SlotGuard {
+    pub(crate) fn hold(limiter: Arc<Limiter>, set: LeaseSet) -> SlotGuard {
         let every = set.renew_every();
         let renewal = actix_rt::Arbiter::try_current().map(|_| {
             let (limiter, set) = (limiter.clone(), set.clone());
@@ -54,7 +54,7 @@ impl SlotGuard {
     /// Stops renewing and gives back the slots; resolves once the store
     /// has them back, or the release failed (counted), or it took longer
     /// than [`Limiter::release_wait`] (it goes on in the background).
-    pub fn release(mut self) -> Releasing {
+    pub(crate) fn release(mut self) -> Releasing {
         let wait = self.limiter.release_wait();
         let release = self.let_go();
         Box::pin(async move {
@@ -81,7 +81,7 @@ impl SlotGuard {
 }
 
 /// A release under way.
-pub type Releasing = Pin<Box<dyn Future<Output = ()>>>;
+pub(crate) type Releasing = Pin<Box<dyn Future<Output = ()>>>;
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
@@ -165,7 +165,7 @@ impl MessageBody for HeldBody {
 /// waiting for their release) or dropped. A response without a body, or
 /// the answer to a `head` request (whose body is never sent, so nothing
 /// would end it), gives them back before it is answered.
-pub async fn carry(resp: HttpResponse, slots: SlotGuard, head: bool) -> HttpResponse {
+pub(crate) async fn carry(resp: HttpResponse, slots: SlotGuard, head: bool) -> HttpResponse {
     let left = match resp.body().size() {
         BodySize::Sized(n) if n > 0 && !head => Some(n),
         BodySize::Stream if !head => None,

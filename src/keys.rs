@@ -8,62 +8,62 @@
 //! admin calls and reconciliation, never by a per-request script.
 
 /// The state hash of a subject: bucket TATs and the violation window.
-pub fn state(prefix: &str, tag: &str) -> String {
+pub(crate) fn state(prefix: &str, tag: &str) -> String {
     format!("{prefix}{{{tag}}}:b")
 }
 
 /// The ban hash of a subject: until, strikes, reason, source.
-pub fn ban(prefix: &str, tag: &str) -> String {
+pub(crate) fn ban(prefix: &str, tag: &str) -> String {
     format!("{prefix}{{{tag}}}:ban")
 }
 
 /// The concurrency slots of one of a subject's rules: a sorted set of lease
 /// ids, each scored by its expiry (µs).
-pub fn lease(prefix: &str, tag: &str, rule: &str) -> String {
+pub(crate) fn lease(prefix: &str, tag: &str, rule: &str) -> String {
     format!("{prefix}{{{tag}}}:c:{rule}")
 }
 
 /// Runtime consumer plans: field = SHA-256 of the key (hex), value = plan;
 /// field `#v` counts the changes, so reconcile skips an unchanged table.
-pub fn consumers(prefix: &str) -> String {
+pub(crate) fn consumers(prefix: &str) -> String {
     format!("{prefix}consumers")
 }
 
 /// SCAN pattern matching every IP subject's ban hash.
-pub fn ban_pattern(prefix: &str) -> String {
+pub(crate) fn ban_pattern(prefix: &str) -> String {
     format!("{prefix}{{ip:*}}:ban")
 }
 
 /// The subject tag inside a ban key, if `key` is one.
-pub fn tag_of_ban_key<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
+pub(crate) fn tag_of_ban_key<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
     key.strip_prefix(prefix)?
         .strip_prefix('{')?
         .strip_suffix("}:ban")
 }
 
 /// Hash of CIDR bans: field = CIDR, value = JSON record.
-pub fn cidr_bans(prefix: &str) -> String {
+pub(crate) fn cidr_bans(prefix: &str) -> String {
     format!("{prefix}cidr-bans")
 }
 
 /// Set of runtime allowlist CIDRs.
-pub fn allowlist(prefix: &str) -> String {
+pub(crate) fn allowlist(prefix: &str) -> String {
     format!("{prefix}allowlist")
 }
 
 /// The audit stream of ban and unban events.
-pub fn audit(prefix: &str) -> String {
+pub(crate) fn audit(prefix: &str) -> String {
     format!("{prefix}audit")
 }
 
 /// A marker written once per Redis dataset: if it vanishes, Redis lost its
 /// data (restarted without persistence) and nodes restore what they know.
-pub fn epoch(prefix: &str) -> String {
+pub(crate) fn epoch(prefix: &str) -> String {
     format!("{prefix}epoch")
 }
 
 /// The pub/sub channel of ban, unban and allowlist events.
-pub fn events(prefix: &str) -> String {
+pub(crate) fn events(prefix: &str) -> String {
     format!("{prefix}events")
 }
 

@@ -11,30 +11,32 @@
 //! [`dashboard`] is the operators' page on the admin listener and [`cli`]
 //! the `floodgate admin` command line.
 
-pub mod admin;
-pub mod bans;
+#![warn(unreachable_pub)]
+
+pub(crate) mod admin;
+pub(crate) mod bans;
 pub mod cli;
 pub mod client_ip;
 pub mod config;
 pub mod consumers;
-pub mod dashboard;
-pub mod front_door;
-pub mod gateway;
-pub mod in_flight;
-pub mod keys;
+pub(crate) mod dashboard;
+pub(crate) mod front_door;
+pub(crate) mod gateway;
+pub(crate) mod in_flight;
+pub(crate) mod keys;
 pub mod limiter;
 pub mod log_throttle;
 pub mod metrics;
 pub mod path_match;
 pub mod policy;
-pub mod proxy;
+pub(crate) mod proxy;
 pub mod redis_link;
 pub mod reload;
-pub mod responses;
+pub(crate) mod responses;
 pub mod rules;
-pub mod screening;
-pub mod send_timeout;
+pub(crate) mod screening;
+pub(crate) mod send_timeout;
 pub mod server;
-pub mod tls;
-pub mod upload;
-pub mod upstreams;
+pub(crate) mod tls;
+pub(crate) mod upload;
+pub(crate) mod upstreams;

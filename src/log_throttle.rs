@@ -28,7 +28,7 @@ const MAX_TRACKED: usize = 4096;
 
 /// What to do with one occurrence of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Write it; `repeats` identical ones were suppressed since the last
     /// line written (0 for the first).
     Write { repeats: u64 },
@@ -43,13 +43,13 @@ struct Seen {
 
 /// Counts repeats of keyed messages and says which ones to write: the first,
 /// then at most one per window, carrying the count of those suppressed.
-pub struct Throttle {
+pub(crate) struct Throttle {
     window_ms: AtomicU64,
     seen: Mutex<HashMap<u64, Seen>>,
 }
 
 impl Throttle {
-    pub fn new(window: Duration) -> Throttle {
+    pub(crate) fn new(window: Duration) -> Throttle {
         Throttle {
             window_ms: AtomicU64::new(window.as_millis() as u64),
             seen: Mutex::new(HashMap::new()),
@@ -58,17 +58,17 @@ impl Throttle {
 
     /// Changes the window (read from the configuration after logging
     /// started).
-    pub fn set_window(&self, window: Duration) {
+    pub(crate) fn set_window(&self, window: Duration) {
         self.window_ms
             .store(window.as_millis() as u64, Ordering::Relaxed);
     }
 
-    pub fn window(&self) -> Duration {
+    pub(crate) fn window(&self) -> Duration {
         Duration::from_millis(self.window_ms.load(Ordering::Relaxed))
     }
 
     /// One occurrence of the message `key` at `now`.
-    pub fn admit(&self, key: u64, now: Instant) -> Verdict {
+    pub(crate) fn admit(&self, key: u64, now: Instant) -> Verdict {
         let window = self.window();
         if window.is_zero() {
             return Verdict::Write { repeats: 0 };
@@ -105,7 +105,7 @@ impl Throttle {
 
 /// The process-wide throttle the logger uses; its window is
 /// `server.log_throttle` once the configuration is read.
-pub static LOG: LazyLock<Throttle> = LazyLock::new(|| Throttle::new(Duration::from_secs(10)));
+pub(crate) static LOG: LazyLock<Throttle> = LazyLock::new(|| Throttle::new(Duration::from_secs(10)));
 
 /// Makes `inner` (with its level filter `max`) the process logger, behind
 /// [`LOG`].
@@ -120,7 +120,7 @@ pub fn install<L: log::Log + 'static>(
 
 /// Escapes control characters (a newline in a client-chosen reason or path
 /// must not forge a second log line).
-pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.chars().any(char::is_control) {
         return std::borrow::Cow::Borrowed(text);
     }
@@ -136,13 +136,13 @@ pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// The process logger: `inner` writes, this decides what reaches it.
-pub struct ThrottledLogger<L> {
+pub(crate) struct ThrottledLogger<L> {
     inner: L,
     throttle: &'static Throttle,
 }
 
 impl<L: log::Log> ThrottledLogger<L> {
-    pub fn new(inner: L, throttle: &'static Throttle) -> ThrottledLogger<L> {
+    pub(crate) fn new(inner: L, throttle: &'static Throttle) -> ThrottledLogger<L> {
         ThrottledLogger { inner, throttle }
     }
 }

@@ -17,26 +17,26 @@ pub const BANS_ACTIVE: &str = "floodgate_bans_active";
 pub const DEGRADED: &str = "floodgate_degraded";
 pub const BANS_TOTAL: &str = "floodgate_bans_total";
 pub const UPSTREAM_ERRORS: &str = "floodgate_upstream_errors_total";
-pub const CONFIG_RELOADS: &str = "floodgate_config_reloads_total";
-pub const WEBSOCKET_CONNECTIONS: &str = "floodgate_websocket_connections";
-pub const DENY_CACHE_HITS: &str = "floodgate_deny_cache_hits_total";
-pub const LEASE_ERRORS: &str = "floodgate_lease_errors_total";
-pub const UPSTREAM_FRESH_RETRIES: &str = "floodgate_upstream_fresh_retries_total";
+pub(crate) const CONFIG_RELOADS: &str = "floodgate_config_reloads_total";
+pub(crate) const WEBSOCKET_CONNECTIONS: &str = "floodgate_websocket_connections";
+pub(crate) const DENY_CACHE_HITS: &str = "floodgate_deny_cache_hits_total";
+pub(crate) const LEASE_ERRORS: &str = "floodgate_lease_errors_total";
+pub(crate) const UPSTREAM_FRESH_RETRIES: &str = "floodgate_upstream_fresh_retries_total";
 pub const UPSTREAM_HEALTHY: &str = "floodgate_upstream_healthy";
-pub const UPSTREAM_RETRIES: &str = "floodgate_upstream_retries_total";
+pub(crate) const UPSTREAM_RETRIES: &str = "floodgate_upstream_retries_total";
 pub const UPSTREAM_EJECTIONS: &str = "floodgate_upstream_ejections_total";
-pub const CLIENT_ERRORS: &str = "floodgate_client_errors_total";
-pub const DECISIONS: &str = "floodgate_decisions_total";
-pub const SHARD_DEGRADED: &str = "floodgate_redis_shard_degraded";
-pub const REDIS_RETRIES: &str = "floodgate_redis_retries_total";
-pub const DECISIONS_SHED: &str = "floodgate_redis_shed_total";
+pub(crate) const CLIENT_ERRORS: &str = "floodgate_client_errors_total";
+pub(crate) const DECISIONS: &str = "floodgate_decisions_total";
+pub(crate) const SHARD_DEGRADED: &str = "floodgate_redis_shard_degraded";
+pub(crate) const REDIS_RETRIES: &str = "floodgate_redis_retries_total";
+pub(crate) const DECISIONS_SHED: &str = "floodgate_redis_shed_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
-pub const NO_RULE: &str = "-";
+pub(crate) const NO_RULE: &str = "-";
 
 /// Installs the global recorder; returns the handle `/metrics` renders.
 /// A second call (tests in one process) returns `None`.
-pub fn install() -> Option<PrometheusHandle> {
+pub(crate) fn install() -> Option<PrometheusHandle> {
     let latency = [
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     ];
@@ -117,14 +117,14 @@ pub fn install() -> Option<PrometheusHandle> {
 /// own, so a rule added by a reload counts from its first request, and a
 /// rule that keeps its name keeps its series.
 #[derive(Clone)]
-pub struct RuleCounters {
-    pub allowed: Counter,
-    pub limited: Counter,
-    pub shadow_limited: Counter,
+pub(crate) struct RuleCounters {
+    pub(crate) allowed: Counter,
+    pub(crate) limited: Counter,
+    pub(crate) shadow_limited: Counter,
 }
 
 impl RuleCounters {
-    pub fn new(rule: &str) -> RuleCounters {
+    pub(crate) fn new(rule: &str) -> RuleCounters {
         let c = |d: &'static str| metrics::counter!(REQUESTS, "rule" => rule.to_string(), "decision" => d);
         RuleCounters {
             allowed: c("allowed"),
@@ -142,11 +142,11 @@ impl std::fmt::Debug for RuleCounters {
 
 /// `floodgate_decisions_total`, one counter per store that decides.
 #[derive(Clone)]
-pub struct DecisionCounters {
-    pub redis: Counter,
-    pub local: Counter,
-    pub allow: Counter,
-    pub deny: Counter,
+pub(crate) struct DecisionCounters {
+    pub(crate) redis: Counter,
+    pub(crate) local: Counter,
+    pub(crate) allow: Counter,
+    pub(crate) deny: Counter,
 }
 
 impl DecisionCounters {
@@ -163,24 +163,24 @@ impl DecisionCounters {
 
 /// Handles the hot path uses, resolved once.
 #[derive(Clone)]
-pub struct GatewayMetrics {
-    pub allowed_unmatched: Counter,
-    pub banned: Counter,
-    pub allowlisted: Counter,
-    pub unavailable: Counter,
-    pub redis_seconds: Histogram,
-    pub redis_errors: Counter,
-    pub upstream_seconds: Histogram,
-    pub degraded: Gauge,
-    pub bans_active: Gauge,
-    pub deny_cache_hits: Counter,
-    pub lease_errors: Counter,
-    pub decisions: DecisionCounters,
+pub(crate) struct GatewayMetrics {
+    pub(crate) allowed_unmatched: Counter,
+    pub(crate) banned: Counter,
+    pub(crate) allowlisted: Counter,
+    pub(crate) unavailable: Counter,
+    pub(crate) redis_seconds: Histogram,
+    pub(crate) redis_errors: Counter,
+    pub(crate) upstream_seconds: Histogram,
+    pub(crate) degraded: Gauge,
+    pub(crate) bans_active: Gauge,
+    pub(crate) deny_cache_hits: Counter,
+    pub(crate) lease_errors: Counter,
+    pub(crate) decisions: DecisionCounters,
 }
 
 impl GatewayMetrics {
     /// Resolves every handle once, after the recorder is installed.
-    pub fn resolve() -> GatewayMetrics {
+    pub(crate) fn resolve() -> GatewayMetrics {
         let other =
             |d: &'static str| metrics::counter!(REQUESTS, "rule" => NO_RULE, "decision" => d);
         GatewayMetrics {
@@ -201,27 +201,27 @@ impl GatewayMetrics {
 }
 
 /// Counts an upstream failure of `kind` (`connect`, `timeout`, `other`).
-pub fn upstream_error(kind: &'static str) {
+pub(crate) fn upstream_error(kind: &'static str) {
     metrics::counter!(UPSTREAM_ERRORS, "kind" => kind).increment(1);
 }
 
 /// Counts a request refused for the client's own fault.
-pub fn client_error(kind: &'static str) {
+pub(crate) fn client_error(kind: &'static str) {
     metrics::counter!(CLIENT_ERRORS, "kind" => kind).increment(1);
 }
 
 /// Counts a ban made by `source` (`auto`, `manual`).
-pub fn ban_made(source: &'static str) {
+pub(crate) fn ban_made(source: &'static str) {
     metrics::counter!(BANS_TOTAL, "source" => source).increment(1);
 }
 
 /// Counts a reload by its result (`ok`, `error`).
-pub fn config_reload(result: &'static str) {
+pub(crate) fn config_reload(result: &'static str) {
     metrics::counter!(CONFIG_RELOADS, "result" => result).increment(1);
 }
 
 /// The gauge of WebSocket connections being relayed.
-pub fn websocket_connections() -> Gauge {
+pub(crate) fn websocket_connections() -> Gauge {
     metrics::gauge!(WEBSOCKET_CONNECTIONS)
 }
 
@@ -229,7 +229,7 @@ pub fn websocket_connections() -> Gauge {
 /// [`BANS_ACTIVE`], read back from the exporter's own rendering: `metrics`
 /// handles can be bumped but not read, and the rendering is exactly what
 /// Prometheus scrapes, so the dashboard and Prometheus never disagree.
-pub fn read_back(rendered: &str) -> (BTreeMap<String, u64>, u64) {
+pub(crate) fn read_back(rendered: &str) -> (BTreeMap<String, u64>, u64) {
     let mut decisions = BTreeMap::new();
     let mut bans_active = 0;
     for line in rendered.lines() {

@@ -151,7 +151,7 @@ impl<'a> PathReadings<'a> {
     /// cut to 200 characters, for the log): a path that would match under
     /// one reading and not another is refused rather than guessed, by rules
     /// and routes alike.
-    pub fn starts_with(
+    pub(crate) fn starts_with(
         &self,
         prefix: &str,
         case_sensitive: bool,

@@ -32,7 +32,7 @@ pub enum KeyKind {
 
 impl KeyKind {
     /// Parses `ip`, `global` or `header:<Name>`.
-    pub fn parse(s: &str) -> Result<KeyKind, String> {
+    pub(crate) fn parse(s: &str) -> Result<KeyKind, String> {
         match s {
             "ip" => Ok(KeyKind::Ip),
             "global" => Ok(KeyKind::Global),
@@ -61,14 +61,14 @@ pub enum Limit {
 /// one token every `interval_us` microseconds, `burst` tokens at most.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketSpec {
-    pub interval_us: u64,
-    pub burst: u32,
-    pub cost: u32,
+    pub(crate) interval_us: u64,
+    pub(crate) burst: u32,
+    pub(crate) cost: u32,
 }
 
 impl BucketSpec {
     /// `rate` tokens per `per`, rounded to whole microseconds per token.
-    pub fn new(rate: f64, per: Duration, burst: u32, cost: u32) -> BucketSpec {
+    pub(crate) fn new(rate: f64, per: Duration, burst: u32, cost: u32) -> BucketSpec {
         let interval_us = ((per.as_secs_f64() * 1e6) / rate).round().max(1.0) as u64;
         BucketSpec {
             interval_us,
@@ -78,20 +78,20 @@ impl BucketSpec {
     }
 
     /// Time for an empty bucket to fill: `burst x interval`.
-    pub fn capacity_us(&self) -> u64 {
+    pub(crate) fn capacity_us(&self) -> u64 {
         self.interval_us * u64::from(self.burst)
     }
 }
 
 /// Whole seconds, rounded up.
-pub fn ceil_secs(us: u64) -> u64 {
+pub(crate) fn ceil_secs(us: u64) -> u64 {
     us.div_ceil(1_000_000)
 }
 
 /// A calendar period of a quota, in UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Period {
+pub(crate) enum Period {
     Hour,
     Day,
     Month,
@@ -99,7 +99,7 @@ pub enum Period {
 
 impl Period {
     /// The code the decision script takes (`h`, `d`, `m`).
-    pub fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> &'static str {
         match self {
             Period::Hour => "h",
             Period::Day => "d",
@@ -107,7 +107,7 @@ impl Period {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Period::Hour => "hour",
             Period::Day => "day",
@@ -117,7 +117,7 @@ impl Period {
 
     /// The policy's window `w` in the RateLimit-Policy header: the period's
     /// nominal length (a month counts as 30 days).
-    pub fn window_s(self) -> u64 {
+    pub(crate) fn window_s(self) -> u64 {
         match self {
             Period::Hour => 3600,
             Period::Day => 86_400,
@@ -127,7 +127,7 @@ impl Period {
 
     /// The longest the period can be: how long a subject's counter must be
     /// kept at least.
-    pub fn longest_s(self) -> u64 {
+    pub(crate) fn longest_s(self) -> u64 {
         match self {
             Period::Hour => 3600,
             Period::Day => 86_400,
@@ -138,7 +138,7 @@ impl Period {
     /// The period holding `now_s` (seconds since the Unix epoch): its start
     /// and the start of the next one, both in seconds. The same steps as
     /// `period_bounds` in `lua/decide.lua`.
-    pub fn bounds(self, now_s: u64) -> (u64, u64) {
+    pub(crate) fn bounds(self, now_s: u64) -> (u64, u64) {
         match self {
             Period::Hour => {
                 let s = now_s - now_s % 3600;
@@ -160,7 +160,7 @@ impl Period {
 
 /// The date (year, month 1-12, day 1-31) of a day counted from 1970-01-01,
 /// by Howard Hinnant's `civil_from_days` (exact for every date after 1970).
-pub fn civil_from_days(days: u64) -> (u64, u64, u64) {
+pub(crate) fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468;
     let era = z / 146_097;
     let doe = z - era * 146_097;
@@ -185,9 +185,9 @@ fn days_in_month(y: u64, m: u64) -> u64 {
 /// A quota: at most `quota` units (each request costs `cost`) per `period`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuotaSpec {
-    pub quota: u64,
-    pub period: Period,
-    pub cost: u32,
+    pub(crate) quota: u64,
+    pub(crate) period: Period,
+    pub(crate) cost: u32,
 }
 
 /// A concurrency cap: at most `max` requests of a subject in flight across
@@ -195,14 +195,14 @@ pub struct QuotaSpec {
 /// so the slots of a node that died come back by themselves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConcurrencySpec {
-    pub max: u32,
-    pub lease_ms: u64,
+    pub(crate) max: u32,
+    pub(crate) lease_ms: u64,
 }
 
 impl ConcurrencySpec {
     /// How often a request in flight renews its lease: three times per
     /// lease, so that one late renewal never loses the slot.
-    pub fn renew_every(&self) -> std::time::Duration {
+    pub(crate) fn renew_every(&self) -> std::time::Duration {
         std::time::Duration::from_millis((self.lease_ms / 3).max(1))
     }
 }

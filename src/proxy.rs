@@ -23,9 +23,9 @@
 //! the response on its way back is [`response`]'s.
 
 mod response;
-pub mod websocket;
+pub(crate) mod websocket;
 
-pub use response::{ResponseBody, UpstreamResponse};
+pub(crate) use response::UpstreamResponse;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -86,7 +86,7 @@ fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap, extra: &[&HeaderName]) 
 
 /// The outcome of forwarding that is not the upstream's own response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamFailure {
+pub(crate) enum UpstreamFailure {
     /// No connection could be made: refused, unreachable, or none within
     /// `connect_timeout`.
     Unreachable,
@@ -102,7 +102,7 @@ pub enum UpstreamFailure {
 }
 
 impl UpstreamFailure {
-    pub fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         match self {
             UpstreamFailure::Timeout => StatusCode::GATEWAY_TIMEOUT,
             UpstreamFailure::NoHealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -110,7 +110,7 @@ impl UpstreamFailure {
         }
     }
 
-    pub fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> &'static str {
         match self {
             UpstreamFailure::Unreachable => "upstream_unreachable",
             UpstreamFailure::Timeout => "upstream_timeout",
@@ -120,7 +120,7 @@ impl UpstreamFailure {
     }
 
     /// The client's answer for this failure.
-    pub fn answer(self) -> HttpResponse {
+    pub(crate) fn answer(self) -> HttpResponse {
         match self {
             UpstreamFailure::NoHealthy(secs) => crate::responses::no_healthy_upstream(secs),
             f => crate::responses::upstream_failure(f.status(), f.code()),
@@ -130,7 +130,7 @@ impl UpstreamFailure {
 
 /// Why a request was not forwarded: the upstream's fault or the client's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ForwardError {
+pub(crate) enum ForwardError {
     Upstream(UpstreamFailure),
     Client(ClientFault),
 }
@@ -179,7 +179,7 @@ fn classify(e: &SendRequestError) -> SendFailure {
 }
 
 /// One worker's connections to the URLs of one pool.
-pub struct Upstream {
+pub(crate) struct Upstream {
     /// Keeps idle connections for `upstream.idle_timeout`.
     client: awc::Client,
     /// Never reuses a connection: the one retry after a pooled connection
@@ -194,7 +194,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(
+    pub(crate) fn new(
         config: &UpstreamConfig,
         body_limits: BodyLimits,
         response_buffer: usize,
@@ -224,7 +224,7 @@ impl Upstream {
     /// Forwards `req` with its body to a URL of `pool` (trying others when
     /// that is safe, see below); `peer` is who asked, `trusted_peer`
     /// whether it is a trusted proxy (its X-Forwarded-* are kept).
-    pub async fn forward(
+    pub(crate) async fn forward(
         &self,
         pool: &Pool,
         req: &HttpRequest,

@@ -37,11 +37,11 @@ use crate::tls::{self, ServedCertificate};
 /// A configuration file read and checked whole: the config, the SHA-256 of
 /// its bytes, and the certificate `[server.tls]` names, if any.
 pub struct ConfigFile {
-    pub path: PathBuf,
-    pub config: Config,
+    pub(crate) path: PathBuf,
+    pub(crate) config: Config,
     /// Lower-case hex.
-    pub sha256: String,
-    pub certificate: Option<Arc<CertifiedKey>>,
+    pub(crate) sha256: String,
+    pub(crate) certificate: Option<Arc<CertifiedKey>>,
 }
 
 impl ConfigFile {
@@ -83,20 +83,20 @@ fn hex(bytes: &[u8]) -> String {
 
 /// `GET /admin/config`: which file is in effect.
 #[derive(Debug, Clone, Serialize)]
-pub struct ConfigStatus {
+pub(crate) struct ConfigStatus {
     /// When the configuration in effect was loaded (RFC 3339).
-    pub loaded_at: String,
-    pub sha256: String,
+    pub(crate) loaded_at: String,
+    pub(crate) sha256: String,
     /// Successful reloads since start-up.
-    pub reloads: u64,
+    pub(crate) reloads: u64,
 }
 
 /// What a successful reload did.
 #[derive(Debug, Clone, Serialize)]
-pub struct Reloaded {
-    pub sha256: String,
+pub(crate) struct Reloaded {
+    pub(crate) sha256: String,
     /// Keys whose new value waits for a restart (their old value stays).
-    pub restart_needed: Vec<&'static str>,
+    pub(crate) restart_needed: Vec<&'static str>,
 }
 
 struct InEffect {
@@ -107,7 +107,7 @@ struct InEffect {
 }
 
 /// Re-reads the config file and applies it to the running gateway.
-pub struct Reloader {
+pub(crate) struct Reloader {
     path: PathBuf,
     gateway: web::Data<Gateway>,
     /// The TLS listener's certificate; `None` when serving plain HTTP.
@@ -117,7 +117,7 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    pub fn new(
+    pub(crate) fn new(
         file: &ConfigFile,
         gateway: web::Data<Gateway>,
         certificate: Option<Arc<ServedCertificate>>,
@@ -137,7 +137,7 @@ impl Reloader {
 
     /// Reads the file again and, if it is valid, puts it in effect; if not,
     /// changes nothing. Either way one log line says what happened.
-    pub fn reload(&self) -> Result<Reloaded, ConfigError> {
+    pub(crate) fn reload(&self) -> Result<Reloaded, ConfigError> {
         let mut in_effect = self.in_effect.lock().unwrap_or_else(|p| p.into_inner());
         let mut file = match ConfigFile::read(&self.path) {
             Ok(f) => f,
@@ -198,7 +198,7 @@ impl Reloader {
     }
 
     /// The file in effect: when it was loaded, its hash, reloads so far.
-    pub fn status(&self) -> ConfigStatus {
+    pub(crate) fn status(&self) -> ConfigStatus {
         let in_effect = self.in_effect.lock().unwrap_or_else(|p| p.into_inner());
         ConfigStatus {
             loaded_at: humantime::format_rfc3339_seconds(in_effect.loaded_at).to_string(),
@@ -211,7 +211,7 @@ impl Reloader {
 /// Reloads on every `SIGHUP` from now on, for as long as the process runs.
 /// The handler is installed before this returns, so a `SIGHUP` right after
 /// start-up reloads instead of ending the process.
-pub fn reload_on_hangup(reloader: Arc<Reloader>) {
+pub(crate) fn reload_on_hangup(reloader: Arc<Reloader>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -239,7 +239,7 @@ pub fn reload_on_hangup(reloader: Arc<Reloader>) {
 /// the whole `[redis]` section (the connection and key layout), the IPv6
 /// grouping of clients (`client_ip.ipv6_prefix`, part of every key), and the
 /// background intervals `ban.reconcile_interval` and `ban.audit_max_len`.
-pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
+pub(crate) fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
     macro_rules! keep {
         ($key:literal, $($field:ident).+) => {

@@ -23,7 +23,7 @@ static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-rema
 static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 /// JSON error answer, the one shape every refusal of the gateway uses.
-pub fn json_error(status: StatusCode, body: serde_json::Value) -> HttpResponse {
+pub(crate) fn json_error(status: StatusCode, body: serde_json::Value) -> HttpResponse {
     HttpResponse::build(status)
         .content_type("application/json")
         .body(body.to_string())
@@ -32,7 +32,7 @@ pub fn json_error(status: StatusCode, body: serde_json::Value) -> HttpResponse {
 /// Adds the RateLimit headers: the structured fields list every policy in
 /// `applied` (one item each), the older trio repeats the tightest (fewest
 /// left). Nothing when `applied` is empty.
-pub fn add_rate_headers(b: &mut HttpResponseBuilder, applied: &[RateInfo<'_>]) {
+pub(crate) fn add_rate_headers(b: &mut HttpResponseBuilder, applied: &[RateInfo<'_>]) {
     let Some(tightest) = applied.iter().min_by_key(|i| i.remaining) else {
         return;
     };
@@ -95,7 +95,7 @@ fn problem(
 }
 
 /// A banned client's answer: `ban.status`, seconds left of the ban.
-pub fn banned(status: StatusCode, remaining: Duration) -> HttpResponse {
+pub(crate) fn banned(status: StatusCode, remaining: Duration) -> HttpResponse {
     let secs = remaining.as_millis().div_ceil(1000).max(1) as u64;
     let mut b = HttpResponse::build(status);
     b.insert_header((RETRY_AFTER, secs));
@@ -111,7 +111,7 @@ pub fn banned(status: StatusCode, remaining: Duration) -> HttpResponse {
 
 /// A refusal by rules: 429, Retry-After and the refusing rules' headers.
 /// `violated[0]` is the rule named in the body (the longest wait).
-pub fn limited(violated: &[RateInfo<'_>], retry_after_s: u64) -> HttpResponse {
+pub(crate) fn limited(violated: &[RateInfo<'_>], retry_after_s: u64) -> HttpResponse {
     let mut b = HttpResponse::build(StatusCode::TOO_MANY_REQUESTS);
     add_rate_headers(&mut b, violated);
     b.insert_header((RETRY_AFTER, retry_after_s));
@@ -127,7 +127,7 @@ pub fn limited(violated: &[RateInfo<'_>], retry_after_s: u64) -> HttpResponse {
 }
 
 /// The store is unavailable and `on_failure = "deny"`.
-pub fn unavailable() -> HttpResponse {
+pub(crate) fn unavailable() -> HttpResponse {
     let mut b = HttpResponse::build(StatusCode::SERVICE_UNAVAILABLE);
     problem(
         &mut b,
@@ -140,7 +140,7 @@ pub fn unavailable() -> HttpResponse {
 }
 
 /// A request the gateway cannot decide on (e.g. an oversized key header).
-pub fn bad_request(message: String) -> HttpResponse {
+pub(crate) fn bad_request(message: String) -> HttpResponse {
     json_error(
         StatusCode::BAD_REQUEST,
         json!({"error": "bad_request", "message": message}),
@@ -148,13 +148,13 @@ pub fn bad_request(message: String) -> HttpResponse {
 }
 
 /// The upstream failed: 502 or 504 with the failure's code.
-pub fn upstream_failure(status: StatusCode, code: &str) -> HttpResponse {
+pub(crate) fn upstream_failure(status: StatusCode, code: &str) -> HttpResponse {
     json_error(status, json!({"error": code}))
 }
 
 /// No URL of the request's pool takes traffic: 503, and Retry-After until
 /// the first one may again.
-pub fn no_healthy_upstream(retry_after_s: u64) -> HttpResponse {
+pub(crate) fn no_healthy_upstream(retry_after_s: u64) -> HttpResponse {
     let secs = retry_after_s.max(1);
     let mut b = HttpResponse::build(StatusCode::SERVICE_UNAVAILABLE);
     b.insert_header((RETRY_AFTER, secs));
@@ -163,7 +163,7 @@ pub fn no_healthy_upstream(retry_after_s: u64) -> HttpResponse {
 }
 
 /// A WebSocket upgrade while `upstream.websocket = false`.
-pub fn websocket_refused() -> HttpResponse {
+pub(crate) fn websocket_refused() -> HttpResponse {
     json_error(
         StatusCode::NOT_IMPLEMENTED,
         json!({"error": "websocket_disabled", "message": "WebSocket upgrades are turned off on this gateway (upstream.websocket = false)"}),
@@ -175,7 +175,7 @@ const ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// A request refused for what the client sent: 400, 405, 408, 413 or 431
 /// with `{"error": code, "message": ...}`.
-pub fn client_error(status: StatusCode, code: &str, message: &str) -> HttpResponse {
+pub(crate) fn client_error(status: StatusCode, code: &str, message: &str) -> HttpResponse {
     let mut r = json_error(status, json!({"error": code, "message": message}));
     if status == StatusCode::METHOD_NOT_ALLOWED {
         r.headers_mut().insert(
@@ -188,7 +188,7 @@ pub fn client_error(status: StatusCode, code: &str, message: &str) -> HttpRespon
 
 /// `OPTIONS *`: the gateway's own capabilities (RFC 9110 §9.3.7); there is
 /// no path to forward.
-pub fn server_options() -> HttpResponse {
+pub(crate) fn server_options() -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((actix_web::http::header::ALLOW, ALLOW))
         .finish()

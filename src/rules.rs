@@ -19,15 +19,15 @@ use crate::policy::{ceil_secs, BucketSpec, ConcurrencySpec, KeyKind, Limit, Quot
 
 /// Header values longer than this cannot be a rate-limit key: the request is
 /// refused with 400 rather than the key being truncated into collisions.
-pub const MAX_KEY_HEADER_LEN: usize = 256;
+pub(crate) const MAX_KEY_HEADER_LEN: usize = 256;
 
 /// A compiled rule.
 #[derive(Debug)]
 pub struct Rule {
-    pub name: Arc<str>,
-    pub key: KeyKind,
-    pub limit: Limit,
-    pub shadow: bool,
+    pub(crate) name: Arc<str>,
+    pub(crate) key: KeyKind,
+    pub(crate) limit: Limit,
+    pub(crate) shadow: bool,
     path_prefix: Option<String>,
     /// Compare `path_prefix` with regard to case.
     case_sensitive: bool,
@@ -36,17 +36,17 @@ pub struct Rule {
     methods: Option<Vec<Method>>,
     host: Option<String>,
     /// `RateLimit-Policy` item, rendered once.
-    pub policy_header: HeaderValue,
+    pub(crate) policy_header: HeaderValue,
     /// Idle TTL of this rule's subject state (see [`RuleSet::ttl_ms`]).
-    pub subject_ttl_ms: u64,
+    pub(crate) subject_ttl_ms: u64,
     /// `floodgate_requests_total` of this rule, one handle per decision.
-    pub counters: RuleCounters,
+    pub(crate) counters: RuleCounters,
 }
 
 impl Rule {
     /// Compiles `c`, charged to subjects of `key` (a plan's rules are
     /// charged to the consumer).
-    pub fn compile(c: &RuleConfig, key: KeyKind) -> Rule {
+    pub(crate) fn compile(c: &RuleConfig, key: KeyKind) -> Rule {
         let (limit, policy) = match c.limit() {
             LimitConfig::Rate { rate, per, burst } => {
                 let bucket = BucketSpec::new(rate, per, burst, c.cost);
@@ -93,7 +93,7 @@ impl Rule {
     }
 
     /// The policy's quota `q`: burst, quota, or slots.
-    pub fn quota_units(&self) -> u64 {
+    pub(crate) fn quota_units(&self) -> u64 {
         match self.limit {
             Limit::Rate(b) => u64::from(b.burst),
             Limit::Quota(q) => q.quota,
@@ -104,7 +104,7 @@ impl Rule {
     /// How long an idle subject's state must be kept for this rule: until
     /// its bucket is full again, or until its longest period has passed.
     /// Concurrency leases live in keys of their own, with their own TTL.
-    pub fn hold_us(&self) -> u64 {
+    pub(crate) fn hold_us(&self) -> u64 {
         match self.limit {
             Limit::Rate(b) => b.capacity_us(),
             Limit::Quota(q) => q.period.longest_s() * 1_000_000,
@@ -113,20 +113,20 @@ impl Rule {
     }
 
     /// The token bucket, for a rate rule.
-    pub fn bucket(&self) -> Option<BucketSpec> {
+    pub(crate) fn bucket(&self) -> Option<BucketSpec> {
         match self.limit {
             Limit::Rate(b) => Some(b),
             _ => None,
         }
     }
 
-    pub fn is_concurrency(&self) -> bool {
+    pub(crate) fn is_concurrency(&self) -> bool {
         matches!(self.limit, Limit::Concurrency(_))
     }
 
     /// Whether the rule applies; an error when the path's readings
     /// disagree on it (see [`crate::path_match`]).
-    pub fn matches(
+    pub(crate) fn matches(
         &self,
         req: &HttpRequest,
         path: &PathReadings<'_>,
@@ -158,7 +158,7 @@ impl Rule {
 /// Whether `req` is for host `h` (with or without its port). The Host
 /// header itself (or HTTP/2's `:authority`): X-Forwarded-Host is
 /// client-controlled. Routes match hosts the same way.
-pub fn host_is(req: &HttpRequest, h: &str) -> bool {
+pub(crate) fn host_is(req: &HttpRequest, h: &str) -> bool {
     let host = req
         .headers()
         .get(actix_web::http::header::HOST)
@@ -171,7 +171,7 @@ pub fn host_is(req: &HttpRequest, h: &str) -> bool {
 
 /// Who a group of rules is charged to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Subject {
+pub(crate) enum Subject {
     Ip(ClientKey),
     Header {
         name: HeaderName,
@@ -188,7 +188,7 @@ pub enum Subject {
 impl Subject {
     /// The subject's name inside Redis hash tags: `ip:203.0.113.7`,
     /// `hdr:x-api-key:abc`, `global`. Never contains `{` or `}`.
-    pub fn tag(&self) -> String {
+    pub(crate) fn tag(&self) -> String {
         match self {
             Subject::Ip(k) => format!("ip:{k}"),
             Subject::Header { name, value } => format!("hdr:{}:{value}", name.as_str()),
@@ -199,7 +199,7 @@ impl Subject {
 
     /// Only client addresses are banned; a header value or the gateway
     /// itself cannot be.
-    pub fn bannable(&self) -> bool {
+    pub(crate) fn bannable(&self) -> bool {
         matches!(self, Subject::Ip(_))
     }
 }
@@ -220,24 +220,24 @@ pub fn encode_key_value(raw: &[u8]) -> String {
 
 /// The rules of one subject that match a request.
 #[derive(Debug)]
-pub struct SubjectGroup<'r> {
-    pub subject: Subject,
-    pub rules: Vec<&'r Rule>,
+pub(crate) struct SubjectGroup<'r> {
+    pub(crate) subject: Subject,
+    pub(crate) rules: Vec<&'r Rule>,
     /// How long the subject's state may live in the store once idle: long
     /// enough for every bucket of this subject kind to refill.
-    pub ttl_ms: u64,
+    pub(crate) ttl_ms: u64,
 }
 
 /// A request header that cannot serve as a rate-limit key.
 #[derive(Debug, thiserror::Error)]
 #[error("header {0} is longer than {MAX_KEY_HEADER_LEN} bytes and cannot be a rate-limit key")]
-pub struct KeyHeaderTooLong(pub String);
+pub(crate) struct KeyHeaderTooLong(pub String);
 
 /// A path whose readings select different rules (see
 /// [`crate::path_match`]): refused rather than guessed at.
 #[derive(Debug, thiserror::Error)]
 #[error("the path reads as `{plain}` or as `{other}` depending on how it is decoded, and rule {rule} applies to only one of them; send it without encoded slashes or backslashes, `;` parameters or double encoding")]
-pub struct AmbiguousPath {
+pub(crate) struct AmbiguousPath {
     plain: String,
     other: String,
     rule: String,
@@ -245,7 +245,7 @@ pub struct AmbiguousPath {
 
 /// Why a request's rules cannot be worked out; answered with 400.
 #[derive(Debug, thiserror::Error)]
-pub enum MatchError {
+pub(crate) enum MatchError {
     #[error(transparent)]
     KeyHeader(#[from] KeyHeaderTooLong),
     #[error(transparent)]
@@ -254,7 +254,7 @@ pub enum MatchError {
 
 impl MatchError {
     /// The `kind` label of `floodgate_client_errors_total`.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             MatchError::KeyHeader(_) => "key_header_too_long",
             MatchError::AmbiguousPath(_) => "ambiguous_path",
@@ -293,11 +293,11 @@ impl RuleSet {
         &self.rules
     }
 
-    pub fn by_name(&self, name: &str) -> Option<&Rule> {
+    pub(crate) fn by_name(&self, name: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| &*r.name == name)
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }
 
@@ -315,7 +315,7 @@ impl RuleSet {
 
     /// The matching rules of `req`, grouped by subject; the IP group (if
     /// any) comes first so that a refusal there saves the other calls.
-    pub fn groups<'r>(
+    pub(crate) fn groups<'r>(
         &'r self,
         req: &HttpRequest,
         client: ClientKey,

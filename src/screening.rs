@@ -19,13 +19,13 @@ use crate::responses;
 
 /// The limits phase 0 applies (from `[server]`).
 #[derive(Debug, Clone, Copy)]
-pub struct HeaderLimits {
-    pub max_headers: usize,
-    pub max_header_bytes: usize,
+pub(crate) struct HeaderLimits {
+    pub(crate) max_headers: usize,
+    pub(crate) max_header_bytes: usize,
 }
 
 /// The answer to a request that goes no further, or `None`.
-pub fn screen(req: &HttpRequest, limits: HeaderLimits) -> Option<HttpResponse> {
+pub(crate) fn screen(req: &HttpRequest, limits: HeaderLimits) -> Option<HttpResponse> {
     let headers = req.headers();
     if headers.len() > limits.max_headers {
         return Some(refuse(

@@ -58,14 +58,14 @@ pub async fn run_with(
 
 /// The public and admin listeners, bound.
 pub struct Listeners {
-    pub public: TcpListener,
-    pub admin: TcpListener,
+    pub(crate) public: TcpListener,
+    pub(crate) admin: TcpListener,
 }
 
 impl Listeners {
     /// Binds `server.listen` and `server.admin_listen` as the gateway does
     /// itself (address reuse, a backlog of 4096).
-    pub fn bind(config: &Config) -> std::io::Result<Listeners> {
+    pub(crate) fn bind(config: &Config) -> std::io::Result<Listeners> {
         let bind = |addr: SocketAddr, key: &str| {
             tcp_listener(addr).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({key}): {e}"))

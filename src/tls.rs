@@ -40,7 +40,7 @@ fn resolve(config_file: &Path, path: &Path) -> PathBuf {
 /// key is of a supported kind, and it belongs to the leaf certificate.
 /// Errors name the config file, the key (`server.tls.cert` or
 /// `server.tls.key`) and the PEM file at fault.
-pub fn load(config_file: &Path, tls: &TlsConfig) -> Result<Arc<CertifiedKey>, ConfigError> {
+pub(crate) fn load(config_file: &Path, tls: &TlsConfig) -> Result<Arc<CertifiedKey>, ConfigError> {
     let file = config_file.display().to_string();
     let fail = |key: &str, path: &Path, message: String| ConfigError {
         file: file.clone(),
@@ -103,19 +103,19 @@ pub fn load(config_file: &Path, tls: &TlsConfig) -> Result<Arc<CertifiedKey>, Co
 /// handshakes after a swap get the new one, connections already open keep
 /// the session they have.
 #[derive(Debug)]
-pub struct ServedCertificate {
+pub(crate) struct ServedCertificate {
     current: ArcSwap<CertifiedKey>,
 }
 
 impl ServedCertificate {
-    pub fn new(first: Arc<CertifiedKey>) -> ServedCertificate {
+    pub(crate) fn new(first: Arc<CertifiedKey>) -> ServedCertificate {
         ServedCertificate {
             current: ArcSwap::new(first),
         }
     }
 
     /// Presents `next` from the next handshake on.
-    pub fn replace(&self, next: Arc<CertifiedKey>) {
+    pub(crate) fn replace(&self, next: Arc<CertifiedKey>) {
         self.current.store(next);
     }
 }
@@ -128,7 +128,7 @@ impl ResolvesServerCert for ServedCertificate {
 
 /// The rustls configuration of the public listener: safe default protocol
 /// versions, no client certificates, the certificate from `served`.
-pub fn server_config(served: Arc<ServedCertificate>) -> std::io::Result<rustls::ServerConfig> {
+pub(crate) fn server_config(served: Arc<ServedCertificate>) -> std::io::Result<rustls::ServerConfig> {
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(std::io::Error::other)?

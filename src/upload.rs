@@ -29,11 +29,11 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 /// Body bytes kept for a retry on a fresh upstream connection.
-pub const REPLAY_LIMIT: usize = 64 * 1024;
+pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// A request failed because of what the client sent (or did not send).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientFault {
+pub(crate) enum ClientFault {
     /// Nothing of the body arrived for `server.client_body_timeout`.
     BodyTimeout,
     /// The body ended before its announced length or final chunk.
@@ -45,7 +45,7 @@ pub enum ClientFault {
 }
 
 impl ClientFault {
-    pub fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         match self {
             ClientFault::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ClientFault::BodyIncomplete | ClientFault::BodyMalformed => StatusCode::BAD_REQUEST,
@@ -54,7 +54,7 @@ impl ClientFault {
     }
 
     /// The `error` field of the answer and the metric's `kind` label.
-    pub fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> &'static str {
         match self {
             ClientFault::BodyTimeout => "client_body_timeout",
             ClientFault::BodyIncomplete => "incomplete_body",
@@ -63,7 +63,7 @@ impl ClientFault {
         }
     }
 
-    pub fn message(self) -> &'static str {
+    pub(crate) fn message(self) -> &'static str {
         match self {
             ClientFault::BodyTimeout => "the request body stopped arriving",
             ClientFault::BodyIncomplete => "the request body ended before its announced end",
@@ -87,15 +87,15 @@ impl ClientFault {
 
 /// Limits on request bodies (from `[server]`).
 #[derive(Debug, Clone, Copy)]
-pub struct BodyLimits {
+pub(crate) struct BodyLimits {
     /// Longest pause in a body.
-    pub idle: Duration,
+    pub(crate) idle: Duration,
     /// Largest body; 0 = no limit.
-    pub max_size: u64,
+    pub(crate) max_size: u64,
 }
 
 /// One request's body, shared by the attempts to forward it.
-pub struct Upload {
+pub(crate) struct Upload {
     payload: RefCell<web::Payload>,
     /// Chunks taken from the client so far, while they fit the replay limit.
     kept: RefCell<Vec<Bytes>>,
@@ -112,7 +112,7 @@ pub struct Upload {
 }
 
 impl Upload {
-    pub fn new(payload: web::Payload, limits: BodyLimits) -> Rc<Upload> {
+    pub(crate) fn new(payload: web::Payload, limits: BodyLimits) -> Rc<Upload> {
         Rc::new(Upload {
             payload: RefCell::new(payload),
             kept: RefCell::new(Vec::new()),
@@ -129,7 +129,7 @@ impl Upload {
 
     /// A stream of the whole body for one attempt: the kept chunks first,
     /// then the rest from the client.
-    pub fn body(self: &Rc<Self>) -> UploadBody {
+    pub(crate) fn body(self: &Rc<Self>) -> UploadBody {
         self.started.set(false);
         UploadBody {
             upload: self.clone(),
@@ -140,29 +140,29 @@ impl Upload {
 
     /// Whether the current attempt's connection is up and asking for the
     /// body (false while it waits for a connection).
-    pub fn started(&self) -> bool {
+    pub(crate) fn started(&self) -> bool {
         self.started.get()
     }
 
     /// The client's fault, if the body failed because of it.
-    pub fn fault(&self) -> Option<ClientFault> {
+    pub(crate) fn fault(&self) -> Option<ClientFault> {
         self.fault.get()
     }
 
     /// Whether another attempt can still send the whole body.
-    pub fn replayable(&self) -> bool {
+    pub(crate) fn replayable(&self) -> bool {
         self.replayable.get() && self.fault.get().is_none()
     }
 
     /// Resolves once the client's body has been read in full.
-    pub async fn finished(&self) {
+    pub(crate) async fn finished(&self) {
         if !self.finished.get() {
             self.done.notified().await;
         }
     }
 
     /// The answer has started: nothing will be replayed any more.
-    pub fn release(&self) {
+    pub(crate) fn release(&self) {
         self.replayable.set(false);
         self.kept.borrow_mut().clear();
     }
@@ -193,7 +193,7 @@ impl Upload {
 }
 
 /// One attempt's view of the body (see [`Upload::body`]).
-pub struct UploadBody {
+pub(crate) struct UploadBody {
     upload: Rc<Upload>,
     replay_next: usize,
     idle: IdleDeadline,

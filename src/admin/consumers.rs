@@ -65,7 +65,7 @@ struct NewPlan {
 
 /// `PUT /admin/consumers/{key}` `{"plan":"pro"}`: 201 when the key had no
 /// runtime plan, 200 when it replaces one.
-pub async fn put(req: HttpRequest, body: web::Bytes, state: web::Data<AdminState>) -> HttpResponse {
+pub(super) async fn put(req: HttpRequest, body: web::Bytes, state: web::Data<AdminState>) -> HttpResponse {
     let (gw, snapshot, hash) = match prepare(&req, &state) {
         Ok(p) => p,
         Err(r) => return r,
@@ -125,7 +125,7 @@ pub async fn put(req: HttpRequest, body: web::Bytes, state: web::Data<AdminState
 
 /// `DELETE /admin/consumers/{key}`: 204, or 404 when the key had no
 /// runtime plan. The consumer falls back to its static or default plan.
-pub async fn delete(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+pub(super) async fn delete(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
     let (gw, _, hash) = match prepare(&req, &state) {
         Ok(p) => p,
         Err(r) => return r,
@@ -160,7 +160,7 @@ pub async fn delete(req: HttpRequest, state: web::Data<AdminState>) -> HttpRespo
 
 /// `GET /admin/consumers/{key}`: the plan, where it comes from, and the
 /// state of each of its rules (read without charging anything).
-pub async fn get(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+pub(super) async fn get(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
     let (gw, snapshot, hash) = match prepare(&req, &state) {
         Ok(p) => p,
         Err(r) => return r,

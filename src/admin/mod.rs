@@ -47,7 +47,7 @@ const MIN_BAN: Duration = Duration::from_secs(1);
 const MAX_REASON: usize = 512;
 
 /// State of the admin listener.
-pub struct AdminState {
+pub(crate) struct AdminState {
     token: Option<String>,
     token_env: String,
     gateway: web::Data<Gateway>,
@@ -56,7 +56,7 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    pub fn new(
+    pub(crate) fn new(
         config: &Config,
         gateway: web::Data<Gateway>,
         prom: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -131,7 +131,7 @@ fn tokens_match(given: &[u8], token: &[u8]) -> bool {
 }
 
 /// Registers every admin route.
-pub fn routes(cfg: &mut web::ServiceConfig) {
+pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.app_data(web::PayloadConfig::new(MAX_BODY))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))

@@ -12,7 +12,7 @@ use crate::redis_link::{RedisFailure, RedisLink};
 
 impl Bans {
     /// Adds a runtime allowlist entry and lifts the bans inside it.
-    pub async fn allow(&self, net: IpNet) -> Result<Vec<String>, BanError> {
+    pub(crate) async fn allow(&self, net: IpNet) -> Result<Vec<String>, BanError> {
         if let Some(link) = &self.link {
             let cmd = redis::cmd("SADD")
                 .arg(keys::allowlist(&self.prefix))
@@ -48,7 +48,7 @@ impl Bans {
     }
 
     /// Removes a runtime allowlist entry; `Ok(false)` if it was not there.
-    pub async fn unallow(&self, net: IpNet) -> Result<bool, BanError> {
+    pub(crate) async fn unallow(&self, net: IpNet) -> Result<bool, BanError> {
         let present = match &self.link {
             Some(link) => {
                 let cmd = redis::cmd("SREM")
@@ -79,7 +79,7 @@ impl Bans {
     }
 
     /// The runtime allowlist (from Redis when it answers).
-    pub async fn allowlist(&self) -> Result<Vec<IpNet>, BanError> {
+    pub(crate) async fn allowlist(&self) -> Result<Vec<IpNet>, BanError> {
         match &self.link {
             Some(link) => Ok(self.allowlist_from_redis(link).await?),
             None => Ok(self.cache.runtime_allowlist()),

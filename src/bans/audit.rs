@@ -14,22 +14,22 @@ use crate::keys;
 
 /// One audit-log event.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct AuditEvent {
+pub(crate) struct AuditEvent {
     /// Stream entry id (`<ms>-<seq>`); ordered.
-    pub id: String,
-    pub time: String,
-    pub event: String,
-    pub subject: String,
-    pub reason: String,
-    pub duration_ms: u64,
-    pub strikes: u32,
-    pub source: String,
-    pub node: String,
+    pub(crate) id: String,
+    pub(crate) time: String,
+    pub(crate) event: String,
+    pub(crate) subject: String,
+    pub(crate) reason: String,
+    pub(crate) duration_ms: u64,
+    pub(crate) strikes: u32,
+    pub(crate) source: String,
+    pub(crate) node: String,
 }
 
 impl Bans {
     /// Appends one event to the audit log (Redis, or this node's ring).
-    pub async fn audit(
+    pub(crate) async fn audit(
         &self,
         event: &str,
         subject: &str,
@@ -92,7 +92,7 @@ impl Bans {
     }
 
     /// The newest `count` audit events, newest first.
-    pub async fn audit_log(&self, count: usize) -> Result<Vec<AuditEvent>, BanError> {
+    pub(crate) async fn audit_log(&self, count: usize) -> Result<Vec<AuditEvent>, BanError> {
         let Some(link) = &self.link else {
             let log = self.local_audit.lock().unwrap_or_else(|p| p.into_inner());
             return Ok(log.iter().rev().take(count).cloned().collect());

@@ -10,14 +10,14 @@ use ipnet::IpNet;
 
 /// The narrowest prefixes accepted without `force`.
 #[derive(Debug, Clone, Copy)]
-pub struct Breadth {
-    pub min_prefix_v4: u8,
-    pub min_prefix_v6: u8,
+pub(crate) struct Breadth {
+    pub(crate) min_prefix_v4: u8,
+    pub(crate) min_prefix_v6: u8,
 }
 
 impl Breadth {
     /// `Err` with a message for the operator if `net` is too wide.
-    pub fn check(&self, net: &IpNet, force: bool) -> Result<(), String> {
+    pub(crate) fn check(&self, net: &IpNet, force: bool) -> Result<(), String> {
         let min = match net {
             IpNet::V4(_) => self.min_prefix_v4,
             IpNet::V6(_) => self.min_prefix_v6,

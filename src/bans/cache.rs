@@ -26,7 +26,7 @@ struct Entry {
 
 /// One node's in-memory view of bans and the allowlist: the per-request
 /// checks read only this.
-pub struct BanCache {
+pub(crate) struct BanCache {
     keys: RwLock<HashMap<ClientKey, Entry>>,
     cidrs: RwLock<Vec<(IpNet, Entry)>>,
     /// The config file's allowlist; a reload replaces it.
@@ -42,7 +42,7 @@ pub struct BanCache {
 }
 
 impl BanCache {
-    pub fn new(config_allow: Vec<IpNet>, gauge: metrics::Gauge) -> BanCache {
+    pub(crate) fn new(config_allow: Vec<IpNet>, gauge: metrics::Gauge) -> BanCache {
         BanCache {
             keys: RwLock::new(HashMap::new()),
             cidrs: RwLock::new(Vec::new()),
@@ -56,19 +56,19 @@ impl BanCache {
     }
 
     /// Whether `ip` is on the config or the runtime allowlist.
-    pub fn is_allowlisted(&self, ip: IpAddr) -> bool {
+    pub(crate) fn is_allowlisted(&self, ip: IpAddr) -> bool {
         self.config_allow.load().iter().any(|n| n.contains(&ip))
             || self.runtime_allow.load().iter().any(|n| n.contains(&ip))
     }
 
     /// Whether one allowlist entry contains the whole of `net`.
-    pub fn allowlist_covers(&self, net: &IpNet) -> bool {
+    pub(crate) fn allowlist_covers(&self, net: &IpNet) -> bool {
         self.config_allow.load().iter().any(|n| n.contains(net))
             || self.runtime_allow.load().iter().any(|n| n.contains(net))
     }
 
     /// Time left of a ban on `ip` (its key or a CIDR holding it), if any.
-    pub fn banned(&self, ip: IpAddr, key: &ClientKey) -> Option<Duration> {
+    pub(crate) fn banned(&self, ip: IpAddr, key: &ClientKey) -> Option<Duration> {
         let now = Instant::now();
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = keys.get(key) {
@@ -91,11 +91,11 @@ impl BanCache {
     }
 
     /// The change number now: taken before a reconcile reads Redis.
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.gen.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    pub fn insert_key(&self, key: ClientKey, remaining: Duration) {
+    pub(crate) fn insert_key(&self, key: ClientKey, remaining: Duration) {
         let until = Instant::now() + remaining;
         let gen = self.next_gen();
         self.keys
@@ -105,7 +105,7 @@ impl BanCache {
         self.update_gauge();
     }
 
-    pub fn remove_key(&self, key: &ClientKey) {
+    pub(crate) fn remove_key(&self, key: &ClientKey) {
         let gen = self.next_gen();
         self.keys
             .write()
@@ -118,7 +118,7 @@ impl BanCache {
         self.update_gauge();
     }
 
-    pub fn insert_cidr(&self, net: IpNet, remaining: Duration) {
+    pub(crate) fn insert_cidr(&self, net: IpNet, remaining: Duration) {
         let until = Instant::now() + remaining;
         let gen = self.next_gen();
         let mut cidrs = self.cidrs.write().unwrap_or_else(|p| p.into_inner());
@@ -128,7 +128,7 @@ impl BanCache {
         self.update_gauge();
     }
 
-    pub fn remove_cidr(&self, net: &IpNet) {
+    pub(crate) fn remove_cidr(&self, net: &IpNet) {
         let gen = self.next_gen();
         self.cidrs
             .write()
@@ -150,7 +150,7 @@ impl BanCache {
 
     /// CIDR bans active now, with time left.
     /// The client bans still running, with the time each has left.
-    pub fn key_bans(&self) -> Vec<(ClientKey, Duration)> {
+    pub(crate) fn key_bans(&self) -> Vec<(ClientKey, Duration)> {
         let now = Instant::now();
         let map = self.keys.read().unwrap_or_else(|p| p.into_inner());
         map.iter()
@@ -159,7 +159,7 @@ impl BanCache {
             .collect()
     }
 
-    pub fn cidr_bans(&self) -> Vec<(IpNet, Duration)> {
+    pub(crate) fn cidr_bans(&self) -> Vec<(IpNet, Duration)> {
         let now = Instant::now();
         let cidrs = self.cidrs.read().unwrap_or_else(|p| p.into_inner());
         cidrs
@@ -173,7 +173,7 @@ impl BanCache {
     /// number `since`. Changes this node applied meanwhile (events, admin
     /// calls, its own decisions) win over the older snapshot: a ban lifted
     /// while the snapshot was read stays lifted.
-    pub fn replace(
+    pub(crate) fn replace(
         &self,
         keys: HashMap<ClientKey, Duration>,
         cidrs: Vec<(IpNet, Duration)>,
@@ -239,14 +239,14 @@ impl BanCache {
 
     /// Sets the runtime allowlist from Redis unless it changed here since
     /// change number `since` (then the next reconcile brings it in).
-    pub fn set_runtime_allowlist(&self, nets: Vec<IpNet>, since: u64) {
+    pub(crate) fn set_runtime_allowlist(&self, nets: Vec<IpNet>, since: u64) {
         if self.allow_gen.load(std::sync::atomic::Ordering::Acquire) > since {
             return;
         }
         self.runtime_allow.store(Arc::new(nets));
     }
 
-    pub fn add_runtime_allow(&self, net: IpNet) {
+    pub(crate) fn add_runtime_allow(&self, net: IpNet) {
         self.allow_gen
             .store(self.next_gen(), std::sync::atomic::Ordering::Release);
         let mut v = (**self.runtime_allow.load()).clone();
@@ -256,7 +256,7 @@ impl BanCache {
         self.runtime_allow.store(Arc::new(v));
     }
 
-    pub fn remove_runtime_allow(&self, net: &IpNet) {
+    pub(crate) fn remove_runtime_allow(&self, net: &IpNet) {
         self.allow_gen
             .store(self.next_gen(), std::sync::atomic::Ordering::Release);
         let v: Vec<IpNet> = self
@@ -269,21 +269,21 @@ impl BanCache {
         self.runtime_allow.store(Arc::new(v));
     }
 
-    pub fn runtime_allowlist(&self) -> Vec<IpNet> {
+    pub(crate) fn runtime_allowlist(&self) -> Vec<IpNet> {
         (**self.runtime_allow.load()).clone()
     }
 
-    pub fn config_allowlist(&self) -> Arc<Vec<IpNet>> {
+    pub(crate) fn config_allowlist(&self) -> Arc<Vec<IpNet>> {
         self.config_allow.load_full()
     }
 
     /// Replaces the config file's allowlist (a reload); the runtime one stays.
-    pub fn set_config_allowlist(&self, nets: Vec<IpNet>) {
+    pub(crate) fn set_config_allowlist(&self, nets: Vec<IpNet>) {
         self.config_allow.store(Arc::new(nets));
     }
 
     /// Drops expired entries.
-    pub fn purge(&self) {
+    pub(crate) fn purge(&self) {
         let now = Instant::now();
         self.keys
             .write()

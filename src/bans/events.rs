@@ -21,7 +21,7 @@ use crate::redis_link::RedisFailure;
 /// A change every node must apply to its [`BanCache`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "lowercase")]
-pub enum BanEvent {
+pub(crate) enum BanEvent {
     Ban {
         subject: String,
         remaining_ms: u64,
@@ -51,7 +51,7 @@ pub enum BanEvent {
 /// Another part of each node's view that the same events and reconciles
 /// keep in step (the consumer table): bans carry it along without knowing
 /// what it holds.
-pub trait Follower: Send + Sync {
+pub(crate) trait Follower: Send + Sync {
     /// Applies an event that is not about bans or the allowlist.
     fn apply(&self, event: &BanEvent);
     /// Re-reads its state from Redis; `lost`: Redis lost its data, so write
@@ -61,7 +61,7 @@ pub trait Follower: Send + Sync {
 
 impl Bans {
     /// Tells every node (this one applies its own changes itself).
-    pub async fn publish(&self, event: &BanEvent) {
+    pub(crate) async fn publish(&self, event: &BanEvent) {
         let Some(link) = &self.link else { return };
         let Ok(payload) = serde_json::to_string(event) else {
             return;
@@ -79,7 +79,7 @@ impl Bans {
 
     /// Re-reads every ban and the allowlist from Redis into the cache (after
     /// restoring them first if Redis lost its data).
-    pub async fn reconcile(&self) -> Result<(), BanError> {
+    pub(crate) async fn reconcile(&self) -> Result<(), BanError> {
         let Some(link) = &self.link else {
             self.cache.purge();
             return Ok(());
@@ -122,12 +122,12 @@ impl Bans {
     }
 
     /// Has `follower` kept in step by the same events and reconciles.
-    pub fn follow_with(&self, follower: Arc<dyn Follower>) {
+    pub(crate) fn follow_with(&self, follower: Arc<dyn Follower>) {
         let _ = self.follower.set(follower);
     }
 
     /// Applies an event from another node (or this one) to the cache.
-    pub fn apply(&self, event: BanEvent) {
+    pub(crate) fn apply(&self, event: BanEvent) {
         match event {
             BanEvent::Ban {
                 subject,
@@ -172,7 +172,7 @@ impl Bans {
     /// after every (re)subscription, reconciles from Redis.
     /// A subscription silent for `idle` (every node publishes a heartbeat
     /// each reconcile interval) is taken as dead and opened again.
-    pub async fn run_subscriber(self: Arc<Self>, idle: Duration) {
+    pub(crate) async fn run_subscriber(self: Arc<Self>, idle: Duration) {
         let Some(link) = self.link.clone() else {
             return;
         };
@@ -216,7 +216,7 @@ impl Bans {
     }
 
     /// Tells the other nodes' subscriptions that this one is alive.
-    pub async fn heartbeat(&self) {
+    pub(crate) async fn heartbeat(&self) {
         self.publish(&BanEvent::Heartbeat {
             node: self.node.clone(),
         })

@@ -25,10 +25,10 @@
 //!
 //! This file holds the shared types and the [`Bans`] service's state.
 
-pub mod audit;
-pub mod breadth;
-pub mod cache;
-pub mod events;
+pub(crate) mod audit;
+pub(crate) mod breadth;
+pub(crate) mod cache;
+pub(crate) mod events;
 
 mod allowlist;
 mod restore;
@@ -43,10 +43,10 @@ use std::time::{Duration, UNIX_EPOCH};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-pub use audit::AuditEvent;
-pub use breadth::Breadth;
-pub use cache::BanCache;
-pub use events::{BanEvent, Follower};
+pub(crate) use audit::AuditEvent;
+pub(crate) use breadth::Breadth;
+pub(crate) use cache::BanCache;
+pub(crate) use events::{BanEvent, Follower};
 
 use crate::client_ip::ClientKey;
 use crate::limiter::{BanParams, LocalStore};
@@ -54,7 +54,7 @@ use crate::redis_link::{RedisFailure, RedisLink};
 
 /// What an operator can ban: one client key, or a whole network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BanTarget {
+pub(crate) enum BanTarget {
     Key(ClientKey),
     Cidr(IpNet),
 }
@@ -62,7 +62,7 @@ pub enum BanTarget {
 impl BanTarget {
     /// Parses an address or CIDR. An IPv6 address or a network narrower
     /// than `ipv6_prefix` means the client key that contains it.
-    pub fn parse(s: &str, ipv6_prefix: u8) -> Result<BanTarget, String> {
+    pub(crate) fn parse(s: &str, ipv6_prefix: u8) -> Result<BanTarget, String> {
         let s = s.trim();
         if s.contains('/') {
             let net: IpNet = s
@@ -84,7 +84,7 @@ impl BanTarget {
     }
 
     /// `203.0.113.7`, `2001:db8::/64`, `203.0.113.0/24`.
-    pub fn subject(&self) -> String {
+    pub(crate) fn subject(&self) -> String {
         match self {
             BanTarget::Key(k) => k.to_string(),
             BanTarget::Cidr(n) => n.to_string(),
@@ -93,21 +93,21 @@ impl BanTarget {
 }
 
 /// The Redis subject tag of a client key.
-pub fn key_tag(key: &ClientKey) -> String {
+pub(crate) fn key_tag(key: &ClientKey) -> String {
     crate::rules::Subject::Ip(*key).tag()
 }
 
 /// A ban as the admin API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct BanView {
-    pub subject: String,
+pub(crate) struct BanView {
+    pub(crate) subject: String,
     /// RFC 3339.
-    pub until: String,
+    pub(crate) until: String,
     /// Whole seconds left, rounded up.
-    pub remaining: u64,
-    pub reason: String,
-    pub strikes: u32,
-    pub source: String,
+    pub(crate) remaining: u64,
+    pub(crate) reason: String,
+    pub(crate) strikes: u32,
+    pub(crate) source: String,
 }
 
 impl BanView {
@@ -131,13 +131,13 @@ impl BanView {
 }
 
 /// RFC 3339 text of a time in ms since the epoch.
-pub fn rfc3339_ms(ms: u64) -> String {
+pub(crate) fn rfc3339_ms(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 /// What went wrong with an operator's request.
 #[derive(Debug, thiserror::Error)]
-pub enum BanError {
+pub(crate) enum BanError {
     #[error("{0}")]
     BadInput(String),
     #[error("Redis is unavailable: {0}")]
@@ -145,7 +145,7 @@ pub enum BanError {
 }
 
 /// The ban and allowlist service: shared truth plus this node's mirror.
-pub struct Bans {
+pub(crate) struct Bans {
     cache: Arc<BanCache>,
     link: Option<Arc<RedisLink>>,
     local: Arc<LocalStore>,
@@ -165,7 +165,7 @@ pub struct Bans {
 
 impl Bans {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         cache: Arc<BanCache>,
         link: Option<Arc<RedisLink>>,
         local: Arc<LocalStore>,
@@ -191,20 +191,20 @@ impl Bans {
         }
     }
 
-    pub fn cache(&self) -> &Arc<BanCache> {
+    pub(crate) fn cache(&self) -> &Arc<BanCache> {
         &self.cache
     }
 
-    pub fn ipv6_prefix(&self) -> u8 {
+    pub(crate) fn ipv6_prefix(&self) -> u8 {
         self.ipv6_prefix
     }
 
-    pub fn node(&self) -> &str {
+    pub(crate) fn node(&self) -> &str {
         &self.node
     }
 
     /// Applies new escalation settings (a reload) to the bans made after it.
-    pub fn set_params(&self, params: BanParams) {
+    pub(crate) fn set_params(&self, params: BanParams) {
         self.params.store(Arc::new(params));
     }
 }

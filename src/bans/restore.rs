@@ -102,7 +102,7 @@ impl Bans {
 
     /// Writes bans made by the local store during an outage back to Redis,
     /// so they hold on every node and survive restarts.
-    pub async fn write_back_local_bans(&self) {
+    pub(crate) async fn write_back_local_bans(&self) {
         let now_ms = crate::limiter::wall_clock_us() / 1000;
         let mut failed = Vec::new();
         for b in self.local.take_made_bans() {

@@ -10,34 +10,34 @@ use crate::redis_link::{scripts, RedisFailure, RedisLink};
 
 /// What `ban.lua` writes.
 pub(super) struct BanWrite<'a> {
-    pub dur_ms: u64,
-    pub reason: &'a str,
+    pub(crate) dur_ms: u64,
+    pub(crate) reason: &'a str,
     /// `ban.memory`: how long the strikes outlive the ban.
-    pub memory_ms: u64,
+    pub(crate) memory_ms: u64,
     /// `manual`, or `auto` for an automatic ban's record or a write-back.
-    pub source: &'a str,
+    pub(crate) source: &'a str,
     /// The least strike count the subject has (0 for a manual ban).
-    pub strikes: u32,
+    pub(crate) strikes: u32,
     /// Leave a longer ban already in place untouched (write-back, restore).
-    pub keep_longer: bool,
+    pub(crate) keep_longer: bool,
 }
 
 /// What `ban.lua` answers: the ban's end and strikes, and Redis' clock.
 pub(super) struct BanWritten {
-    pub until_ms: u64,
-    pub strikes: u32,
-    pub now_ms: u64,
+    pub(crate) until_ms: u64,
+    pub(crate) strikes: u32,
+    pub(crate) now_ms: u64,
 }
 
 /// A subject's ban as `inspect.lua` reads it (record and state hash
 /// together; the later end and higher strikes win).
 pub(super) struct Inspected {
-    pub now_ms: u64,
+    pub(crate) now_ms: u64,
     /// 0 when the subject has no ban.
-    pub until_ms: u64,
-    pub strikes: u32,
-    pub reason: String,
-    pub source: String,
+    pub(crate) until_ms: u64,
+    pub(crate) strikes: u32,
+    pub(crate) reason: String,
+    pub(crate) source: String,
 }
 
 fn subject_keys(prefix: &str, tag: &str) -> [String; 2] {

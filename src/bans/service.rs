@@ -39,7 +39,7 @@ impl Bans {
     /// rare, and the banned client is the one that waits), in the
     /// background for one the local fallback made (Redis is failing then,
     /// and the write-back brings it to Redis when it returns).
-    pub async fn decided(
+    pub(crate) async fn decided(
         self: &Arc<Self>,
         key: ClientKey,
         remaining_ms: u64,
@@ -119,7 +119,7 @@ impl Bans {
     }
 
     /// An operator's ban.
-    pub async fn ban(
+    pub(crate) async fn ban(
         &self,
         target: BanTarget,
         duration: Duration,
@@ -234,7 +234,7 @@ impl Bans {
     }
 
     /// Lifts a ban; `Ok(false)` if there was none.
-    pub async fn unban(&self, target: BanTarget, reason: &str) -> Result<bool, BanError> {
+    pub(crate) async fn unban(&self, target: BanTarget, reason: &str) -> Result<bool, BanError> {
         let subject = target.subject();
         let lifted = match (&self.link, target) {
             (Some(link), BanTarget::Key(key)) => {
@@ -318,7 +318,7 @@ impl Bans {
     }
 
     /// Every active ban, keys and CIDRs, sorted by subject.
-    pub async fn list(&self) -> Result<Vec<BanView>, BanError> {
+    pub(crate) async fn list(&self) -> Result<Vec<BanView>, BanError> {
         let Some(link) = &self.link else {
             let now_ms = crate::limiter::wall_clock_us() / 1000;
             let mut out: Vec<BanView> = self
@@ -389,7 +389,7 @@ impl Bans {
     }
 
     /// One subject's active ban.
-    pub async fn get(&self, target: BanTarget) -> Result<Option<BanView>, BanError> {
+    pub(crate) async fn get(&self, target: BanTarget) -> Result<Option<BanView>, BanError> {
         match (&self.link, target) {
             (Some(link), BanTarget::Key(key)) => Ok(self.inspect_tag(link, &key_tag(&key)).await?),
             _ => {

@@ -27,27 +27,27 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
 const MAX_ANSWER: u64 = 64 * 1024 * 1024;
 
 /// A path segment, percent-encoded.
-pub fn segment(s: &str) -> String {
+pub(super) fn segment(s: &str) -> String {
     utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 /// An answer from the node, whatever its status.
 #[derive(Debug)]
-pub struct Reply {
-    pub status: u16,
+pub(super) struct Reply {
+    pub(crate) status: u16,
     /// The body as JSON, or `Value::Null` if it was empty or not JSON.
-    pub json: Value,
-    pub text: String,
+    pub(crate) json: Value,
+    pub(crate) text: String,
 }
 
 /// A blocking client for one node's admin API.
-pub struct AdminClient {
+pub(super) struct AdminClient {
     target: Target,
     agent: ureq::Agent,
 }
 
 impl AdminClient {
-    pub fn new(target: Target) -> AdminClient {
+    pub(super) fn new(target: Target) -> AdminClient {
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(3))
             // Listing bans scans Redis; give it time, but never hang.
@@ -57,13 +57,13 @@ impl AdminClient {
         AdminClient { target, agent }
     }
 
-    pub fn base(&self) -> &str {
+    pub(super) fn base(&self) -> &str {
         &self.target.base
     }
 
     /// An authenticated call whose answer must be a success; anything else
     /// becomes the [`Failure`] that says what to do.
-    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Reply, Failure> {
+    pub(super) fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Reply, Failure> {
         let reply = self.send(method, path, body, true)?;
         judge(method, path, reply, &self.target.token_env)
     }
@@ -71,7 +71,7 @@ impl AdminClient {
     /// An authenticated call that returns any answer the node gave, except
     /// that an unreachable node, a refused token or a node without a token
     /// still fail.
-    pub fn call_any(
+    pub(super) fn call_any(
         &self,
         method: &str,
         path: &str,
@@ -86,7 +86,7 @@ impl AdminClient {
     }
 
     /// A call without the token (`/readyz`), any answer.
-    pub fn call_public(&self, path: &str) -> Result<Reply, Failure> {
+    pub(super) fn call_public(&self, path: &str) -> Result<Reply, Failure> {
         self.send("GET", path, None, false)
     }
 
@@ -138,7 +138,7 @@ impl AdminClient {
 
 /// What an answer means for the operator. Success passes through; each
 /// refusal becomes the failure with its exit code and advice.
-pub fn judge(method: &str, path: &str, reply: Reply, token_env: &str) -> Result<Reply, Failure> {
+pub(super) fn judge(method: &str, path: &str, reply: Reply, token_env: &str) -> Result<Reply, Failure> {
     let message = reply
         .json
         .get("message")

@@ -21,7 +21,7 @@ use clap::{Args, Subcommand};
 
 /// Why a verb did not do what was asked; each kind has its exit code.
 #[derive(Debug, thiserror::Error, PartialEq)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// The subject, entry or consumer does not exist (exit 1).
     #[error("{0}")]
     NotFound(String),
@@ -36,7 +36,7 @@ pub enum Failure {
 
 impl Failure {
     /// The process exit code for this failure.
-    pub fn code(&self) -> u8 {
+    pub(crate) fn code(&self) -> u8 {
         match self {
             Failure::NotFound(_) => 1,
             Failure::Usage(_) => 2,

@@ -12,7 +12,7 @@ use comfy_table::{presets, Table};
 use serde_json::Value;
 
 /// A table with a header row and no borders, columns aligned.
-pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut t = Table::new();
     t.load_preset(presets::NOTHING);
     t.set_header(header.iter().map(|h| h.to_string()));
@@ -23,7 +23,7 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 }
 
 /// Name/value lines, the names aligned.
-pub fn pairs(rows: Vec<(&str, String)>) -> String {
+pub(super) fn pairs(rows: Vec<(&str, String)>) -> String {
     let mut t = Table::new();
     t.load_preset(presets::NOTHING);
     for (k, v) in rows {
@@ -41,7 +41,7 @@ fn trim_lines(s: &str) -> String {
 }
 
 /// `s` with control characters escaped (`\u{1b}`), everything else as is.
-pub fn printable(s: &str) -> String {
+pub(super) fn printable(s: &str) -> String {
     if !s.chars().any(char::is_control) {
         return s.to_string();
     }
@@ -57,13 +57,13 @@ pub fn printable(s: &str) -> String {
 }
 
 /// Whole seconds as "9m 58s".
-pub fn seconds(n: u64) -> String {
+pub(super) fn seconds(n: u64) -> String {
     humantime::format_duration(Duration::from_secs(n)).to_string()
 }
 
 /// A JSON field as a cell: strings bare, numbers as written, null empty,
 /// anything else as compact JSON.
-pub fn cell(v: Option<&Value>) -> String {
+pub(super) fn cell(v: Option<&Value>) -> String {
     match v {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s.clone(),
@@ -85,7 +85,7 @@ pub fn cell(v: Option<&Value>) -> String {
 /// Any JSON answer for people, when its shape is not fixed here (the
 /// consumer and reload endpoints): an object's plain fields as name/value
 /// lines, each list of objects as a table under its name.
-pub fn generic(v: &Value) -> String {
+pub(super) fn generic(v: &Value) -> String {
     let Value::Object(map) = v else {
         return printable(&cell(Some(v)));
     };

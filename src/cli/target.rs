@@ -19,18 +19,18 @@ const DEFAULT_URL: &str = "http://127.0.0.1:9090";
 /// A node's admin API: its base URL, the token, and where both came from
 /// (named in error messages).
 #[derive(Debug)]
-pub struct Target {
-    pub base: String,
-    pub token: String,
-    pub token_env: String,
+pub(super) struct Target {
+    pub(crate) base: String,
+    pub(crate) token: String,
+    pub(crate) token_env: String,
     /// Where the address came from, such as "server.admin_listen in /etc/floodgate.toml".
-    pub origin: String,
+    pub(crate) origin: String,
 }
 
 impl Target {
     /// Reads the configuration (if given), applies `--url` and
     /// `--token-env` over it, and reads the token from the environment.
-    pub fn resolve(
+    pub(super) fn resolve(
         config: Option<&Path>,
         url: Option<&str>,
         token_env: Option<&str>,

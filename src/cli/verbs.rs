@@ -10,7 +10,7 @@ use super::client::{segment, AdminClient};
 use super::render::{cell, generic, pairs, printable, seconds, table};
 use super::{AllowAction, BanAction, ConsumerAction, Failure, Verb};
 
-pub fn run(client: &AdminClient, verb: &Verb, as_json: bool) -> Result<(), Failure> {
+pub(super) fn run(client: &AdminClient, verb: &Verb, as_json: bool) -> Result<(), Failure> {
     let out = Output { as_json };
     match verb {
         Verb::Bans { action } => bans(client, action, out),

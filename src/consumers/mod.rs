@@ -22,8 +22,8 @@
 mod plans;
 mod table;
 
-pub use plans::{Plan, PlanSource, Plans};
-pub use table::ConsumerTable;
+pub(crate) use plans::{Plan, PlanSource, Plans};
+pub(crate) use table::ConsumerTable;
 
 use sha2::{Digest, Sha256};
 

@@ -22,14 +22,14 @@ use crate::rules::{
 
 /// One plan: its name and the rules it gives each consumer.
 #[derive(Debug)]
-pub struct Plan {
-    pub name: Arc<str>,
-    pub rules: Vec<Rule>,
+pub(crate) struct Plan {
+    pub(crate) name: Arc<str>,
+    pub(crate) rules: Vec<Rule>,
 }
 
 /// Where a consumer's plan comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PlanSource {
+pub(crate) enum PlanSource {
     /// The admin API (kept in Redis).
     Runtime,
     /// `consumers.keys` in the config file.
@@ -39,7 +39,7 @@ pub enum PlanSource {
 }
 
 impl PlanSource {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             PlanSource::Runtime => "runtime",
             PlanSource::Config => "config",
@@ -50,7 +50,7 @@ impl PlanSource {
 
 /// `[consumers]` and `[plans.*]`, compiled.
 #[derive(Debug)]
-pub struct Plans {
+pub(crate) struct Plans {
     header: HeaderName,
     plans: Vec<Plan>,
     default: Option<usize>,
@@ -65,7 +65,7 @@ impl Plans {
     /// Compiles the plans of a validated config (`None` without
     /// `[consumers]`). Each plan rule carries its own metric handles, like
     /// every rule.
-    pub fn compile(config: &Config, rules: &RuleSet) -> Option<Plans> {
+    pub(crate) fn compile(config: &Config, rules: &RuleSet) -> Option<Plans> {
         let c = config.consumers.as_ref()?;
         let KeyKind::Header(header) = KeyKind::parse(&c.key).ok()? else {
             return None;
@@ -108,32 +108,32 @@ impl Plans {
     }
 
     /// The header that carries a consumer's key.
-    pub fn header(&self) -> &HeaderName {
+    pub(crate) fn header(&self) -> &HeaderName {
         &self.header
     }
 
-    pub fn plans(&self) -> &[Plan] {
+    pub(crate) fn plans(&self) -> &[Plan] {
         &self.plans
     }
 
-    pub fn find(&self, name: &str) -> Option<&Plan> {
+    pub(crate) fn find(&self, name: &str) -> Option<&Plan> {
         self.plans.iter().find(|p| &*p.name == name)
     }
 
     /// Every plan rule, in index order (for metric handles).
-    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+    pub(crate) fn rules(&self) -> impl Iterator<Item = &Rule> {
         self.plans.iter().flat_map(|p| p.rules.iter())
     }
 
     /// The idle TTL of a consumer's state.
-    pub fn ttl_ms(&self) -> u64 {
+    pub(crate) fn ttl_ms(&self) -> u64 {
         self.ttl_ms
     }
 
     /// The plan of the consumer whose key hashes to `hash`, and why: a
     /// runtime assignment, else a static one, else the default plan. A
     /// runtime plan this config does not define is passed over.
-    pub fn plan_of(&self, hash: &str, table: &ConsumerTable) -> Option<(&Plan, PlanSource)> {
+    pub(crate) fn plan_of(&self, hash: &str, table: &ConsumerTable) -> Option<(&Plan, PlanSource)> {
         let runtime = table
             .get(hash)
             .and_then(|name| self.find(&name))
@@ -152,7 +152,7 @@ impl Plans {
     /// consumer's subject (which the `[[rules]]` keyed by the same header
     /// share, so one script call decides them all); a request without one
     /// gets the default plan on its client address.
-    pub fn apply<'r>(
+    pub(crate) fn apply<'r>(
         &'r self,
         req: &HttpRequest,
         client: ClientKey,

@@ -30,7 +30,7 @@ struct Entry {
 }
 
 /// Every node's view of the runtime assignments.
-pub struct ConsumerTable {
+pub(crate) struct ConsumerTable {
     link: Option<Arc<RedisLink>>,
     prefix: String,
     entries: RwLock<HashMap<String, Entry>>,
@@ -47,7 +47,7 @@ pub struct ConsumerTable {
 }
 
 impl ConsumerTable {
-    pub fn new(link: Option<Arc<RedisLink>>, prefix: String, known: Vec<String>) -> ConsumerTable {
+    pub(crate) fn new(link: Option<Arc<RedisLink>>, prefix: String, known: Vec<String>) -> ConsumerTable {
         ConsumerTable {
             link,
             prefix,
@@ -61,7 +61,7 @@ impl ConsumerTable {
     }
 
     /// The runtime plan of the consumer whose key hashes to `hash`.
-    pub fn get(&self, hash: &str) -> Option<Arc<str>> {
+    pub(crate) fn get(&self, hash: &str) -> Option<Arc<str>> {
         self.entries
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -99,13 +99,13 @@ impl ConsumerTable {
 
     /// Assigns `plan` to the consumer `hash`, in Redis and here; returns the
     /// runtime plan it had before.
-    pub async fn assign(&self, hash: &str, plan: &str) -> Result<Option<String>, RedisFailure> {
+    pub(crate) async fn assign(&self, hash: &str, plan: &str) -> Result<Option<String>, RedisFailure> {
         self.change(hash, Some(plan)).await
     }
 
     /// Removes the runtime plan of `hash`; returns it (`None`: there was
     /// none, nothing changed).
-    pub async fn unassign(&self, hash: &str) -> Result<Option<String>, RedisFailure> {
+    pub(crate) async fn unassign(&self, hash: &str) -> Result<Option<String>, RedisFailure> {
         self.change(hash, None).await
     }
 
@@ -156,7 +156,7 @@ impl ConsumerTable {
 
     /// Re-reads the table when its change counter moved (or `lost`: Redis
     /// lost its data, and this node writes back what it knows first).
-    pub async fn reload(&self, lost: bool) -> Result<(), RedisFailure> {
+    pub(crate) async fn reload(&self, lost: bool) -> Result<(), RedisFailure> {
         let Some(link) = &self.link else {
             return Ok(());
         };
@@ -255,7 +255,7 @@ impl ConsumerTable {
     }
 
     /// A reload changed the plans this configuration defines.
-    pub fn set_known_plans(&self, known: Vec<String>) {
+    pub(crate) fn set_known_plans(&self, known: Vec<String>) {
         *self.known.write().unwrap_or_else(|p| p.into_inner()) = known;
         self.report_unknown();
     }

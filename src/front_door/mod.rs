@@ -73,7 +73,7 @@ pub(crate) struct Admitted<'a> {
 }
 
 /// The front door: every public request comes here.
-pub async fn front_door(
+pub(crate) async fn front_door(
     req: HttpRequest,
     payload: web::Payload,
     gw: web::Data<Gateway>,

@@ -40,7 +40,7 @@ const SLOTS: usize = 16384;
 /// A run of decisions that used `on_failure` instead of Redis, logged once
 /// when it starts and once when it ends.
 #[derive(Default)]
-pub struct FallbackSpell {
+pub(super) struct FallbackSpell {
     on: AtomicBool,
     count: AtomicU64,
     /// Milliseconds since `epoch` of the latest fallback.
@@ -49,7 +49,7 @@ pub struct FallbackSpell {
 
 impl FallbackSpell {
     /// Counts a fallback; true when it starts a spell (log it).
-    pub fn fell_back(&self, epoch: Instant) -> bool {
+    pub(super) fn fell_back(&self, epoch: Instant) -> bool {
         self.last_ms
             .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
@@ -58,7 +58,7 @@ impl FallbackSpell {
 
     /// After a decision made as usual: `Some(fallbacks)` when this ends a
     /// spell (no fallback for [`QUIET`]; log it).
-    pub fn went_through(&self, epoch: Instant) -> Option<u64> {
+    pub(super) fn went_through(&self, epoch: Instant) -> Option<u64> {
         if !self.on.load(Ordering::Relaxed) {
             return None;
         }
@@ -72,7 +72,7 @@ impl FallbackSpell {
 }
 
 /// One shard's breaker: a standalone server, or one cluster master.
-pub struct Breaker {
+pub(crate) struct Breaker {
     /// The master's `host:port`, or `redis` for a standalone server.
     name: String,
     open: AtomicBool,
@@ -98,7 +98,7 @@ impl Breaker {
         }
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
@@ -112,7 +112,7 @@ impl Breaker {
         }
     }
 
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         !self.open.load(Ordering::Relaxed)
     }
 
@@ -181,7 +181,7 @@ struct ShardMap {
 }
 
 /// The breakers of every shard, and the slot map that picks one.
-pub struct Breakers {
+pub(crate) struct Breakers {
     map: ArcSwap<ShardMap>,
     threshold: u32,
     /// `floodgate_degraded`: 1 while any shard's breaker is open.
@@ -195,7 +195,7 @@ impl Breakers {
     /// One breaker for the whole of Redis, open if Redis has not been
     /// reached yet. A cluster gets one per master at its first
     /// [`Breakers::refresh`].
-    pub fn new(threshold: u32, start_open: bool, degraded: Gauge) -> Breakers {
+    pub(crate) fn new(threshold: u32, start_open: bool, degraded: Gauge) -> Breakers {
         let breakers = Breakers {
             map: ArcSwap::from_pointee(ShardMap {
                 slots: Vec::new(),
@@ -211,7 +211,7 @@ impl Breakers {
     }
 
     /// The breaker of the shard that holds `tag`'s keys.
-    pub fn for_tag(&self, tag: &str) -> Arc<Breaker> {
+    pub(crate) fn for_tag(&self, tag: &str) -> Arc<Breaker> {
         let map = self.map.load();
         let i = if map.slots.is_empty() {
             0
@@ -222,12 +222,12 @@ impl Breakers {
     }
 
     /// True while every shard's breaker is closed.
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.map.load().shards.iter().all(|b| b.is_closed())
     }
 
     /// The shards whose breakers are open.
-    pub fn open_shards(&self) -> Vec<Arc<Breaker>> {
+    pub(crate) fn open_shards(&self) -> Vec<Arc<Breaker>> {
         self.map
             .load()
             .shards
@@ -238,7 +238,7 @@ impl Breakers {
     }
 
     /// A decision on `b`'s shard went through Redis.
-    pub fn success(&self, b: &Breaker) {
+    pub(crate) fn success(&self, b: &Breaker) {
         b.success();
         if let Some(n) = b.spell.went_through(self.epoch) {
             log::info!(
@@ -249,14 +249,14 @@ impl Breakers {
     }
 
     /// A call on `b`'s shard failed (after its retries).
-    pub fn failure(&self, b: &Breaker, e: &RedisFailure) {
+    pub(crate) fn failure(&self, b: &Breaker, e: &RedisFailure) {
         if b.failure(e) {
             self.update_gauge();
         }
     }
 
     /// A subject of `b`'s shard was decided by `on_failure`.
-    pub fn fell_back(&self, b: &Breaker, why: &dyn std::fmt::Display) {
+    pub(crate) fn fell_back(&self, b: &Breaker, why: &dyn std::fmt::Display) {
         if b.spell.fell_back(self.epoch) {
             log::warn!(
                 "Redis shard {}: decisions fall back to on_failure ({why})",
@@ -266,7 +266,7 @@ impl Breakers {
     }
 
     /// Closes `b` after a successful probe; true if it was open.
-    pub fn close(&self, b: &Breaker) -> bool {
+    pub(crate) fn close(&self, b: &Breaker) -> bool {
         let closed = b.close();
         if closed {
             self.update_gauge();
@@ -275,7 +275,7 @@ impl Breakers {
     }
 
     /// Closes every breaker (standalone recovery: Redis answered a probe).
-    pub fn close_all(&self) -> bool {
+    pub(crate) fn close_all(&self) -> bool {
         let mut any = false;
         for b in self.map.load().shards.iter() {
             any |= b.close();
@@ -288,7 +288,7 @@ impl Breakers {
     /// keeping the state of masters already known. Masters that own no
     /// slots any more (a failed master after its replica took over) are
     /// dropped with their breakers. A no-op on a standalone server.
-    pub async fn refresh(&self, link: &RedisLink) -> Result<(), RedisFailure> {
+    pub(crate) async fn refresh(&self, link: &RedisLink) -> Result<(), RedisFailure> {
         let ranges = link.slot_ranges().await?;
         if ranges.is_empty() {
             return Ok(());
@@ -301,7 +301,7 @@ impl Breakers {
     /// master's slots now belong to a closed breaker), then PINGs each
     /// shard still open and closes those that answer. True when a breaker
     /// closed or an open one was retired.
-    pub async fn probe(&self, link: &RedisLink) -> bool {
+    pub(crate) async fn probe(&self, link: &RedisLink) -> bool {
         let open_before = self.open_shards().len();
         if open_before == 0 || link.connect().await.is_err() {
             return false;
@@ -327,7 +327,7 @@ impl Breakers {
     /// call met a redirect or a lost node (at most every 50 ms), and every
     /// 5 s anyway, so a failover or a reshard that caused no error is
     /// noticed too. Runs for the life of the process.
-    pub async fn watch(&self, link: &RedisLink) {
+    pub(crate) async fn watch(&self, link: &RedisLink) {
         const EVERY: Duration = Duration::from_secs(5);
         const AT_MOST: Duration = Duration::from_millis(50);
         loop {

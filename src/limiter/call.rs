@@ -16,12 +16,12 @@ use crate::rules::Rule;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BanParams {
     /// Denials within `within_ms` that make a ban; 0 = no automatic bans.
-    pub after: u32,
-    pub within_ms: u64,
-    pub duration_ms: u64,
-    pub factor: f64,
-    pub max_ms: u64,
-    pub memory_ms: u64,
+    pub(crate) after: u32,
+    pub(crate) within_ms: u64,
+    pub(crate) duration_ms: u64,
+    pub(crate) factor: f64,
+    pub(crate) max_ms: u64,
+    pub(crate) memory_ms: u64,
 }
 
 impl BanParams {
@@ -38,7 +38,7 @@ impl BanParams {
 
     /// The length of the `strikes`-th ban: `duration x factor^(strikes-1)`,
     /// capped at `max_duration` (the same formula as the script).
-    pub fn duration_for(&self, strikes: u32) -> u64 {
+    pub(crate) fn duration_for(&self, strikes: u32) -> u64 {
         // powf, like Lua's `^` (C pow), so both stores floor the same value.
         let d = self.duration_ms as f64 * self.factor.powf(f64::from(strikes.saturating_sub(1)));
         d.min(self.max_ms as f64).floor() as u64
@@ -61,16 +61,16 @@ pub enum Mode<'a> {
 /// One store call: a subject and its matching rules.
 #[derive(Debug, Clone)]
 pub struct SubjectCall<'a> {
-    pub tag: &'a str,
-    pub rules: &'a [&'a Rule],
-    pub ttl_ms: u64,
-    pub bannable: bool,
-    pub mode: Mode<'a>,
+    pub(crate) tag: &'a str,
+    pub(crate) rules: &'a [&'a Rule],
+    pub(crate) ttl_ms: u64,
+    pub(crate) bannable: bool,
+    pub(crate) mode: Mode<'a>,
     /// Pins the clock (µs since the epoch); `None` = the store's own clock.
-    pub now_us: Option<u64>,
+    pub(crate) now_us: Option<u64>,
     /// The request's lease id, held in the slots of its concurrency rules
     /// (`""` when it has none).
-    pub lease: &'a str,
+    pub(crate) lease: &'a str,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,25 +97,25 @@ pub enum BucketState {
 /// 1 s when refusing (a slot may free at any moment), else 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketReply {
-    pub state: BucketState,
-    pub room_us: i64,
-    pub wait_us: i64,
+    pub(crate) state: BucketState,
+    pub(crate) room_us: i64,
+    pub(crate) wait_us: i64,
 }
 
 /// A store's answer for one subject.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SubjectReply {
-    pub status: Status,
-    pub ban_ms: u64,
-    pub strikes: u32,
-    pub until_ms: u64,
-    pub buckets: Vec<BucketReply>,
+    pub(crate) status: Status,
+    pub(crate) ban_ms: u64,
+    pub(crate) strikes: u32,
+    pub(crate) until_ms: u64,
+    pub(crate) buckets: Vec<BucketReply>,
 }
 
 impl SubjectReply {
     /// A subject let through without asking any store
     /// (`on_failure = "allow"` or `"deny"`): nothing charged, no headers.
-    pub fn undecided() -> SubjectReply {
+    pub(crate) fn undecided() -> SubjectReply {
         SubjectReply {
             status: Status::Allowed,
             ban_ms: 0,
@@ -142,7 +142,7 @@ pub trait DecisionStore {
 /// decisions. A trait so that the limiter's own logic (store choice,
 /// refunds, escalation, the deny cache) is tested in process against a
 /// scripted store.
-pub trait SharedStore: DecisionStore {
+pub(crate) trait SharedStore: DecisionStore {
     /// One call's budget (`redis.timeout`).
     fn call_timeout(&self) -> Duration;
 

@@ -18,7 +18,7 @@ use metrics::Counter;
 use super::breaker::FallbackSpell;
 use crate::metrics::DECISIONS_SHED;
 
-pub struct DecisionCap {
+pub(super) struct DecisionCap {
     limiter: Option<DefaultDirectRateLimiter>,
     per_second: u32,
     spell: FallbackSpell,
@@ -29,7 +29,7 @@ pub struct DecisionCap {
 impl DecisionCap {
     /// A cap of `per_second` decision calls, with a burst of one second's
     /// worth; 0 = no cap.
-    pub fn new(per_second: u32) -> DecisionCap {
+    pub(super) fn new(per_second: u32) -> DecisionCap {
         DecisionCap {
             limiter: NonZeroU32::new(per_second).map(|n| RateLimiter::direct(Quota::per_second(n))),
             per_second,
@@ -41,7 +41,7 @@ impl DecisionCap {
 
     /// True if this decision may be sent to Redis; false (counted, and
     /// logged at the start of a spell) if it is past the cap.
-    pub fn admit(&self) -> bool {
+    pub(super) fn admit(&self) -> bool {
         let Some(limiter) = &self.limiter else {
             return true;
         };

@@ -19,32 +19,32 @@ use crate::rules::{Rule, SubjectGroup};
 
 /// The numbers of the RateLimit headers, for one rule.
 #[derive(Debug, Clone)]
-pub struct RateInfo<'r> {
-    pub rule: &'r Rule,
+pub(crate) struct RateInfo<'r> {
+    pub(crate) rule: &'r Rule,
     /// Whole tokens, requests or slots left.
-    pub remaining: u64,
+    pub(crate) remaining: u64,
     /// Whole seconds until the bucket is full or the quota's period ends
     /// (0 for a concurrency cap, which has no reset).
-    pub reset_s: u64,
+    pub(crate) reset_s: u64,
 }
 
 /// A ban this request just made.
 #[derive(Debug, Clone)]
-pub struct BanMade {
-    pub tag: String,
-    pub dur_ms: u64,
-    pub strikes: u32,
-    pub until_ms: u64,
-    pub reason: String,
+pub(crate) struct BanMade {
+    pub(crate) tag: String,
+    pub(crate) dur_ms: u64,
+    pub(crate) strikes: u32,
+    pub(crate) until_ms: u64,
+    pub(crate) reason: String,
     /// Made by `decide.lua`: Redis enforces it, and its record (what the
     /// admin API lists) is still to be written. A ban made by the local
     /// store is written back when its shard answers again instead.
-    pub by_redis: bool,
+    pub(crate) by_redis: bool,
 }
 
 /// What happens to a request.
 #[derive(Debug)]
-pub enum Decision<'r> {
+pub(crate) enum Decision<'r> {
     /// Forward, holding `leases` (the concurrency slots taken) until the
     /// response ends; `applied` is every non-shadow rule that applied.
     Allowed {
@@ -68,7 +68,7 @@ pub enum Decision<'r> {
 /// Where one subject was decided: the `store` label of
 /// `floodgate_decisions_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Store {
+pub(crate) enum Store {
     /// Redis decided, exactly and for every node.
     Redis,
     /// This node's in-process store (`on_failure = "local"`, or no Redis).
@@ -113,7 +113,7 @@ impl<S: SharedStore> Limiter<S> {
     /// Decides a request whose matching rules are `groups`, one subject at
     /// a time (IP first), refunding earlier subjects when a later one
     /// refuses; counts the outcome per rule in the metrics.
-    pub async fn decide<'r>(&self, groups: &[SubjectGroup<'r>]) -> Decision<'r> {
+    pub(crate) async fn decide<'r>(&self, groups: &[SubjectGroup<'r>]) -> Decision<'r> {
         let tags: Vec<String> = groups.iter().map(|g| g.subject.tag()).collect();
         let sent = Instant::now();
         let deny = match &self.shared {
@@ -431,7 +431,7 @@ fn refusing_reason(g: &SubjectGroup<'_>, reply: &SubjectReply) -> String {
 }
 
 /// The header numbers of one rule's reply (see [`BucketReply`]).
-pub fn rate_info<'r>(rule: &'r Rule, b: &BucketReply) -> RateInfo<'r> {
+pub(crate) fn rate_info<'r>(rule: &'r Rule, b: &BucketReply) -> RateInfo<'r> {
     match rule.limit {
         Limit::Rate(bucket) => {
             let interval = bucket.interval_us.max(1) as i64;

@@ -50,14 +50,14 @@ struct Denial {
 /// A refusal answered from the cache: the rule, and how long until it
 /// passes and until its bucket is full.
 #[derive(Debug, Clone, Copy)]
-pub struct CachedDenial<'r> {
-    pub rule: &'r Rule,
-    pub wait: Duration,
-    pub to_full: Duration,
+pub(crate) struct CachedDenial<'r> {
+    pub(crate) rule: &'r Rule,
+    pub(crate) wait: Duration,
+    pub(crate) to_full: Duration,
 }
 
 /// Per-node memory of refusals whose end is known.
-pub struct DenyCache {
+pub(crate) struct DenyCache {
     shards: Vec<Mutex<HashMap<String, Vec<Denial>>>>,
     per_shard: usize,
     /// Subjects held, so that the common case (nobody refused) costs one
@@ -67,7 +67,7 @@ pub struct DenyCache {
 
 impl DenyCache {
     /// A cache of at most `max_subjects` subjects.
-    pub fn new(max_subjects: usize) -> DenyCache {
+    pub(crate) fn new(max_subjects: usize) -> DenyCache {
         DenyCache {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             per_shard: (max_subjects / SHARDS).max(1),
@@ -87,7 +87,7 @@ impl DenyCache {
 
     /// The cached refusal with the longest wait among `groups`' non-shadow
     /// rules, if any is still running at `now`.
-    pub fn refusal<'r>(
+    pub(crate) fn refusal<'r>(
         &self,
         groups: &[SubjectGroup<'r>],
         tags: &[String],
@@ -124,7 +124,7 @@ impl DenyCache {
     /// Remembers the refusal `reply` of `rule` of `tag`, decided on a call
     /// sent at `now`. A concurrency cap is never remembered: a slot frees
     /// when a request ends, not with time.
-    pub fn remember(&self, tag: &str, rule: &Rule, reply: &BucketReply, now: Instant) {
+    pub(crate) fn remember(&self, tag: &str, rule: &Rule, reply: &BucketReply, now: Instant) {
         let to_full_us = match rule.limit {
             Limit::Rate(b) => (b.capacity_us() as i64 - reply.room_us).max(0) as u64,
             // The quota's period end, when it is whole again.
@@ -157,7 +157,7 @@ impl DenyCache {
     }
 
     /// Forgets every cached refusal of `tag` (its bucket got tokens back).
-    pub fn forget(&self, tag: &str) {
+    pub(crate) fn forget(&self, tag: &str) {
         if self.held.load(Ordering::Relaxed) == 0 {
             return;
         }
@@ -168,7 +168,7 @@ impl DenyCache {
     }
 
     /// Drops the refusals that have run out by `now`.
-    pub fn purge(&self, now: Instant) {
+    pub(crate) fn purge(&self, now: Instant) {
         for shard in &self.shards {
             let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
             let before = map.len();
@@ -181,11 +181,11 @@ impl DenyCache {
     }
 
     /// Subjects held now (tests and metrics).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.held.load(Ordering::Relaxed)
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

@@ -42,17 +42,19 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-pub use breaker::{Breaker, Breakers};
+pub(crate) use breaker::{Breaker, Breakers};
 pub use call::{
-    BanParams, BucketReply, BucketState, DecisionStore, Mode, SharedStore, Status, SubjectCall,
-    SubjectReply,
+    BanParams, BucketReply, BucketState, DecisionStore, Mode, Status, SubjectCall, SubjectReply,
 };
+pub(crate) use call::SharedStore;
 use cap::DecisionCap;
-pub use decide::{rate_info, BanMade, Decision, RateInfo, Store};
-pub use deny_cache::DenyCache;
-pub use local::{wall_clock_us, LocalBan, LocalStore};
+pub(crate) use decide::{rate_info, BanMade, Decision, RateInfo, Store};
+pub(crate) use deny_cache::DenyCache;
+pub(crate) use local::{wall_clock_us, LocalBan};
+pub use local::LocalStore;
 pub use redis_store::RedisStore;
-pub use slots::{new_lease_id, HeldSlots, LeaseCall, LeaseSet, LeaseSlot};
+pub(crate) use slots::{new_lease_id, HeldSlots, LeaseSet};
+pub use slots::{LeaseCall, LeaseSlot};
 
 use crate::config::OnFailure;
 use crate::metrics::GatewayMetrics;
@@ -64,16 +66,16 @@ const DENY_CACHE_SUBJECTS: usize = 100_000;
 
 /// How the limiter treats its shared store, from `[redis]`.
 #[derive(Debug, Clone, Copy)]
-pub struct LimiterSettings {
-    pub on_failure: OnFailure,
+pub(crate) struct LimiterSettings {
+    pub(crate) on_failure: OnFailure,
     /// `redis.max_decisions_per_second` (0: no cap).
-    pub max_decisions_per_second: u32,
+    pub(crate) max_decisions_per_second: u32,
 }
 
 /// The decision maker: stores, breakers, the decision cap, the deny cache
 /// and the failure policy. `S` is the shared store: Redis in the gateway,
 /// a scripted double in the limiter's own tests.
-pub struct Limiter<S = RedisStore> {
+pub(crate) struct Limiter<S = RedisStore> {
     shared: Option<S>,
     local: Arc<LocalStore>,
     breakers: Arc<Breakers>,
@@ -94,7 +96,7 @@ enum Route<'a, S> {
 
 /// What the node can say about its shared store (`/readyz`).
 #[derive(Debug)]
-pub enum Readiness {
+pub(crate) enum Readiness {
     /// No Redis configured: every decision is this node's.
     NoSharedStore,
     /// Redis answers and every shard's decisions go to it.
@@ -107,7 +109,7 @@ pub enum Readiness {
 }
 
 impl<S: SharedStore> Limiter<S> {
-    pub fn new(
+    pub(crate) fn new(
         shared: Option<S>,
         local: Arc<LocalStore>,
         breakers: Arc<Breakers>,
@@ -133,31 +135,31 @@ impl<S: SharedStore> Limiter<S> {
     }
 
     /// The refusals this node repeats without asking Redis.
-    pub fn deny_cache(&self) -> &DenyCache {
+    pub(crate) fn deny_cache(&self) -> &DenyCache {
         &self.deny
     }
 
-    pub fn local(&self) -> &Arc<LocalStore> {
+    pub(crate) fn local(&self) -> &Arc<LocalStore> {
         &self.local
     }
 
     /// True when a shared store (Redis) is configured.
-    pub fn has_shared_store(&self) -> bool {
+    pub(crate) fn has_shared_store(&self) -> bool {
         self.shared.is_some()
     }
 
     /// True while a shared store is configured and some shard of it is
     /// unavailable (its subjects get `on_failure`).
-    pub fn is_degraded(&self) -> bool {
+    pub(crate) fn is_degraded(&self) -> bool {
         self.shared.is_some() && !self.breakers.is_closed()
     }
 
-    pub fn breakers(&self) -> &Arc<Breakers> {
+    pub(crate) fn breakers(&self) -> &Arc<Breakers> {
         &self.breakers
     }
 
     /// Applies new escalation settings (a reload) to both stores.
-    pub fn set_ban_params(&self, ban: BanParams) {
+    pub(crate) fn set_ban_params(&self, ban: BanParams) {
         self.ban.store(Arc::new(ban));
         if let Some(shared) = &self.shared {
             shared.set_ban_params(ban);
@@ -166,7 +168,7 @@ impl<S: SharedStore> Limiter<S> {
     }
 
     /// The escalation settings in effect.
-    pub fn ban_params(&self) -> BanParams {
+    pub(crate) fn ban_params(&self) -> BanParams {
         **self.ban.load()
     }
 
@@ -188,7 +190,7 @@ impl<S: SharedStore> Limiter<S> {
 
     /// Reads a subject's state for `rules` without charging anything, from
     /// Redis while it is in use, else from this node.
-    pub async fn peek(
+    pub(crate) async fn peek(
         &self,
         tag: &str,
         rules: &[&Rule],
@@ -213,7 +215,7 @@ impl<S: SharedStore> Limiter<S> {
     /// goes out anyway (the release goes on behind it): one Redis call's
     /// budget, so a failing Redis delays a response's end by no more than
     /// it delays a decision.
-    pub fn release_wait(&self) -> Duration {
+    pub(crate) fn release_wait(&self) -> Duration {
         match &self.shared {
             Some(s) => s.call_timeout(),
             None => Duration::from_secs(1),
@@ -223,7 +225,7 @@ impl<S: SharedStore> Limiter<S> {
     /// Renews (`renew`) or releases the slots of `set` in the store that
     /// granted them. A failure is counted: the slot then ends with its
     /// lease.
-    pub async fn leases(&self, set: &LeaseSet, renew: bool) -> u32 {
+    pub(crate) async fn leases(&self, set: &LeaseSet, renew: bool) -> u32 {
         let mut held = 0;
         for s in &set.subjects {
             let call = LeaseCall {
@@ -246,7 +248,7 @@ impl<S: SharedStore> Limiter<S> {
     }
 
     /// Whether the shared store answers now, and whether the node uses it.
-    pub async fn readiness(&self) -> Readiness {
+    pub(crate) async fn readiness(&self) -> Readiness {
         let Some(shared) = &self.shared else {
             return Readiness::NoSharedStore;
         };

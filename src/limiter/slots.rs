@@ -14,31 +14,31 @@ use std::sync::{Arc, LazyLock};
 /// One concurrency rule's slot: the rule and how long its lease lasts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseSlot {
-    pub rule: Arc<str>,
-    pub lease_ms: u64,
+    pub(crate) rule: Arc<str>,
+    pub(crate) lease_ms: u64,
 }
 
 /// The slots one request holds of one subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeldSlots {
-    pub tag: String,
-    pub slots: Vec<LeaseSlot>,
+pub(crate) struct HeldSlots {
+    pub(crate) tag: String,
+    pub(crate) slots: Vec<LeaseSlot>,
     /// Granted by Redis (else by this node's store): renewals and the
     /// release go to the same place.
-    pub on_redis: bool,
+    pub(crate) on_redis: bool,
 }
 
 /// Every slot one request holds, and where: Redis, or this node's store.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseSet {
-    pub id: String,
-    pub subjects: Vec<HeldSlots>,
+pub(crate) struct LeaseSet {
+    pub(crate) id: String,
+    pub(crate) subjects: Vec<HeldSlots>,
 }
 
 impl LeaseSet {
     /// How often the leases must be renewed: the shortest renewal interval
     /// of any slot (a third of its lease).
-    pub fn renew_every(&self) -> std::time::Duration {
+    pub(crate) fn renew_every(&self) -> std::time::Duration {
         let ms = self
             .subjects
             .iter()
@@ -53,13 +53,13 @@ impl LeaseSet {
 /// A renewal or release of one subject's slots.
 #[derive(Debug, Clone)]
 pub struct LeaseCall<'a> {
-    pub tag: &'a str,
-    pub lease: &'a str,
-    pub slots: &'a [LeaseSlot],
+    pub(crate) tag: &'a str,
+    pub(crate) lease: &'a str,
+    pub(crate) slots: &'a [LeaseSlot],
     /// `true` renews the leases still held, `false` releases them.
-    pub renew: bool,
+    pub(crate) renew: bool,
     /// Pins the clock (µs since the epoch); `None` = the store's own clock.
-    pub now_us: Option<u64>,
+    pub(crate) now_us: Option<u64>,
 }
 
 /// This process's part of every lease id: distinct across nodes (and
@@ -70,7 +70,7 @@ static NODE_PART: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// A lease id no other request of any node holds.
-pub fn new_lease_id() -> String {
+pub(crate) fn new_lease_id() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     format!("{}-{:x}", *NODE_PART, NEXT.fetch_add(1, Ordering::Relaxed))
 }

@@ -64,7 +64,7 @@ type BoxedBody = Pin<Box<dyn Stream<Item = Result<Bytes, awc::error::PayloadErro
 /// The upstream's response body, streamed, aborted if the upstream sends
 /// nothing for `upstream.timeout` (a stalled upstream never pins a
 /// connection forever; a slow large download still completes).
-pub struct ResponseBody {
+pub(crate) struct ResponseBody {
     inner: BoxedBody,
     idle: IdleDeadline,
     /// The upstream's Content-Length, kept so the client gets it too.
@@ -115,15 +115,15 @@ impl Stream for ResponseBody {
 }
 
 /// The upstream's answer, ready to be decorated and sent to the client.
-pub struct UpstreamResponse {
-    pub builder: HttpResponseBuilder,
+pub(crate) struct UpstreamResponse {
+    pub(crate) builder: HttpResponseBuilder,
     body: ResponseBody,
     status: StatusCode,
 }
 
 impl UpstreamResponse {
     /// Streams the body back: sized when the upstream gave its length.
-    pub fn into_response(mut self) -> HttpResponse {
+    pub(crate) fn into_response(mut self) -> HttpResponse {
         let s = self.status;
         if s.is_informational() || s == StatusCode::NO_CONTENT || s == StatusCode::NOT_MODIFIED {
             return self.builder.finish();

@@ -47,7 +47,7 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Whether `req` asks for a WebSocket: an HTTP/1.1 GET with
 /// `Upgrade: websocket` and `Connection: upgrade`.
-pub fn is_upgrade(req: &HttpRequest) -> bool {
+pub(crate) fn is_upgrade(req: &HttpRequest) -> bool {
     req.version() == Version::HTTP_11
         && req.method() == Method::GET
         && has_token(req.headers(), &header::UPGRADE, "websocket")
@@ -63,8 +63,8 @@ fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
 }
 
 /// The upstream's answer to an upgrade, ready for the RateLimit headers.
-pub struct Relayed {
-    pub builder: HttpResponseBuilder,
+pub(crate) struct Relayed {
+    pub(crate) builder: HttpResponseBuilder,
     body: RelayedBody,
 }
 
@@ -76,7 +76,7 @@ enum RelayedBody {
 }
 
 impl Relayed {
-    pub fn into_response(mut self) -> HttpResponse {
+    pub(crate) fn into_response(mut self) -> HttpResponse {
         match self.body {
             RelayedBody::Tunnel(t) => self.builder.streaming(t),
             RelayedBody::Answer(b) => self.builder.body(b),
@@ -89,7 +89,7 @@ impl Relayed {
 /// byte stream after the request head. A URL that refuses the connection
 /// is counted towards its ejection and the next one is tried (nothing was
 /// sent); once connected there is no second try.
-pub async fn relay(
+pub(crate) async fn relay(
     req: &HttpRequest,
     payload: web::Payload,
     pool: &Pool,

@@ -22,7 +22,7 @@ impl RedisFailure {
     /// (MOVED, ASK), a slot in the middle of a move (TRYAGAIN), a cluster
     /// between a master's failure and its replica's promotion (CLUSTERDOWN,
     /// MASTERDOWN), and connections to nodes that went away.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         let RedisFailure::Redis(e) = self else {
             return false;
         };
@@ -45,7 +45,7 @@ impl RedisFailure {
 }
 
 /// True when Redis does not have the script (flushed, restarted, failed over).
-pub fn is_noscript(e: &RedisError) -> bool {
+pub(crate) fn is_noscript(e: &RedisError) -> bool {
     matches!(e.kind(), ErrorKind::Server(ServerErrorKind::NoScript)) || e.code() == Some("NOSCRIPT")
 }
 

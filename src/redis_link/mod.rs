@@ -56,11 +56,12 @@ mod nodes;
 pub mod scripts;
 mod slots;
 
-pub use failure::{is_noscript, RedisFailure};
-pub use scripts::LuaScript;
+pub(crate) use failure::{is_noscript, RedisFailure};
+pub(crate) use scripts::LuaScript;
 
 use slots::SlotTable;
-pub use slots::{key_slot, slot_of, SlotRange};
+pub(crate) use slots::{key_slot, SlotRange};
+pub use slots::slot_of;
 
 /// The pause before the first retry of a transient failure; it doubles per
 /// retry, up to [`RETRY_PAUSE_MAX`], and never passes the call's budget.
@@ -173,19 +174,19 @@ impl RedisLink {
 
     /// Resolves when a call met a sign that the cluster's topology changed
     /// (a redirect, a node gone, a slot moving): time to read the slot map.
-    pub async fn topology_changed(&self) {
+    pub(crate) async fn topology_changed(&self) {
         self.topology.notified().await
     }
 
-    pub fn is_cluster(&self) -> bool {
+    pub(crate) fn is_cluster(&self) -> bool {
         !self.config.cluster.is_empty()
     }
 
-    pub fn config(&self) -> &RedisConfig {
+    pub(crate) fn config(&self) -> &RedisConfig {
         &self.config
     }
 
-    pub fn is_connected(&self) -> bool {
+    pub(crate) fn is_connected(&self) -> bool {
         self.conn.load().is_some()
     }
 
@@ -242,13 +243,13 @@ impl RedisLink {
     }
 
     /// Runs one command, bounded by `redis.timeout`.
-    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, RedisFailure> {
+    pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, RedisFailure> {
         self.query_within(cmd, self.config.timeout).await
     }
 
     /// Runs one command, bounded by `limit` (admin calls may take longer
     /// than the per-request budget).
-    pub async fn query_within<T: FromRedisValue>(
+    pub(crate) async fn query_within<T: FromRedisValue>(
         &self,
         cmd: &Cmd,
         limit: Duration,
@@ -273,7 +274,7 @@ impl RedisLink {
 
     /// Runs a script (EVALSHA, falling back to EVAL on NOSCRIPT), bounded by
     /// `limit` as a whole. `args` appends the script's ARGV to a command.
-    pub async fn eval(
+    pub(crate) async fn eval(
         &self,
         script: &LuaScript,
         keys: &[&str],
@@ -379,7 +380,7 @@ impl RedisLink {
     }
 
     /// A bound for admin and background calls: they may walk many keys.
-    pub fn admin_timeout(&self) -> Duration {
+    pub(crate) fn admin_timeout(&self) -> Duration {
         (self.config.timeout * 20).max(Duration::from_secs(2))
     }
 }

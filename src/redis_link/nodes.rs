@@ -83,7 +83,7 @@ impl RedisLink {
 
     /// Who owns which slots now, from `CLUSTER SLOTS` (empty on a
     /// standalone server).
-    pub async fn slot_ranges(&self) -> Result<Vec<SlotRange>, RedisFailure> {
+    pub(crate) async fn slot_ranges(&self) -> Result<Vec<SlotRange>, RedisFailure> {
         if !self.is_cluster() {
             return Ok(Vec::new());
         }
@@ -123,7 +123,7 @@ impl RedisLink {
     /// PINGs one node (`host:port`) over a connection of its own, bounded
     /// by `redis.connect_timeout`: probes a shard without going through the
     /// cluster client's routing.
-    pub async fn ping_node(&self, addr: &str) -> Result<(), RedisFailure> {
+    pub(crate) async fn ping_node(&self, addr: &str) -> Result<(), RedisFailure> {
         let client = redis::Client::open(self.node_info(addr)?)?;
         let limit = self.config.connect_timeout;
         let ping = async {
@@ -137,7 +137,7 @@ impl RedisLink {
     }
 
     /// The addresses (`host:port`) of every master, or of the one server.
-    pub async fn masters(&self) -> Result<Vec<(String, u16)>, RedisFailure> {
+    pub(crate) async fn masters(&self) -> Result<Vec<(String, u16)>, RedisFailure> {
         let conn = self.current()?;
         let Conn::Cluster(_) = conn else {
             return Ok(Vec::new());
@@ -160,7 +160,7 @@ impl RedisLink {
 
     /// All keys matching `pattern`, with SCAN on every master (never KEYS,
     /// which blocks Redis).
-    pub async fn scan(&self, pattern: &str) -> Result<Vec<String>, RedisFailure> {
+    pub(crate) async fn scan(&self, pattern: &str) -> Result<Vec<String>, RedisFailure> {
         let masters = self.masters().await?;
         let mut keys = Vec::new();
         let targets: Vec<Option<(String, u16)>> = if masters.is_empty() {
@@ -208,7 +208,7 @@ impl RedisLink {
 
     /// Opens a dedicated pub/sub connection. On a cluster any node will do:
     /// classic PUBLISH reaches every node's subscribers.
-    pub async fn pubsub(&self, attempt: usize) -> Result<redis::aio::PubSub, RedisFailure> {
+    pub(crate) async fn pubsub(&self, attempt: usize) -> Result<redis::aio::PubSub, RedisFailure> {
         let url = match &self.config.url {
             Some(u) => u.clone(),
             None => self.config.cluster[attempt % self.config.cluster.len()].clone(),

@@ -11,13 +11,13 @@ use std::sync::LazyLock;
 
 /// A Lua script from `lua/`, with its SHA1 computed once.
 #[derive(Debug)]
-pub struct LuaScript {
+pub(crate) struct LuaScript {
     pub(super) body: &'static str,
     pub(super) sha: String,
 }
 
 impl LuaScript {
-    pub fn new(body: &'static str) -> LuaScript {
+    pub(crate) fn new(body: &'static str) -> LuaScript {
         LuaScript {
             body,
             sha: redis::Script::new(body).get_hash().to_string(),
@@ -25,18 +25,18 @@ impl LuaScript {
     }
 }
 
-pub static DECIDE: LazyLock<LuaScript> =
+pub(crate) static DECIDE: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new(include_str!("../../lua/decide.lua")));
-pub static BAN: LazyLock<LuaScript> =
+pub(crate) static BAN: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new(include_str!("../../lua/ban.lua")));
-pub static UNBAN: LazyLock<LuaScript> =
+pub(crate) static UNBAN: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new(include_str!("../../lua/unban.lua")));
-pub static INSPECT: LazyLock<LuaScript> =
+pub(crate) static INSPECT: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new(include_str!("../../lua/inspect.lua")));
 /// `decide_batch.lua` assembled with `decide.lua` (see its header), so
 /// the batch decides each subject with the very same code. Built once
 /// for the life of the process.
-pub static DECIDE_BATCH: LazyLock<LuaScript> = LazyLock::new(|| {
+pub(crate) static DECIDE_BATCH: LazyLock<LuaScript> = LazyLock::new(|| {
     let body = decide_batch_source(
         include_str!("../../lua/decide_batch.lua"),
         include_str!("../../lua/decide.lua"),
@@ -78,7 +78,7 @@ pub fn decide_batch_source(batch: &str, decide: &str) -> String {
     }
     out
 }
-pub static LEASE: LazyLock<LuaScript> =
+pub(crate) static LEASE: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new(include_str!("../../lua/lease.lua")));
 
 /// Every script, for loading at connect time.

@@ -15,15 +15,15 @@ pub fn slot_of(tag: &str) -> u16 {
 
 /// One range of slots and the address (`host:port`) of its master.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotRange {
-    pub first: u16,
-    pub last: u16,
-    pub master: String,
+pub(crate) struct SlotRange {
+    pub(crate) first: u16,
+    pub(crate) last: u16,
+    pub(crate) master: String,
 }
 
 /// The Cluster slot of a key, with Redis' hash-tag rule: the part between
 /// the first `{` and the next `}`, if not empty, else the whole key.
-pub fn key_slot(key: &str) -> u16 {
+pub(crate) fn key_slot(key: &str) -> u16 {
     let tagged = key.find('{').and_then(|open| {
         let rest = &key[open + 1..];
         rest.find('}')

@@ -22,11 +22,11 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// One URL of one pool.
-pub struct Target {
+pub(crate) struct Target {
     /// `http://host:port`, without a trailing slash.
-    pub base: String,
+    pub(crate) base: String,
     /// `host:port` to connect to (port 80 when the URL gives none).
-    pub authority: String,
+    pub(crate) authority: String,
     pool: Arc<str>,
     outstanding: AtomicUsize,
     /// The active probes' verdict; true while the pool has no probes.
@@ -43,7 +43,7 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn new(pool: &Arc<str>, url: &str) -> Target {
+    pub(crate) fn new(pool: &Arc<str>, url: &str) -> Target {
         let base = url.trim_end_matches('/').to_string();
         // Validation made sure of an http URL with a host.
         let authority = base
@@ -69,13 +69,13 @@ impl Target {
     }
 
     /// Requests to this URL whose response has not ended yet.
-    pub fn outstanding(&self) -> usize {
+    pub(crate) fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Relaxed)
     }
 
     /// Whether the URL takes traffic now; readmits it if its ejection has
     /// run out.
-    pub fn available(&self) -> bool {
+    pub(crate) fn available(&self) -> bool {
         if !self.probe_ok.load(Ordering::Relaxed) {
             return false;
         }
@@ -105,7 +105,7 @@ impl Target {
     /// How long until this URL may take traffic again, as far as is known
     /// now: the rest of its ejection, or `probe_interval` when the probes
     /// hold it out.
-    pub fn wait(&self, probe_interval: Option<Duration>) -> Duration {
+    pub(crate) fn wait(&self, probe_interval: Option<Duration>) -> Duration {
         let until = self.ejected_until.load(Ordering::Relaxed);
         let ejected = Duration::from_millis(until.saturating_sub(now_ms()));
         if self.probe_ok.load(Ordering::Relaxed) {
@@ -116,13 +116,13 @@ impl Target {
     }
 
     /// Counts one more request in flight until the guard is dropped.
-    pub fn begin(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
 
     /// A request got an answer that was not a failure.
-    pub fn succeeded(&self) {
+    pub(crate) fn succeeded(&self) {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
         }
@@ -130,7 +130,7 @@ impl Target {
 
     /// A connect failure or a 5xx answer; ejects the URL for `eject_for`
     /// once `eject_after` of them came in a row (0: never).
-    pub fn failed(&self, eject_after: u32, eject_for: Duration, why: &str) {
+    pub(crate) fn failed(&self, eject_after: u32, eject_for: Duration, why: &str) {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if eject_after == 0 || n < eject_after {
             return;
@@ -197,7 +197,7 @@ impl Drop for Target {
 }
 
 /// A request in flight to one URL (see [`Target::begin`]).
-pub struct InFlight(Arc<Target>);
+pub(crate) struct InFlight(Arc<Target>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {

@@ -13,7 +13,7 @@
 //! Health itself (probes, ejection) lives in [`health`] and [`probe`];
 //! forwarding and retries in `proxy`.
 
-pub mod health;
+pub(crate) mod health;
 mod probe;
 
 use std::cell::Cell;
@@ -28,12 +28,12 @@ use crate::path_match::PathReadings;
 use health::Target;
 
 /// The name `[upstream]` goes by in metrics, logs and routes.
-pub const DEFAULT_POOL: &str = "default";
+pub(crate) const DEFAULT_POOL: &str = "default";
 
 /// One pool of upstream URLs with its settings.
-pub struct Pool {
-    pub name: Arc<str>,
-    pub config: Arc<UpstreamConfig>,
+pub(crate) struct Pool {
+    pub(crate) name: Arc<str>,
+    pub(crate) config: Arc<UpstreamConfig>,
     targets: Vec<Arc<Target>>,
     retries: metrics::Counter,
 }
@@ -45,7 +45,7 @@ thread_local! {
 }
 
 /// What [`Pool::pick`] found.
-pub enum Pick {
+pub(crate) enum Pick {
     /// This URL (an index into the pool).
     Url(usize),
     /// Every URL that takes traffic was tried already.
@@ -93,32 +93,32 @@ impl Pool {
     }
 
     /// The URL `i` (as returned by [`Pool::pick`]).
-    pub fn target(&self, i: usize) -> &Arc<Target> {
+    pub(crate) fn target(&self, i: usize) -> &Arc<Target> {
         &self.targets[i]
     }
 
     /// Whether a URL's failures may eject it: a pool of one URL has nowhere
     /// else to send its traffic, so only its probes can take it out.
-    pub fn ejects(&self) -> bool {
+    pub(crate) fn ejects(&self) -> bool {
         self.targets.len() > 1 && self.config.eject_after > 0
     }
 
     /// Counts a failure of URL `i` towards its passive ejection.
-    pub fn failed(&self, i: usize, why: &str) {
+    pub(crate) fn failed(&self, i: usize, why: &str) {
         if self.ejects() {
             self.targets[i].failed(self.config.eject_after, self.config.eject_for, why);
         }
     }
 
     /// Counts one more try of a request on another URL.
-    pub fn retried(&self) {
+    pub(crate) fn retried(&self) {
         self.retries.increment(1);
     }
 
     /// The URL for the next try: among those that take traffic and are not
     /// in `tried` (bit i = URL i), the one with the fewest requests in
     /// flight, ties going round in turn (per worker thread).
-    pub fn pick(&self, tried: u64) -> Pick {
+    pub(crate) fn pick(&self, tried: u64) -> Pick {
         let n = self.targets.len();
         if n == 1 {
             return match (tried & 1 == 0, self.targets[0].available()) {
@@ -180,13 +180,13 @@ struct Route {
 /// different pools; answered with 400 like the same doubt about a rule.
 #[derive(Debug, thiserror::Error)]
 #[error("the path `{plain}` also reads as `{other}`, which routes elsewhere; send it in one plain spelling")]
-pub struct AmbiguousRoute {
+pub(crate) struct AmbiguousRoute {
     plain: String,
     other: String,
 }
 
 /// Every pool and route of one configuration.
-pub struct PoolSet {
+pub(crate) struct PoolSet {
     default: Arc<Pool>,
     named: Vec<Arc<Pool>>,
     routes: Vec<Route>,
@@ -195,7 +195,7 @@ pub struct PoolSet {
 impl PoolSet {
     /// Compiles the pools and routes of `config`, keeping the health state
     /// (and, when unchanged, the whole pool) from `previous`.
-    pub fn compile(config: &Config, previous: Option<&PoolSet>) -> PoolSet {
+    pub(crate) fn compile(config: &Config, previous: Option<&PoolSet>) -> PoolSet {
         let build = |name: &str, c: &UpstreamConfig| -> Arc<Pool> {
             let old = previous.and_then(|p| p.by_name(name));
             match old {
@@ -240,7 +240,7 @@ impl PoolSet {
     }
 
     /// The pool called `name` (`default` is `[upstream]`).
-    pub fn by_name(&self, name: &str) -> Option<&Arc<Pool>> {
+    pub(crate) fn by_name(&self, name: &str) -> Option<&Arc<Pool>> {
         if name == DEFAULT_POOL {
             return Some(&self.default);
         }
@@ -248,12 +248,12 @@ impl PoolSet {
     }
 
     /// `[upstream]`.
-    pub fn default_pool(&self) -> &Arc<Pool> {
+    pub(crate) fn default_pool(&self) -> &Arc<Pool> {
         &self.default
     }
 
     /// The pool the first matching route names, else `[upstream]`.
-    pub fn route(&self, req: &HttpRequest) -> Result<&Arc<Pool>, AmbiguousRoute> {
+    pub(crate) fn route(&self, req: &HttpRequest) -> Result<&Arc<Pool>, AmbiguousRoute> {
         if self.routes.is_empty() {
             return Ok(&self.default);
         }

@@ -28,7 +28,7 @@ struct Job {
 
 /// Starts probing `target` with `health` (replacing any older prober of
 /// it).
-pub fn watch(target: &Arc<Target>, health: &HealthConfig) {
+pub(super) fn watch(target: &Arc<Target>, health: &HealthConfig) {
     let epoch = target.probe_epoch.fetch_add(1, Ordering::AcqRel) + 1;
     let job = Job {
         target: Arc::downgrade(target),

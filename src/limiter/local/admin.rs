@@ -7,18 +7,18 @@ use crate::limiter::slots::LeaseCall;
 
 /// A ban the local store made or holds, as the admin API shows it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LocalBan {
-    pub tag: String,
-    pub until_ms: u64,
-    pub strikes: u32,
-    pub reason: String,
-    pub source: &'static str,
-    pub dur_ms: u64,
+pub(crate) struct LocalBan {
+    pub(crate) tag: String,
+    pub(crate) until_ms: u64,
+    pub(crate) strikes: u32,
+    pub(crate) reason: String,
+    pub(crate) source: &'static str,
+    pub(crate) dur_ms: u64,
 }
 
 impl LocalStore {
     /// An operator's ban (no-Redis mode), keeping the strike count.
-    pub fn ban(&self, tag: &str, dur_ms: u64, reason: &str, source: &'static str) -> LocalBan {
+    pub(crate) fn ban(&self, tag: &str, dur_ms: u64, reason: &str, source: &'static str) -> LocalBan {
         let ban = **self.ban.load();
         let now_ms = wall_clock_us() / 1000;
         let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
@@ -41,7 +41,7 @@ impl LocalStore {
     }
 
     /// Lifts a ban; true if one was active.
-    pub fn unban(&self, tag: &str) -> bool {
+    pub(crate) fn unban(&self, tag: &str) -> bool {
         let now_ms = wall_clock_us() / 1000;
         let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
         match shard.get_mut(tag) {
@@ -55,7 +55,7 @@ impl LocalStore {
     }
 
     /// Active bans, for the admin API in no-Redis mode.
-    pub fn active_bans(&self) -> Vec<LocalBan> {
+    pub(crate) fn active_bans(&self) -> Vec<LocalBan> {
         let now_ms = wall_clock_us() / 1000;
         let mut out = Vec::new();
         for shard in &self.shards {
@@ -79,7 +79,7 @@ impl LocalStore {
 
     /// Renews or releases one request's leases of one subject, exactly as
     /// `lua/lease.lua` does; returns how many sets still hold it.
-    pub fn leases(&self, call: &LeaseCall<'_>) -> u32 {
+    pub(crate) fn leases(&self, call: &LeaseCall<'_>) -> u32 {
         let mut shard = self
             .shard(call.tag)
             .lock()
@@ -113,12 +113,12 @@ impl LocalStore {
     }
 
     /// Takes the bans made since the last call (for write-back to Redis).
-    pub fn take_made_bans(&self) -> Vec<LocalBan> {
+    pub(crate) fn take_made_bans(&self) -> Vec<LocalBan> {
         std::mem::take(&mut *self.made.lock().unwrap_or_else(|p| p.into_inner())).into()
     }
 
     /// Puts back bans whose write-back failed, to try again later.
-    pub fn return_made_bans(&self, bans: Vec<LocalBan>) {
+    pub(crate) fn return_made_bans(&self, bans: Vec<LocalBan>) {
         let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
         for b in bans.into_iter().rev() {
             made.push_front(b);
@@ -126,7 +126,7 @@ impl LocalStore {
     }
 
     /// Forgets idle subjects and returns memory; run periodically.
-    pub fn sweep(&self) {
+    pub(crate) fn sweep(&self) {
         let now_ms = wall_clock_us() / 1000;
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
@@ -138,14 +138,14 @@ impl LocalStore {
     }
 
     /// Subjects tracked now (for tests and metrics).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.shards
             .iter()
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
             .sum()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-pub use admin::LocalBan;
+pub(crate) use admin::LocalBan;
 use state::{make_room, SubjectState, Written};
 
 use super::call::{
@@ -73,12 +73,12 @@ impl LocalStore {
     }
 
     /// Applies new escalation settings (a reload) to the decisions after it.
-    pub fn set_ban_params(&self, ban: BanParams) {
+    pub(crate) fn set_ban_params(&self, ban: BanParams) {
         self.ban.store(Arc::new(ban));
     }
 
     /// Decides one subject, exactly as `lua/decide.lua` does.
-    pub fn decide(&self, call: &SubjectCall<'_>) -> SubjectReply {
+    pub(crate) fn decide(&self, call: &SubjectCall<'_>) -> SubjectReply {
         let ban = **self.ban.load();
         let mut shard = self
             .shard(call.tag)
@@ -362,7 +362,7 @@ impl DecisionStore for LocalStore {
 }
 
 /// Microseconds since the Unix epoch, from this machine's clock.
-pub fn wall_clock_us() -> u64 {
+pub(crate) fn wall_clock_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)

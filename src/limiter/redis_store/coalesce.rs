@@ -56,12 +56,12 @@ thread_local! {
 
 /// Sends decisions to a standalone Redis, batching those that arrive while
 /// the worker's calls are in flight.
-pub struct Coalescer {
+pub(super) struct Coalescer {
     link: Arc<RedisLink>,
 }
 
 impl Coalescer {
-    pub fn new(link: Arc<RedisLink>) -> Coalescer {
+    pub(super) fn new(link: Arc<RedisLink>) -> Coalescer {
         Coalescer { link }
     }
 
@@ -72,7 +72,7 @@ impl Coalescer {
 
     /// Decides one subject: at once if a slot is free, else in the next
     /// batch. The reply is `decide.lua`'s, whichever way it went.
-    pub async fn decide(&self, call: DecideCall) -> Result<Value, RedisFailure> {
+    pub(super) async fn decide(&self, call: DecideCall) -> Result<Value, RedisFailure> {
         let queue = self.queue();
         if queue.in_flight.get() < MAX_IN_FLIGHT {
             let _slot = Slot::take(queue, self.link.clone());

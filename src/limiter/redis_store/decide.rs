@@ -37,7 +37,7 @@ impl BanArgs {
 /// One subject's `decide.lua` call: its keys and arguments, rendered once
 /// so that the call can wait in a batch without borrowing from the request.
 #[derive(Debug, Clone)]
-pub struct DecideCall {
+pub(super) struct DecideCall {
     keys: Vec<String>,
     args: Vec<String>,
 }

@@ -45,11 +45,11 @@ impl RedisStore {
         }
     }
 
-    pub fn link(&self) -> &Arc<RedisLink> {
+    pub(crate) fn link(&self) -> &Arc<RedisLink> {
         &self.link
     }
 
-    pub fn ban_params(&self) -> BanParams {
+    pub(crate) fn ban_params(&self) -> BanParams {
         self.ban.load().params
     }
 
