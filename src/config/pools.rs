@@ -1,13 +1,14 @@
 //! The upstream part of the configuration: `[upstream]` (the default pool),
 //! `[upstreams.NAME]` (named pools, same keys), their health settings, and
 //! `[[routes]]`, which send a request to a pool. Validation of all of it
-//! lives here too, called from `Config::validate`.
+//! lives here too, called from `Config::validate`. Apart because pools and
+//! routes are a configuration of their own, read by `upstreams`.
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::Config;
+use super::{Config, Invalid, DAY};
 
 /// Most URLs one pool may list (a request remembers the ones it tried in
 /// one 64-bit word).
@@ -129,14 +130,8 @@ fn default_healthy_after() -> u32 {
     2
 }
 
-type Checked = Result<(), (String, String)>;
-
-fn err(key: String, message: String) -> Checked {
-    Err((key, message))
-}
-
 /// Checks `[upstream]`, every `[upstreams.NAME]` and every `[[routes]]`.
-pub(super) fn validate(config: &Config) -> Checked {
+pub(super) fn validate(config: &Config) -> Result<(), Invalid> {
     validate_pool("upstream", &config.upstream)?;
     for (name, pool) in &config.upstreams {
         if name.is_empty()
@@ -144,68 +139,70 @@ pub(super) fn validate(config: &Config) -> Checked {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return err(
+            return Err(Invalid::new(
                 format!("upstreams.{name}"),
-                "a pool name is letters, digits, - and _".into(),
-            );
+                "a pool name is letters, digits, - and _",
+            ));
         }
         if name == "default" {
-            return err(
-                "upstreams.default".into(),
-                "`default` is the name of [upstream]; pick another".into(),
-            );
+            return Err(Invalid::new(
+                "upstreams.default",
+                "`default` is the name of [upstream]; pick another",
+            ));
         }
         validate_pool(&format!("upstreams.{name}"), pool)?;
     }
     for (i, route) in config.routes.iter().enumerate() {
         let key = format!("routes[{i}]");
         if route.upstream != "default" && !config.upstreams.contains_key(&route.upstream) {
-            return err(
+            return Err(Invalid::new(
                 format!("{key}.upstream"),
                 format!(
                     "`{}` is not a pool: define [upstreams.{}] or use \"default\" for [upstream]",
                     route.upstream, route.upstream
                 ),
-            );
+            ));
         }
         validate_match(&key, &route.matcher)?;
     }
     Ok(())
 }
 
-fn validate_pool(key: &str, pool: &UpstreamConfig) -> Checked {
-    const DAY: Duration = Duration::from_secs(24 * 3600);
+fn validate_pool(key: &str, pool: &UpstreamConfig) -> Result<(), Invalid> {
     if pool.urls.is_empty() {
-        return err(format!("{key}.urls"), "needs at least one URL".into());
+        return Err(Invalid::new(
+            format!("{key}.urls"),
+            "needs at least one URL",
+        ));
     }
     if pool.urls.len() > MAX_POOL_URLS {
-        return err(
+        return Err(Invalid::new(
             format!("{key}.urls"),
             format!("at most {MAX_POOL_URLS} URLs per pool"),
-        );
+        ));
     }
     for (i, u) in pool.urls.iter().enumerate() {
         let k = format!("{key}.urls[{i}]");
         match u.parse::<actix_web::http::Uri>() {
             Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {
                 if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
-                    return err(
+                    return Err(Invalid::new(
                         k,
                         format!("`{u}` has a path; give scheme, host and port only"),
-                    );
+                    ));
                 }
             }
             Ok(uri) if uri.scheme_str() == Some("https") => {
-                return err(
+                return Err(Invalid::new(
                     k,
-                    "https upstreams are not supported yet; use http://".into(),
-                )
+                    "https upstreams are not supported yet; use http://",
+                ))
             }
             _ => {
-                return err(
+                return Err(Invalid::new(
                     k,
                     format!("`{u}` is not an http URL like http://127.0.0.1:3000"),
-                )
+                ))
             }
         }
         let base = u.trim_end_matches('/');
@@ -213,7 +210,7 @@ fn validate_pool(key: &str, pool: &UpstreamConfig) -> Checked {
             .iter()
             .any(|o| o.trim_end_matches('/') == base)
         {
-            return err(k, format!("`{u}` is listed twice"));
+            return Err(Invalid::new(k, format!("`{u}` is listed twice")));
         }
     }
     for (name, value) in [
@@ -223,103 +220,106 @@ fn validate_pool(key: &str, pool: &UpstreamConfig) -> Checked {
         ("idle_timeout", pool.idle_timeout),
     ] {
         if value.is_zero() || value > DAY {
-            return err(
+            return Err(Invalid::new(
                 format!("{key}.{name}"),
-                "must be more than 0 and at most 1 day".into(),
-            );
+                "must be more than 0 and at most 1 day",
+            ));
         }
     }
     if pool.max_connections == 0 {
-        return err(
+        return Err(Invalid::new(
             format!("{key}.max_connections"),
-            "must be at least 1".into(),
-        );
+            "must be at least 1",
+        ));
     }
     if pool.eject_after > 0 && (pool.eject_for.is_zero() || pool.eject_for > DAY) {
-        return err(
+        return Err(Invalid::new(
             format!("{key}.eject_for"),
-            "must be more than 0 and at most 1 day".into(),
-        );
+            "must be more than 0 and at most 1 day",
+        ));
     }
     if pool.retries as usize >= MAX_POOL_URLS {
-        return err(
+        return Err(Invalid::new(
             format!("{key}.retries"),
             format!("must be below {MAX_POOL_URLS}"),
-        );
+        ));
     }
     if let Some(h) = &pool.health {
         let hk = format!("{key}.health");
         if !h.path.starts_with('/') || h.path.contains(|c: char| c.is_ascii_control() || c == ' ') {
-            return err(
+            return Err(Invalid::new(
                 format!("{hk}.path"),
                 format!("`{}` must be a path starting with /", h.path),
-            );
+            ));
         }
         if h.interval < Duration::from_millis(10) || h.interval > DAY {
-            return err(
+            return Err(Invalid::new(
                 format!("{hk}.interval"),
-                "must be from 10ms to 1 day".into(),
-            );
+                "must be from 10ms to 1 day",
+            ));
         }
         if h.timeout.is_zero() || h.timeout > h.interval {
-            return err(
+            return Err(Invalid::new(
                 format!("{hk}.timeout"),
-                "must be more than 0 and at most the interval".into(),
-            );
+                "must be more than 0 and at most the interval",
+            ));
         }
         for (name, n) in [
             ("unhealthy_after", h.unhealthy_after),
             ("healthy_after", h.healthy_after),
         ] {
             if !(1..=100).contains(&n) {
-                return err(format!("{hk}.{name}"), "must be from 1 to 100".into());
+                return Err(Invalid::new(
+                    format!("{hk}.{name}"),
+                    "must be from 1 to 100",
+                ));
             }
         }
     }
     Ok(())
 }
 
-fn validate_match(key: &str, m: &RouteMatch) -> Checked {
+fn validate_match(key: &str, m: &RouteMatch) -> Result<(), Invalid> {
     if let Some(h) = &m.host {
         if h.is_empty() || h.contains(|c: char| c.is_whitespace() || c == '/') {
-            return err(
+            return Err(Invalid::new(
                 format!("{key}.match.host"),
                 format!("`{h}` is not a host name"),
-            );
+            ));
         }
     }
     if let Some(p) = &m.path_prefix {
         if !p.starts_with('/') {
-            return err(
+            return Err(Invalid::new(
                 format!("{key}.match.path_prefix"),
                 format!("`{p}` must start with /"),
-            );
+            ));
         }
         if p.contains(['%', '\\', ';', '?', '#'])
             || crate::path_match::normalize_path(p) != p.as_str()
         {
-            return err(
+            return Err(Invalid::new(
                 format!("{key}.match.path_prefix"),
                 format!("`{p}`: write the path as it reads decoded, without %-escapes, \\, ;, ?, #, repeated slashes or . and .. segments"),
-            );
+            ));
         }
     }
     if let Some(ms) = &m.methods {
         if ms.is_empty() {
-            return err(
+            return Err(Invalid::new(
                 format!("{key}.match.methods"),
-                "give at least one method, or leave methods out".into(),
-            );
+                "give at least one method, or leave methods out",
+            ));
         }
         for meth in ms {
             if meth.is_empty()
                 || actix_web::http::Method::from_bytes(meth.to_ascii_uppercase().as_bytes())
                     .is_err()
             {
-                return err(
+                return Err(Invalid::new(
                     format!("{key}.match.methods"),
                     format!("`{meth}` is not an HTTP method"),
-                );
+                ));
             }
         }
     }
@@ -328,12 +328,13 @@ fn validate_match(key: &str, m: &RouteMatch) -> Checked {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use crate::config::test_util::{parse, BASE};
     use crate::config::Config;
 
-    const BASE: &str = "[upstream]\nurls = [\"http://127.0.0.1:3000\"]\n";
-
     fn key_of(extra: &str) -> String {
-        match Config::parse(&format!("{BASE}{extra}"), "t.toml") {
+        match parse(extra) {
             Ok(_) => "ok".into(),
             Err(e) => e.key,
         }
@@ -353,6 +354,7 @@ mod tests {
         assert_eq!(orders.health.as_ref().map(|h| h.unhealthy_after), Some(3));
         assert_eq!(c.routes[0].upstream, "orders");
         assert_eq!(c.upstream.eject_after, 5, "the default pool has defaults");
+        assert_eq!(c.upstream.idle_timeout, Duration::from_secs(4));
     }
 
     #[test]
