@@ -50,16 +50,6 @@ impl ClientKey {
         }
     }
 
-    /// The key as a network, for CIDR containment checks.
-    pub(crate) fn as_net(&self) -> IpNet {
-        match *self {
-            ClientKey::V4(a) => IpNet::from(IpAddr::V4(a)),
-            ClientKey::V6 { net, prefix } => {
-                IpNet::new(IpAddr::V6(net), prefix).unwrap_or_else(|_| IpNet::from(IpAddr::V6(net)))
-            }
-        }
-    }
-
     /// The first address of the key, for allowlist checks.
     pub(crate) fn addr(&self) -> IpAddr {
         match *self {
@@ -109,7 +99,12 @@ impl ClientIpResolver {
 
     /// [`Self::resolve`] for a caller that already knows whether `peer` is
     /// a trusted proxy (the front door needs that answer again to forward).
-    pub(crate) fn resolve_from(&self, peer: IpAddr, peer_trusted: bool, headers: &HeaderMap) -> IpAddr {
+    pub(crate) fn resolve_from(
+        &self,
+        peer: IpAddr,
+        peer_trusted: bool,
+        headers: &HeaderMap,
+    ) -> IpAddr {
         let peer = canonical(peer);
         if !peer_trusted {
             return peer;
@@ -140,10 +135,6 @@ impl ClientIpResolver {
     /// The rate-limit / ban identity of `ip`.
     pub(crate) fn key(&self, ip: IpAddr) -> ClientKey {
         ClientKey::new(ip, self.ipv6_prefix)
-    }
-
-    pub(crate) fn ipv6_prefix(&self) -> u8 {
-        self.ipv6_prefix
     }
 }
 

@@ -105,7 +105,8 @@ impl Throttle {
 
 /// The process-wide throttle the logger uses; its window is
 /// `server.log_throttle` once the configuration is read.
-pub(crate) static LOG: LazyLock<Throttle> = LazyLock::new(|| Throttle::new(Duration::from_secs(10)));
+pub(crate) static LOG: LazyLock<Throttle> =
+    LazyLock::new(|| Throttle::new(Duration::from_secs(10)));
 
 /// Makes `inner` (with its level filter `max`) the process logger, behind
 /// [`LOG`].

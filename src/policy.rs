@@ -61,9 +61,9 @@ pub enum Limit {
 /// one token every `interval_us` microseconds, `burst` tokens at most.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketSpec {
-    pub(crate) interval_us: u64,
-    pub(crate) burst: u32,
-    pub(crate) cost: u32,
+    pub interval_us: u64,
+    pub burst: u32,
+    pub cost: u32,
 }
 
 impl BucketSpec {
@@ -91,7 +91,7 @@ pub(crate) fn ceil_secs(us: u64) -> u64 {
 /// A calendar period of a quota, in UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub(crate) enum Period {
+pub enum Period {
     Hour,
     Day,
     Month,
@@ -160,7 +160,7 @@ impl Period {
 
 /// The date (year, month 1-12, day 1-31) of a day counted from 1970-01-01,
 /// by Howard Hinnant's `civil_from_days` (exact for every date after 1970).
-pub(crate) fn civil_from_days(days: u64) -> (u64, u64, u64) {
+pub fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468;
     let era = z / 146_097;
     let doe = z - era * 146_097;
@@ -185,9 +185,9 @@ fn days_in_month(y: u64, m: u64) -> u64 {
 /// A quota: at most `quota` units (each request costs `cost`) per `period`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuotaSpec {
-    pub(crate) quota: u64,
-    pub(crate) period: Period,
-    pub(crate) cost: u32,
+    pub quota: u64,
+    pub period: Period,
+    pub cost: u32,
 }
 
 /// A concurrency cap: at most `max` requests of a subject in flight across
@@ -195,16 +195,8 @@ pub struct QuotaSpec {
 /// so the slots of a node that died come back by themselves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConcurrencySpec {
-    pub(crate) max: u32,
-    pub(crate) lease_ms: u64,
-}
-
-impl ConcurrencySpec {
-    /// How often a request in flight renews its lease: three times per
-    /// lease, so that one late renewal never loses the slot.
-    pub(crate) fn renew_every(&self) -> std::time::Duration {
-        std::time::Duration::from_millis((self.lease_ms / 3).max(1))
-    }
+    pub max: u32,
+    pub lease_ms: u64,
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ use awc::error::{ConnectError, SendRequestError};
 
 use crate::client_ip::X_FORWARDED_FOR;
 use crate::config::UpstreamConfig;
-use crate::upload::{BodyLimits, ClientFault, Upload};
+use crate::upload::{BodyFault, BodyLimits, Upload};
 use crate::upstreams::{Pick, Pool};
 
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -132,7 +132,7 @@ impl UpstreamFailure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ForwardError {
     Upstream(UpstreamFailure),
-    Client(ClientFault),
+    Client(BodyFault),
 }
 
 /// Whole seconds of `d`, rounded up, at least 1 (for Retry-After).
@@ -254,7 +254,7 @@ impl Upstream {
         let has_body = chunked || length.is_some_and(|l| l > 0);
         let max = self.body_limits.max_size;
         if max > 0 && !chunked && length.is_some_and(|l| l > max) {
-            return Err(ForwardError::Client(ClientFault::BodyTooLarge));
+            return Err(ForwardError::Client(BodyFault::TooLarge));
         }
         let upload = Upload::new(payload, self.body_limits);
 

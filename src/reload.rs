@@ -38,7 +38,7 @@ use crate::tls::{self, ServedCertificate};
 /// its bytes, and the certificate `[server.tls]` names, if any.
 pub struct ConfigFile {
     pub(crate) path: PathBuf,
-    pub(crate) config: Config,
+    pub config: Config,
     /// Lower-case hex.
     pub(crate) sha256: String,
     pub(crate) certificate: Option<Arc<CertifiedKey>>,

@@ -24,10 +24,10 @@ pub(crate) const MAX_KEY_HEADER_LEN: usize = 256;
 /// A compiled rule.
 #[derive(Debug)]
 pub struct Rule {
-    pub(crate) name: Arc<str>,
-    pub(crate) key: KeyKind,
-    pub(crate) limit: Limit,
-    pub(crate) shadow: bool,
+    pub name: Arc<str>,
+    pub key: KeyKind,
+    pub limit: Limit,
+    pub shadow: bool,
     path_prefix: Option<String>,
     /// Compare `path_prefix` with regard to case.
     case_sensitive: bool,
@@ -295,10 +295,6 @@ impl RuleSet {
 
     pub(crate) fn by_name(&self, name: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| &*r.name == name)
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.rules.is_empty()
     }
 
     /// Idle lifetime of a subject of the same kind as `key`.

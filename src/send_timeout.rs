@@ -22,7 +22,9 @@ use actix_web::dev::Extensions;
 /// plain TCP connection, and turns Nagle's algorithm off on it: a response
 /// head and its first body bytes go out as separate writes, and Nagle
 /// would hold the second back until the first is acknowledged.
-pub(crate) fn on_connect(timeout: Duration) -> impl Fn(&dyn Any, &mut Extensions) + Send + Sync + 'static {
+pub(crate) fn on_connect(
+    timeout: Duration,
+) -> impl Fn(&dyn Any, &mut Extensions) + Send + Sync + 'static {
     move |conn, _| {
         if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
             let _ = tcp.set_nodelay(true);

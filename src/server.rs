@@ -58,8 +58,8 @@ pub async fn run_with(
 
 /// The public and admin listeners, bound.
 pub struct Listeners {
-    pub(crate) public: TcpListener,
-    pub(crate) admin: TcpListener,
+    pub public: TcpListener,
+    pub admin: TcpListener,
 }
 
 impl Listeners {
@@ -242,7 +242,7 @@ impl Node {
             .certificate
             .clone()
             .map(|c| Arc::new(ServedCertificate::new(c)));
-        let reloader = Arc::new(Reloader::new(&file, gateway.clone(), served.clone()));
+        let reloader = Arc::new(Reloader::new(file, gateway.clone(), served.clone()));
         reload::reload_on_hangup(reloader.clone());
 
         spawn_background(

@@ -128,7 +128,9 @@ impl ResolvesServerCert for ServedCertificate {
 
 /// The rustls configuration of the public listener: safe default protocol
 /// versions, no client certificates, the certificate from `served`.
-pub(crate) fn server_config(served: Arc<ServedCertificate>) -> std::io::Result<rustls::ServerConfig> {
+pub(crate) fn server_config(
+    served: Arc<ServedCertificate>,
+) -> std::io::Result<rustls::ServerConfig> {
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(std::io::Error::other)?

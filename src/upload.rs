@@ -31,56 +31,54 @@ use futures_util::Stream;
 /// Body bytes kept for a retry on a fresh upstream connection.
 pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
 
-/// A request failed because of what the client sent (or did not send).
+/// A request failed because of the body the client sent (or did not send).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ClientFault {
+pub(crate) enum BodyFault {
     /// Nothing of the body arrived for `server.client_body_timeout`.
-    BodyTimeout,
+    Timeout,
     /// The body ended before its announced length or final chunk.
-    BodyIncomplete,
+    Incomplete,
     /// The body's framing (chunked encoding) is malformed.
-    BodyMalformed,
+    Malformed,
     /// The body is larger than `server.max_body_size`.
-    BodyTooLarge,
+    TooLarge,
 }
 
-impl ClientFault {
+impl BodyFault {
     pub(crate) fn status(self) -> StatusCode {
         match self {
-            ClientFault::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            ClientFault::BodyIncomplete | ClientFault::BodyMalformed => StatusCode::BAD_REQUEST,
-            ClientFault::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyFault::Timeout => StatusCode::REQUEST_TIMEOUT,
+            BodyFault::Incomplete | BodyFault::Malformed => StatusCode::BAD_REQUEST,
+            BodyFault::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
     /// The `error` field of the answer and the metric's `kind` label.
     pub(crate) fn code(self) -> &'static str {
         match self {
-            ClientFault::BodyTimeout => "client_body_timeout",
-            ClientFault::BodyIncomplete => "incomplete_body",
-            ClientFault::BodyMalformed => "malformed_body",
-            ClientFault::BodyTooLarge => "body_too_large",
+            BodyFault::Timeout => "client_body_timeout",
+            BodyFault::Incomplete => "incomplete_body",
+            BodyFault::Malformed => "malformed_body",
+            BodyFault::TooLarge => "body_too_large",
         }
     }
 
     pub(crate) fn message(self) -> &'static str {
         match self {
-            ClientFault::BodyTimeout => "the request body stopped arriving",
-            ClientFault::BodyIncomplete => "the request body ended before its announced end",
-            ClientFault::BodyMalformed => "the request body's chunked encoding is malformed",
-            ClientFault::BodyTooLarge => "the request body is larger than this gateway accepts",
+            BodyFault::Timeout => "the request body stopped arriving",
+            BodyFault::Incomplete => "the request body ended before its announced end",
+            BodyFault::Malformed => "the request body's chunked encoding is malformed",
+            BodyFault::TooLarge => "the request body is larger than this gateway accepts",
         }
     }
 
-    fn of(e: &PayloadError) -> ClientFault {
+    fn of(e: &PayloadError) -> BodyFault {
         match e {
-            PayloadError::Incomplete(_) => ClientFault::BodyIncomplete,
-            PayloadError::Overflow => ClientFault::BodyTooLarge,
-            PayloadError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
-                ClientFault::BodyTimeout
-            }
-            PayloadError::Io(_) => ClientFault::BodyIncomplete,
-            _ => ClientFault::BodyMalformed,
+            PayloadError::Incomplete(_) => BodyFault::Incomplete,
+            PayloadError::Overflow => BodyFault::TooLarge,
+            PayloadError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => BodyFault::Timeout,
+            PayloadError::Io(_) => BodyFault::Incomplete,
+            _ => BodyFault::Malformed,
         }
     }
 }
@@ -103,7 +101,7 @@ pub(crate) struct Upload {
     /// False once more than [`REPLAY_LIMIT`] bytes were taken.
     replayable: Cell<bool>,
     received: Cell<u64>,
-    fault: Cell<Option<ClientFault>>,
+    fault: Cell<Option<BodyFault>>,
     /// Whether the current attempt has begun sending the body.
     started: Cell<bool>,
     finished: Cell<bool>,
@@ -145,7 +143,7 @@ impl Upload {
     }
 
     /// The client's fault, if the body failed because of it.
-    pub(crate) fn fault(&self) -> Option<ClientFault> {
+    pub(crate) fn fault(&self) -> Option<BodyFault> {
         self.fault.get()
     }
 
@@ -167,11 +165,11 @@ impl Upload {
         self.kept.borrow_mut().clear();
     }
 
-    fn take(&self, chunk: &Bytes) -> Result<(), ClientFault> {
+    fn take(&self, chunk: &Bytes) -> Result<(), BodyFault> {
         let total = self.received.get() + chunk.len() as u64;
         self.received.set(total);
         if self.limits.max_size > 0 && total > self.limits.max_size {
-            return Err(ClientFault::BodyTooLarge);
+            return Err(BodyFault::TooLarge);
         }
         if self.replayable.get() {
             let kept = self.kept_len.get() + chunk.len();
@@ -185,7 +183,7 @@ impl Upload {
         Ok(())
     }
 
-    fn fail(&self, fault: ClientFault) -> PayloadError {
+    fn fail(&self, fault: BodyFault) -> PayloadError {
         self.fault.set(Some(fault));
         let e = std::io::Error::other(fault.message());
         PayloadError::Io(e)
@@ -228,7 +226,7 @@ impl Stream for UploadBody {
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(e))) => {
-                let fault = ClientFault::of(&e);
+                let fault = BodyFault::of(&e);
                 Poll::Ready(Some(Err(up.fail(fault))))
             }
             Poll::Ready(None) => {
@@ -237,7 +235,7 @@ impl Stream for UploadBody {
                 Poll::Ready(None)
             }
             Poll::Pending if this.idle.expired(cx) => {
-                Poll::Ready(Some(Err(up.fail(ClientFault::BodyTimeout))))
+                Poll::Ready(Some(Err(up.fail(BodyFault::Timeout))))
             }
             Poll::Pending => Poll::Pending,
         }

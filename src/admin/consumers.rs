@@ -65,7 +65,11 @@ struct NewPlan {
 
 /// `PUT /admin/consumers/{key}` `{"plan":"pro"}`: 201 when the key had no
 /// runtime plan, 200 when it replaces one.
-pub(super) async fn put(req: HttpRequest, body: web::Bytes, state: web::Data<AdminState>) -> HttpResponse {
+pub(super) async fn put(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AdminState>,
+) -> HttpResponse {
     let (gw, snapshot, hash) = match prepare(&req, &state) {
         Ok(p) => p,
         Err(r) => return r,

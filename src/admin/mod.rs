@@ -176,7 +176,6 @@ fn not_found(message: impl Into<String>) -> HttpResponse {
 
 fn failed(e: BanError) -> HttpResponse {
     match e {
-        BanError::BadInput(m) => bad_request(m),
         BanError::Unavailable(e) => json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"error": "redis_unavailable", "message": e.to_string()}),

@@ -138,8 +138,6 @@ pub(crate) fn rfc3339_ms(ms: u64) -> String {
 /// What went wrong with an operator's request.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum BanError {
-    #[error("{0}")]
-    BadInput(String),
     #[error("Redis is unavailable: {0}")]
     Unavailable(#[from] RedisFailure),
 }

@@ -63,7 +63,12 @@ impl AdminClient {
 
     /// An authenticated call whose answer must be a success; anything else
     /// becomes the [`Failure`] that says what to do.
-    pub(super) fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Reply, Failure> {
+    pub(super) fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Reply, Failure> {
         let reply = self.send(method, path, body, true)?;
         judge(method, path, reply, &self.target.token_env)
     }
@@ -138,7 +143,12 @@ impl AdminClient {
 
 /// What an answer means for the operator. Success passes through; each
 /// refusal becomes the failure with its exit code and advice.
-pub(super) fn judge(method: &str, path: &str, reply: Reply, token_env: &str) -> Result<Reply, Failure> {
+pub(super) fn judge(
+    method: &str,
+    path: &str,
+    reply: Reply,
+    token_env: &str,
+) -> Result<Reply, Failure> {
     let message = reply
         .json
         .get("message")

@@ -13,27 +13,27 @@ use super::{at_most, Invalid, DAY};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BanConfig {
-    pub enabled: bool,
-    pub after: u32,
+    pub(crate) enabled: bool,
+    pub(crate) after: u32,
     #[serde(with = "humantime_serde")]
-    pub within: Duration,
+    pub(crate) within: Duration,
     #[serde(with = "humantime_serde")]
-    pub duration: Duration,
-    pub factor: f64,
+    pub(crate) duration: Duration,
+    pub(crate) factor: f64,
     #[serde(with = "humantime_serde")]
-    pub max_duration: Duration,
+    pub(crate) max_duration: Duration,
     #[serde(with = "humantime_serde")]
-    pub memory: Duration,
-    pub status: u16,
+    pub(crate) memory: Duration,
+    pub(crate) status: u16,
     /// Length the audit stream is trimmed to (approximately, oldest first).
-    pub audit_max_len: u64,
+    pub(crate) audit_max_len: u64,
     /// How often each node re-reads bans and the allowlist from Redis.
     #[serde(with = "humantime_serde")]
-    pub reconcile_interval: Duration,
+    pub(crate) reconcile_interval: Duration,
     /// Same as the top-level `allowlist`: TOML puts a key written after
     /// `[ban]` inside it, so both places are read and merged.
     #[serde(deserialize_with = "de_cidrs")]
-    pub allowlist: Vec<IpNet>,
+    pub(crate) allowlist: Vec<IpNet>,
     /// Operators cannot ban or allowlist an IPv4 network wider than this
     /// (without `force`).
     pub min_prefix_v4: u8,
@@ -134,10 +134,10 @@ impl BanConfig {
 /// `[client_ip]`: who is asking.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ClientIpConfig {
+pub(crate) struct ClientIpConfig {
     #[serde(deserialize_with = "de_cidrs")]
-    pub trusted_proxies: Vec<IpNet>,
-    pub ipv6_prefix: u8,
+    pub(crate) trusted_proxies: Vec<IpNet>,
+    pub(crate) ipv6_prefix: u8,
 }
 
 impl Default for ClientIpConfig {
@@ -175,7 +175,7 @@ pub(super) fn de_cidrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpN
 }
 
 /// Parses `10.0.0.0/8`, or a bare address as a host route (`/32`, `/128`).
-pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+pub(crate) fn parse_cidr(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
     if let Ok(net) = s.parse::<IpNet>() {
         return Ok(net.trunc());

@@ -8,40 +8,41 @@ use std::collections::{BTreeMap, HashSet};
 use serde::Deserialize;
 
 use super::rules::{check_rule, valid_name, RuleConfig};
-use super::{Config, Invalid, KeyKind};
+use super::{Config, Invalid};
+use crate::policy::KeyKind;
 
 /// `[consumers]`: how a request's consumer (an API key) is found, and which
 /// plan it gets.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ConsumersConfig {
+pub(crate) struct ConsumersConfig {
     /// `header:<Name>`: the header carrying the consumer's key.
-    pub key: String,
+    pub(crate) key: String,
     /// The plan of requests with an unknown or missing key; none: such
     /// requests get no plan rules.
     #[serde(default)]
-    pub default_plan: Option<String>,
+    pub(crate) default_plan: Option<String>,
     /// Static key -> plan assignments (runtime ones come from the admin API
     /// and win over these).
     #[serde(default)]
-    pub keys: BTreeMap<String, String>,
+    pub(crate) keys: BTreeMap<String, String>,
 }
 
 /// `[plans.NAME]`: the rules a plan gives each of its consumers.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PlanConfig {
+pub(crate) struct PlanConfig {
     #[serde(default)]
-    pub rules: Vec<RuleConfig>,
+    pub(crate) rules: Vec<RuleConfig>,
 }
 
 /// The longest consumer key accepted (config, header or admin API): a
 /// longer header is refused with 400, never truncated into collisions.
-pub const MAX_CONSUMER_KEY_LEN: usize = 256;
+pub(crate) const MAX_CONSUMER_KEY_LEN: usize = 256;
 
 /// Whether `key` can be a consumer key: 1 to 256 bytes that can travel in a
 /// header value, with no space at either end (HTTP strips it).
-pub fn check_consumer_key(key: &[u8]) -> Result<(), String> {
+pub(crate) fn check_consumer_key(key: &[u8]) -> Result<(), String> {
     if key.is_empty() {
         return Err("a consumer key cannot be empty".into());
     }

@@ -42,16 +42,16 @@ impl ConfigError {
 /// wrong. The checks do not know the file's name; [`Invalid::in_file`] adds
 /// it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalid {
+pub(crate) struct Invalid {
     /// The dotted key at fault (`ban.after`, `rules[3].rate`).
-    pub key: String,
+    pub(crate) key: String,
     /// What is wrong and, where it helps, how to fix it.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl Invalid {
     /// The problem `message` at `key`.
-    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Invalid {
+    pub(crate) fn new(key: impl Into<String>, message: impl Into<String>) -> Invalid {
         Invalid {
             key: key.into(),
             message: message.into(),
@@ -61,7 +61,7 @@ impl Invalid {
     /// The same problem with `prefix` put before its key: a check of one
     /// entry names keys below the entry (`.rate`, or `""` for the entry as a
     /// whole), its caller says which entry (`rules[3]`).
-    pub fn under(self, prefix: &str) -> Invalid {
+    pub(crate) fn under(self, prefix: &str) -> Invalid {
         Invalid {
             key: format!("{prefix}{}", self.key),
             message: self.message,
@@ -69,7 +69,7 @@ impl Invalid {
     }
 
     /// The operator's error for this problem in `file`.
-    pub fn in_file(self, file: &str) -> ConfigError {
+    pub(crate) fn in_file(self, file: &str) -> ConfigError {
         ConfigError {
             file: file.to_string(),
             key: self.key,

@@ -29,14 +29,13 @@ mod rules;
 mod server;
 mod summary;
 
-pub use crate::policy::{KeyKind, Period};
-pub use ban::{parse_cidr, BanConfig, ClientIpConfig};
-pub use consumers::{check_consumer_key, ConsumersConfig, PlanConfig, MAX_CONSUMER_KEY_LEN};
-pub use error::{ConfigError, Invalid};
-pub use pools::{HealthConfig, RouteConfig, RouteMatch, UpstreamConfig};
-pub use redis::{OnFailure, RedisConfig};
-pub use rules::{LimitConfig, MatchConfig, RuleConfig, DEFAULT_LEASE};
-pub use server::{ServerConfig, TlsConfig, MAX_HEADERS_PARSED, MAX_HEAD_PARSED};
+pub(crate) use ban::{parse_cidr, BanConfig, ClientIpConfig};
+pub(crate) use consumers::{check_consumer_key, ConsumersConfig, PlanConfig};
+pub(crate) use error::{ConfigError, Invalid};
+pub(crate) use pools::{HealthConfig, RouteConfig, UpstreamConfig};
+pub(crate) use redis::{OnFailure, RedisConfig};
+pub(crate) use rules::{LimitConfig, RuleConfig};
+pub(crate) use server::{ServerConfig, TlsConfig};
 
 use ban::de_cidrs;
 
@@ -52,30 +51,30 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// `[upstreams.NAME]`: named pools that `[[routes]]` send requests to.
     #[serde(default)]
-    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    pub(crate) upstreams: BTreeMap<String, UpstreamConfig>,
     /// `[[routes]]`: which pool a request goes to; first match wins.
     #[serde(default)]
-    pub routes: Vec<RouteConfig>,
+    pub(crate) routes: Vec<RouteConfig>,
     #[serde(default)]
-    pub client_ip: ClientIpConfig,
+    pub(crate) client_ip: ClientIpConfig,
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
     #[serde(default)]
     pub ban: BanConfig,
     /// CIDRs (or bare addresses) that are never limited nor banned.
     #[serde(default, deserialize_with = "de_cidrs")]
-    pub allowlist: Vec<IpNet>,
+    pub(crate) allowlist: Vec<IpNet>,
     /// `[consumers]`: who a request's consumer is, and its plan.
     #[serde(default)]
-    pub consumers: Option<ConsumersConfig>,
+    pub(crate) consumers: Option<ConsumersConfig>,
     /// `[plans.NAME]`: the rules each plan gives its consumers.
     #[serde(default)]
-    pub plans: BTreeMap<String, PlanConfig>,
+    pub(crate) plans: BTreeMap<String, PlanConfig>,
 }
 
 impl Config {
     /// Reads, parses and validates the file at `path`.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: file.clone(),
@@ -146,10 +145,10 @@ mod test_util {
     use super::{Config, ConfigError};
 
     /// The smallest valid file: the one section without defaults.
-    pub const BASE: &str = "[upstream]\nurls = [\"http://127.0.0.1:3000\"]\n";
+    pub(crate) const BASE: &str = "[upstream]\nurls = [\"http://127.0.0.1:3000\"]\n";
 
     /// Parses [`BASE`] with `extra` after it.
-    pub fn parse(extra: &str) -> Result<Config, ConfigError> {
+    pub(crate) fn parse(extra: &str) -> Result<Config, ConfigError> {
         Config::parse(&format!("{BASE}{extra}"), "t.toml")
     }
 }

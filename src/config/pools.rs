@@ -12,43 +12,43 @@ use super::{Config, Invalid, DAY};
 
 /// Most URLs one pool may list (a request remembers the ones it tried in
 /// one 64-bit word).
-pub const MAX_POOL_URLS: usize = 64;
+pub(crate) const MAX_POOL_URLS: usize = 64;
 
 /// `[upstream]` or `[upstreams.NAME]`: one pool of upstream URLs and how to
 /// talk to them.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    pub urls: Vec<String>,
+    pub(crate) urls: Vec<String>,
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Upstream connections one worker keeps at most (keep-alive pool).
     #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Whether WebSocket upgrades are forwarded; `false` answers them 501.
     #[serde(default = "yes")]
-    pub websocket: bool,
+    pub(crate) websocket: bool,
     /// A WebSocket connection with no byte either way for this long is closed.
     #[serde(default = "default_websocket_idle_timeout", with = "humantime_serde")]
-    pub websocket_idle_timeout: Duration,
+    pub(crate) websocket_idle_timeout: Duration,
     /// How long an idle pooled connection is kept; below the upstream's own
     /// keep-alive timeout, so the gateway closes first.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Active health probes; without it only passive ejection applies.
     #[serde(default)]
-    pub health: Option<HealthConfig>,
+    pub(crate) health: Option<HealthConfig>,
     /// Consecutive connect failures or 5xx answers that take a URL out of
     /// rotation for `eject_for`; 0 turns passive ejection off.
     #[serde(default = "default_eject_after")]
-    pub eject_after: u32,
+    pub(crate) eject_after: u32,
     #[serde(default = "default_eject_for", with = "humantime_serde")]
-    pub eject_for: Duration,
+    pub(crate) eject_for: Duration,
     /// Further tries on another URL for a request that is safe to repeat.
     #[serde(default = "default_retries")]
-    pub retries: u32,
+    pub(crate) retries: u32,
 }
 
 /// `health = { ... }`: a GET of `path` on every URL every `interval`; a
@@ -56,38 +56,38 @@ pub struct UpstreamConfig {
 /// after `healthy_after` good ones (a 2xx or 3xx within `timeout`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HealthConfig {
-    pub path: String,
+pub(crate) struct HealthConfig {
+    pub(crate) path: String,
     #[serde(default = "default_probe_interval", with = "humantime_serde")]
-    pub interval: Duration,
+    pub(crate) interval: Duration,
     #[serde(default = "default_probe_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     #[serde(default = "default_unhealthy_after")]
-    pub unhealthy_after: u32,
+    pub(crate) unhealthy_after: u32,
     #[serde(default = "default_healthy_after")]
-    pub healthy_after: u32,
+    pub(crate) healthy_after: u32,
 }
 
 /// One `[[routes]]` entry: requests that fit `match` go to pool `upstream`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RouteConfig {
+pub(crate) struct RouteConfig {
     #[serde(rename = "match", default)]
-    pub matcher: RouteMatch,
-    pub upstream: String,
+    pub(crate) matcher: RouteMatch,
+    pub(crate) upstream: String,
 }
 
 /// Which requests a route takes; every given part must fit.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RouteMatch {
-    pub host: Option<String>,
-    pub path_prefix: Option<String>,
-    pub methods: Option<Vec<String>>,
+pub(crate) struct RouteMatch {
+    pub(crate) host: Option<String>,
+    pub(crate) path_prefix: Option<String>,
+    pub(crate) methods: Option<Vec<String>>,
     /// Compare `path_prefix` with regard to case (default: case folded, as
     /// for rules).
     #[serde(default)]
-    pub case_sensitive: bool,
+    pub(crate) case_sensitive: bool,
 }
 
 fn default_upstream_timeout() -> Duration {

@@ -11,7 +11,7 @@ use super::{at_most, Invalid, DAY};
 /// What the gateway does while Redis cannot be asked (SPEC §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum OnFailure {
+pub(crate) enum OnFailure {
     /// Enforce the same rules in-process, per node.
     Local,
     /// Forward everything (fail-open).
@@ -34,27 +34,27 @@ impl std::fmt::Display for OnFailure {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    pub url: Option<String>,
+    pub(crate) url: Option<String>,
     /// Seed nodes of a Redis Cluster; excludes `url`.
-    pub cluster: Vec<String>,
-    pub key_prefix: String,
+    pub(crate) cluster: Vec<String>,
+    pub(crate) key_prefix: String,
     /// Bound on every Redis call; past it the call counts as failed.
     #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    pub on_failure: OnFailure,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) on_failure: OnFailure,
     /// Consecutive failed calls that open the circuit breaker.
-    pub breaker_failures: u32,
+    pub(crate) breaker_failures: u32,
     /// How often Redis is probed while the breaker is open.
     #[serde(with = "humantime_serde")]
-    pub probe_interval: Duration,
+    pub(crate) probe_interval: Duration,
     /// Coalesce the decisions that arrive together on one worker into one
     /// script call (standalone Redis; a Cluster decides one call each).
-    pub coalesce: bool,
+    pub(crate) coalesce: bool,
     /// Per-node cap on Redis decision calls per second; past it a decision
     /// uses `on_failure`. 0 = no cap.
-    pub max_decisions_per_second: u32,
+    pub(crate) max_decisions_per_second: u32,
 }
 
 impl Default for RedisConfig {

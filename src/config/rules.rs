@@ -8,18 +8,19 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{Invalid, KeyKind, Period};
+use super::Invalid;
+use crate::policy::{KeyKind, Period};
 
 /// Which requests a rule applies to.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MatchConfig {
-    pub path_prefix: Option<String>,
-    pub methods: Option<Vec<String>>,
-    pub host: Option<String>,
+pub(crate) struct MatchConfig {
+    pub(crate) path_prefix: Option<String>,
+    pub(crate) methods: Option<Vec<String>>,
+    pub(crate) host: Option<String>,
     /// Compare `path_prefix` with regard to case (default: case folded).
     #[serde(default)]
-    pub case_sensitive: bool,
+    pub(crate) case_sensitive: bool,
 }
 
 /// One `[[rules]]` entry, or one rule of a plan. A rule is one of three
@@ -29,37 +30,37 @@ pub struct MatchConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
-    pub name: String,
+    pub(crate) name: String,
     #[serde(rename = "match", default)]
-    pub matcher: MatchConfig,
+    pub(crate) matcher: MatchConfig,
     /// Required in `[[rules]]`; never given in a plan (its subject is the
     /// consumer).
     #[serde(default)]
-    pub key: Option<String>,
+    pub(crate) key: Option<String>,
     #[serde(default)]
-    pub rate: Option<f64>,
+    pub(crate) rate: Option<f64>,
     #[serde(default, with = "humantime_serde::option")]
-    pub per: Option<Duration>,
+    pub(crate) per: Option<Duration>,
     #[serde(default)]
-    pub burst: Option<u32>,
+    pub(crate) burst: Option<u32>,
     #[serde(default = "one")]
-    pub cost: u32,
+    pub(crate) cost: u32,
     #[serde(default)]
-    pub quota: Option<u64>,
+    pub(crate) quota: Option<u64>,
     #[serde(default)]
-    pub period: Option<Period>,
+    pub(crate) period: Option<Period>,
     #[serde(default)]
-    pub concurrency: Option<u32>,
+    pub(crate) concurrency: Option<u32>,
     /// How long a concurrency slot outlives a node that died holding it.
     #[serde(default, with = "humantime_serde::option")]
-    pub lease: Option<Duration>,
+    pub(crate) lease: Option<Duration>,
     #[serde(default)]
-    pub shadow: bool,
+    pub(crate) shadow: bool,
 }
 
 /// The kind of limit a validated rule is, with its numbers.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum LimitConfig {
+pub(crate) enum LimitConfig {
     Rate {
         rate: f64,
         per: Duration,
@@ -77,7 +78,7 @@ pub enum LimitConfig {
 
 impl RuleConfig {
     /// The limit in words, for `--check`.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let shadow = if self.shadow { " (shadow)" } else { "" };
         match self.limit() {
             LimitConfig::Rate { rate, per, burst } => format!(
@@ -99,12 +100,12 @@ impl RuleConfig {
 }
 
 /// A concurrency slot's lease when the rule names none.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 
 impl RuleConfig {
     /// The rule's limit. Only meaningful on a validated config (a rule
     /// missing its numbers reads as a rate of 1 per second).
-    pub fn limit(&self) -> LimitConfig {
+    pub(crate) fn limit(&self) -> LimitConfig {
         if let Some(quota) = self.quota {
             return LimitConfig::Quota {
                 quota,

@@ -13,23 +13,23 @@ use super::{at_most, Invalid, DAY};
 
 /// Headers actix-http parses at most: a request with more gets 400 before
 /// floodgate sees it, so `server.max_headers` can only be lower.
-pub const MAX_HEADERS_PARSED: usize = 96;
+pub(crate) const MAX_HEADERS_PARSED: usize = 96;
 /// Bytes of request head actix-http buffers at most (431 past it).
-pub const MAX_HEAD_PARSED: usize = 128 * 1024;
+pub(crate) const MAX_HEAD_PARSED: usize = 128 * 1024;
 
 /// `[server]`: the listeners and the process.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    pub listen: SocketAddr,
-    pub admin_listen: SocketAddr,
-    pub admin_token_env: String,
+    pub(crate) listen: SocketAddr,
+    pub(crate) admin_listen: SocketAddr,
+    pub(crate) admin_token_env: String,
     #[serde(with = "humantime_serde")]
-    pub shutdown_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
     /// Worker threads of the public listener; 0 = one per core.
-    pub workers: usize,
+    pub(crate) workers: usize,
     /// Name of this node in the audit log; default: host name and pid.
-    pub node_id: Option<String>,
+    pub(crate) node_id: Option<String>,
     /// A client that takes no response bytes for this long is disconnected
     /// (its upstream connection with it).
     #[serde(with = "humantime_serde")]
@@ -39,30 +39,30 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub client_body_timeout: Duration,
     /// Largest request body in bytes, sized or chunked; 0 = no limit.
-    pub max_body_size: u64,
+    pub(crate) max_body_size: u64,
     /// Response bytes buffered per client connection before the gateway
     /// stops reading from the upstream.
     pub response_buffer: usize,
     /// Most request headers (values) a request may carry.
     pub max_headers: usize,
     /// Most bytes in a request's header section (names, values, separators).
-    pub max_header_bytes: usize,
+    pub(crate) max_header_bytes: usize,
     /// Identical warnings are written at most once per this; 0 = every one.
     #[serde(with = "humantime_serde")]
-    pub log_throttle: Duration,
+    pub(crate) log_throttle: Duration,
     /// `[server.tls]`: serve HTTPS (HTTP/2 and HTTP/1.1) instead of plain HTTP/1.1.
-    pub tls: Option<TlsConfig>,
+    pub(crate) tls: Option<TlsConfig>,
 }
 
 /// `[server.tls]`: the certificate the front door presents. Relative paths
 /// are read from the config file's directory.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsConfig {
+pub(crate) struct TlsConfig {
     /// PEM certificate chain, leaf first.
-    pub cert: PathBuf,
+    pub(crate) cert: PathBuf,
     /// PEM private key (PKCS#8, RSA or EC; PKCS#1 and SEC1 are read too).
-    pub key: PathBuf,
+    pub(crate) key: PathBuf,
 }
 
 impl Default for ServerConfig {

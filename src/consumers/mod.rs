@@ -22,7 +22,7 @@
 mod plans;
 mod table;
 
-pub(crate) use plans::{Plan, PlanSource, Plans};
+pub(crate) use plans::Plans;
 pub(crate) use table::ConsumerTable;
 
 use sha2::{Digest, Sha256};

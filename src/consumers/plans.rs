@@ -120,11 +120,6 @@ impl Plans {
         self.plans.iter().find(|p| &*p.name == name)
     }
 
-    /// Every plan rule, in index order (for metric handles).
-    pub(crate) fn rules(&self) -> impl Iterator<Item = &Rule> {
-        self.plans.iter().flat_map(|p| p.rules.iter())
-    }
-
     /// The idle TTL of a consumer's state.
     pub(crate) fn ttl_ms(&self) -> u64 {
         self.ttl_ms

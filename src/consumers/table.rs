@@ -47,7 +47,11 @@ pub(crate) struct ConsumerTable {
 }
 
 impl ConsumerTable {
-    pub(crate) fn new(link: Option<Arc<RedisLink>>, prefix: String, known: Vec<String>) -> ConsumerTable {
+    pub(crate) fn new(
+        link: Option<Arc<RedisLink>>,
+        prefix: String,
+        known: Vec<String>,
+    ) -> ConsumerTable {
         ConsumerTable {
             link,
             prefix,
@@ -99,7 +103,11 @@ impl ConsumerTable {
 
     /// Assigns `plan` to the consumer `hash`, in Redis and here; returns the
     /// runtime plan it had before.
-    pub(crate) async fn assign(&self, hash: &str, plan: &str) -> Result<Option<String>, RedisFailure> {
+    pub(crate) async fn assign(
+        &self,
+        hash: &str,
+        plan: &str,
+    ) -> Result<Option<String>, RedisFailure> {
         self.change(hash, Some(plan)).await
     }
 

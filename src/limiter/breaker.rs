@@ -98,10 +98,6 @@ impl Breaker {
         }
     }
 
-    pub(crate) fn name(&self) -> &str {
-        &self.name
-    }
-
     /// How logs name the shard: `Redis` for a standalone server (or a
     /// cluster whose slot map is not known yet), `Redis shard <host:port>`.
     fn label(&self) -> String {
@@ -438,17 +434,13 @@ mod tests {
         let b = Breakers::new(2, false, metrics::gauge!("t1"));
         b.install(&[range(0, 8191, "a:1"), range(8192, 16383, "b:1")]);
         let (dead, healthy) = (b.for_tag_slot(0), b.for_tag_slot(9000));
-        assert_eq!((dead.name(), healthy.name()), ("a:1", "b:1"));
+        assert_eq!((dead.name.as_str(), healthy.name.as_str()), ("a:1", "b:1"));
         b.failure(&dead, &e());
         assert!(dead.is_closed(), "one failure must not open the breaker");
         b.failure(&dead, &e());
         assert!(!dead.is_closed() && healthy.is_closed());
         assert!(!b.is_closed());
-        let open: Vec<String> = b
-            .open_shards()
-            .iter()
-            .map(|s| s.name().to_string())
-            .collect();
+        let open: Vec<String> = b.open_shards().iter().map(|s| s.name.clone()).collect();
         assert_eq!(open, vec!["a:1".to_string()]);
         let tag = (0..)
             .map(|i| format!("ip:10.0.0.{i}"))
@@ -466,7 +458,7 @@ mod tests {
         b.failure(&a, &e());
         assert!(!b.is_closed());
         b.install(&[range(0, 8191, "c:1"), range(8192, 16383, "b:1")]);
-        assert_eq!(b.for_tag_slot(0).name(), "c:1");
+        assert_eq!(b.for_tag_slot(0).name, "c:1");
         assert!(b.is_closed(), "the retired breaker no longer counts");
         assert!(Arc::ptr_eq(&kept, &b.for_tag_slot(9000)));
     }

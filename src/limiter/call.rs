@@ -16,12 +16,12 @@ use crate::rules::Rule;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BanParams {
     /// Denials within `within_ms` that make a ban; 0 = no automatic bans.
-    pub(crate) after: u32,
-    pub(crate) within_ms: u64,
-    pub(crate) duration_ms: u64,
-    pub(crate) factor: f64,
-    pub(crate) max_ms: u64,
-    pub(crate) memory_ms: u64,
+    pub after: u32,
+    pub within_ms: u64,
+    pub duration_ms: u64,
+    pub factor: f64,
+    pub max_ms: u64,
+    pub memory_ms: u64,
 }
 
 impl BanParams {
@@ -61,16 +61,16 @@ pub enum Mode<'a> {
 /// One store call: a subject and its matching rules.
 #[derive(Debug, Clone)]
 pub struct SubjectCall<'a> {
-    pub(crate) tag: &'a str,
-    pub(crate) rules: &'a [&'a Rule],
-    pub(crate) ttl_ms: u64,
-    pub(crate) bannable: bool,
-    pub(crate) mode: Mode<'a>,
+    pub tag: &'a str,
+    pub rules: &'a [&'a Rule],
+    pub ttl_ms: u64,
+    pub bannable: bool,
+    pub mode: Mode<'a>,
     /// Pins the clock (µs since the epoch); `None` = the store's own clock.
-    pub(crate) now_us: Option<u64>,
+    pub now_us: Option<u64>,
     /// The request's lease id, held in the slots of its concurrency rules
     /// (`""` when it has none).
-    pub(crate) lease: &'a str,
+    pub lease: &'a str,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,19 +97,19 @@ pub enum BucketState {
 /// 1 s when refusing (a slot may free at any moment), else 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketReply {
-    pub(crate) state: BucketState,
-    pub(crate) room_us: i64,
-    pub(crate) wait_us: i64,
+    pub state: BucketState,
+    pub room_us: i64,
+    pub wait_us: i64,
 }
 
 /// A store's answer for one subject.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SubjectReply {
-    pub(crate) status: Status,
-    pub(crate) ban_ms: u64,
-    pub(crate) strikes: u32,
-    pub(crate) until_ms: u64,
-    pub(crate) buckets: Vec<BucketReply>,
+    pub status: Status,
+    pub ban_ms: u64,
+    pub strikes: u32,
+    pub until_ms: u64,
+    pub buckets: Vec<BucketReply>,
 }
 
 impl SubjectReply {

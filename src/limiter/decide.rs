@@ -31,10 +31,8 @@ pub(crate) struct RateInfo<'r> {
 /// A ban this request just made.
 #[derive(Debug, Clone)]
 pub(crate) struct BanMade {
-    pub(crate) tag: String,
     pub(crate) dur_ms: u64,
     pub(crate) strikes: u32,
-    pub(crate) until_ms: u64,
     pub(crate) reason: String,
     /// Made by `decide.lua`: Redis enforces it, and its record (what the
     /// admin API lists) is still to be written. A ban made by the local
@@ -162,10 +160,8 @@ impl<S: SharedStore> Limiter<S> {
                 Status::Allowed => pass.decided.push((reply, store)),
                 Status::BannedBefore | Status::BannedNow => {
                     let made = (reply.status == Status::BannedNow).then(|| BanMade {
-                        tag: pass.tags[i].clone(),
                         dur_ms: reply.ban_ms,
                         strikes: reply.strikes,
-                        until_ms: reply.until_ms,
                         reason: refusing_reason(g, &reply),
                         by_redis: store == Store::Redis,
                     });
@@ -405,10 +401,8 @@ impl<S: SharedStore> Limiter<S> {
             match self.on_store(*store, &call).await {
                 Ok(r) if r.status == Status::BannedNow => {
                     ban = Some(BanMade {
-                        tag: pass.tags[j].clone(),
                         dur_ms: r.ban_ms,
                         strikes: r.strikes,
-                        until_ms: r.until_ms,
                         reason: format!("rule {}", rule.unwrap_or("")),
                         by_redis: *store == Store::Redis,
                     });

@@ -180,11 +180,13 @@ impl DenyCache {
         }
     }
 
+    #[cfg(test)]
     /// Subjects held now (tests and metrics).
     pub(crate) fn len(&self) -> usize {
         self.held.load(Ordering::Relaxed)
     }
 
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }

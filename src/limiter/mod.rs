@@ -43,17 +43,17 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 pub(crate) use breaker::{Breaker, Breakers};
+pub(crate) use call::SharedStore;
 pub use call::{
     BanParams, BucketReply, BucketState, DecisionStore, Mode, Status, SubjectCall, SubjectReply,
 };
-pub(crate) use call::SharedStore;
 use cap::DecisionCap;
-pub(crate) use decide::{rate_info, BanMade, Decision, RateInfo, Store};
+pub(crate) use decide::{rate_info, BanMade, Decision, RateInfo};
 pub(crate) use deny_cache::DenyCache;
-pub(crate) use local::{wall_clock_us, LocalBan};
+pub(crate) use local::wall_clock_us;
 pub use local::LocalStore;
 pub use redis_store::RedisStore;
-pub(crate) use slots::{new_lease_id, HeldSlots, LeaseSet};
+pub(crate) use slots::LeaseSet;
 pub use slots::{LeaseCall, LeaseSlot};
 
 use crate::config::OnFailure;
@@ -137,10 +137,6 @@ impl<S: SharedStore> Limiter<S> {
     /// The refusals this node repeats without asking Redis.
     pub(crate) fn deny_cache(&self) -> &DenyCache {
         &self.deny
-    }
-
-    pub(crate) fn local(&self) -> &Arc<LocalStore> {
-        &self.local
     }
 
     /// True when a shared store (Redis) is configured.

@@ -14,8 +14,8 @@ use std::sync::{Arc, LazyLock};
 /// One concurrency rule's slot: the rule and how long its lease lasts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseSlot {
-    pub(crate) rule: Arc<str>,
-    pub(crate) lease_ms: u64,
+    pub rule: Arc<str>,
+    pub lease_ms: u64,
 }
 
 /// The slots one request holds of one subject.
@@ -53,13 +53,13 @@ impl LeaseSet {
 /// A renewal or release of one subject's slots.
 #[derive(Debug, Clone)]
 pub struct LeaseCall<'a> {
-    pub(crate) tag: &'a str,
-    pub(crate) lease: &'a str,
-    pub(crate) slots: &'a [LeaseSlot],
+    pub tag: &'a str,
+    pub lease: &'a str,
+    pub slots: &'a [LeaseSlot],
     /// `true` renews the leases still held, `false` releases them.
-    pub(crate) renew: bool,
+    pub renew: bool,
     /// Pins the clock (µs since the epoch); `None` = the store's own clock.
-    pub(crate) now_us: Option<u64>,
+    pub now_us: Option<u64>,
 }
 
 /// This process's part of every lease id: distinct across nodes (and

@@ -59,9 +59,9 @@ mod slots;
 pub(crate) use failure::{is_noscript, RedisFailure};
 pub(crate) use scripts::LuaScript;
 
+pub use slots::slot_of;
 use slots::SlotTable;
 pub(crate) use slots::{key_slot, SlotRange};
-pub use slots::slot_of;
 
 /// The pause before the first retry of a transient failure; it doubles per
 /// retry, up to [`RETRY_PAUSE_MAX`], and never passes the call's budget.

@@ -247,6 +247,7 @@ impl PoolSet {
         self.named.iter().find(|p| &*p.name == name)
     }
 
+    #[cfg(test)]
     /// `[upstream]`.
     pub(crate) fn default_pool(&self) -> &Arc<Pool> {
         &self.default

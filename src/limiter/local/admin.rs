@@ -18,7 +18,13 @@ pub(crate) struct LocalBan {
 
 impl LocalStore {
     /// An operator's ban (no-Redis mode), keeping the strike count.
-    pub(crate) fn ban(&self, tag: &str, dur_ms: u64, reason: &str, source: &'static str) -> LocalBan {
+    pub(crate) fn ban(
+        &self,
+        tag: &str,
+        dur_ms: u64,
+        reason: &str,
+        source: &'static str,
+    ) -> LocalBan {
         let ban = **self.ban.load();
         let now_ms = wall_clock_us() / 1000;
         let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
@@ -79,7 +85,7 @@ impl LocalStore {
 
     /// Renews or releases one request's leases of one subject, exactly as
     /// `lua/lease.lua` does; returns how many sets still hold it.
-    pub(crate) fn leases(&self, call: &LeaseCall<'_>) -> u32 {
+    pub fn leases(&self, call: &LeaseCall<'_>) -> u32 {
         let mut shard = self
             .shard(call.tag)
             .lock()
@@ -137,16 +143,13 @@ impl LocalStore {
         }
     }
 
-    /// Subjects tracked now (for tests and metrics).
+    /// Subjects tracked now.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.shards
             .iter()
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
             .sum()
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

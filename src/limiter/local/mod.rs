@@ -78,7 +78,7 @@ impl LocalStore {
     }
 
     /// Decides one subject, exactly as `lua/decide.lua` does.
-    pub(crate) fn decide(&self, call: &SubjectCall<'_>) -> SubjectReply {
+    pub fn decide(&self, call: &SubjectCall<'_>) -> SubjectReply {
         let ban = **self.ban.load();
         let mut shard = self
             .shard(call.tag)

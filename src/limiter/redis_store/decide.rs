@@ -14,14 +14,12 @@ use crate::redis_link::{scripts, RedisFailure, RedisLink};
 
 /// Escalation settings and ARGV[5..10] of `decide.lua`, rendered once.
 pub(super) struct BanArgs {
-    pub(super) params: BanParams,
     argv: [String; 6],
 }
 
 impl BanArgs {
     pub(super) fn new(ban: BanParams) -> BanArgs {
         BanArgs {
-            params: ban,
             argv: [
                 ban.after.to_string(),
                 ban.within_ms.to_string(),

@@ -45,14 +45,6 @@ impl RedisStore {
         }
     }
 
-    pub(crate) fn link(&self) -> &Arc<RedisLink> {
-        &self.link
-    }
-
-    pub(crate) fn ban_params(&self) -> BanParams {
-        self.ban.load().params
-    }
-
     async fn call(&self, call: &SubjectCall<'_>) -> Result<SubjectReply, RedisFailure> {
         let rendered = DecideCall::render(&self.prefix, call, &self.ban.load());
         let value = match &self.coalescer {
