@@ -342,7 +342,7 @@ fn no_source_file_is_too_long() {
     }
     assert!(
         problems.is_empty(),
-        "source files too long:\n  {}",
+        "source file lengths (at most {MAX_LINES} lines under src/):\n  {}",
         problems.join("\n  ")
     );
 }
