@@ -21,16 +21,6 @@ use std::path::{Path, PathBuf};
 /// The longest a file under `src/` may be.
 const MAX_LINES: usize = 600;
 
-/// Files that were already longer than [`MAX_LINES`] when the rule came in,
-/// each with the length it may not grow past. An entry must go once its
-/// file is split (the test says so), and none may be added.
-const LONG_FILES_TO_SPLIT: &[(&str, usize)] = &[
-    ("src/config/mod.rs", 1211),
-    ("src/limiter/local.rs", 650),
-    ("src/limiter/mod.rs", 711),
-    ("src/redis_link/mod.rs", 727),
-];
-
 const BEGIN: &str = "<!-- module-graph:begin -->";
 const END: &str = "<!-- module-graph:end -->";
 const DOC: &str = "docs/architecture.md";
@@ -310,34 +300,15 @@ fn module_graph_has_no_cycle() {
 fn no_source_file_is_too_long() {
     let root = root();
     let mut problems = Vec::new();
-    let mut lengths = BTreeMap::new();
     for path in rust_files(&root.join("src")) {
         let rel = path
             .strip_prefix(&root)
             .unwrap()
             .to_string_lossy()
             .replace('\\', "/");
-        lengths.insert(rel, read(&path).lines().count());
-    }
-    for (file, &n) in &lengths {
-        match LONG_FILES_TO_SPLIT.iter().find(|(f, _)| f == file) {
-            None if n > MAX_LINES => {
-                problems.push(format!("{file}: {n} lines (at most {MAX_LINES})"));
-            }
-            Some(&(_, ceiling)) if n > ceiling => problems.push(format!(
-                "{file}: {n} lines; it is waiting to be split and may not grow past {ceiling}"
-            )),
-            Some(_) if n <= MAX_LINES => problems.push(format!(
-                "{file}: {n} lines now: take it off LONG_FILES_TO_SPLIT in tests/architecture.rs"
-            )),
-            _ => {}
-        }
-    }
-    for (file, _) in LONG_FILES_TO_SPLIT {
-        if !lengths.contains_key(*file) {
-            problems.push(format!(
-                "{file} is gone: take it off LONG_FILES_TO_SPLIT in tests/architecture.rs"
-            ));
+        let n = read(&path).lines().count();
+        if n > MAX_LINES {
+            problems.push(format!("{rel}: {n} lines (at most {MAX_LINES})"));
         }
     }
     assert!(
