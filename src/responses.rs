@@ -139,6 +139,21 @@ pub(crate) fn unavailable() -> HttpResponse {
     )
 }
 
+/// A consumer key no assignment names, with
+/// `consumers.unknown_keys = "reject"`: 401 problem+json.
+pub(crate) fn unknown_key(message: String) -> HttpResponse {
+    let body = json!({
+        "type": "about:blank",
+        "title": "Unauthorized",
+        "status": 401,
+        "error": "unknown_key",
+        "message": message,
+    });
+    HttpResponse::build(StatusCode::UNAUTHORIZED)
+        .content_type("application/problem+json")
+        .body(body.to_string())
+}
+
 /// A request the gateway cannot decide on (e.g. an oversized key header).
 pub(crate) fn bad_request(message: String) -> HttpResponse {
     json_error(

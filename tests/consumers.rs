@@ -120,7 +120,23 @@ fn plans_move_at_runtime_and_every_node_follows_within_a_second() {
     };
     let (a, b) = (Gateway::start(&setup), Gateway::start(&setup));
 
-    // An unknown key gets the default plan; every policy is listed.
+    // A key no assignment names is decided like a request without one: the
+    // default plan on the client's address, and no rule keyed by it.
+    let r = get_key(&b, "/", "k-made-up");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        names(&sf_list(r.header("ratelimit-policy"))),
+        ["free-rate", "free-daily"]
+    );
+
+    // A key assigned the default plan is a consumer: every policy is listed.
+    let r = a.admin("PUT", "/admin/consumers/k-1", Some(r#"{"plan":"free"}"#));
+    assert_eq!(r.status, 201, "{}", r.body);
+    wait_until("node b knows k-1", Duration::from_secs(1), || {
+        names(&sf_list(get_key(&b, "/x", "k-1").header("ratelimit-policy")))
+            .first()
+            .is_some_and(|n| *n == "per-key")
+    });
     let r = get_key(&b, "/", "k-1");
     assert_eq!(r.status, 200, "{}", r.body);
     let policy = sf_list(r.header("ratelimit-policy"));
@@ -131,9 +147,9 @@ fn plans_move_at_runtime_and_every_node_follows_within_a_second() {
     assert_eq!(param(&policy, "free-daily", "w"), Some("86400"));
     let state = sf_list(r.header("ratelimit"));
     assert_eq!(names(&state), ["per-key", "free-rate", "free-daily"]);
-    assert_eq!(param(&state, "free-rate", "r"), Some("2"));
-    assert_eq!(param(&state, "free-rate", "t"), Some("60"));
-    assert_eq!(param(&state, "free-daily", "r"), Some("999"));
+    assert_eq!(param(&state, "free-rate", "r"), Some("1"));
+    assert_eq!(param(&state, "free-rate", "t"), Some("120"));
+    assert_eq!(param(&state, "free-daily", "r"), Some("998"));
     let t: u64 = param(&state, "free-daily", "t").unwrap().parse().unwrap();
     assert!(
         (1..=86_400).contains(&t),
@@ -141,7 +157,7 @@ fn plans_move_at_runtime_and_every_node_follows_within_a_second() {
     );
     // The older trio keeps the tightest policy.
     assert_eq!(r.header("ratelimit-limit"), Some("3"));
-    assert_eq!(r.header("ratelimit-remaining"), Some("2"));
+    assert_eq!(r.header("ratelimit-remaining"), Some("1"));
 
     // A static key gets its plan; a concurrency policy says what it counts.
     let r = get_key(&a, "/", "k-static-pro");
@@ -166,9 +182,9 @@ fn plans_move_at_runtime_and_every_node_follows_within_a_second() {
 
     // Moved to pro on one node, seen on the other within a second.
     let r = a.admin("PUT", "/admin/consumers/k-1", Some(r#"{"plan":"pro"}"#));
-    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["plan"], "pro");
-    assert_eq!(r.json()["previous"], serde_json::Value::Null);
+    assert_eq!(r.json()["previous"], "free");
     let moved = Instant::now();
     wait_until(
         "node b applies the new plan",
@@ -276,7 +292,7 @@ fn plans_move_at_runtime_and_every_node_follows_within_a_second() {
         .filter(|e| e["subject"] == format!("consumer:{hash}"))
         .map(|e| e["event"].as_str().unwrap())
         .collect();
-    assert_eq!(events, ["assign", "assign"], "{audit}");
+    assert_eq!(events, ["assign", "assign", "assign"], "{audit}");
 
     // Removed: back to the default plan everywhere; a second removal is 404.
     assert_eq!(b.admin("DELETE", "/admin/consumers/k-1", None).status, 204);
@@ -642,4 +658,91 @@ fn a_client_that_waits_for_each_answer_is_never_refused_for_being_in_flight() {
         call("GET", &b.url("/"), &[(KEY, "k-one")], None).status,
         200
     );
+}
+
+/// A free plan whose only rule is a day quota of 3 searches, a `[[rules]]`
+/// rule keyed by the consumer header, and one static key.
+const SEARCH_QUOTA: &str = r#"
+[consumers]
+key = "header:X-Api-Key"
+default_plan = "free"
+keys = { "k-known" = "free" }
+
+[plans.free]
+rules = [
+  { name = "free-search", quota = 3, period = "day", match = { path_prefix = "/search" } },
+]
+"#;
+
+/// Keys of this test's prefix in `redis`.
+fn keys_of(redis: &RedisServer, prefix: &str) -> Vec<String> {
+    let out = redis.cli(&["--scan", "--pattern", &format!("{prefix}*")]);
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn made_up_keys_get_the_default_plan_on_the_address_and_create_no_state() {
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let p = prefix();
+    let gw = Gateway::start(&Setup {
+        redis: Some(redis.url()),
+        upstream: &up.url(),
+        prefix: &p,
+        rules: PER_KEY,
+        extra: SEARCH_QUOTA,
+    });
+    let ip = "198.51.100.77";
+    let mut allowed = 0;
+    for i in 0..1000 {
+        let r = get(
+            &gw.url("/search?q=x"),
+            &[("X-Forwarded-For", ip), (KEY, &format!("rnd-{i}"))],
+        );
+        match r.status {
+            200 => allowed += 1,
+            429 => {}
+            s => panic!("made-up key {i}: {s} {}", r.body),
+        }
+    }
+    assert_eq!(
+        allowed, 3,
+        "made-up keys share the address's default-plan quota"
+    );
+    let subjects: Vec<String> = keys_of(&redis, &p)
+        .into_iter()
+        .filter(|k| k.contains('{'))
+        .collect();
+    assert_eq!(
+        subjects,
+        vec![format!("{p}{{ip:{ip}}}:b")],
+        "one subject's state, the address's; none per made-up key"
+    );
+    // A known key is a consumer of its own.
+    let r = get(&gw.url("/search"), &[("X-Forwarded-For", ip), (KEY, "k-known")]);
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn unknown_keys_can_be_refused_with_401() {
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let gw = Gateway::on(
+        &redis,
+        &up,
+        "",
+        &SEARCH_QUOTA.replace(
+            "keys = { \"k-known\" = \"free\" }",
+            "keys = { \"k-known\" = \"free\" }\nunknown_keys = \"reject\"",
+        ),
+    );
+    let r = get_key(&gw, "/search", "rnd-1");
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    assert_eq!(r.json()["error"], "unknown_key");
+    assert_eq!(up.hits(), 0, "nothing was forwarded");
+    assert_eq!(get_key(&gw, "/search", "k-known").status, 200);
+    // Without a key the request is anonymous, as before.
+    assert_eq!(get(&gw.url("/search"), &[]).status, 200);
 }

@@ -26,6 +26,23 @@ pub(crate) struct ConsumersConfig {
     /// and win over these).
     #[serde(default)]
     pub(crate) keys: BTreeMap<String, String>,
+    /// What a key that no assignment (runtime or static) names gets.
+    #[serde(default)]
+    pub(crate) unknown_keys: UnknownKeys,
+}
+
+/// `consumers.unknown_keys`: how a request is decided when it carries a key
+/// that no assignment names. Made-up keys must not buy a client fresh
+/// limits (nor one Redis key each), so by default such a request is decided
+/// exactly like one without a key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum UnknownKeys {
+    /// The default plan on the client's address, like a missing key.
+    #[default]
+    Default,
+    /// 401 problem+json.
+    Reject,
 }
 
 /// `[plans.NAME]`: the rules a plan gives each of its consumers.

@@ -30,6 +30,7 @@ mod server;
 mod summary;
 
 pub(crate) use ban::{parse_cidr, BanConfig, ClientIpConfig};
+pub(crate) use consumers::UnknownKeys;
 pub(crate) use consumers::{check_consumer_key, ConsumersConfig, PlanConfig};
 pub(crate) use error::{ConfigError, Invalid};
 pub(crate) use pools::{HealthConfig, RouteConfig, UpstreamConfig};

@@ -22,6 +22,7 @@
 mod plans;
 mod table;
 
+pub(crate) use plans::ConsumerError;
 pub(crate) use plans::Plans;
 pub(crate) use table::ConsumerTable;
 

@@ -13,7 +13,7 @@ use actix_web::HttpRequest;
 
 use super::{key_hash, ConsumerTable};
 use crate::client_ip::ClientKey;
-use crate::config::Config;
+use crate::config::{Config, UnknownKeys};
 use crate::path_match::PathReadings;
 use crate::policy::KeyKind;
 use crate::rules::{
@@ -56,6 +56,7 @@ pub(crate) struct Plans {
     default: Option<usize>,
     /// SHA-256 of a static key -> plan.
     static_keys: HashMap<String, usize>,
+    unknown_keys: UnknownKeys,
     /// Idle TTL of a consumer's state: long enough for every bucket of the
     /// consumer's rules to refill and every quota period to end.
     ttl_ms: u64,
@@ -103,6 +104,7 @@ impl Plans {
             plans,
             default,
             static_keys,
+            unknown_keys: c.unknown_keys,
             ttl_ms,
         })
     }
@@ -142,34 +144,55 @@ impl Plans {
             .or_else(|| self.default.map(|i| (&self.plans[i], PlanSource::Default)))
     }
 
-    /// Phase 4b: finds the consumer of `req` and adds its plan's matching
-    /// rules to its subject's group. A request with a key is decided on the
-    /// consumer's subject (which the `[[rules]]` keyed by the same header
-    /// share, so one script call decides them all); a request without one
-    /// gets the default plan on its client address.
+    /// Part of phase 4: finds the consumer of `req` and adds its plan's
+    /// matching rules to its subject's group. A request with a known key
+    /// (one a runtime or static assignment names) is decided on the
+    /// consumer's subject, which the `[[rules]]` keyed by the same header
+    /// share, so one script call decides them all. A request without a key
+    /// gets the default plan on its client address; so does one with a key
+    /// no assignment names (its header rules do not apply either), unless
+    /// `consumers.unknown_keys = "reject"`: made-up keys buy no fresh limits
+    /// and create no state of their own.
     pub(crate) fn apply<'r>(
         &'r self,
         req: &HttpRequest,
         client: ClientKey,
         table: &ConsumerTable,
         groups: &mut Vec<SubjectGroup<'r>>,
-    ) -> Result<(), MatchError> {
-        let (subject, plan) = match req.headers().get(&self.header) {
+    ) -> Result<(), ConsumerError> {
+        let known = match req.headers().get(&self.header) {
             Some(v) => {
                 if v.len() > MAX_KEY_HEADER_LEN {
-                    return Err(KeyHeaderTooLong(self.header.to_string()).into());
+                    return Err(MatchError::from(KeyHeaderTooLong(self.header.to_string())).into());
                 }
                 let hash = key_hash(v.as_bytes());
+                if table.get(&hash).is_some() || self.static_keys.contains_key(&hash) {
+                    Some(hash)
+                } else if self.unknown_keys == UnknownKeys::Reject {
+                    return Err(ConsumerError::UnknownKey(self.header.to_string()));
+                } else {
+                    None
+                }
+            }
+            None => None,
+        };
+        let (subject, plan) = match known {
+            Some(hash) => {
                 let plan = self.plan_of(&hash, table).map(|(p, _)| p);
                 for g in groups.iter_mut() {
-                    if matches!(&g.subject, Subject::Header { name, .. } if *name == self.header) {
+                    if self.is_key_group(g) {
                         g.subject = Subject::Consumer { hash: hash.clone() };
                         g.ttl_ms = g.ttl_ms.max(self.ttl_ms);
                     }
                 }
                 (Subject::Consumer { hash }, plan)
             }
-            None => (Subject::Ip(client), self.default.map(|i| &self.plans[i])),
+            None => {
+                // Decided like a request without the header: the rules keyed
+                // by it do not apply.
+                groups.retain(|g| !self.is_key_group(g));
+                (Subject::Ip(client), self.default.map(|i| &self.plans[i]))
+            }
         };
         let Some(plan) = plan else {
             return Ok(());
@@ -177,7 +200,7 @@ impl Plans {
         let path = PathReadings::of(req.path());
         let mut matching: Vec<&'r Rule> = Vec::new();
         for rule in &plan.rules {
-            if rule.matches(req, &path)? {
+            if rule.matches(req, &path).map_err(MatchError::from)? {
                 matching.push(rule);
             }
         }
@@ -205,4 +228,21 @@ impl Plans {
         }
         Ok(())
     }
+
+    /// A group of the `[[rules]]` keyed by the consumer header.
+    fn is_key_group(&self, g: &SubjectGroup<'_>) -> bool {
+        matches!(&g.subject, Subject::Header { name, .. } if *name == self.header)
+    }
+}
+
+/// Why a request's consumer cannot be worked out.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConsumerError {
+    /// Answered with 400, like any rule that cannot be matched.
+    #[error(transparent)]
+    Match(#[from] MatchError),
+    /// A key no assignment names, with `consumers.unknown_keys = "reject"`:
+    /// answered with 401.
+    #[error("the key in {0} is not known to this gateway")]
+    UnknownKey(String),
 }

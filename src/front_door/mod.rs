@@ -32,6 +32,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::client_ip::ClientKey;
+use crate::consumers::ConsumerError;
 use crate::gateway::{Gateway, Snapshot, UpstreamClients};
 use crate::in_flight::SlotGuard;
 use crate::limiter::{Decision, RateInfo};
@@ -172,7 +173,13 @@ impl<'a> Exchange<'a> {
         if let Some(plans) = &self.snap.plans {
             plans
                 .apply(&self.req, self.key, &self.gw.consumers, &mut groups)
-                .map_err(|e| Exit::Answer(responses::bad_request(e.to_string())))?;
+                .map_err(|e| match e {
+                    ConsumerError::Match(e) => Exit::Answer(responses::bad_request(e.to_string())),
+                    ConsumerError::UnknownKey(_) => {
+                        crate::metrics::client_error("unknown_key");
+                        Exit::Answer(responses::unknown_key(e.to_string()))
+                    }
+                })?;
         }
         if groups.is_empty() {
             self.gw.metrics.allowed_unmatched.increment(1);
