@@ -9,7 +9,8 @@
 -- KEYS[1]  ban hash   <prefix>{<subject>}:ban - until (ms), strikes,
 --          reason, source, at (ms), dur (ms)
 -- KEYS[2]  state hash <prefix>{<subject>}:b - '#bu' until (ms), '#bs'
---          strikes
+--          strikes (remembered while '#bu' + memory is ahead), '#x' the
+--          time the hash is kept until (never brought forward)
 -- ARGV[1]  duration, ms
 -- ARGV[2]  reason
 -- ARGV[3]  memory, ms (how long strikes are remembered after the ban)
@@ -27,8 +28,10 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local dur = tonumber(ARGV[1])
 local memory = tonumber(ARGV[3])
 local current = redis.call('HMGET', KEYS[1], 'until', 'strikes')
-local state = redis.call('HMGET', KEYS[2], '#bu', '#bs')
-local strikes = math.max(tonumber(current[2]) or 0, tonumber(state[2]) or 0)
+local state = redis.call('HMGET', KEYS[2], '#bu', '#bs', '#x')
+local state_strikes = 0
+if (tonumber(state[1]) or 0) + memory > now_ms then state_strikes = tonumber(state[2]) or 0 end
+local strikes = math.max(tonumber(current[2]) or 0, state_strikes)
 local current_until = tonumber(current[1]) or 0
 if ARGV[6] == '1' and current_until >= now_ms + dur then
   return {current_until, strikes, now_ms}
@@ -43,9 +46,8 @@ local state_until = ban_until
 if ARGV[6] == '1' and (tonumber(state[1]) or 0) > state_until then
   state_until = tonumber(state[1])
 end
-redis.call('HSET', KEYS[2], '#bu', state_until, '#bs', strikes)
-local keep = state_until - now_ms + memory
-if redis.call('PTTL', KEYS[2]) < keep then
-  redis.call('PEXPIRE', KEYS[2], keep)
-end
+local keep = state_until + memory
+if (tonumber(state[3]) or 0) > keep then keep = tonumber(state[3]) end
+redis.call('HSET', KEYS[2], '#bu', state_until, '#bs', strikes, '#x', keep)
+redis.call('PEXPIRE', KEYS[2], keep - now_ms)
 return {ban_until, strikes, now_ms}

@@ -26,7 +26,12 @@
 -- KEYS[1]  state hash <prefix>{<subject>}:b - field per rate rule = TAT
 --          (us), per quota rule = 'start:count'; '#vs' = violation window
 --          start (ms), '#vc' = violations in it; '#bu' = ban until (ms),
---          '#bs' = strikes (kept until '#bu' + memory). The ban lives in
+--          '#bs' = strikes (remembered while '#bu' + memory is ahead, and
+--          forgotten then however busy the subject is); '#x' = the time
+--          (ms) the hash is kept until, which no call ever brings forward:
+--          each call asks for what its own rules need, and an unrelated
+--          request or a refund never cuts short a quota, a violation window
+--          or remembered strikes that other fields need. The ban lives in
 --          the state hash so that a subject without concurrency rules has
 --          one key, and a slot being moved never answers TRYAGAIN; the
 --          ban's full record (<prefix>{<subject>}:ban, read by the admin API
@@ -140,22 +145,25 @@ fields[n + 1] = '#vs'
 fields[n + 2] = '#vc'
 fields[n + 3] = '#bu'
 fields[n + 4] = '#bs'
+fields[n + 5] = '#x'
 local cur = hmget(hkey, fields)
 
+-- keep: the time (ms) the hash must live until. At least as long as it was
+-- to live, this call's idle TTL, and the end of ban memory while strikes
+-- are remembered; each write below may raise it, never lower it.
+local keep = now_ms + ttl
+local kept = tonumber(cur[n + 5]) or 0
+if kept > keep then keep = kept end
+local memory = tonumber(ARGV[A + 10])
+local ban_until = tonumber(cur[n + 3]) or 0
 local strikes = 0
--- The hash lives at least until the ban ends plus ban memory (strikes).
-local floor = 0
-if cur[n + 3] or cur[n + 4] then
-  floor = (tonumber(cur[n + 3]) or 0) + tonumber(ARGV[A + 10]) - now_ms
-end
-if bannable then
-  local ban_until = tonumber(cur[n + 3]) or 0
+if cur[n + 4] and ban_until + memory > now_ms then
   strikes = tonumber(cur[n + 4]) or 0
-  if mode == 'd' and ban_until > now_ms then
-    return {2, ban_until - now_ms, strikes, ban_until}
-  end
+  if ban_until + memory > keep then keep = ban_until + memory end
 end
-if ttl < floor then ttl = floor end
+if bannable and mode == 'd' and ban_until > now_ms then
+  return {2, ban_until - now_ms, strikes, ban_until}
+end
 
 local out = {0, 0, 0, 0}
 local o = 4
@@ -209,8 +217,7 @@ for i = 1, n do
     room, wait = b - count, stop * 1000000 - now
     vals[i] = string.format('%.0f:%.0f', start, count)
     -- The counter lives at least until its period ends.
-    local keep = (stop - now_s) * 1000
-    if keep > ttl then ttl = keep end
+    if stop * 1000 > keep then keep = stop * 1000 end
   else
     next_key = next_key + 1
     local key = KEYS[K + next_key]
@@ -260,14 +267,16 @@ if refused == nil and mode == 'd' then
     end
   end
   if #args > 0 then
-    hset(hkey, args)
     -- Never cut short an open violation window.
     local vs = tonumber(cur[n + 1])
     if vs ~= nil and bannable and after > 0 then
-      local keep = vs + tonumber(ARGV[A + 6]) - now_ms
-      if keep > ttl then ttl = keep end
+      local window_end = vs + tonumber(ARGV[A + 6])
+      if window_end > keep then keep = window_end end
     end
-    pexpire(hkey, ttl)
+    args[#args + 1] = '#x'
+    args[#args + 1] = keep
+    hset(hkey, args)
+    pexpire(hkey, keep - now_ms)
   end
   return out
 end
@@ -281,8 +290,10 @@ if mode == 'r' then
     end
   end
   if #args > 0 then
+    args[#args + 1] = '#x'
+    args[#args + 1] = keep
     hset(hkey, args)
-    pexpire(hkey, ttl)
+    pexpire(hkey, keep - now_ms)
   end
   refused = sub(ARGV[A + 2], 3)
 end
@@ -301,10 +312,9 @@ if vs == nil or now_ms - vs >= within then
 end
 vc = vc + 1
 if vc < after then
-  hset(hkey, {'#vs', vs, '#vc', vc})
-  local keep = vs + within - now_ms
-  if keep < ttl then keep = ttl end
-  pexpire(hkey, keep)
+  if vs + within > keep then keep = vs + within end
+  hset(hkey, {'#vs', vs, '#vc', vc, '#x', keep})
+  pexpire(hkey, keep - now_ms)
   return out
 end
 
@@ -313,12 +323,11 @@ local dur = tonumber(ARGV[A + 7]) * (tonumber(ARGV[A + 8]) ^ (strikes - 1))
 local max = tonumber(ARGV[A + 9])
 if dur > max then dur = max end
 dur = floor_of(dur)
-local ban_until = now_ms + dur
-hset(hkey, {'#bu', ban_until, '#bs', strikes})
+ban_until = now_ms + dur
+if ban_until + memory > keep then keep = ban_until + memory end
+hset(hkey, {'#bu', ban_until, '#bs', strikes, '#x', keep})
 hdel(hkey, {'#vs', '#vc'})
-local keep = dur + tonumber(ARGV[A + 10])
-if keep < ttl then keep = ttl end
-pexpire(hkey, keep)
+pexpire(hkey, keep - now_ms)
 out[1] = 3
 out[2] = dur
 out[3] = strikes

@@ -133,9 +133,11 @@ fn plans_move_at_runtime_and_every_node_follows_within_a_second() {
     let r = a.admin("PUT", "/admin/consumers/k-1", Some(r#"{"plan":"free"}"#));
     assert_eq!(r.status, 201, "{}", r.body);
     wait_until("node b knows k-1", Duration::from_secs(1), || {
-        names(&sf_list(get_key(&b, "/x", "k-1").header("ratelimit-policy")))
-            .first()
-            .is_some_and(|n| *n == "per-key")
+        names(&sf_list(
+            get_key(&b, "/x", "k-1").header("ratelimit-policy"),
+        ))
+        .first()
+        .is_some_and(|n| *n == "per-key")
     });
     let r = get_key(&b, "/", "k-1");
     assert_eq!(r.status, 200, "{}", r.body);
@@ -721,7 +723,10 @@ fn made_up_keys_get_the_default_plan_on_the_address_and_create_no_state() {
         "one subject's state, the address's; none per made-up key"
     );
     // A known key is a consumer of its own.
-    let r = get(&gw.url("/search"), &[("X-Forwarded-For", ip), (KEY, "k-known")]);
+    let r = get(
+        &gw.url("/search"),
+        &[("X-Forwarded-For", ip), (KEY, "k-known")],
+    );
     assert_eq!(r.status, 200, "{}", r.body);
 }
 

@@ -46,13 +46,16 @@ impl LocalStore {
         }
     }
 
-    /// Lifts a ban; true if one was active.
+    /// Lifts a ban; true if one was active. The ban ends now: its strikes
+    /// are remembered for `ban.memory` from now, as `unban.lua` leaves them.
     pub(crate) fn unban(&self, tag: &str) -> bool {
+        let memory_ms = self.ban.load().memory_ms;
         let now_ms = wall_clock_us() / 1000;
         let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
         match shard.get_mut(tag) {
             Some(s) if s.ban_until_ms > now_ms => {
-                s.ban_until_ms = 0;
+                s.ban_until_ms = now_ms;
+                s.ban_expires_ms = now_ms + memory_ms;
                 s.window = None;
                 true
             }
@@ -116,6 +119,17 @@ impl LocalStore {
             }
         }
         held
+    }
+
+    /// The time (ms, on the clock the calls gave) until which the state of
+    /// `tag` is kept: what `decide.lua` writes in the `#x` field. Compared
+    /// by the differential test; `None` for a subject never decided.
+    pub fn kept_until_ms(&self, tag: &str) -> Option<u64> {
+        let shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
+        shard
+            .get(tag)
+            .map(|s| s.state_expires_ms)
+            .filter(|ms| *ms > 0)
     }
 
     /// Takes the bans made since the last call (for write-back to Redis).

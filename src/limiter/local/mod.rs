@@ -107,7 +107,13 @@ impl LocalStore {
         let mut buckets = Vec::with_capacity(call.rules.len());
         let mut written = Vec::with_capacity(call.rules.len());
         let mut refused: Option<&str> = None;
-        let mut ttl = call.ttl_ms;
+        // What the script's `#x` holds: the state lives at least as long as
+        // it was to, this call's idle TTL, and the end of ban memory while
+        // strikes are remembered; never brought forward.
+        let mut keep = s.state_expires_ms.max(now_ms + call.ttl_ms);
+        if s.ban_expires_ms > now_ms {
+            keep = keep.max(s.ban_expires_ms);
+        }
         let now_s = now / 1_000_000;
         for rule in call.rules {
             let cost_of = |c: u64| if call.mode == Mode::Peek { 0 } else { c };
@@ -163,7 +169,7 @@ impl LocalStore {
                         _ => false,
                     };
                     // The counter lives at least until its period ends.
-                    ttl = ttl.max((stop - now_s) * 1000);
+                    keep = keep.max(stop * 1000);
                     let wait = (stop * 1_000_000) as i64 - now as i64;
                     (
                         pass,
@@ -270,7 +276,7 @@ impl LocalStore {
                 }
                 _ => 0,
             };
-            s.state_expires_ms = (now_ms + ttl).max(window_end);
+            s.state_expires_ms = keep.max(window_end);
         };
 
         let mut reply = SubjectReply {
@@ -308,8 +314,7 @@ impl LocalStore {
         vc += 1;
         if vc < ban.after {
             s.window = Some((vs, vc));
-            let keep = (vs + ban.within_ms).saturating_sub(now_ms).max(ttl);
-            s.state_expires_ms = now_ms + keep;
+            s.state_expires_ms = keep.max(vs + ban.within_ms);
             reply.buckets = buckets;
             return reply;
         }
@@ -321,6 +326,7 @@ impl LocalStore {
         s.ban_at_ms = now_ms;
         s.ban_dur_ms = dur;
         s.ban_expires_ms = now_ms + dur + ban.memory_ms;
+        s.state_expires_ms = keep.max(s.ban_expires_ms);
         s.window = None;
         if self.remember_bans {
             let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());

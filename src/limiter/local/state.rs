@@ -48,7 +48,9 @@ impl SubjectState {
             self.quotas.clear();
             self.window = None;
         }
-        if self.ban_expires_ms < now_ms {
+        // Strikes are remembered while the ban's end plus `ban.memory` is
+        // ahead, as `decide.lua` reads them.
+        if self.ban_expires_ms <= now_ms {
             self.ban_until_ms = 0;
             self.strikes = 0;
         }
