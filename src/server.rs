@@ -384,6 +384,10 @@ fn spawn_background(
             let (limiter, link) = (limiter.clone(), link.clone());
             actix_web::rt::spawn(async move { limiter.breakers().watch(&link).await });
         }
+        {
+            let (limiter, link) = (limiter.clone(), link.clone());
+            actix_web::rt::spawn(async move { limiter.breakers().keep_watch(&link).await });
+        }
         actix_web::rt::spawn(
             bans.clone()
                 .run_subscriber(config.ban.reconcile_interval * 3),

@@ -41,34 +41,43 @@ struct Seen {
     took: Duration,
 }
 
-/// Sends requests as `ip` until stopped, recording every answer.
+/// Concurrent clients of one load: enough that decisions queue behind the
+/// calls in flight and leave in batches, as under real load.
+const CLIENTS: usize = 16;
+
+/// Sends requests as `ip` from [`CLIENTS`] clients at once until stopped,
+/// recording every answer.
 struct Load {
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Vec<Seen>>>,
-    handle: Option<thread::JoinHandle<()>>,
+    handles: Vec<thread::JoinHandle<()>>,
 }
 
 impl Load {
     fn start(url: String, ip: &'static str) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (s, v) = (stop.clone(), seen.clone());
-        let handle = thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                let at = Instant::now();
-                let r = get_as(&url, ip);
-                v.lock().unwrap().push(Seen {
-                    at,
-                    status: r.status,
-                    took: at.elapsed(),
-                });
-                thread::sleep(Duration::from_millis(5));
-            }
-        });
+        let handles = (0..CLIENTS)
+            .map(|_| {
+                let (s, v, url) = (stop.clone(), seen.clone(), url.clone());
+                thread::spawn(move || {
+                    while !s.load(Ordering::Relaxed) {
+                        let at = Instant::now();
+                        let r = get_as(&url, ip);
+                        v.lock().unwrap().push(Seen {
+                            at,
+                            status: r.status,
+                            took: at.elapsed(),
+                        });
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                })
+            })
+            .collect();
         Load {
             stop,
             seen,
-            handle: Some(handle),
+            handles,
         }
     }
 
@@ -84,7 +93,7 @@ impl Load {
 
     fn finish(mut self) -> Vec<Seen> {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
+        for h in self.handles.drain(..) {
             h.join().unwrap();
         }
         self.seen.lock().unwrap().clone()
@@ -408,4 +417,164 @@ fn decisions_past_the_cap_use_on_failure_and_are_counted() {
         0.0,
         "the cap is not an outage"
     );
+}
+
+/// A gateway on `redis` with `timeout` per Redis call, `on_failure = local`.
+fn gateway_with_timeout(redis: &RedisServer, up: &Upstream, timeout_ms: u64) -> Gateway {
+    let p = prefix();
+    let setup = Setup {
+        redis: Some(redis.url()),
+        upstream: &up.url(),
+        prefix: &p,
+        rules: "[[rules]]\nname = \"wide\"\nkey = \"ip\"\nrate = 100000\nper = \"1s\"\nburst = 100000\n",
+        extra: "",
+    };
+    let (port, admin) = (free_port(), free_port());
+    let config = Gateway::config(port, admin, &setup).replace(
+        "timeout = \"200ms\"\n",
+        &format!("timeout = \"{timeout_ms}ms\"\n"),
+    );
+    Gateway::start_config(port, admin, config, &[])
+}
+
+/// `clients` concurrent clients, each its own address, each recording the
+/// time every answer took, until stopped.
+struct ManyClients {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    handles: Vec<thread::JoinHandle<()>>,
+}
+
+impl ManyClients {
+    fn start(url: String, clients: usize) -> ManyClients {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let handles = (0..clients)
+            .map(|c| {
+                let (s, v, url) = (stop.clone(), seen.clone(), url.clone());
+                let ip = format!("10.64.{}.{}", c / 250, c % 250 + 1);
+                thread::spawn(move || {
+                    while !s.load(Ordering::Relaxed) {
+                        let at = Instant::now();
+                        let status = get_as(&url, &ip).status;
+                        v.lock().unwrap().push(Seen {
+                            at,
+                            status,
+                            took: at.elapsed(),
+                        });
+                    }
+                })
+            })
+            .collect();
+        ManyClients {
+            stop,
+            seen,
+            handles,
+        }
+    }
+
+    fn finish(mut self) -> Vec<Seen> {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            h.join().unwrap();
+        }
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// A blip a little longer than `redis.timeout` fails every call then in
+/// flight (on every worker, and every batch of waiting decisions) at once:
+/// that is one failure, not one per waiting request, and opens no breaker.
+#[test]
+fn a_short_blip_under_concurrent_load_opens_no_breaker() {
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let gw = gateway_with_timeout(&redis, &up, 50);
+    let load = ManyClients::start(gw.url("/"), 64);
+    thread::sleep(Duration::from_millis(300));
+    for _ in 0..5 {
+        assert_eq!(redis.cli(&["DEBUG", "SLEEP", "0.08"]).trim(), "OK");
+        thread::sleep(Duration::from_millis(300));
+    }
+    let seen = load.finish();
+    assert!(seen.iter().all(|s| s.status == 200), "every request passed");
+    assert!(
+        !gw.log().contains("unavailable after"),
+        "a blip of 80 ms opened the breaker:\n{}",
+        gw.log()
+    );
+    assert_eq!(gw.metric("floodgate_redis_shard_degraded"), 0.0);
+    assert!(
+        gw.metric("floodgate_redis_errors_total") >= 1.0,
+        "the blips did fail calls: the test saw what it is about"
+    );
+}
+
+/// However long Redis stalls, a decision waits at most about one
+/// `redis.timeout` (queue included) before it goes to `on_failure`.
+#[test]
+fn a_decision_waits_about_one_timeout_however_long_redis_stalls() {
+    const TIMEOUT: u64 = 300;
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let gw = gateway_with_timeout(&redis, &up, TIMEOUT);
+    let load = ManyClients::start(gw.url("/"), 64);
+    thread::sleep(Duration::from_millis(500));
+    let stalled = Instant::now();
+    assert_eq!(redis.cli(&["DEBUG", "SLEEP", "1"]).trim(), "OK");
+    thread::sleep(Duration::from_millis(300));
+    let seen = load.finish();
+    let worst = seen
+        .iter()
+        .filter(|s| s.at >= stalled)
+        .map(|s| s.took)
+        .max()
+        .unwrap();
+    eprintln!(
+        "worst answer during a 1 s stall with redis.timeout = {TIMEOUT} ms: {worst:?} ({} answers)",
+        seen.len()
+    );
+    assert!(seen.iter().all(|s| s.status == 200));
+    // Waiting for a call in flight and then for a call of its own would be
+    // two timeouts (600 ms) and more.
+    assert!(
+        worst < Duration::from_millis(TIMEOUT + 250),
+        "a decision waited {worst:?} with redis.timeout = {TIMEOUT} ms"
+    );
+}
+
+/// Redis dies while every request is answered from the deny cache (no
+/// decision needs Redis): the watch notices, and the breaker, the
+/// degraded gauge and readiness agree.
+#[test]
+fn a_redis_that_dies_while_no_decision_needs_it_is_noticed() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start();
+    let p = prefix();
+    let gw = Gateway::start(&Setup {
+        redis: Some(redis.url()),
+        upstream: &up.url(),
+        prefix: &p,
+        rules: "[[rules]]\nname = \"once\"\nkey = \"ip\"\nrate = 1\nper = \"1h\"\nburst = 1\n",
+        extra: "",
+    });
+    assert_eq!(get(&gw.url("/"), &[]).status, 200);
+    assert_eq!(get(&gw.url("/"), &[]).status, 429);
+    assert!(gw.metric("floodgate_deny_cache_hits_total") == 0.0);
+    assert_eq!(get(&gw.url("/"), &[]).status, 429);
+    assert!(
+        gw.metric("floodgate_deny_cache_hits_total") >= 1.0,
+        "refusals come from the deny cache"
+    );
+    redis.kill9();
+    let killed = Instant::now();
+    wait_until(
+        "the breaker opens with no decision failing",
+        Duration::from_secs(3),
+        || {
+            assert_eq!(get(&gw.url("/"), &[]).status, 429);
+            degraded(&gw)
+        },
+    );
+    eprintln!("noticed {:?} after the kill", killed.elapsed());
+    assert_eq!(get(&gw.admin_url("/readyz"), &[]).status, 503);
+    assert_eq!(gw.metric("floodgate_redis_shard_degraded"), 1.0);
 }

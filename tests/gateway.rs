@@ -538,6 +538,11 @@ fn script_flush_mid_run_costs_no_request() {
         redis.calls("eval") >= 10,
         "the script body was re-sent after each flush"
     );
+    // Every decision was Redis's: none fell back to the local store (whose
+    // huge bucket would have hidden a failure), and no call failed.
+    assert_eq!(gw.decisions("local"), 0, "a decision fell back");
+    assert_eq!(gw.metric("floodgate_redis_errors_total"), 0.0);
+    assert!(gw.decisions("redis") >= ok.load(Ordering::Relaxed));
 }
 
 #[test]

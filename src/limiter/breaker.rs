@@ -37,6 +37,12 @@ const WHOLE: &str = "redis";
 /// Slots of a Redis Cluster.
 const SLOTS: usize = 16384;
 
+/// How long a shard may go without an answer to any call before the
+/// watch pings it (see [`Breakers::keep_watch`]).
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+/// How soon the watch pings again a shard whose ping failed.
+const RECHECK: Duration = Duration::from_millis(100);
+
 /// A run of decisions that used `on_failure` instead of Redis, logged once
 /// when it starts and once when it ends.
 #[derive(Default)]
@@ -77,6 +83,12 @@ pub(crate) struct Breaker {
     name: String,
     open: AtomicBool,
     failures: AtomicU32,
+    /// When the last counted failure was seen (ms since the breakers'
+    /// epoch, 0: never): a call sent before it overlapped that failure and
+    /// is not a failure "in a row" of its own.
+    last_failure_ms: AtomicU64,
+    /// When a call on this shard last got an answer (ms since the epoch).
+    last_answer_ms: AtomicU64,
     threshold: u32,
     gauge: Gauge,
     opened_at: Mutex<Option<Instant>>,
@@ -91,6 +103,8 @@ impl Breaker {
             name,
             open: AtomicBool::new(start_open),
             failures: AtomicU32::new(0),
+            last_failure_ms: AtomicU64::new(0),
+            last_answer_ms: AtomicU64::new(0),
             threshold: threshold.max(1),
             gauge,
             opened_at: Mutex::new(start_open.then(Instant::now)),
@@ -118,8 +132,18 @@ impl Breaker {
         }
     }
 
-    /// Counts a failed call; true when this opened the breaker.
-    fn failure(&self, e: &RedisFailure) -> bool {
+    /// Counts a failed call sent at `sent_ms` and seen failing at `now_ms`;
+    /// true when this opened the breaker. Calls that were in flight
+    /// together fail together (one blip longer than the timeout fails every
+    /// call then in flight, on every worker): only a failure of a call sent
+    /// after the last counted one was seen counts, so `breaker_failures`
+    /// failures in a row take that many rounds of calls, one after another.
+    fn failure(&self, e: &RedisFailure, sent_ms: u64, now_ms: u64) -> bool {
+        let last = self.last_failure_ms.load(Ordering::Relaxed);
+        if last != 0 && sent_ms < last {
+            return false;
+        }
+        self.last_failure_ms.store(now_ms.max(1), Ordering::Relaxed);
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= self.threshold && !self.open.swap(true, Ordering::AcqRel) {
             self.gauge.set(1.0);
@@ -235,6 +259,8 @@ impl Breakers {
 
     /// A decision on `b`'s shard went through Redis.
     pub(crate) fn success(&self, b: &Breaker) {
+        b.last_answer_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         b.success();
         if let Some(n) = b.spell.went_through(self.epoch) {
             log::info!(
@@ -244,9 +270,10 @@ impl Breakers {
         }
     }
 
-    /// A call on `b`'s shard failed (after its retries).
-    pub(crate) fn failure(&self, b: &Breaker, e: &RedisFailure) {
-        if b.failure(e) {
+    /// A call on `b`'s shard, sent at `sent`, failed (after its retries).
+    pub(crate) fn failure(&self, b: &Breaker, e: &RedisFailure, sent: Instant) {
+        let ms = |t: Instant| t.saturating_duration_since(self.epoch).as_millis() as u64;
+        if b.failure(e, ms(sent), ms(Instant::now())) {
             self.update_gauge();
         }
     }
@@ -317,6 +344,52 @@ impl Breakers {
             }
         }
         self.open_shards().len() < open_before
+    }
+
+    /// Notices a Redis that went away while no decision needed it (every
+    /// request answered from the ban cache or the deny cache, or no
+    /// traffic at all): each closed shard that no call has answered for
+    /// half a second is pinged, and a failed ping counts as a failed call
+    /// (a shard whose ping failed is pinged again a tenth of a second
+    /// later). So the breaker, `floodgate_degraded` and `/readyz` agree
+    /// within about a second. Busy shards cost nothing: their
+    /// decisions are the proof of life. Runs for the life of the process.
+    pub(crate) async fn keep_watch(&self, link: &RedisLink) {
+        let mut pause = WATCH_EVERY;
+        loop {
+            tokio::time::sleep(pause).await;
+            pause = WATCH_EVERY;
+            let now = self.epoch.elapsed().as_millis() as u64;
+            let quiet: Vec<Arc<Breaker>> = self
+                .map
+                .load()
+                .shards
+                .iter()
+                .filter(|b| b.is_closed())
+                .filter(|b| {
+                    now.saturating_sub(b.last_answer_ms.load(Ordering::Relaxed))
+                        >= WATCH_EVERY.as_millis() as u64
+                })
+                .cloned()
+                .collect();
+            for b in quiet {
+                let sent = Instant::now();
+                let answer = if b.name == WHOLE {
+                    link.query::<String>(&redis::cmd("PING")).await.map(|_| ())
+                } else {
+                    link.ping_master(&b.name).await
+                };
+                match answer {
+                    Ok(()) => self.success(&b),
+                    Err(e) => {
+                        self.failure(&b, &e, sent);
+                        // Look again soon: a dead shard is out of the request
+                        // path within a few short rounds, not half-seconds.
+                        pause = RECHECK;
+                    }
+                }
+            }
+        }
     }
 
     /// Keeps the slot map current on a Redis Cluster: reads it again when a
@@ -435,9 +508,9 @@ mod tests {
         b.install(&[range(0, 8191, "a:1"), range(8192, 16383, "b:1")]);
         let (dead, healthy) = (b.for_tag_slot(0), b.for_tag_slot(9000));
         assert_eq!((dead.name.as_str(), healthy.name.as_str()), ("a:1", "b:1"));
-        b.failure(&dead, &e());
+        b.failure(&dead, &e(), Instant::now());
         assert!(dead.is_closed(), "one failure must not open the breaker");
-        b.failure(&dead, &e());
+        b.failure(&dead, &e(), Instant::now());
         assert!(!dead.is_closed() && healthy.is_closed());
         assert!(!b.is_closed());
         let open: Vec<String> = b.open_shards().iter().map(|s| s.name.clone()).collect();
@@ -455,7 +528,7 @@ mod tests {
         b.install(&[range(0, 8191, "a:1"), range(8192, 16383, "b:1")]);
         let a = b.for_tag_slot(0);
         let kept = b.for_tag_slot(9000);
-        b.failure(&a, &e());
+        b.failure(&a, &e(), Instant::now());
         assert!(!b.is_closed());
         b.install(&[range(0, 8191, "c:1"), range(8192, 16383, "b:1")]);
         assert_eq!(b.for_tag_slot(0).name, "c:1");

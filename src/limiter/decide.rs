@@ -334,8 +334,10 @@ impl<S: SharedStore> Limiter<S> {
                             return (reply, Store::Redis);
                         }
                         Err(e) => {
-                            self.metrics.redis_errors.increment(1);
-                            self.breakers.failure(&shard, &e);
+                            if e.is_a_failed_call() {
+                                self.metrics.redis_errors.increment(1);
+                                self.breakers.failure(&shard, &e, started);
+                            }
                             self.breakers.fell_back(&shard, &e);
                         }
                     }

@@ -15,9 +15,40 @@ pub enum RedisFailure {
     Redis(#[from] RedisError),
     #[error("unexpected reply from Redis: {0}")]
     Reply(#[from] redis::ParsingError),
+    /// A decision that waited in its worker's queue for its whole budget
+    /// behind calls in flight, and was never sent.
+    #[error("no Redis call was free within {0:?}")]
+    Queued(Duration),
+    /// A decision that shared a batch call with others, which failed: the
+    /// failure is counted once, with the first decision of the batch.
+    #[error("{0}")]
+    Batch(String),
 }
 
 impl RedisFailure {
+    /// Whether this failure is a failed call of its own, to be counted
+    /// (`floodgate_redis_errors_total`, the breaker): the decisions that
+    /// shared a failed batch, or never left the queue, are not.
+    pub(crate) fn is_a_failed_call(&self) -> bool {
+        !matches!(self, RedisFailure::Queued(_) | RedisFailure::Batch(_))
+    }
+
+    /// True when the call may have run in Redis although no answer came:
+    /// the connection broke after the command was written, or the answer
+    /// timed out. Sending such a call again could apply it twice.
+    pub(crate) fn may_have_run(&self) -> bool {
+        match self {
+            RedisFailure::Timeout(_) => true,
+            RedisFailure::Redis(e) => {
+                !e.is_connection_refusal()
+                    && (e.is_io_error()
+                        || e.is_connection_dropped()
+                        || matches!(e.kind(), ErrorKind::Io))
+            }
+            _ => false,
+        }
+    }
+
     /// True for failures a second try of the same call can fix: redirects
     /// (MOVED, ASK), a slot in the middle of a move (TRYAGAIN), a cluster
     /// between a master's failure and its replica's promotion (CLUSTERDOWN,

@@ -273,13 +273,41 @@ impl RedisLink {
     }
 
     /// Runs a script (EVALSHA, falling back to EVAL on NOSCRIPT), bounded by
-    /// `limit` as a whole. `args` appends the script's ARGV to a command.
+    /// `limit` as a whole, sending it again after any transient failure: for
+    /// scripts that give the same result however often they run (reads,
+    /// lease renewals, an operator's ban).
     pub(crate) async fn eval(
         &self,
         script: &LuaScript,
         keys: &[&str],
         args: impl Fn(&mut Cmd),
         limit: Duration,
+    ) -> Result<Value, RedisFailure> {
+        self.eval_with(script, keys, args, limit, true).await
+    }
+
+    /// Runs a script that must run at most once (a decision, which charges
+    /// tokens and counts violations): sent again only after failures that
+    /// prove it did not run (a redirect, a slot being moved, a cluster
+    /// electing a master, a refused connection), never after one that may
+    /// have let it run (a connection lost after the command was written).
+    pub(crate) async fn eval_at_most_once(
+        &self,
+        script: &LuaScript,
+        keys: &[&str],
+        args: impl Fn(&mut Cmd),
+        limit: Duration,
+    ) -> Result<Value, RedisFailure> {
+        self.eval_with(script, keys, args, limit, false).await
+    }
+
+    async fn eval_with(
+        &self,
+        script: &LuaScript,
+        keys: &[&str],
+        args: impl Fn(&mut Cmd),
+        limit: Duration,
+        idempotent: bool,
     ) -> Result<Value, RedisFailure> {
         let call = |evalsha: bool| {
             let mut cmd = redis::cmd(if evalsha { "EVALSHA" } else { "EVAL" });
@@ -345,7 +373,7 @@ impl RedisLink {
                     };
                     continue;
                 }
-                Err(f) if f.is_transient() => f,
+                Err(f) if f.is_transient() && (idempotent || !f.may_have_run()) => f,
                 // Report the call's budget, not the part left for this try.
                 Err(RedisFailure::Timeout(_)) => return Err(RedisFailure::Timeout(limit)),
                 other => return other,

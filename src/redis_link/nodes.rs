@@ -136,6 +136,15 @@ impl RedisLink {
         }
     }
 
+    /// PINGs one master (`host:port`) on this thread's connection to it,
+    /// bounded by `redis.timeout`: the watch's cheap proof of life.
+    pub(crate) async fn ping_master(&self, addr: &str) -> Result<(), RedisFailure> {
+        let ping = redis::cmd("PING");
+        self.send_to_node(addr, &ping, false, self.config.timeout)
+            .await
+            .map(|_| ())
+    }
+
     /// The addresses (`host:port`) of every master, or of the one server.
     pub(crate) async fn masters(&self) -> Result<Vec<(String, u16)>, RedisFailure> {
         let conn = self.current()?;

@@ -13,6 +13,15 @@
 //! per-call cost (parsing, script lookup, the round trip, the future that
 //! waits for it) once per batch.
 //!
+//! A decision's budget is one `redis.timeout` in all, waiting included:
+//! a decision still queued when its budget is spent is answered at once
+//! (and goes to `on_failure`), never sent late; a batch is sent with the
+//! most any of its decisions has left, and each decision stops waiting for
+//! it when its own budget ends. A failed batch is one failed call, counted
+//! once: the first decision gets the failure, the others a copy marked as
+//! shared ([`RedisFailure::Batch`]), so a short blip under load never
+//! counts as many failures as there were waiting decisions.
+//!
 //! The queue is per worker thread: actix workers are single-threaded
 //! runtimes, so it needs no lock and a batch never hops threads, like the
 //! per-thread Redis connections it is sent on.
@@ -24,6 +33,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
+
+use tokio::time::Instant;
 
 use redis::Value;
 use tokio::sync::oneshot;
@@ -39,6 +50,8 @@ const MAX_BATCH: usize = 128;
 
 struct Waiting {
     call: DecideCall,
+    /// When the decision's budget ends.
+    deadline: Instant,
     reply: oneshot::Sender<Result<Value, RedisFailure>>,
 }
 
@@ -74,14 +87,25 @@ impl Coalescer {
     /// batch. The reply is `decide.lua`'s, whichever way it went.
     pub(super) async fn decide(&self, call: DecideCall) -> Result<Value, RedisFailure> {
         let queue = self.queue();
+        let budget = self.link.config().timeout;
         if queue.in_flight.get() < MAX_IN_FLIGHT {
             let _slot = Slot::take(queue, self.link.clone());
-            return call.send(&self.link).await;
+            return call.send(&self.link, budget).await;
         }
+        let deadline = Instant::now() + budget;
         let (reply, answer) = oneshot::channel();
-        queue.waiting.borrow_mut().push(Waiting { call, reply });
-        // A dropped sender means the batch task was dropped with its worker.
-        answer.await.unwrap_or(Err(RedisFailure::NotConnected))
+        queue.waiting.borrow_mut().push(Waiting {
+            call,
+            deadline,
+            reply,
+        });
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(reply)) => reply,
+            // The batch task was dropped with its worker.
+            Ok(Err(_)) => Err(RedisFailure::NotConnected),
+            // Its batch is late: the budget is spent either way.
+            Err(_) => Err(RedisFailure::Timeout(budget)),
+        }
     }
 }
 
@@ -108,11 +132,17 @@ impl Drop for Slot {
     }
 }
 
-/// Sends what waits, in batches, while slots are free.
+/// Sends what waits, in batches, while slots are free. Decisions whose
+/// budget is spent are answered without being sent.
 fn send_waiting(queue: &Rc<WorkerQueue>, link: &Arc<RedisLink>) {
     while queue.in_flight.get() < MAX_IN_FLIGHT {
         let batch: Vec<Waiting> = {
             let mut waiting = queue.waiting.borrow_mut();
+            let now = Instant::now();
+            let budget = link.config().timeout;
+            for late in waiting.extract_if(.., |w| w.deadline <= now) {
+                let _ = late.reply.send(Err(RedisFailure::Queued(budget)));
+            }
             if waiting.is_empty() {
                 return;
             }
@@ -127,40 +157,38 @@ fn send_waiting(queue: &Rc<WorkerQueue>, link: &Arc<RedisLink>) {
     }
 }
 
-/// One call for the whole batch; every waiting decision gets its own reply.
+/// One call for the whole batch, within the most any of its decisions has
+/// left; every waiting decision gets its own reply.
 async fn send_batch(link: &RedisLink, batch: Vec<Waiting>) {
+    let now = Instant::now();
+    let limit = batch
+        .iter()
+        .map(|w| w.deadline.saturating_duration_since(now))
+        .max()
+        .unwrap_or_default();
     if batch.len() == 1 {
         if let Some(w) = batch.into_iter().next() {
-            let reply = w.call.send(link).await;
+            let reply = w.call.send(link, limit).await;
             let _ = w.reply.send(reply);
         }
         return;
     }
     let calls: Vec<&DecideCall> = batch.iter().map(|w| &w.call).collect();
-    match decide::send_batch(link, &calls).await {
+    match decide::send_batch(link, &calls, limit).await {
         Ok(replies) => {
             for (w, v) in batch.into_iter().zip(replies) {
                 let _ = w.reply.send(Ok(v));
             }
         }
         Err(e) => {
+            let shared = e.to_string();
+            let mut first = Some(e);
             for w in batch {
-                let _ = w.reply.send(Err(copy_failure(&e)));
+                let failure = first
+                    .take()
+                    .unwrap_or_else(|| RedisFailure::Batch(shared.clone()));
+                let _ = w.reply.send(Err(failure));
             }
         }
-    }
-}
-
-/// The same failure for every decision of a failed batch.
-fn copy_failure(e: &RedisFailure) -> RedisFailure {
-    match e {
-        RedisFailure::NotConnected => RedisFailure::NotConnected,
-        RedisFailure::Timeout(d) => RedisFailure::Timeout(*d),
-        RedisFailure::Redis(r) => RedisFailure::Redis(r.clone()),
-        RedisFailure::Reply(p) => RedisFailure::Redis(redis::RedisError::from((
-            redis::ErrorKind::UnexpectedReturnType,
-            "unexpected reply",
-            p.to_string(),
-        ))),
     }
 }

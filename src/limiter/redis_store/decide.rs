@@ -3,6 +3,8 @@
 //! header), the framing of several subjects into one batch call, and the
 //! reply read back into a [`SubjectReply`].
 
+use std::time::Duration;
+
 use redis::Value;
 
 use crate::keys;
@@ -92,16 +94,20 @@ impl DecideCall {
         DecideCall { keys, args }
     }
 
-    /// Sends this call alone (EVALSHA of `decide.lua`).
-    pub(super) async fn send(&self, link: &RedisLink) -> Result<Value, RedisFailure> {
+    /// Sends this call alone (EVALSHA of `decide.lua`), within `limit`.
+    pub(super) async fn send(
+        &self,
+        link: &RedisLink,
+        limit: Duration,
+    ) -> Result<Value, RedisFailure> {
         let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
-        link.eval(
+        link.eval_at_most_once(
             &scripts::DECIDE,
             &keys,
             |cmd| {
                 cmd.arg(&self.args[..]);
             },
-            link.config().timeout,
+            limit,
         )
         .await
     }
@@ -114,13 +120,14 @@ impl DecideCall {
 pub(super) async fn send_batch(
     link: &RedisLink,
     calls: &[&DecideCall],
+    limit: Duration,
 ) -> Result<Vec<Value>, RedisFailure> {
     let mut keys: Vec<&str> = Vec::new();
     for c in calls {
         keys.extend(c.keys.iter().map(String::as_str));
     }
     let value = link
-        .eval(
+        .eval_at_most_once(
             &scripts::DECIDE_BATCH,
             &keys,
             |cmd| {
@@ -129,7 +136,7 @@ pub(super) async fn send_batch(
                     cmd.arg(c.keys.len()).arg(c.args.len()).arg(&c.args[..]);
                 }
             },
-            link.config().timeout,
+            limit,
         )
         .await?;
     match value {

@@ -49,7 +49,11 @@ impl RedisStore {
         let rendered = DecideCall::render(&self.prefix, call, &self.ban.load());
         let value = match &self.coalescer {
             Some(c) => c.decide(rendered).await?,
-            None => rendered.send(&self.link).await?,
+            None => {
+                rendered
+                    .send(&self.link, self.link.config().timeout)
+                    .await?
+            }
         };
         parse_reply(&value).ok_or_else(|| unexpected("decide.lua returned an unexpected reply"))
     }
