@@ -140,8 +140,13 @@ fn send_waiting(queue: &Rc<WorkerQueue>, link: &Arc<RedisLink>) {
             let mut waiting = queue.waiting.borrow_mut();
             let now = Instant::now();
             let budget = link.config().timeout;
-            for late in waiting.extract_if(.., |w| w.deadline <= now) {
-                let _ = late.reply.send(Err(RedisFailure::Queued(budget)));
+            if waiting.iter().any(|w| w.deadline <= now) {
+                let (late, on_time): (Vec<Waiting>, Vec<Waiting>) =
+                    waiting.drain(..).partition(|w| w.deadline <= now);
+                *waiting = on_time;
+                for w in late {
+                    let _ = w.reply.send(Err(RedisFailure::Queued(budget)));
+                }
             }
             if waiting.is_empty() {
                 return;
