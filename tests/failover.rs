@@ -578,3 +578,37 @@ fn a_redis_that_dies_while_no_decision_needs_it_is_noticed() {
     assert_eq!(get(&gw.admin_url("/readyz"), &[]).status, 503);
     assert_eq!(gw.metric("floodgate_redis_shard_degraded"), 1.0);
 }
+
+/// A decision whose answer is lost on the way back (the connection breaks
+/// after Redis ran it) is not sent again: a refusal counts one violation,
+/// never two.
+#[test]
+fn a_decision_whose_answer_was_lost_is_never_counted_twice() {
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let proxy = LossyProxy::start(redis.port);
+    let p = prefix();
+    let gw = Gateway::start(&Setup {
+        redis: Some(proxy.url()),
+        upstream: &up.url(),
+        prefix: &p,
+        rules: "[[rules]]\nname = \"once\"\nkey = \"ip\"\nrate = 1\nper = \"1h\"\nburst = 1\n",
+        extra: "[ban]\nafter = 2\nwithin = \"1m\"\nduration = \"1m\"\n",
+    });
+    let ip = "198.51.100.95";
+    assert_eq!(get_as(&gw.url("/"), ip).status, 200);
+    proxy.lose_reply_to(&format!("{{ip:{ip}}}"));
+    // Refused in Redis (one violation); the answer is lost on the way.
+    get_as(&gw.url("/"), ip);
+    assert_eq!(proxy.lost(), 1, "the answer was lost");
+    let state = format!("{p}{{ip:{ip}}}:b");
+    assert_eq!(
+        redis.cli(&["HGET", &state, "#vc"]).trim(),
+        "1",
+        "one refusal, one violation"
+    );
+    assert_eq!(
+        redis.cli(&["HGET", &state, "#bu"]).trim(),
+        "",
+        "no ban from a violation counted twice"
+    );
+}

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 mod cluster;
+mod faults;
 mod gateway;
 mod http;
 mod load;
@@ -20,6 +21,8 @@ mod upstream;
 // is not a mistake.
 #[allow(unused_imports)]
 pub use cluster::*;
+#[allow(unused_imports)]
+pub use faults::*;
 #[allow(unused_imports)]
 pub use gateway::*;
 #[allow(unused_imports)]
