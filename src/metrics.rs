@@ -25,6 +25,7 @@ pub(crate) const UPSTREAM_FRESH_RETRIES: &str = "floodgate_upstream_fresh_retrie
 pub const UPSTREAM_HEALTHY: &str = "floodgate_upstream_healthy";
 pub(crate) const UPSTREAM_RETRIES: &str = "floodgate_upstream_retries_total";
 pub const UPSTREAM_EJECTIONS: &str = "floodgate_upstream_ejections_total";
+pub const UPSTREAM_EJECTIONS_HELD: &str = "floodgate_upstream_ejections_held_back_total";
 pub(crate) const CLIENT_ERRORS: &str = "floodgate_client_errors_total";
 pub(crate) const DECISIONS: &str = "floodgate_decisions_total";
 pub(crate) const SHARD_DEGRADED: &str = "floodgate_redis_shard_degraded";
@@ -89,6 +90,10 @@ pub(crate) fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         UPSTREAM_EJECTIONS,
         "Times an upstream URL was taken out of rotation after failures in a row, by pool and url"
+    );
+    metrics::describe_counter!(
+        UPSTREAM_EJECTIONS_HELD,
+        "Ejections not made because the pool had max_ejected_percent of its URLs out, or the URL was the last in rotation, by pool"
     );
     metrics::describe_counter!(
         CLIENT_ERRORS,

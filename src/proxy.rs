@@ -40,7 +40,7 @@ use awc::error::{ConnectError, SendRequestError};
 use crate::client_ip::X_FORWARDED_FOR;
 use crate::config::UpstreamConfig;
 use crate::upload::{BodyFault, BodyLimits, Upload};
-use crate::upstreams::{Pick, Pool};
+use crate::upstreams::{Failure, Pick, Pool};
 
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -357,10 +357,12 @@ impl Upstream {
             let e = match sent {
                 Ok(resp) => {
                     upload.release();
-                    if resp.status().is_server_error() {
-                        pool.failed(i, "a 5xx answer");
-                    } else {
-                        target.succeeded();
+                    // 502, 503 and 504 say the URL is in trouble; any other
+                    // answer (a 500 included: it may be this request's fault)
+                    // says it is alive.
+                    match resp.status().as_u16() {
+                        502..=504 => pool.failed(i, Failure::Answer, "a 502, 503 or 504 answer"),
+                        _ => target.succeeded(),
                     }
                     return Ok(response::build(
                         resp,
@@ -379,7 +381,7 @@ impl Upstream {
             let failure = match classify(&e) {
                 SendFailure::Connect => {
                     log::warn!("upstream {} unreachable: {e}", target.base);
-                    pool.failed(i, "connect failed");
+                    pool.failed(i, Failure::Unreachable, "connect failed");
                     UpstreamFailure::Unreachable
                 }
                 SendFailure::DeadConnection
@@ -393,7 +395,10 @@ impl Upstream {
                     fresh_retry = true;
                     continue;
                 }
-                SendFailure::Timeout => UpstreamFailure::Timeout,
+                SendFailure::Timeout => {
+                    pool.failed(i, Failure::Answer, "no answer within upstream.timeout");
+                    UpstreamFailure::Timeout
+                }
                 SendFailure::DeadConnection | SendFailure::Other => {
                     log::warn!("upstream {} failed: {e}", target.base);
                     UpstreamFailure::Broken

@@ -32,7 +32,7 @@ fn count_post(posts: &Posts, id: Option<&str>) {
 /// How an [`Instance`] behaves, switchable while it runs.
 #[derive(Default)]
 struct Flags {
-    /// Answer 500 to every request but the health check.
+    /// Answer 503 to every request but the health check.
     fail: AtomicBool,
     /// Answer the health check with 503.
     sick: AtomicBool,
@@ -90,6 +90,9 @@ impl Instance {
                             count_post(&posts, id);
                         }
                         let status = if flags.fail.load(Ordering::Relaxed) {
+                            actix_web::http::StatusCode::SERVICE_UNAVAILABLE
+                        } else if req.path() == "/boom" {
+                            // A request this upstream cannot handle.
                             actix_web::http::StatusCode::INTERNAL_SERVER_ERROR
                         } else {
                             actix_web::http::StatusCode::OK
@@ -341,7 +344,7 @@ fn a_killed_upstream_costs_idempotent_clients_nothing_and_no_post_runs_twice() {
 }
 
 #[test]
-fn an_upstream_answering_500s_is_ejected_and_readmitted_when_its_ejection_ends() {
+fn an_upstream_answering_503s_is_ejected_and_readmitted_when_its_ejection_ends() {
     let posts: Posts = Posts::default();
     let (a, b) = (Instance::start("a", &posts), Instance::start("b", &posts));
     let gw = gateway(&format!(
@@ -350,17 +353,17 @@ fn an_upstream_answering_500s_is_ejected_and_readmitted_when_its_ejection_ends()
     ));
     a.flags.fail.store(true, Ordering::Relaxed);
     let url = gw.url("/x");
-    let mut saw_500 = false;
+    let mut saw_503 = false;
     wait_until("a to be ejected", Duration::from_secs(20), || {
         let r = get(&url, &[]);
-        if r.status == 500 {
+        if r.status == 503 {
             // The upstream's own answer is passed on as it is.
             assert_eq!(served_by(&r), "a");
-            saw_500 = true;
+            saw_503 = true;
         }
         healthy_gauge(&gw, "default", &a.url()) == 0.0
     });
-    assert!(saw_500);
+    assert!(saw_503);
     assert_eq!(
         gw.metric(&format!(
             "floodgate_upstream_ejections_total{{pool=\"default\",url=\"{}\"}}",
@@ -778,4 +781,39 @@ fn a_websocket_upgrade_goes_to_its_routed_pool_and_past_a_dead_member() {
     }
     assert!(gw.metric("floodgate_upstream_retries_total{pool=\"live\"}") >= 1.0);
     assert_eq!(http_only.hits(), 0, "no upgrade went to the default pool");
+}
+
+/// A client that sends requests the upstream answers with 500 (its own
+/// request's fault) ejects nothing, and one whose every URL answers 503
+/// still leaves the pool its last URL: a client cannot empty a pool.
+#[test]
+fn no_client_can_empty_a_pool_with_what_the_upstream_answers() {
+    let posts: Posts = Posts::default();
+    let (a, b) = (Instance::start("a", &posts), Instance::start("b", &posts));
+    let gw = gateway(&format!(
+        "[upstream]\nurls = [{}]\neject_after = 5\neject_for = \"30s\"\n",
+        urls(&[&a, &b])
+    ));
+    for _ in 0..20 {
+        assert_eq!(get(&gw.url("/boom"), &[]).status, 500);
+    }
+    assert_eq!(gw.metric("floodgate_upstream_ejections_total"), 0.0);
+    let r = get(&gw.url("/"), &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Both answer 503 to everything: one may go out, never both.
+    a.flags.fail.store(true, Ordering::Relaxed);
+    b.flags.fail.store(true, Ordering::Relaxed);
+    for _ in 0..30 {
+        let r = get(&gw.url("/x"), &[]);
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(
+            !r.body.contains("no_healthy_upstream"),
+            "the pool was emptied"
+        );
+    }
+    assert_eq!(gw.metric("floodgate_upstream_ejections_total"), 1.0);
+    assert!(gw.metric("floodgate_upstream_ejections_held_back_total") >= 1.0);
+    a.flags.fail.store(false, Ordering::Relaxed);
+    b.flags.fail.store(false, Ordering::Relaxed);
+    assert_eq!(get(&gw.url("/"), &[]).status, 200);
 }

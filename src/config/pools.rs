@@ -40,12 +40,19 @@ pub struct UpstreamConfig {
     /// Active health probes; without it only passive ejection applies.
     #[serde(default)]
     pub(crate) health: Option<HealthConfig>,
-    /// Consecutive connect failures or 5xx answers that take a URL out of
-    /// rotation for `eject_for`; 0 turns passive ejection off.
+    /// Consecutive failures (a refused connection, no answer in time, or a
+    /// 502, 503 or 504 answer) that take a URL out of rotation for
+    /// `eject_for`; 0 turns passive ejection off.
     #[serde(default = "default_eject_after")]
     pub(crate) eject_after: u32,
     #[serde(default = "default_eject_for", with = "humantime_serde")]
     pub(crate) eject_for: Duration,
+    /// The share of the pool's URLs that answers (as opposed to refused
+    /// connections) may eject at once, in percent; never the last URL in
+    /// rotation either way. Clients choose their requests, so what answers
+    /// say must not be able to empty the pool.
+    #[serde(default = "default_max_ejected_percent")]
+    pub(crate) max_ejected_percent: u32,
     /// Further tries on another URL for a request that is safe to repeat.
     #[serde(default = "default_retries")]
     pub(crate) retries: u32,
@@ -108,6 +115,10 @@ fn yes() -> bool {
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(4)
 }
+fn default_max_ejected_percent() -> u32 {
+    50
+}
+
 fn default_eject_after() -> u32 {
     5
 }
@@ -236,6 +247,12 @@ fn validate_pool(key: &str, pool: &UpstreamConfig) -> Result<(), Invalid> {
         return Err(Invalid::new(
             format!("{key}.eject_for"),
             "must be more than 0 and at most 1 day",
+        ));
+    }
+    if pool.max_ejected_percent > 100 {
+        return Err(Invalid::new(
+            format!("{key}.max_ejected_percent"),
+            format!("must be from 0 to 100, got {}", pool.max_ejected_percent),
         ));
     }
     if pool.retries as usize >= MAX_POOL_URLS {

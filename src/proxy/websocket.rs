@@ -36,7 +36,7 @@ use super::{
     X_FORWARDED_HOST, X_FORWARDED_PROTO,
 };
 use crate::client_ip::X_FORWARDED_FOR;
-use crate::upstreams::{Pick, Pool};
+use crate::upstreams::{Failure, Pick, Pool};
 
 /// Largest upstream response head read.
 const MAX_HEAD: usize = 16 * 1024;
@@ -129,7 +129,7 @@ pub(crate) async fn relay(
                 log::warn!("upstream {base} did not accept a WebSocket connection in time");
             }
         }
-        pool.failed(i, "connect failed");
+        pool.failed(i, Failure::Unreachable, "connect failed");
     };
     let _ = stream.set_nodelay(true);
     let (mut read, mut write) = stream.into_split();

@@ -128,13 +128,22 @@ impl Target {
         }
     }
 
-    /// A connect failure or a 5xx answer; ejects the URL for `eject_for`
-    /// once `eject_after` of them came in a row (0: never).
-    pub(crate) fn failed(&self, eject_after: u32, eject_for: Duration, why: &str) {
+    /// Counts one more failure in a row; true once `eject_after` of them
+    /// came (0: never).
+    pub(crate) fn failed(&self, eject_after: u32) -> bool {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if eject_after == 0 || n < eject_after {
-            return;
-        }
+        eject_after != 0 && n >= eject_after
+    }
+
+    /// Whether the URL is out of rotation by ejection now.
+    pub(crate) fn is_ejected(&self) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && now_ms() < until
+    }
+
+    /// Takes the URL out of rotation for `eject_for` (one log line, counted).
+    pub(crate) fn eject(&self, eject_for: Duration, why: &str) {
+        let n = self.failures.load(Ordering::Relaxed);
         let until = now_ms() + eject_for.as_millis() as u64;
         if self
             .ejected_until
@@ -216,11 +225,11 @@ mod tests {
         assert_eq!(t.authority, "127.0.0.1:1");
         let default_port = Target::new(&Arc::from("p"), "http://upstream.internal/");
         assert_eq!(default_port.authority, "upstream.internal:80");
-        t.failed(2, Duration::from_millis(30), "x");
+        assert!(!t.failed(2));
         t.succeeded();
-        t.failed(2, Duration::from_millis(30), "x");
-        assert!(t.available(), "a success in between resets the count");
-        t.failed(2, Duration::from_millis(30), "x");
+        assert!(!t.failed(2), "a success in between resets the count");
+        assert!(t.failed(2));
+        t.eject(Duration::from_millis(30), "x");
         assert!(!t.available());
         assert!(t.wait(None) <= Duration::from_millis(30));
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -228,8 +237,7 @@ mod tests {
             assert!(Instant::now() < deadline, "never readmitted");
             std::thread::sleep(Duration::from_millis(5));
         }
-        t.failed(2, Duration::from_millis(30), "x");
-        assert!(t.available(), "readmission starts the count again");
+        assert!(!t.failed(2), "readmission starts the count again");
     }
 
     #[test]

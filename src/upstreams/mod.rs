@@ -36,12 +36,24 @@ pub(crate) struct Pool {
     pub(crate) config: Arc<UpstreamConfig>,
     targets: Vec<Arc<Target>>,
     retries: metrics::Counter,
+    /// Ejections held back by `max_ejected_percent` or the last URL.
+    held_back: metrics::Counter,
 }
 
 thread_local! {
     /// Where this worker starts its next scan of a pool: ties go round in
     /// turn without a counter that every worker writes.
     static TURN: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Why a try on a URL failed, for passive ejection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The connection was refused or never made: the URL is down.
+    Unreachable,
+    /// A 502, 503 or 504 answer, or no answer in time: the URL's trouble,
+    /// but to a request some client chose.
+    Answer,
 }
 
 /// What [`Pool::pick`] found.
@@ -86,6 +98,7 @@ impl Pool {
             .collect();
         Pool {
             retries: metrics::counter!(crate::metrics::UPSTREAM_RETRIES, "pool" => name.to_string()),
+            held_back: metrics::counter!(crate::metrics::UPSTREAM_EJECTIONS_HELD, "pool" => name.to_string()),
             name,
             config: Arc::new(config.clone()),
             targets,
@@ -103,11 +116,42 @@ impl Pool {
         self.targets.len() > 1 && self.config.eject_after > 0
     }
 
-    /// Counts a failure of URL `i` towards its passive ejection.
-    pub(crate) fn failed(&self, i: usize, why: &str) {
-        if self.ejects() {
-            self.targets[i].failed(self.config.eject_after, self.config.eject_for, why);
+    /// Counts a failure of URL `i` towards its passive ejection, and
+    /// ejects it when it has failed `eject_after` times in a row. A URL that
+    /// refused connections is down whatever its pool looks like; one whose
+    /// failures were answers (or no answer in time) to requests that clients
+    /// chose is ejected only while the pool keeps the rest: at most
+    /// `max_ejected_percent` of its URLs out at once (at least one), and
+    /// never the last one in rotation. An ejection held back is counted.
+    pub(crate) fn failed(&self, i: usize, failure: Failure, why: &str) {
+        if !self.ejects() || !self.targets[i].failed(self.config.eject_after) {
+            return;
         }
+        if failure == Failure::Answer && !self.may_eject_on_answers(i) {
+            self.held_back.increment(1);
+            log::debug!(
+                "upstream {} of pool {} failed {} times in a row ({why}), kept in rotation: the pool has its share of URLs out",
+                self.targets[i].base,
+                self.name,
+                self.config.eject_after
+            );
+            return;
+        }
+        self.targets[i].eject(self.config.eject_for, why);
+    }
+
+    /// Whether URL `i` may be ejected for what it answered: the pool stays
+    /// within `max_ejected_percent` and keeps another URL in rotation.
+    fn may_eject_on_answers(&self, i: usize) -> bool {
+        let n = self.targets.len();
+        let share = (n * self.config.max_ejected_percent as usize / 100).max(1);
+        let ejected = self.targets.iter().filter(|t| t.is_ejected()).count();
+        let others_up = self
+            .targets
+            .iter()
+            .enumerate()
+            .any(|(j, t)| j != i && t.available());
+        self.config.max_ejected_percent > 0 && ejected < share && others_up
     }
 
     /// Counts one more try of a request on another URL.
@@ -323,16 +367,54 @@ mod tests {
             }
         }
         assert_eq!(seen, [10, 10, 10]);
-        pool.failed(1, "test");
+        pool.failed(1, Failure::Unreachable, "test");
         for _ in 0..10 {
             assert!(!matches!(pool.pick(0), Pick::Url(1)));
         }
-        pool.failed(0, "test");
-        pool.failed(2, "test");
+        pool.failed(0, Failure::Unreachable, "test");
+        pool.failed(2, Failure::Unreachable, "test");
         match pool.pick(0) {
             Pick::NoneHealthy(wait) => assert!(wait <= Duration::from_secs(30)),
             _ => panic!("every URL is ejected"),
         }
+    }
+
+    #[test]
+    fn answers_eject_at_most_the_pools_share_and_never_the_last_url() {
+        let set = PoolSet::compile(&config(""), None);
+        let pool = set.default_pool();
+        // Three URLs at 50 %: answers may keep one out at a time.
+        pool.failed(0, Failure::Answer, "test");
+        pool.failed(1, Failure::Answer, "test");
+        let picked: Vec<usize> = (0..12)
+            .filter_map(|_| match pool.pick(0) {
+                Pick::Url(i) => Some(i),
+                _ => None,
+            })
+            .collect();
+        assert!(!picked.contains(&0), "URL 0 was ejected");
+        assert!(picked.contains(&1), "URL 1 was held back: the share is out");
+        // A refused connection is no answer: URL 1 goes out anyway.
+        pool.failed(1, Failure::Unreachable, "test");
+        // The last URL in rotation stays, whatever it answers.
+        pool.failed(2, Failure::Answer, "test");
+        for _ in 0..5 {
+            assert!(matches!(pool.pick(0), Pick::Url(2)));
+        }
+    }
+
+    #[test]
+    fn no_answer_ejects_anything_at_zero_percent() {
+        let set = PoolSet::compile(&config("max_ejected_percent = 0\n"), None);
+        let pool = set.default_pool();
+        pool.failed(0, Failure::Answer, "test");
+        let picked: Vec<usize> = (0..12)
+            .filter_map(|_| match pool.pick(0) {
+                Pick::Url(i) => Some(i),
+                _ => None,
+            })
+            .collect();
+        assert!(picked.contains(&0));
     }
 
     #[test]
@@ -343,7 +425,7 @@ mod tests {
         )
         .expect("valid");
         let set = PoolSet::compile(&c, None);
-        set.default_pool().failed(0, "test");
+        set.default_pool().failed(0, Failure::Unreachable, "test");
         assert!(matches!(set.default_pool().pick(0), Pick::Url(0)));
     }
 
@@ -353,7 +435,7 @@ mod tests {
             &config("[upstreams.b]\nurls = [\"http://127.0.0.1:4\"]\n"),
             None,
         );
-        first.default_pool().failed(1, "test");
+        first.default_pool().failed(1, Failure::Unreachable, "test");
         // Same settings: the very same pool.
         let same = PoolSet::compile(
             &config("[upstreams.b]\nurls = [\"http://127.0.0.1:4\"]\n"),
