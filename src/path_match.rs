@@ -3,22 +3,34 @@
 //!
 //! Upstream frameworks disagree on what a path means. Some decode `%2F` to a
 //! slash, or `%5C` and `\` to one; some drop `;params` from each segment
-//! (so `/x/..;/api` is `/api`); a few decode twice (`%2561` is `a`); many
-//! route without regard to case. The gateway forwards the path exactly as
-//! received and cannot know which of these the upstream does, so it reads
-//! the path every common way and requires the readings to agree:
+//! (so `/x/..;/api` is `/api`) while others keep them (nginx: `/api/..;` is
+//! under `/api`); a few decode twice (`%2561` is `a`); some resolve `.` and
+//! `..` segments and some route on them as they are; many route without
+//! regard to case. The gateway forwards the path exactly as received and
+//! cannot know which of these the upstream does, so it reads the path every
+//! one of these ways and requires the readings to agree. A reading is one
+//! choice on each of four questions:
 //!
-//! - the *plain* reading ([`normalize_path`]): escapes of unreserved
-//!   characters decoded, repeated slashes merged, `.` and `..` resolved;
-//! - the *decoded* reading: every escape decoded once, `\` taken as `/`,
-//!   each segment's `;parameters` dropped, then the same clean-up;
-//! - the *decoded-twice* reading, only when decoding once left escapes.
+//! - which escapes are decoded: none, those of unreserved characters, all
+//!   of them once, or all of them twice;
+//! - whether `\` is a slash;
+//! - whether each segment's `;parameters` are dropped;
+//! - whether `.` and `..` segments are resolved.
+//!
+//! Repeated slashes are merged in every reading. The *plain* reading
+//! ([`normalize_path`]: unreserved escapes decoded, dots resolved, `\` and
+//! `;` kept) is the one rules are written against; the others are computed
+//! only for a path holding `%`, `\`, `;` or a dot segment, which few
+//! requests do.
 //!
 //! A path whose readings select different rules is refused with 400 (see
-//! `rules::MatchError`); otherwise the readings are equivalent for
-//! every rule and the request goes on. Case is folded at comparison time
-//! (ASCII, per rule: `match.case_sensitive`). Kept apart from `rules` because
-//! it is about paths alone and is tested as such.
+//! `rules::MatchError`); otherwise the readings are equivalent for every
+//! rule and the request goes on. So whatever an upstream makes of a path,
+//! if that falls under a rule's prefix the rule applies or the request is
+//! refused (`tests/properties.rs` checks exactly that against a model of
+//! the readings). Case is folded at comparison time (ASCII, per rule:
+//! `match.case_sensitive`). Kept apart from `rules` because it is about
+//! paths alone and is tested as such.
 
 use std::borrow::Cow;
 
@@ -30,10 +42,12 @@ pub fn normalize_path(raw: &str) -> Cow<'_, str> {
     if simple {
         return Cow::Borrowed(raw);
     }
-    let decoded = decode(raw.as_bytes(), |c| {
-        c.is_ascii_alphanumeric() || b"-._~".contains(&c)
-    });
-    Cow::Owned(clean_segments(&String::from_utf8_lossy(&decoded), false))
+    let decoded = decode(raw.as_bytes(), unreserved);
+    Cow::Owned(clean_segments(
+        &String::from_utf8_lossy(&decoded),
+        false,
+        true,
+    ))
 }
 
 /// Percent-decodes the escapes whose byte `keep` accepts; malformed escapes
@@ -62,17 +76,10 @@ fn hex(c: u8) -> Option<u8> {
     (c as char).to_digit(16).map(|d| d as u8)
 }
 
-/// True if `bytes` still hold a well-formed escape.
-fn has_escape(bytes: &[u8]) -> bool {
-    bytes
-        .windows(3)
-        .any(|w| w[0] == b'%' && hex(w[1]).is_some() && hex(w[2]).is_some())
-}
-
-/// Merges slashes, resolves `.` and `..` (never above the root) and, with
-/// `drop_params`, cuts each segment at its first `;`. The result starts
-/// with `/`, and ends with one when the path did.
-fn clean_segments(path: &str, drop_params: bool) -> String {
+/// Merges slashes and, with `drop_params`, cuts each segment at its first
+/// `;`; with `resolve_dots`, resolves `.` and `..` (never above the root).
+/// The result starts with `/`, and ends with one when the path did.
+fn clean_segments(path: &str, drop_params: bool, resolve_dots: bool) -> String {
     let mut out: Vec<&str> = Vec::new();
     let mut last = "";
     for seg in path.split('/') {
@@ -83,8 +90,9 @@ fn clean_segments(path: &str, drop_params: bool) -> String {
         };
         last = seg;
         match seg {
-            "" | "." => {}
-            ".." => {
+            "" => {}
+            "." if resolve_dots => {}
+            ".." if resolve_dots => {
                 out.pop();
             }
             s => out.push(s),
@@ -95,17 +103,46 @@ fn clean_segments(path: &str, drop_params: bool) -> String {
         cleaned.push('/');
         cleaned.push_str(seg);
     }
-    if cleaned.is_empty() || matches!(last, "" | "." | "..") {
+    let ends_in_dir = last.is_empty() || (resolve_dots && matches!(last, "." | ".."));
+    if cleaned.is_empty() || (ends_in_dir && !cleaned.ends_with('/')) {
         cleaned.push('/');
     }
     cleaned
 }
 
-/// The decoded reading of already-decoded bytes: `\` is `/`, parameters
-/// dropped, segments cleaned.
-fn lenient(decoded: &[u8]) -> String {
-    let text = String::from_utf8_lossy(decoded).replace('\\', "/");
-    clean_segments(&text, true)
+/// Which escapes a reading decodes.
+#[derive(Clone, Copy)]
+enum Decode {
+    None,
+    Unreserved,
+    Once,
+    Twice,
+}
+
+fn unreserved(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"-._~".contains(&c)
+}
+
+/// One reading of `raw` (see the module's documentation).
+fn reading(raw: &str, decoding: Decode, backslash: bool, params: bool, dots: bool) -> String {
+    let bytes: Cow<'_, [u8]> = match decoding {
+        Decode::None => Cow::Borrowed(raw.as_bytes()),
+        Decode::Unreserved => Cow::Owned(decode(raw.as_bytes(), unreserved)),
+        Decode::Once => Cow::Owned(decode(raw.as_bytes(), |_| true)),
+        Decode::Twice => Cow::Owned(decode(&decode(raw.as_bytes(), |_| true), |_| true)),
+    };
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    if backslash {
+        text = text.replace('\\', "/");
+    }
+    clean_segments(&text, params, dots)
+}
+
+/// True if `raw` holds a `.` or `..` segment (with `;parameters` or not).
+fn has_dot_segment(raw: &str) -> bool {
+    raw.split(['/', '\\'])
+        .map(|s| s.split(';').next().unwrap_or(""))
+        .any(|s| s == "." || s == "..")
 }
 
 /// Every reading of one request path that differs from the plain one.
@@ -119,17 +156,28 @@ impl<'a> PathReadings<'a> {
     /// Reads `raw` (the path as received, without its query).
     pub fn of(raw: &'a str) -> PathReadings<'a> {
         let plain = normalize_path(raw);
-        let mut others = Vec::new();
-        if raw.bytes().any(|b| matches!(b, b'%' | b'\\' | b';')) {
-            let once = decode(raw.as_bytes(), |_| true);
-            let decoded = lenient(&once);
-            if decoded != plain {
-                others.push(decoded);
-            }
-            if has_escape(&once) {
-                let twice = lenient(&decode(&once, |_| true));
-                if twice != plain && !others.contains(&twice) {
-                    others.push(twice);
+        let mut others: Vec<String> = Vec::new();
+        let special = raw.bytes().any(|b| matches!(b, b'%' | b'\\' | b';')) || has_dot_segment(raw);
+        if special {
+            let escapes = raw.contains('%');
+            for decoding in [
+                Decode::None,
+                Decode::Unreserved,
+                Decode::Once,
+                Decode::Twice,
+            ] {
+                if !escapes && !matches!(decoding, Decode::None) {
+                    continue;
+                }
+                for backslash in [false, true] {
+                    for params in [false, true] {
+                        for dots in [true, false] {
+                            let r = reading(raw, decoding, backslash, params, dots);
+                            if r != plain && !others.contains(&r) {
+                                others.push(r);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -151,7 +199,7 @@ impl<'a> PathReadings<'a> {
     /// cut to 200 characters, for the log): a path that would match under
     /// one reading and not another is refused rather than guessed, by rules
     /// and routes alike.
-    pub(crate) fn starts_with(
+    pub fn starts_with(
         &self,
         prefix: &str,
         case_sensitive: bool,
@@ -208,18 +256,31 @@ mod tests {
     #[test]
     fn plain_paths_have_one_reading() {
         assert_eq!(readings("/api/login"), ["/api/login"]);
-        assert_eq!(readings("/%61pi"), ["/api"]);
+        assert_eq!(readings("/api/v1.2/log-in_~x"), ["/api/v1.2/log-in_~x"]);
+        // An escaped unreserved character is read both ways: an upstream
+        // that decodes nothing would not see `/api`.
+        assert_eq!(readings("/%61pi"), ["/api", "/%61pi"]);
     }
 
     #[test]
     fn ambiguous_spellings_get_every_reading() {
-        assert_eq!(readings("/x%2F..%2Fapi"), ["/x%2F..%2Fapi", "/api"]);
-        assert_eq!(readings("/x%5C..%5Capi"), ["/x%5C..%5Capi", "/api"]);
-        assert_eq!(readings("/x\\..\\api"), ["/x\\..\\api", "/api"]);
-        assert_eq!(readings("/;x/api"), ["/;x/api", "/api"]);
-        assert_eq!(readings("/x/..;/api"), ["/x/..;/api", "/api"]);
-        assert_eq!(readings("/%2561pi"), ["/%2561pi", "/%61pi", "/api"]);
-        assert_eq!(readings("/api;jsessionid=1"), ["/api;jsessionid=1", "/api"]);
+        let has = |raw: &str, want: &str| {
+            let all = readings(raw);
+            assert!(all.iter().any(|r| r == want), "{raw}: {all:?} lacks {want}");
+        };
+        has("/x%2F..%2Fapi", "/x%2F..%2Fapi");
+        has("/x%2F..%2Fapi", "/api");
+        has("/x%5C..%5Capi", "/api");
+        has("/x\\..\\api", "/api");
+        has("/;x/api", "/api");
+        has("/x/..;/api", "/api");
+        has("/%2561pi", "/%61pi");
+        has("/%2561pi", "/api");
+        has("/api;jsessionid=1", "/api");
+        // nginx: escapes decoded, dots resolved, parameters kept.
+        has("/b%2F..%2Fapi/..;", "/api/..;");
+        // A server that routes on dot segments as they are.
+        has("/api/../admin", "/api/../admin");
     }
 
     #[test]

@@ -503,7 +503,7 @@ fn spellings_cannot_escape_a_rule() {
     };
     assert_eq!(send("GET", "/api/items"), 200);
     let hits = up.hits();
-    for path in ["/API/items", "/Api/items", "/%41PI/items"] {
+    for path in ["/API/items", "/Api/items"] {
         assert_eq!(send("GET", path), 429, "{path} escaped the rule");
     }
     for path in [
@@ -515,6 +515,11 @@ fn spellings_cannot_escape_a_rule() {
         "/x/..\\api/items",
         "/x/..%5capi/items",
         "/x/..%5Capi/items",
+        // Escapes decoded, dots resolved, `;` kept (nginx): `/api/..;`.
+        "/b%2F..%2Fapi/..;",
+        // An upstream that decodes nothing routes `/%41PI`, one that does
+        // `/API`: the readings disagree on the rule.
+        "/%41PI/items",
     ] {
         assert_eq!(
             send("GET", path),
@@ -525,7 +530,7 @@ fn spellings_cannot_escape_a_rule() {
     assert_eq!(up.hits(), hits, "no spelling reached the upstream");
     assert_eq!(
         gw.metric("floodgate_client_errors_total{kind=\"ambiguous_path\"}"),
-        8.0
+        10.0
     );
 
     assert_eq!(send("POST", "/submit"), 200);

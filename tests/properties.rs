@@ -179,29 +179,154 @@ fn path() -> impl Strategy<Value = String> {
     prop::collection::vec(piece, 0..12).prop_map(|p| format!("/{}", p.concat()))
 }
 
+/// Paths built to land on `/api` under some reading: the prefix spelled
+/// with escapes, case and double encoding, behind or ahead of dot
+/// segments (plain or escaped), `;parameters`, backslashes and encoded
+/// slashes.
+fn api_path() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        Just("api".to_string()),
+        Just("API".to_string()),
+        Just("%61pi".to_string()),
+        Just("%2561pi".to_string()),
+        Just("x".to_string()),
+        Just(".".to_string()),
+        Just("..".to_string()),
+        Just("%2e%2e".to_string()),
+        Just(".%2E".to_string()),
+        Just("..;".to_string()),
+        Just(";p=1".to_string()),
+        Just("/".to_string()),
+        Just("\\".to_string()),
+        Just("%2F".to_string()),
+        Just("%5c".to_string()),
+        Just("%252F".to_string()),
+    ];
+    prop::collection::vec(piece, 1..8).prop_map(|p| format!("/{}", p.concat()))
+}
+
+/// A model of what upstreams make of a path, written apart from the
+/// gateway's: each choice of decoding (none, unreserved only, once, twice),
+/// backslash as slash or not, `;parameters` dropped or kept, dot segments
+/// resolved or not, with slashes merged.
+fn upstream_readings(raw: &str) -> Vec<String> {
+    let once = |s: &str| -> String {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let unreserved_only = |s: &str| -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' && i + 2 < b.len() {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                if let Ok(v) = u8::from_str_radix(hex, 16) {
+                    if v.is_ascii_alphanumeric() || b"-._~".contains(&v) {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                }
+            }
+            out.push(b[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let decodings = [
+        raw.to_string(),
+        unreserved_only(raw),
+        once(raw),
+        once(&once(raw)),
+    ];
+    let mut out = Vec::new();
+    for d in &decodings {
+        for backslash in [false, true] {
+            let text = if backslash {
+                d.replace('\\', "/")
+            } else {
+                d.clone()
+            };
+            for params in [false, true] {
+                let segments: Vec<String> = text
+                    .split('/')
+                    .map(|s| {
+                        if params {
+                            s.split(';').next().unwrap_or("").to_string()
+                        } else {
+                            s.to_string()
+                        }
+                    })
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                for dots in [false, true] {
+                    let mut stack: Vec<&str> = Vec::new();
+                    for s in &segments {
+                        match s.as_str() {
+                            "." if dots => {}
+                            ".." if dots => {
+                                stack.pop();
+                            }
+                            other => stack.push(other),
+                        }
+                    }
+                    out.push(format!("/{}", stack.join("/")));
+                }
+            }
+        }
+    }
+    out
+}
+
 proptest! {
     #![proptest_config(cases(1000))]
 
     #[test]
-    fn every_reading_is_a_clean_absolute_path(raw in path()) {
+    fn every_reading_is_an_absolute_path_with_single_slashes(raw in path()) {
         let r = PathReadings::of(&raw);
         prop_assert!(r.plain().starts_with('/'), "{:?}", r.plain());
         prop_assert!(!r.plain().contains("//"), "{:?}", r.plain());
         for other in r.others() {
             prop_assert!(other.starts_with('/'));
             prop_assert!(!other.contains("//"), "{:?}", other);
-            prop_assert!(!other.contains('\\'), "{:?}", other);
-            let segments: Vec<&str> = other.split('/').collect();
-            prop_assert!(
-                !segments.iter().any(|s| *s == "." || *s == ".."),
-                "{:?}", other
-            );
             prop_assert_ne!(other.as_str(), r.plain(), "others differ from the plain reading");
         }
     }
 
+    /// The security property: if any way an upstream may read the path
+    /// puts it under a rule's prefix, the gateway applies the rule or
+    /// refuses the request (400); it never lets it through unlimited.
     #[test]
-    fn plain_characters_have_a_single_reading(raw in "(/[a-zA-Z0-9._~-]{0,8}){0,6}") {
+    fn a_path_any_upstream_reads_under_a_prefix_gets_its_rule_or_a_400(raw in api_path()) {
+        let under = upstream_readings(&raw)
+            .iter()
+            .any(|r| r.to_ascii_lowercase().starts_with("/api"));
+        if under {
+            let verdict = PathReadings::of(&raw).starts_with("/api", false);
+            prop_assert!(
+                !matches!(verdict, Ok(false)),
+                "{:?} reads as /api upstream, yet the rule would not apply", raw
+            );
+        }
+    }
+
+    #[test]
+    fn the_same_holds_for_any_path(raw in path()) {
+        for prefix in ["/a", "/x", "/"] {
+            let under = upstream_readings(&raw)
+                .iter()
+                .any(|r| r.to_ascii_lowercase().starts_with(prefix));
+            if under {
+                let verdict = PathReadings::of(&raw).starts_with(prefix, false);
+                prop_assert!(!matches!(verdict, Ok(false)), "{:?} under {}", raw, prefix);
+            }
+        }
+    }
+
+    #[test]
+    fn plain_characters_have_a_single_reading(raw in "(/[a-zA-Z0-9_~-][a-zA-Z0-9._~-]{0,7}){0,6}") {
         let r = PathReadings::of(&raw);
         prop_assert!(r.others().is_empty());
         prop_assert_eq!(r.plain(), normalize_path(&raw));
