@@ -612,3 +612,83 @@ fn a_decision_whose_answer_was_lost_is_never_counted_twice() {
         "no ban from a violation counted twice"
     );
 }
+
+/// A gateway whose decisions past one a second go to the local store,
+/// with automatic bans after 3 refusals and write-back every `reconcile`.
+fn capped_gateway(redis: &RedisServer, up: &Upstream, reconcile: &str) -> Gateway {
+    let p = prefix();
+    let extra = format!(
+        "[ban]\nafter = 3\nwithin = \"1m\"\nduration = \"10m\"\nreconcile_interval = \"{reconcile}\"\n"
+    );
+    let setup = Setup {
+        redis: Some(redis.url()),
+        upstream: &up.url(),
+        prefix: &p,
+        rules: "[[rules]]\nname = \"once\"\nkey = \"ip\"\nrate = 1\nper = \"1h\"\nburst = 1\n",
+        extra: &extra,
+    };
+    let (port, admin) = (free_port(), free_port());
+    let config = Gateway::config(port, admin, &setup).replace(
+        "timeout = \"200ms\"\n",
+        "timeout = \"200ms\"\nmax_decisions_per_second = 1\n",
+    );
+    Gateway::start_config(port, admin, config, &[])
+}
+
+fn is_banned(gw: &Gateway, ip: &str) -> bool {
+    get_as(&gw.url("/"), ip)
+        .json()
+        .get("error")
+        .and_then(|e| e.as_str())
+        == Some("banned")
+}
+
+/// Sends as `ip` until banned.
+fn get_banned_past_the_cap(gw: &Gateway, ip: &str) {
+    assert!((0..50).any(|_| is_banned(gw, ip)), "never banned");
+    assert!(
+        gw.decisions("local") > 0,
+        "the cap sent decisions to the local store"
+    );
+}
+
+/// A ban the local store makes while Redis answers (here: decisions past
+/// `redis.max_decisions_per_second`) is written to Redis at once: the admin
+/// API lists it like any ban, long before a write-back round.
+#[test]
+fn a_ban_made_past_the_cap_is_listed_at_once() {
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let gw = capped_gateway(&redis, &up, "1h");
+    let ip = "198.51.100.96";
+    get_banned_past_the_cap(&gw, ip);
+    wait_until(
+        "the ban listed by the admin API",
+        Duration::from_secs(2),
+        || gw.admin("GET", &format!("/admin/bans/{ip}"), None).status == 200,
+    );
+}
+
+/// Once an operator lifts such a ban, no write-back brings it back.
+#[test]
+fn a_lifted_ban_is_never_written_back() {
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let gw = capped_gateway(&redis, &up, "300ms");
+    let ip = "198.51.100.97";
+    get_banned_past_the_cap(&gw, ip);
+    wait_until("the ban listed", Duration::from_secs(2), || {
+        gw.admin("GET", &format!("/admin/bans/{ip}"), None).status == 200
+    });
+    assert_eq!(
+        gw.admin("DELETE", &format!("/admin/bans/{ip}"), None)
+            .status,
+        204
+    );
+    // Several write-back rounds later, still lifted.
+    thread::sleep(Duration::from_millis(1_200));
+    assert_eq!(
+        gw.admin("GET", &format!("/admin/bans/{ip}"), None).status,
+        404,
+        "a lifted ban was written back"
+    );
+    assert!(!is_banned(&gw, ip));
+}

@@ -75,8 +75,10 @@ impl Bans {
         // decide.lua enforces the ban from the subject's state hash (one key
         // per subject); the record the admin API lists and reconcile reads
         // is written here, which also tells the other nodes and the audit
-        // log.
-        if made.by_redis {
+        // log. A ban the local store made while Redis answers (a decision
+        // past the cap, one failed call) is written now too, so the fleet
+        // and the admin API see it at once; the write-back keeps the rest.
+        if made.by_redis || made.redis_answers {
             match self
                 .write_ban(
                     BanTarget::Key(key),
@@ -88,7 +90,12 @@ impl Bans {
                 )
                 .await
             {
-                Ok(_) => return,
+                Ok(_) => {
+                    if !made.by_redis {
+                        self.local.forget_made_ban(&key_tag(&key));
+                    }
+                    return;
+                }
                 Err(e) => log::warn!(
                     "the ban of {subject} is enforced, but its record could not be written: {e}"
                 ),

@@ -38,6 +38,10 @@ pub(crate) struct BanMade {
     /// admin API lists) is still to be written. A ban made by the local
     /// store is written back when its shard answers again instead.
     pub(crate) by_redis: bool,
+    /// Made by the local store while the subject's shard answers (the
+    /// decision was past the cap, or one call failed): it can be written to
+    /// Redis at once, so the fleet and the admin API see it now.
+    pub(crate) redis_answers: bool,
 }
 
 /// What happens to a request.
@@ -164,6 +168,7 @@ impl<S: SharedStore> Limiter<S> {
                         strikes: reply.strikes,
                         reason: refusing_reason(g, &reply),
                         by_redis: store == Store::Redis,
+                        redis_answers: self.redis_answers(&pass.tags[i]),
                     });
                     self.refund(&pass, None).await;
                     self.metrics.banned.increment(1);
@@ -351,6 +356,11 @@ impl<S: SharedStore> Limiter<S> {
         }
     }
 
+    /// Whether the shard holding `tag` answers now (its breaker is closed).
+    fn redis_answers(&self, tag: &str) -> bool {
+        matches!(self.route(tag), Route::Shared(..))
+    }
+
     /// Sends a call to the store that decided the subject.
     async fn on_store(
         &self,
@@ -407,6 +417,7 @@ impl<S: SharedStore> Limiter<S> {
                         strikes: r.strikes,
                         reason: format!("rule {}", rule.unwrap_or("")),
                         by_redis: *store == Store::Redis,
+                        redis_answers: self.redis_answers(&pass.tags[j]),
                     });
                 }
                 Ok(_) => {}

@@ -49,6 +49,8 @@ impl LocalStore {
     /// Lifts a ban; true if one was active. The ban ends now: its strikes
     /// are remembered for `ban.memory` from now, as `unban.lua` leaves them.
     pub(crate) fn unban(&self, tag: &str) -> bool {
+        // A lifted ban is never written back.
+        self.forget_made_ban(tag);
         let memory_ms = self.ban.load().memory_ms;
         let now_ms = wall_clock_us() / 1000;
         let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
@@ -135,6 +137,15 @@ impl LocalStore {
     /// Takes the bans made since the last call (for write-back to Redis).
     pub(crate) fn take_made_bans(&self) -> Vec<LocalBan> {
         std::mem::take(&mut *self.made.lock().unwrap_or_else(|p| p.into_inner())).into()
+    }
+
+    /// Drops the ban of `tag` from those waiting to be written back (it was
+    /// written, or lifted).
+    pub(crate) fn forget_made_ban(&self, tag: &str) {
+        self.made
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|b| b.tag != tag);
     }
 
     /// Puts back bans whose write-back failed, to try again later.
