@@ -824,3 +824,21 @@ fn head_chunked_uploads_and_expect_continue_are_forwarded() {
     );
     assert!(expect.contains("\"received\":4"), "{expect}");
 }
+
+#[test]
+fn a_flood_against_a_shadow_rule_costs_one_log_line() {
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let rules =
+        "[[rules]]\nname = \"trial\"\nkey = \"ip\"\nrate = 1\nper = \"1h\"\nburst = 1\nshadow = true\n";
+    let gw = start(&redis, &up, rules);
+    for _ in 0..200 {
+        assert_eq!(
+            get(&gw.url("/"), &[]).status,
+            200,
+            "a shadow rule refuses nothing"
+        );
+    }
+    assert_eq!(gw.requests_metric("trial", "shadow_limited"), 199);
+    let lines = gw.log().matches("shadow rule trial would limit").count();
+    assert_eq!(lines, 1, "one line per log_throttle window:\n{}", gw.log());
+}

@@ -12,6 +12,7 @@ use super::call::{
 use super::slots::{new_lease_id, HeldSlots, LeaseSet, LeaseSlot};
 use super::{Limiter, Route};
 use crate::config::OnFailure;
+use crate::log_throttle::Verdict;
 use crate::metrics::DecisionCounters;
 use crate::policy::{ceil_secs, Limit};
 use crate::redis_link::RedisFailure;
@@ -297,7 +298,7 @@ impl<S: SharedStore> Limiter<S> {
             for (rule, b) in g.rules.iter().zip(&reply.buckets) {
                 if b.state == BucketState::ShadowRefusing {
                     rule.counters.shadow_limited.increment(1);
-                    log::info!("shadow rule {} would limit {}", rule.name, tag);
+                    note_shadow_refusal(rule, tag);
                 } else {
                     rule.counters.allowed.increment(1);
                 }
@@ -425,6 +426,26 @@ impl<S: SharedStore> Limiter<S> {
             }
         }
         ban
+    }
+}
+
+/// A shadow rule would have refused: one log line the first time, then at
+/// most one per `server.log_throttle` window per rule with the count since
+/// (a flood against a rule on trial must not flood the log; every one is in
+/// `floodgate_requests_total{decision="shadow_limited"}`).
+fn note_shadow_refusal(rule: &Rule, tag: &str) {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ("shadow", &*rule.name).hash(&mut h);
+    match crate::log_throttle::LOG.admit(h.finish(), Instant::now()) {
+        Verdict::Write { repeats: 0 } => {
+            log::info!("shadow rule {} would limit {tag}", rule.name)
+        }
+        Verdict::Write { repeats } => log::info!(
+            "shadow rule {} would limit {tag} (and {repeats} more would-be refusals since the last line)",
+            rule.name
+        ),
+        Verdict::Suppress => {}
     }
 }
 
