@@ -17,7 +17,7 @@ pub const BANS_ACTIVE: &str = "floodgate_bans_active";
 pub const DEGRADED: &str = "floodgate_degraded";
 pub const BANS_TOTAL: &str = "floodgate_bans_total";
 pub const UPSTREAM_ERRORS: &str = "floodgate_upstream_errors_total";
-pub(crate) const CONFIG_RELOADS: &str = "floodgate_config_reloads_total";
+pub const CONFIG_RELOADS: &str = "floodgate_config_reloads_total";
 pub(crate) const WEBSOCKET_CONNECTIONS: &str = "floodgate_websocket_connections";
 pub(crate) const DENY_CACHE_HITS: &str = "floodgate_deny_cache_hits_total";
 pub(crate) const LEASE_ERRORS: &str = "floodgate_lease_errors_total";
@@ -27,10 +27,10 @@ pub(crate) const UPSTREAM_RETRIES: &str = "floodgate_upstream_retries_total";
 pub const UPSTREAM_EJECTIONS: &str = "floodgate_upstream_ejections_total";
 pub const UPSTREAM_EJECTIONS_HELD: &str = "floodgate_upstream_ejections_held_back_total";
 pub(crate) const CLIENT_ERRORS: &str = "floodgate_client_errors_total";
-pub(crate) const DECISIONS: &str = "floodgate_decisions_total";
-pub(crate) const SHARD_DEGRADED: &str = "floodgate_redis_shard_degraded";
+pub const DECISIONS: &str = "floodgate_decisions_total";
+pub const SHARD_DEGRADED: &str = "floodgate_redis_shard_degraded";
 pub(crate) const REDIS_RETRIES: &str = "floodgate_redis_retries_total";
-pub(crate) const DECISIONS_SHED: &str = "floodgate_redis_shed_total";
+pub const DECISIONS_SHED: &str = "floodgate_redis_shed_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub(crate) const NO_RULE: &str = "-";

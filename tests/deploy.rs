@@ -60,7 +60,12 @@ fn exported(name: &str) -> bool {
         metrics::BANS_TOTAL,
         metrics::UPSTREAM_ERRORS,
         metrics::UPSTREAM_EJECTIONS,
+        metrics::UPSTREAM_EJECTIONS_HELD,
         metrics::UPSTREAM_HEALTHY,
+        metrics::DECISIONS,
+        metrics::SHARD_DEGRADED,
+        metrics::DECISIONS_SHED,
+        metrics::CONFIG_RELOADS,
     ];
     all.iter().any(|m| {
         name == *m
@@ -80,7 +85,7 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
         &dir,
     );
     let text = assert_success(&out, "promtool check rules");
-    assert!(text.contains("SUCCESS: 9 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 14 rules found"), "{text}");
     let out = run(
         "promtool",
         &["test", "rules", "floodgate-alerts.test.yml"],
@@ -89,6 +94,16 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     assert_success(&out, "promtool test rules");
 
     let rules = std::fs::read_to_string(dir.join("floodgate-alerts.yml")).unwrap();
+    // The alerts cover where decisions are made and the pools' health too.
+    for alert in [
+        "FloodgateShardDegraded",
+        "FloodgateDecisionsOffRedis",
+        "FloodgateDecisionsShed",
+        "FloodgateReloadFailed",
+        "FloodgateUpstreamOut",
+    ] {
+        assert!(rules.contains(&format!("alert: {alert}")), "no {alert}");
+    }
     let names = metric_names(&rules);
     assert!(names.len() >= 7, "{names:?}");
     for name in names {
@@ -121,6 +136,14 @@ fn grafana_dashboard_is_json_with_valid_queries_on_exported_metrics() {
         metrics::REDIS_ERRORS,
         metrics::BANS_ACTIVE,
         metrics::DEGRADED,
+        // And where decisions are made, shards, shedding, reloads, pools.
+        metrics::DECISIONS,
+        metrics::SHARD_DEGRADED,
+        metrics::DECISIONS_SHED,
+        metrics::CONFIG_RELOADS,
+        metrics::UPSTREAM_HEALTHY,
+        metrics::UPSTREAM_EJECTIONS,
+        metrics::UPSTREAM_EJECTIONS_HELD,
     ] {
         assert!(used.iter().any(|u| u == m), "no panel shows {m}");
     }
@@ -140,6 +163,7 @@ fn grafana_dashboard_is_json_with_valid_queries_on_exported_metrics() {
     for (i, e) in exprs.iter().enumerate() {
         let e = e
             .replace("$__rate_interval", "5m")
+            .replace("$__interval", "1m")
             .replace("$instance", ".*");
         rules.push_str(&format!(
             "      - record: dashboard:query{i}\n        expr: {}\n",
