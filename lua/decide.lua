@@ -49,13 +49,22 @@
 -- ARGV[5..10] after, within_ms, duration_ms, factor, max_ms, memory_ms
 --          (after = 0: no automatic bans)
 -- ARGV[11] the request's lease id ('' without concurrency rules)
--- ARGV[12..] per rule, 6 each: name, kind, a, b, cost, shadow '1'/'0'
+-- ARGV[12] requests this call is for: in a decision, at most this many (the
+--          node asks for a lease of tokens: the grant is charged now, on
+--          every rule, all or nothing, and the node admits the requests
+--          after the first from memory); never more than half of what
+--          every rule has left, so near the limit the grant falls to 1 and
+--          the subject is decided call by call. In a refund, exactly this
+--          many are given back. '1' for one request.
+-- ARGV[13..] per rule, 6 each: name, kind, a, b, cost, shadow '1'/'0'
 --          where (a, b) is (T us, burst) for 'r', (period 'h'/'d'/'m',
 --          quota) for 'q', (lease ms, max) for 'c'
 --
--- Returns {status, ban_ms, strikes, until_ms, then per rule: state, room,
--- wait} where status is 0 allowed, 1 limited, 2 banned before this request,
--- 3 banned by this request; a rule's state is 0 charged, 1 refusing, 2
+-- Returns {status, ban_ms, strikes, until_ms, granted, then per rule:
+-- state, room, wait} where status is 0 allowed, 1 limited, 2 banned before
+-- this request, 3 banned by this request; granted is the requests charged
+-- (ARGV[12] at most; 1 unless a lease was asked for and the subject could
+-- spare it); a rule's state is 0 charged, 1 refusing, 2
 -- would refuse but shadow (not charged). For 'r', room = tokens left x T
 -- (us) and wait = us until allowed (refusing) or until full; for 'q', room
 -- = requests left in the period and wait = us until the next period; for
@@ -138,9 +147,9 @@ local after = tonumber(ARGV[A + 5])
 -- One read of the subject's hash: every rule's field, the violation
 -- window, and the ban.
 local lease = ARGV[A + 11]
-local n = (NA - 11) / 6
+local n = (NA - 12) / 6
 local fields = {}
-for i = 1, n do fields[i] = ARGV[A + 11 + (i - 1) * 6 + 1] end
+for i = 1, n do fields[i] = ARGV[A + 12 + (i - 1) * 6 + 1] end
 fields[n + 1] = '#vs'
 fields[n + 2] = '#vc'
 fields[n + 3] = '#bu'
@@ -162,21 +171,54 @@ if cur[n + 4] and ban_until + memory > now_ms then
   if ban_until + memory > keep then keep = ban_until + memory end
 end
 if bannable and mode == 'd' and ban_until > now_ms then
-  return {2, ban_until - now_ms, strikes, ban_until}
+  return {2, ban_until - now_ms, strikes, ban_until, 0}
+end
+local now_s = floor_of(now / 1000000)
+
+-- The requests this call is for (see ARGV[12]). A lease takes at most half
+-- of what each rule has left; shadow rules and concurrency caps are never
+-- leased (the node does not ask), and grant 1 if asked.
+local units = tonumber(ARGV[A + 12])
+if mode == 'd' and units > 1 then
+  for i = 1, n do
+    local base = 12 + (i - 1) * 6
+    local kind = ARGV[A + base + 2]
+    local b = tonumber(ARGV[A + base + 4])
+    local cost = tonumber(ARGV[A + base + 5])
+    local fits = 1
+    if ARGV[A + base + 6] == '1' or cost < 1 then
+      fits = 1
+    elseif kind == 'r' then
+      local T = tonumber(ARGV[A + base + 3])
+      local tat = tonumber(cur[i]) or now
+      if tat < now then tat = now end
+      fits = floor_of((T * b - (tat - now)) / (T * cost))
+    elseif kind == 'q' then
+      local start = period_bounds(ARGV[A + base + 3], now_s)
+      local count = 0
+      local ps, pc = string.match(cur[i] or '', '^(%d+):(%d+)$')
+      if ps ~= nil and tonumber(ps) == start then count = tonumber(pc) end
+      fits = floor_of((b - count) / cost)
+    end
+    local share = floor_of(fits / 2)
+    if share < units then units = share end
+  end
+  if units < 1 then units = 1 end
+elseif mode ~= 'r' then
+  units = 1
 end
 
-local out = {0, 0, 0, 0}
-local o = 4
+local out = {0, 0, 0, 0, units}
+local o = 5
 local vals = {}
 local lease_keys = {}
 local refused = nil
-local now_s = floor_of(now / 1000000)
 local next_key = 1
 for i = 1, n do
-  local base = 11 + (i - 1) * 6
+  local base = 12 + (i - 1) * 6
   local kind = ARGV[A + base + 2]
   local b = tonumber(ARGV[A + base + 4])
-  local cost = tonumber(ARGV[A + base + 5])
+  local cost = tonumber(ARGV[A + base + 5]) * units
   if mode == 'p' then cost = 0 end
   local shadow = ARGV[A + base + 6] == '1'
   local pass = false
@@ -253,10 +295,10 @@ if refused == nil and mode == 'd' then
   -- left as a real refusal would leave it).
   local args = {}
   for i = 1, n do
-    if out[4 + (i - 1) * 3 + 1] == 0 then
+    if out[5 + (i - 1) * 3 + 1] == 0 then
       local key = lease_keys[i]
       if key ~= nil then
-        local ms = tonumber(ARGV[A + 11 + (i - 1) * 6 + 3])
+        local ms = tonumber(ARGV[A + 12 + (i - 1) * 6 + 3])
         redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now))
         redis.call('ZADD', key, string.format('%.0f', now + ms * 1000), lease)
         redis.call('PEXPIRE', key, ms)

@@ -36,7 +36,8 @@ struct Call {
 /// Subject `s` (0, 1 or 2) under `prefix`, decided at `now_us`.
 /// Subject 0: a tight token bucket and an hourly quota, bans after 3
 /// refusals; subject 1: a bucket and a concurrency cap (a lease set, a
-/// second key); subject 2: a loose bucket, not bannable.
+/// second key); subject 2: a loose bucket, not bannable. Subject 3 has the
+/// rules of subject 2.
 fn call(prefix: &str, s: usize, now_us: u64, lease: usize) -> Call {
     let state = format!("{prefix}{{s{s}}}:b");
     let mut keys = vec![state];
@@ -64,6 +65,9 @@ fn call(prefix: &str, s: usize, now_us: u64, lease: usize) -> Call {
     } else {
         args.push(String::new());
     }
+    // Every third call asks for a lease of 6 requests; the grant depends
+    // on what is left, so batch and one-by-one must agree on it too.
+    args.push(if lease % 3 == 0 { "6" } else { "1" }.into());
     for r in rules {
         args.extend(r.iter().map(|a| a.to_string()));
     }

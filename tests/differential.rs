@@ -151,6 +151,13 @@ fn redis_and_local_stores_decide_identically() {
         } else {
             Mode::Decide
         };
+        // A quarter of the calls ask for a lease (a decision for up to 8
+        // requests), or give back up to 8 requests' worth (a refund).
+        let count = if rng.below(4) == 0 {
+            1 + rng.below(8) as u32
+        } else {
+            1
+        };
         let call = SubjectCall {
             tag,
             rules: subset,
@@ -159,10 +166,14 @@ fn redis_and_local_stores_decide_identically() {
             mode,
             now_us: Some(now_us),
             lease: "",
+            count,
         };
         let a = rt.block_on(DecisionStore::decide(&remote, &call)).unwrap();
         let b = local.decide(&call);
         assert_eq!(a, b, "step {step}: {call:?}");
+        if a.granted > 1 {
+            *seen.entry("Leased".to_string()).or_insert(0) += 1;
+        }
         // Both stores keep the state until the same moment (the script's
         // `#x`), so neither forgets a quota, a window or strikes before the
         // other.
@@ -175,7 +186,7 @@ fn redis_and_local_stores_decide_identically() {
         *seen.entry(format!("{:?}", a.status)).or_insert(0) += 1;
     }
     // The sequence exercised every outcome.
-    for status in ["Allowed", "Limited", "BannedBefore", "BannedNow"] {
+    for status in ["Allowed", "Limited", "BannedBefore", "BannedNow", "Leased"] {
         assert!(
             seen.get(status).copied().unwrap_or(0) > 5,
             "{status} barely seen: {seen:?}"
@@ -337,6 +348,7 @@ fn quotas_and_concurrency_decide_identically_in_both_stores() {
             mode,
             now_us: Some(now_us),
             lease: &lease,
+            count: 1,
         };
         let a = rt.block_on(DecisionStore::decide(&remote, &call)).unwrap();
         let b = local.decide(&call);
@@ -395,6 +407,7 @@ fn the_script_ends_a_day_quota_at_midnight_utc_and_a_month_quota_on_the_first() 
             mode: Mode::Decide,
             now_us: Some(now_us),
             lease: "",
+            count: 1,
         };
         rt.block_on(DecisionStore::decide(&store, &call)).unwrap()
     };

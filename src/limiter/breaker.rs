@@ -139,11 +139,12 @@ impl Breaker {
     /// after the last counted one was seen counts, so `breaker_failures`
     /// failures in a row take that many rounds of calls, one after another.
     fn failure(&self, e: &RedisFailure, sent_ms: u64, now_ms: u64) -> bool {
+        // Stored one-based, so that 0 means "never".
         let last = self.last_failure_ms.load(Ordering::Relaxed);
-        if last != 0 && sent_ms < last {
+        if last != 0 && sent_ms + 1 < last {
             return false;
         }
-        self.last_failure_ms.store(now_ms.max(1), Ordering::Relaxed);
+        self.last_failure_ms.store(now_ms + 1, Ordering::Relaxed);
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= self.threshold && !self.open.swap(true, Ordering::AcqRel) {
             self.gauge.set(1.0);

@@ -71,6 +71,10 @@ pub struct SubjectCall<'a> {
     /// The request's lease id, held in the slots of its concurrency rules
     /// (`""` when it has none).
     pub lease: &'a str,
+    /// Requests this call is for. Deciding: at most this many (a lease of
+    /// tokens; the store grants no more than half of what every rule has
+    /// left, and 1 near the limit). Refunding: exactly this many.
+    pub count: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +113,9 @@ pub struct SubjectReply {
     pub ban_ms: u64,
     pub strikes: u32,
     pub until_ms: u64,
+    /// Requests charged by a decision (1 unless a lease was asked for and
+    /// granted); 0 when nothing was decided.
+    pub granted: u32,
     pub buckets: Vec<BucketReply>,
 }
 
@@ -121,6 +128,7 @@ impl SubjectReply {
             ban_ms: 0,
             strikes: 0,
             until_ms: 0,
+            granted: 0,
             buckets: Vec::new(),
         }
     }

@@ -153,6 +153,7 @@ impl<S: SharedStore> Limiter<S> {
                 mode: Mode::Decide,
                 now_us: None,
                 lease: &pass.lease,
+                count: 1,
             };
             let (reply, store) = self.decide_subject(&call).await;
             store.counter(&self.metrics.decisions).increment(1);
@@ -410,6 +411,7 @@ impl<S: SharedStore> Limiter<S> {
                 },
                 now_us: None,
                 lease: &pass.lease,
+                count: 1,
             };
             match self.on_store(*store, &call).await {
                 Ok(r) if r.status == Status::BannedNow => {

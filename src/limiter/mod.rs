@@ -200,6 +200,7 @@ impl<S: SharedStore> Limiter<S> {
             mode: Mode::Peek,
             now_us: None,
             lease: "",
+            count: 1,
         };
         match self.route(tag) {
             Route::Shared(shared, _) => shared.decide(&call).await,

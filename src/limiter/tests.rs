@@ -166,6 +166,7 @@ impl Bench {
             mode: Mode::Peek,
             now_us: None,
             lease: "",
+            count: 1,
         };
         let reply = self.shared().truth.decide(&call);
         rate_info(rule, &reply.buckets[0]).remaining

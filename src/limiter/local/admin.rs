@@ -203,6 +203,7 @@ mod tests {
                 mode: Mode::Decide,
                 now_us: None,
                 lease: "",
+                count: 1,
             };
             assert_eq!(store.decide(&call).status, Status::Allowed);
         }

@@ -100,9 +100,12 @@ impl LocalStore {
                 ban_ms: s.ban_until_ms - now_ms,
                 strikes: s.strikes,
                 until_ms: s.ban_until_ms,
+                granted: 0,
                 buckets: Vec::new(),
             };
         }
+        let now_s = now / 1_000_000;
+        let units = granted_units(s, call, now, now_s);
 
         let mut buckets = Vec::with_capacity(call.rules.len());
         let mut written = Vec::with_capacity(call.rules.len());
@@ -114,9 +117,14 @@ impl LocalStore {
         if s.ban_expires_ms > now_ms {
             keep = keep.max(s.ban_expires_ms);
         }
-        let now_s = now / 1_000_000;
         for rule in call.rules {
-            let cost_of = |c: u64| if call.mode == Mode::Peek { 0 } else { c };
+            let cost_of = |c: u64| {
+                if call.mode == Mode::Peek {
+                    0
+                } else {
+                    c * u64::from(units)
+                }
+            };
             let (pass, room, wait, value) = match rule.limit {
                 Limit::Rate(b) => {
                     let t = b.interval_us;
@@ -179,7 +187,7 @@ impl LocalStore {
                     )
                 }
                 Limit::Concurrency(c) => {
-                    let cost = cost_of(1);
+                    let cost = if call.mode == Mode::Peek { 0 } else { 1 };
                     let set = s.lease_set(&rule.name);
                     let mut count = set.live(now);
                     let pass = match call.mode {
@@ -232,6 +240,7 @@ impl LocalStore {
                 ban_ms: 0,
                 strikes: 0,
                 until_ms: 0,
+                granted: units,
                 buckets,
             };
         }
@@ -284,6 +293,7 @@ impl LocalStore {
             ban_ms: 0,
             strikes: 0,
             until_ms: 0,
+            granted: units,
             buckets: Vec::new(),
         };
         let refused_rule = match call.mode {
@@ -373,4 +383,46 @@ pub(crate) fn wall_clock_us() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+/// The requests a call is for, as `decide.lua` works them out: a decision
+/// asking for `count` > 1 (a lease) gets at most half of what every rule
+/// has left, at least 1; shadow rules and concurrency caps are never
+/// leased; a refund gives back exactly `count`; a peek is for one.
+fn granted_units(s: &SubjectState, call: &SubjectCall<'_>, now: u64, now_s: u64) -> u32 {
+    match call.mode {
+        Mode::Refund { .. } => return call.count.max(1),
+        Mode::Peek => return 1,
+        Mode::Decide if call.count <= 1 => return 1,
+        Mode::Decide => {}
+    }
+    let mut units = u64::from(call.count);
+    for rule in call.rules {
+        let fits = match rule.limit {
+            _ if rule.shadow => 1,
+            Limit::Rate(b) if b.cost >= 1 => {
+                let t = b.interval_us;
+                let tat = s
+                    .tats
+                    .iter()
+                    .find(|(n, _)| **n == *rule.name)
+                    .map_or(now, |(_, v)| *v)
+                    .max(now);
+                (t * u64::from(b.burst)).saturating_sub(tat - now) / (t * u64::from(b.cost))
+            }
+            Limit::Quota(q) if q.cost >= 1 => {
+                let (start, _) = q.period.bounds(now_s);
+                let count = s
+                    .quotas
+                    .iter()
+                    .find(|(n, ..)| **n == *rule.name)
+                    .filter(|(_, st, _)| *st == start)
+                    .map_or(0, |(.., c)| *c);
+                q.quota.saturating_sub(count) / u64::from(q.cost)
+            }
+            _ => 1,
+        };
+        units = units.min(fits / 2);
+    }
+    units.max(1) as u32
 }

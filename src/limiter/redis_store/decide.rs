@@ -45,7 +45,7 @@ pub(super) struct DecideCall {
 impl DecideCall {
     /// KEYS: the state hash, then one lease set per concurrency rule.
     /// ARGV: now, mode, idle TTL, bannable, the six escalation settings,
-    /// the lease id, then six per rule.
+    /// the lease id, the requests the call is for, then six per rule.
     pub(super) fn render(prefix: &str, call: &SubjectCall<'_>, ban: &BanArgs) -> DecideCall {
         let mut keys = Vec::with_capacity(1);
         keys.push(keys::state(prefix, call.tag));
@@ -55,7 +55,7 @@ impl DecideCall {
                 .filter(|r| r.is_concurrency())
                 .map(|r| keys::lease(prefix, call.tag, &r.name)),
         );
-        let mut args = Vec::with_capacity(11 + call.rules.len() * 6);
+        let mut args = Vec::with_capacity(12 + call.rules.len() * 6);
         args.push(call.now_us.map(|t| t.to_string()).unwrap_or_default());
         args.push(match call.mode {
             Mode::Decide => "d".to_string(),
@@ -66,6 +66,7 @@ impl DecideCall {
         args.push(if call.bannable { "1" } else { "0" }.to_string());
         args.extend(ban.argv.iter().cloned());
         args.push(call.lease.to_string());
+        args.push(call.count.max(1).to_string());
         for rule in call.rules {
             args.push(rule.name.to_string());
             let [kind, a, b, c] = match rule.limit {
@@ -153,11 +154,11 @@ pub(super) fn unexpected(what: &'static str) -> RedisFailure {
     )))
 }
 
-/// Reads `decide.lua`'s reply: `{status, ban_ms, strikes, until_ms}` and
-/// three numbers per rule (state, room, wait).
+/// Reads `decide.lua`'s reply: `{status, ban_ms, strikes, until_ms,
+/// granted}` and three numbers per rule (state, room, wait).
 pub(super) fn parse_reply(v: &Value) -> Option<SubjectReply> {
     let Value::Array(items) = v else { return None };
-    if items.len() < 4 || (items.len() - 4) % 3 != 0 {
+    if items.len() < 5 || (items.len() - 5) % 3 != 0 {
         return None;
     }
     let status = match int(&items[0])? {
@@ -167,8 +168,8 @@ pub(super) fn parse_reply(v: &Value) -> Option<SubjectReply> {
         3 => Status::BannedNow,
         _ => return None,
     };
-    let mut buckets = Vec::with_capacity((items.len() - 4) / 3);
-    for chunk in items[4..].chunks(3) {
+    let mut buckets = Vec::with_capacity((items.len() - 5) / 3);
+    for chunk in items[5..].chunks(3) {
         let state = match int(&chunk[0])? {
             0 => BucketState::Charged,
             1 => BucketState::Refusing,
@@ -185,6 +186,7 @@ pub(super) fn parse_reply(v: &Value) -> Option<SubjectReply> {
         ban_ms: int(&items[1])?.max(0) as u64,
         strikes: int(&items[2])?.max(0) as u32,
         until_ms: int(&items[3])?.max(0) as u64,
+        granted: int(&items[4])?.max(0) as u32,
         buckets,
     })
 }
