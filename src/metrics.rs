@@ -31,6 +31,9 @@ pub const DECISIONS: &str = "floodgate_decisions_total";
 pub const SHARD_DEGRADED: &str = "floodgate_redis_shard_degraded";
 pub(crate) const REDIS_RETRIES: &str = "floodgate_redis_retries_total";
 pub const DECISIONS_SHED: &str = "floodgate_redis_shed_total";
+pub const LEASE_GRANTS: &str = "floodgate_lease_grants_total";
+pub const LEASE_ADMISSIONS: &str = "floodgate_lease_admissions_total";
+pub const LEASE_RETURNED: &str = "floodgate_lease_returned_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub(crate) const NO_RULE: &str = "-";
@@ -101,7 +104,7 @@ pub(crate) fn install() -> Option<PrometheusHandle> {
     );
     metrics::describe_counter!(
         DECISIONS,
-        "Subject decisions by where they were made: redis, local, allow, deny"
+        "Subject decisions by where they were made: redis (leased tokens included), local, allow, deny"
     );
     metrics::describe_gauge!(
         SHARD_DEGRADED,
@@ -110,6 +113,18 @@ pub(crate) fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         REDIS_RETRIES,
         "Script calls sent again within their budget after a transient failure"
+    );
+    metrics::describe_counter!(
+        LEASE_GRANTS,
+        "Redis decisions that leased tokens to this node (granted more than one request)"
+    );
+    metrics::describe_counter!(
+        LEASE_ADMISSIONS,
+        "Subject decisions admitted from this node's leased tokens, with no Redis call (also counted in floodgate_decisions_total{store=\"redis\"}: Redis charged them beforehand)"
+    );
+    metrics::describe_counter!(
+        LEASE_RETURNED,
+        "Requests' worth of leased tokens given back to Redis unused (a lease that expired, ended by a refund, an unban, a plan change or a reload)"
     );
     metrics::describe_counter!(
         DECISIONS_SHED,
@@ -181,6 +196,13 @@ pub(crate) struct GatewayMetrics {
     pub(crate) deny_cache_hits: Counter,
     pub(crate) lease_errors: Counter,
     pub(crate) decisions: DecisionCounters,
+    /// Decisions that took a lease of tokens (granted more than one).
+    pub(crate) lease_grants: Counter,
+    /// Subjects admitted from this node's leased tokens (also counted as
+    /// decided by Redis, which charged them).
+    pub(crate) lease_admissions: Counter,
+    /// Requests' worth of leased tokens given back unused.
+    pub(crate) lease_returned: Counter,
 }
 
 impl GatewayMetrics {
@@ -201,6 +223,9 @@ impl GatewayMetrics {
             deny_cache_hits: metrics::counter!(DENY_CACHE_HITS),
             lease_errors: metrics::counter!(LEASE_ERRORS),
             decisions: DecisionCounters::new(),
+            lease_grants: metrics::counter!(LEASE_GRANTS),
+            lease_admissions: metrics::counter!(LEASE_ADMISSIONS),
+            lease_returned: metrics::counter!(LEASE_RETURNED),
         }
     }
 }

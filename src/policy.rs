@@ -50,7 +50,7 @@ impl KeyKind {
 
 /// What a rule limits: a token bucket, a calendar quota, or the requests
 /// in flight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Limit {
     Rate(BucketSpec),
     Quota(QuotaSpec),
@@ -59,7 +59,7 @@ pub enum Limit {
 
 /// A token bucket in the exact integer form both stores use (GCRA):
 /// one token every `interval_us` microseconds, `burst` tokens at most.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BucketSpec {
     pub interval_us: u64,
     pub burst: u32,
@@ -89,7 +89,7 @@ pub(crate) fn ceil_secs(us: u64) -> u64 {
 }
 
 /// A calendar period of a quota, in UTC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Period {
     Hour,
@@ -183,7 +183,7 @@ fn days_in_month(y: u64, m: u64) -> u64 {
 }
 
 /// A quota: at most `quota` units (each request costs `cost`) per `period`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct QuotaSpec {
     pub quota: u64,
     pub period: Period,
@@ -193,7 +193,7 @@ pub struct QuotaSpec {
 /// A concurrency cap: at most `max` requests of a subject in flight across
 /// every node. Each holds a lease that ends after `lease_ms` unless renewed,
 /// so the slots of a node that died come back by themselves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConcurrencySpec {
     pub max: u32,
     pub lease_ms: u64,

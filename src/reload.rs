@@ -193,6 +193,9 @@ impl Reloader {
         crate::log_throttle::LOG.set_window(config.server.log_throttle);
         let previous = gw.snapshot();
         gw.replace_snapshot(Snapshot::new(config, Some(&previous)));
+        // Leases were taken under the old rules: they end, and what they
+        // held goes back.
+        gw.limiter.end_all_leases();
         gw.consumers
             .set_known_plans(config.plans.keys().cloned().collect());
     }

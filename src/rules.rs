@@ -22,7 +22,7 @@ use crate::policy::{ceil_secs, BucketSpec, ConcurrencySpec, KeyKind, Limit, Quot
 pub(crate) const MAX_KEY_HEADER_LEN: usize = 256;
 
 /// A compiled rule.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Rule {
     pub name: Arc<str>,
     pub key: KeyKind,
@@ -41,6 +41,9 @@ pub struct Rule {
     pub(crate) subject_ttl_ms: u64,
     /// `floodgate_requests_total` of this rule, one handle per decision.
     pub(crate) counters: RuleCounters,
+    /// May its requests be admitted from leased tokens (`lease = false`
+    /// says no)?
+    pub(crate) leasable: bool,
 }
 
 impl Rule {
@@ -89,6 +92,7 @@ impl Rule {
                 .unwrap_or_else(|_| HeaderValue::from_static("")),
             subject_ttl_ms: 0,
             counters: RuleCounters::new(&c.name),
+            leasable: c.leasable(),
         }
     }
 

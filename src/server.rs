@@ -10,7 +10,7 @@ use std::time::Duration;
 use actix_web::{web, App, HttpServer};
 
 use crate::admin::{self, AdminState};
-use crate::bans::{BanCache, Bans};
+use crate::bans::{key_tag, BanCache, BanEvent, BanTarget, Bans, Follower};
 use crate::config::Config;
 use crate::consumers::ConsumerTable;
 use crate::front_door;
@@ -161,6 +161,7 @@ impl Node {
                 .redis
                 .as_ref()
                 .map_or(0, |r| r.max_decisions_per_second),
+            lease: config.redis.as_ref().map_or(Duration::ZERO, |r| r.lease),
         };
         let limiter = Arc::new(Limiter::new(
             redis_store,
@@ -195,6 +196,10 @@ impl Node {
             config.client_ip.ipv6_prefix,
         ));
         bans.follow_with(consumers.clone());
+        bans.follow_with(Arc::new(LeasesFollowEvents {
+            limiter: limiter.clone(),
+            ipv6_prefix: config.client_ip.ipv6_prefix,
+        }));
         if connected {
             if let Err(e) = bans.reconcile().await {
                 log::warn!("could not read bans from Redis at start-up: {e}");
@@ -364,6 +369,15 @@ fn spawn_background(
     prom: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) {
     let sweeper = limiter.clone();
+    if let Some(every) = limiter.lease_sweep_every() {
+        let limiter = limiter.clone();
+        actix_web::rt::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                limiter.return_leases().await;
+            }
+        });
+    }
     if let Some(link) = link {
         let probe_every = link.config().probe_interval;
         {
@@ -419,4 +433,35 @@ fn spawn_background(
             }
         }
     });
+}
+
+/// Ends a subject's leased tokens when the fleet hears of a ban, an unban
+/// or a plan change of it (the ban cache and the consumer table take those
+/// events the same way): a lease is never used across such a change.
+struct LeasesFollowEvents {
+    limiter: Arc<Limiter>,
+    ipv6_prefix: u8,
+}
+
+impl Follower for LeasesFollowEvents {
+    fn apply(&self, event: &BanEvent) {
+        let tag = match event {
+            BanEvent::Ban { subject, .. } | BanEvent::Unban { subject } => {
+                match BanTarget::parse(subject, self.ipv6_prefix) {
+                    Ok(BanTarget::Key(k)) => key_tag(&k),
+                    _ => return,
+                }
+            }
+            BanEvent::Consumer { key, .. } => format!("consumer:{key}"),
+            _ => return,
+        };
+        self.limiter.end_leases_of(&tag);
+    }
+
+    fn reconcile(
+        &self,
+        _lost: bool,
+    ) -> futures_util::future::LocalBoxFuture<'_, Result<(), crate::redis_link::RedisFailure>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }

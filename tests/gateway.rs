@@ -762,16 +762,19 @@ fn rules_match_the_normalised_path() {
     let rules = "[[rules]]\nname = \"login\"\nkey = \"ip\"\nrate = 1\nper = \"60s\"\nburst = 1\nmatch = { path_prefix = \"/api/login\" }\n";
     let gw = start(&redis, &up, rules);
     assert_eq!(get(&gw.url("/api/login"), &[]).status, 200);
-    for sneaky in [
-        "/%61pi/login",
-        "//api//login",
-        "/x/../api/login",
-        "/api/./login",
+    // Refused by the rule, or (where some upstream reads the spelling
+    // elsewhere: one that decodes nothing, or resolves no dot segment) as
+    // ambiguous; never let through.
+    for (sneaky, want) in [
+        ("/%61pi/login", 400),
+        ("//api//login", 429),
+        ("/x/../api/login", 400),
+        ("/api/./login", 400),
     ] {
         let req = format!("GET {sneaky} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         assert_eq!(
             raw_status(&raw_request(gw.port, req.as_bytes())),
-            429,
+            want,
             "{sneaky} slipped past the rule"
         );
     }

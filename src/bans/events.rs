@@ -52,7 +52,8 @@ pub(crate) enum BanEvent {
 /// keep in step (the consumer table): bans carry it along without knowing
 /// what it holds.
 pub(crate) trait Follower: Send + Sync {
-    /// Applies an event that is not about bans or the allowlist.
+    /// Applies an event (every kind comes; each follower takes what is
+    /// its own).
     fn apply(&self, event: &BanEvent);
     /// Re-reads its state from Redis; `lost`: Redis lost its data, so write
     /// back what this node knows first.
@@ -89,7 +90,7 @@ impl Bans {
             // Remember the new marker only once the restore went through: a
             // failed restore is retried at the next reconcile.
             self.restore().await?;
-            if let Some(f) = self.follower.get() {
+            for f in self.followers() {
                 f.reconcile(true).await?;
             }
         }
@@ -115,7 +116,7 @@ impl Bans {
         let allow = self.allowlist_from_redis(link).await?;
         self.cache.replace(keys_map, cidrs, since);
         self.cache.set_runtime_allowlist(allow, since);
-        if let Some(f) = self.follower.get() {
+        for f in self.followers() {
             f.reconcile(false).await?;
         }
         Ok(())
@@ -123,11 +124,25 @@ impl Bans {
 
     /// Has `follower` kept in step by the same events and reconciles.
     pub(crate) fn follow_with(&self, follower: Arc<dyn Follower>) {
-        let _ = self.follower.set(follower);
+        self.followers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(follower);
     }
 
-    /// Applies an event from another node (or this one) to the cache.
+    fn followers(&self) -> Vec<Arc<dyn Follower>> {
+        self.followers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Applies an event from another node (or this one) to the cache, and
+    /// hands it to every follower.
     pub(crate) fn apply(&self, event: BanEvent) {
+        for f in self.followers() {
+            f.apply(&event);
+        }
         match event {
             BanEvent::Ban {
                 subject,
@@ -159,12 +174,7 @@ impl Bans {
                     self.cache.remove_runtime_allow(&n);
                 }
             }
-            BanEvent::Heartbeat { .. } => {}
-            e @ BanEvent::Consumer { .. } => {
-                if let Some(f) = self.follower.get() {
-                    f.apply(&e);
-                }
-            }
+            BanEvent::Heartbeat { .. } | BanEvent::Consumer { .. } => {}
         }
     }
 

@@ -157,8 +157,9 @@ pub(crate) struct Bans {
     local_seq: std::sync::atomic::AtomicU64,
     /// The Redis dataset marker last seen (see [`keys::epoch`]).
     epoch: Mutex<Option<String>>,
-    /// Kept in step by the same events and reconciles (the consumers).
-    follower: std::sync::OnceLock<Arc<dyn events::Follower>>,
+    /// Kept in step by the same events and reconciles (the consumer
+    /// table, the limiter's leases).
+    followers: Mutex<Vec<Arc<dyn events::Follower>>>,
 }
 
 impl Bans {
@@ -185,7 +186,7 @@ impl Bans {
             local_audit: Mutex::new(VecDeque::new()),
             local_seq: std::sync::atomic::AtomicU64::new(0),
             epoch: Mutex::new(None),
-            follower: std::sync::OnceLock::new(),
+            followers: Mutex::new(Vec::new()),
         }
     }
 

@@ -55,6 +55,10 @@ pub struct RedisConfig {
     /// Per-node cap on Redis decision calls per second; past it a decision
     /// uses `on_failure`. 0 = no cap.
     pub(crate) max_decisions_per_second: u32,
+    /// How long a node may admit requests from tokens it charged in Redis
+    /// beforehand (leased tokens); 0 turns leases off.
+    #[serde(with = "humantime_serde")]
+    pub(crate) lease: Duration,
 }
 
 impl Default for RedisConfig {
@@ -70,6 +74,7 @@ impl Default for RedisConfig {
             probe_interval: Duration::from_millis(500),
             coalesce: true,
             max_decisions_per_second: 0,
+            lease: Duration::from_millis(100),
         }
     }
 }
@@ -78,6 +83,7 @@ impl RedisConfig {
     /// The upper bounds on the section's durations.
     pub(super) fn validate_bounds(&self) -> Result<(), Invalid> {
         at_most("redis.timeout", self.timeout, DAY)?;
+        at_most("redis.lease", self.lease, Duration::from_secs(60))?;
         at_most("redis.connect_timeout", self.connect_timeout, DAY)?;
         at_most("redis.probe_interval", self.probe_interval, DAY)
     }

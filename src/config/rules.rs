@@ -51,9 +51,11 @@ pub struct RuleConfig {
     pub(crate) period: Option<Period>,
     #[serde(default)]
     pub(crate) concurrency: Option<u32>,
-    /// How long a concurrency slot outlives a node that died holding it.
-    #[serde(default, with = "humantime_serde::option")]
-    pub(crate) lease: Option<Duration>,
+    /// A concurrency rule: how long its slot outlives a node that died
+    /// holding it (a duration). A token bucket or quota: `false` keeps its
+    /// requests out of leased tokens (decided call by call).
+    #[serde(default)]
+    pub(crate) lease: Option<RuleLease>,
     #[serde(default)]
     pub(crate) shadow: bool,
 }
@@ -102,7 +104,43 @@ impl RuleConfig {
 /// A concurrency slot's lease when the rule names none.
 pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 
+/// A rule's `lease`: a duration on a concurrency rule (how long its slot
+/// outlives a node), or `true`/`false` on a token bucket or quota (whether
+/// its requests may be admitted from leased tokens). One key, because both
+/// are about what a node holds on a subject's behalf.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum RuleLease {
+    Leasing(bool),
+    Slot(Duration),
+}
+
+impl<'de> Deserialize<'de> for RuleLease {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RuleLease, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RuleLease;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration such as \"10s\" (concurrency rules) or true/false")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RuleLease, E> {
+                Ok(RuleLease::Leasing(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RuleLease, E> {
+                humantime::parse_duration(v.trim())
+                    .map(RuleLease::Slot)
+                    .map_err(|e| E::custom(format!("`{v}` is not a duration: {e}")))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 impl RuleConfig {
+    /// Whether the rule's requests may be admitted from leased tokens.
+    pub(crate) fn leasable(&self) -> bool {
+        !matches!(self.lease, Some(RuleLease::Leasing(false)))
+    }
+
     /// The rule's limit. Only meaningful on a validated config (a rule
     /// missing its numbers reads as a rate of 1 per second).
     pub(crate) fn limit(&self) -> LimitConfig {
@@ -113,10 +151,11 @@ impl RuleConfig {
             };
         }
         if let Some(max) = self.concurrency {
-            return LimitConfig::Concurrency {
-                max,
-                lease: self.lease.unwrap_or(DEFAULT_LEASE),
+            let lease = match self.lease {
+                Some(RuleLease::Slot(d)) => d,
+                _ => DEFAULT_LEASE,
             };
+            return LimitConfig::Concurrency { max, lease };
         }
         LimitConfig::Rate {
             rate: self.rate.unwrap_or(1.0),
@@ -160,7 +199,7 @@ pub(super) fn check_rule(rule: &RuleConfig, in_plan: bool) -> Result<(), Invalid
     ];
     let conc_keys = [
         ("concurrency", rule.concurrency.is_some()),
-        ("lease", rule.lease.is_some()),
+        ("lease", matches!(rule.lease, Some(RuleLease::Slot(_)))),
     ];
     let given: Vec<&str> = [&rate_keys[..], &quota_keys[..], &conc_keys[..]]
         .iter()
@@ -274,6 +313,12 @@ pub(super) fn check_rule(rule: &RuleConfig, in_plan: bool) -> Result<(), Invalid
             }
             if lease < Duration::from_millis(100) || lease > Duration::from_secs(3600) {
                 return Err(Invalid::new(".lease", "must be from 100ms to 1h"));
+            }
+            if let Some(RuleLease::Leasing(_)) = rule.lease {
+                return Err(Invalid::new(
+                    ".lease",
+                    "a concurrency cap is never leased; its `lease` is how long a slot outlives a node that died holding it (a duration such as \"10s\")",
+                ));
             }
         }
     }

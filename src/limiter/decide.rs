@@ -2,7 +2,7 @@
 //! store call per subject (IP first), refunds of the earlier subjects when
 //! a later one refuses, and the outcome with its header numbers.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use metrics::Counter;
 
@@ -10,6 +10,7 @@ use super::call::{
     BucketReply, BucketState, DecisionStore, Mode, SharedStore, Status, SubjectCall, SubjectReply,
 };
 use super::slots::{new_lease_id, HeldSlots, LeaseSet, LeaseSlot};
+use super::tokens::{as_of_lease, leasable, signature, Admitted, Take};
 use super::{Limiter, Route};
 use crate::config::OnFailure;
 use crate::log_throttle::Verdict;
@@ -74,6 +75,8 @@ pub(crate) enum Decision<'r> {
 pub(crate) enum Store {
     /// Redis decided, exactly and for every node.
     Redis,
+    /// Admitted from this node's leased tokens, charged in Redis before.
+    Lease,
     /// This node's in-process store (`on_failure = "local"`, or no Redis).
     Local,
     /// Let through undecided (`on_failure = "allow"`).
@@ -85,7 +88,8 @@ pub(crate) enum Store {
 impl Store {
     fn counter(self, c: &DecisionCounters) -> &Counter {
         match self {
-            Store::Redis => &c.redis,
+            // Leased tokens were charged in Redis.
+            Store::Redis | Store::Lease => &c.redis,
             Store::Local => &c.local,
             Store::Allow => &c.allow,
             Store::Deny => &c.deny,
@@ -108,6 +112,8 @@ struct Pass<'g, 'r> {
     tags: Vec<String>,
     /// The reply and store of each subject decided so far (allowed).
     decided: Vec<(SubjectReply, Store)>,
+    /// Each subject's lease signature, when its requests may be leased.
+    sigs: Vec<Option<u64>>,
     /// The request's lease id for concurrency slots (`""`: none needed).
     lease: String,
 }
@@ -138,6 +144,7 @@ impl<S: SharedStore> Limiter<S> {
             groups,
             tags,
             decided: Vec::with_capacity(groups.len()),
+            sigs: Vec::with_capacity(groups.len()),
             lease: if needs_lease {
                 new_lease_id()
             } else {
@@ -145,6 +152,19 @@ impl<S: SharedStore> Limiter<S> {
             },
         };
         for (i, g) in groups.iter().enumerate() {
+            // Leased tokens: admitted from this node's lease, or a call that
+            // may take one (see `tokens`).
+            let sig = self.lease_signature(&pass.tags[i], g);
+            let mut count = 1;
+            if let Some(sig) = sig {
+                match self.tokens.take(&pass.tags[i], sig, Instant::now()) {
+                    Take::Admit(admitted) => {
+                        self.admit_from_lease(&mut pass, sig, admitted);
+                        continue;
+                    }
+                    Take::Ask(n) => count = n,
+                }
+            }
             let call = SubjectCall {
                 tag: &pass.tags[i],
                 rules: &g.rules,
@@ -153,10 +173,41 @@ impl<S: SharedStore> Limiter<S> {
                 mode: Mode::Decide,
                 now_us: None,
                 lease: &pass.lease,
-                count: 1,
+                count,
             };
-            let (reply, store) = self.decide_subject(&call).await;
+            let (mut reply, store) = self.decide_subject(&call).await;
             store.counter(&self.metrics.decisions).increment(1);
+            if let (Some(sig), Store::Redis, Status::Limited) = (sig, store, reply.status) {
+                // Refused while another request's lease of this subject
+                // came in: the node holds tokens Redis charged, and uses
+                // them rather than refuse.
+                if let Some(admitted) = self.tokens.take_held(&pass.tags[i], sig, Instant::now()) {
+                    self.admit_from_lease(&mut pass, sig, admitted);
+                    continue;
+                }
+            }
+            if let (Some(sig), Store::Redis, Status::Allowed) = (sig, store, reply.status) {
+                if reply.granted > 1 {
+                    // The node holds tokens of this subject now: what it
+                    // remembered of its refusals no longer holds.
+                    self.deny.forget(&pass.tags[i]);
+                    self.metrics.lease_grants.increment(1);
+                    let held = self.tokens.granted(
+                        &pass.tags[i],
+                        sig,
+                        g,
+                        reply.granted,
+                        &reply.buckets,
+                        Instant::now(),
+                    );
+                    // This request's headers count the tokens the node
+                    // now holds as the subject's own.
+                    for (rule, b) in g.rules.iter().zip(reply.buckets.iter_mut()) {
+                        *b = as_of_lease(rule, b, held, Duration::ZERO);
+                    }
+                }
+            }
+            pass.sigs.push(sig);
             if store == Store::Deny {
                 self.refund(&pass, None).await;
                 self.metrics.unavailable.increment(1);
@@ -164,6 +215,8 @@ impl<S: SharedStore> Limiter<S> {
             }
             match reply.status {
                 Status::Allowed => pass.decided.push((reply, store)),
+                // (`pass.sigs` has one more entry than `pass.decided` from
+                // here on: only the refusing subject's, never read.)
                 Status::BannedBefore | Status::BannedNow => {
                     let made = (reply.status == Status::BannedNow).then(|| BanMade {
                         dur_ms: reply.ban_ms,
@@ -196,6 +249,21 @@ impl<S: SharedStore> Limiter<S> {
         self.allowed(pass)
     }
 
+    /// Records the current subject as admitted from this node's lease.
+    fn admit_from_lease(&self, pass: &mut Pass<'_, '_>, sig: u64, admitted: Admitted) {
+        self.metrics.decisions.redis.increment(1);
+        self.metrics.lease_admissions.increment(1);
+        pass.decided.push((
+            SubjectReply {
+                granted: 1,
+                buckets: admitted.buckets,
+                ..SubjectReply::undecided()
+            },
+            Store::Lease,
+        ));
+        pass.sigs.push(Some(sig));
+    }
+
     /// A request the deny cache refuses, with no store call.
     fn cached_refusal<'r>(
         &self,
@@ -203,7 +271,9 @@ impl<S: SharedStore> Limiter<S> {
         tags: &[String],
         now: Instant,
     ) -> Option<Decision<'r>> {
-        let d = self.deny.refusal(groups, tags, now)?;
+        let d = self
+            .deny
+            .refusal(groups, tags, now, |tag| self.tokens.holds(tag, now))?;
         self.metrics.deny_cache_hits.increment(1);
         d.rule.counters.limited.increment(1);
         Some(Decision::Limited {
@@ -358,6 +428,15 @@ impl<S: SharedStore> Limiter<S> {
         }
     }
 
+    /// The lease signature of `g`'s rules when its requests may be admitted
+    /// from leased tokens: leases on, the group leasable, its shard up.
+    fn lease_signature(&self, tag: &str, g: &SubjectGroup<'_>) -> Option<u64> {
+        if !self.tokens.enabled() || !leasable(g) {
+            return None;
+        }
+        matches!(self.route(tag), Route::Shared(..)).then(|| signature(g))
+    }
+
     /// Whether the shard holding `tag` answers now (its breaker is closed).
     fn redis_answers(&self, tag: &str) -> bool {
         matches!(self.route(tag), Route::Shared(..))
@@ -370,7 +449,7 @@ impl<S: SharedStore> Limiter<S> {
         call: &SubjectCall<'_>,
     ) -> Result<SubjectReply, RedisFailure> {
         match (store, &self.shared) {
-            (Store::Redis, Some(shared)) => shared.decide(call).await,
+            (Store::Redis | Store::Lease, Some(shared)) => shared.decide(call).await,
             _ => DecisionStore::decide(self.local.as_ref(), call).await,
         }
     }
@@ -387,9 +466,18 @@ impl<S: SharedStore> Limiter<S> {
             self.deny.forget(t);
         }
         for (j, (g, (reply, store))) in pass.groups.iter().zip(&pass.decided).enumerate() {
-            if !matches!(store, Store::Redis | Store::Local) {
+            if !matches!(store, Store::Redis | Store::Local | Store::Lease) {
                 continue; // let through undecided: nothing was charged
             }
+            // A refund ends the node's leases of the subject: what the lease
+            // of these rules still held goes back with this request's share.
+            let held = match pass.sigs[j] {
+                Some(sig) => self
+                    .tokens
+                    .end_subject(&pass.tags[j], Some(sig))
+                    .map_or(0, |r| r.count),
+                None => 0,
+            };
             let charged: Vec<&Rule> = g
                 .rules
                 .iter()
@@ -411,7 +499,7 @@ impl<S: SharedStore> Limiter<S> {
                 },
                 now_us: None,
                 lease: &pass.lease,
-                count: 1,
+                count: 1 + held,
             };
             match self.on_store(*store, &call).await {
                 Ok(r) if r.status == Status::BannedNow => {
@@ -419,7 +507,7 @@ impl<S: SharedStore> Limiter<S> {
                         dur_ms: r.ban_ms,
                         strikes: r.strikes,
                         reason: format!("rule {}", rule.unwrap_or("")),
-                        by_redis: *store == Store::Redis,
+                        by_redis: matches!(store, Store::Redis | Store::Lease),
                         redis_answers: self.redis_answers(&pass.tags[j]),
                     });
                 }

@@ -86,18 +86,24 @@ impl DenyCache {
     }
 
     /// The cached refusal with the longest wait among `groups`' non-shadow
-    /// rules, if any is still running at `now`.
+    /// rules, if any is still running at `now`. Subjects for which
+    /// `has_tokens` says the node holds leased tokens are passed over: the
+    /// node admits their requests from what Redis charged it.
     pub(crate) fn refusal<'r>(
         &self,
         groups: &[SubjectGroup<'r>],
         tags: &[String],
         now: Instant,
+        has_tokens: impl Fn(&str) -> bool,
     ) -> Option<CachedDenial<'r>> {
         if self.held.load(Ordering::Relaxed) == 0 {
             return None;
         }
         let mut best: Option<CachedDenial<'r>> = None;
         for (g, tag) in groups.iter().zip(tags) {
+            if has_tokens(tag) {
+                continue;
+            }
             let map = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
             let Some(denials) = map.get(tag.as_str()) else {
                 continue;
@@ -229,16 +235,16 @@ mod tests {
         let tags: Vec<String> = g.iter().map(|g| g.subject.tag()).collect();
         let cache = DenyCache::new(1000);
         let now = Instant::now();
-        assert!(cache.refusal(&g, &tags, now).is_none());
+        assert!(cache.refusal(&g, &tags, now, |_| false).is_none());
         cache.remember(&tags[0], g[0].rules[0], &refusal(300_000, 5_000_000), now);
-        let hit = cache.refusal(&g, &tags, now).expect("cached");
+        let hit = cache.refusal(&g, &tags, now, |_| false).expect("cached");
         assert_eq!(hit.wait, Duration::from_millis(300));
         assert_eq!(hit.to_full, Duration::from_secs(5));
         assert!(cache
-            .refusal(&g, &tags, now + Duration::from_millis(299))
+            .refusal(&g, &tags, now + Duration::from_millis(299), |_| false)
             .is_some());
         assert!(cache
-            .refusal(&g, &tags, now + Duration::from_millis(300))
+            .refusal(&g, &tags, now + Duration::from_millis(300), |_| false)
             .is_none());
         cache.purge(now);
         assert_eq!(cache.len(), 1, "a running denial was purged");
@@ -260,10 +266,10 @@ mod tests {
             now,
         );
         // The same rule name with a new bucket (a reload) is decided anew.
-        assert!(cache.refusal(&g_new, &tags, now).is_none());
-        assert!(cache.refusal(&g_old, &tags, now).is_some());
+        assert!(cache.refusal(&g_new, &tags, now, |_| false).is_none());
+        assert!(cache.refusal(&g_old, &tags, now, |_| false).is_some());
         cache.forget(&tags[0]);
-        assert!(cache.refusal(&g_old, &tags, now).is_none());
+        assert!(cache.refusal(&g_old, &tags, now, |_| false).is_none());
         assert_eq!(cache.len(), 0);
     }
 

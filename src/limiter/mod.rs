@@ -36,6 +36,7 @@ mod redis_store;
 mod slots;
 #[cfg(test)]
 mod tests;
+mod tokens;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +64,8 @@ use crate::rules::Rule;
 
 /// Subjects the deny cache holds at most (bounded memory).
 const DENY_CACHE_SUBJECTS: usize = 100_000;
+/// Subjects whose arrivals the lease table follows at most.
+const LEASE_SUBJECTS: usize = 100_000;
 
 /// How the limiter treats its shared store, from `[redis]`.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +73,9 @@ pub(crate) struct LimiterSettings {
     pub(crate) on_failure: OnFailure,
     /// `redis.max_decisions_per_second` (0: no cap).
     pub(crate) max_decisions_per_second: u32,
+    /// `redis.lease`: how long a node admits from tokens it leased (0: no
+    /// leases).
+    pub(crate) lease: Duration,
 }
 
 /// The decision maker: stores, breakers, the decision cap, the deny cache
@@ -85,6 +91,8 @@ pub(crate) struct Limiter<S = RedisStore> {
     ban: ArcSwap<BanParams>,
     metrics: GatewayMetrics,
     deny: DenyCache,
+    /// Tokens this node leased (see `tokens`).
+    tokens: tokens::TokenLeases,
 }
 
 /// Where a call on a subject goes: the shared store (with its shard's
@@ -122,6 +130,7 @@ impl<S: SharedStore> Limiter<S> {
         } else {
             0
         });
+        let leasing = shared.is_some();
         Limiter {
             shared,
             local,
@@ -131,6 +140,14 @@ impl<S: SharedStore> Limiter<S> {
             ban: ArcSwap::from_pointee(ban),
             metrics,
             deny: DenyCache::new(DENY_CACHE_SUBJECTS),
+            tokens: tokens::TokenLeases::new(
+                if leasing {
+                    settings.lease
+                } else {
+                    Duration::ZERO
+                },
+                LEASE_SUBJECTS,
+            ),
         }
     }
 
@@ -242,6 +259,60 @@ impl<S: SharedStore> Limiter<S> {
             }
         }
         held
+    }
+
+    /// Ends this node's leases of subject `tag` (an unban, a plan change):
+    /// what they held goes back at the next [`Limiter::return_leases`].
+    pub(crate) fn end_leases_of(&self, tag: &str) {
+        if let Some(held) = self.tokens.end_subject(tag, None) {
+            self.tokens.give_back_returned(held);
+        }
+    }
+
+    /// Ends every lease of this node (a reload: rules may have changed).
+    pub(crate) fn end_all_leases(&self) {
+        self.tokens.end_all();
+    }
+
+    /// How often [`Limiter::return_leases`] should run: a few times per
+    /// lease (`None`: leases are off).
+    pub(crate) fn lease_sweep_every(&self) -> Option<Duration> {
+        self.tokens
+            .enabled()
+            .then(|| (self.tokens.lease_for() / 2).max(Duration::from_millis(5)))
+    }
+
+    /// Ends the leases whose time is over and gives back every unused
+    /// token waiting to go back, each to the store that leased it, in one
+    /// refund call per subject and rule set. Run periodically.
+    pub(crate) async fn return_leases(&self) {
+        for r in self.tokens.sweep(std::time::Instant::now()) {
+            let rules: Vec<&Rule> = r.rules.iter().collect();
+            let call = SubjectCall {
+                tag: &r.tag,
+                rules: &rules,
+                ttl_ms: r.ttl_ms,
+                bannable: false,
+                mode: Mode::Refund { rule: "" },
+                now_us: None,
+                lease: "",
+                count: r.count,
+            };
+            let result = match self.route(&r.tag) {
+                Route::Shared(shared, _) => shared.decide(&call).await.map(|_| ()),
+                // Its shard is down: the tokens stay spent (never too many
+                // admitted), and come back with time.
+                Route::Fallback => Ok(()),
+            };
+            match result {
+                Ok(()) => self.metrics.lease_returned.increment(u64::from(r.count)),
+                Err(e) => log::warn!(
+                    "could not give back {} leased requests of {}: {e}",
+                    r.count,
+                    r.tag
+                ),
+            }
+        }
     }
 
     /// Whether the shared store answers now, and whether the node uses it.

@@ -110,6 +110,7 @@ fn bench(rules_toml: &str, on_failure: OnFailure, breaker_failures: u32) -> Benc
         LimiterSettings {
             on_failure,
             max_decisions_per_second: 0,
+            lease: Duration::ZERO,
         },
         params,
         GatewayMetrics::resolve(),

@@ -1,0 +1,422 @@
+//! Leased tokens: requests a node admits from memory, each charged in Redis
+//! before it was admitted.
+//!
+//! When Redis allows a subject that has plenty left, the decision may charge
+//! several requests at once (on every rule of the subject, all or nothing:
+//! `decide.lua`'s grant) and this node admits that subject's next requests
+//! from the lease, with no Redis call, until the lease is spent or
+//! `redis.lease` has passed; what is left then goes back by refund. Every
+//! admitted request was charged in Redis at or before the moment it was
+//! admitted, so for every subject `allowed <= burst + rate x t` holds across
+//! any number of nodes, exactly as without leases: a lease can only make a
+//! node admit less than it could (tokens held by one node are not usable
+//! by another until they come back), never more. Refusals are always
+//! Redis's (or the deny cache's), so violations, bans and escalation stay
+//! exact.
+//!
+//! How much to ask for follows the subject's arrivals on this node: a
+//! subject seen once asks for one request (no lease); one seen again within
+//! a lease time asks for two, then for twice what the last lease held while
+//! leases run out before their time, and for what the last lease really
+//! served (plus a quarter) once one expires with tokens left. Redis grants
+//! no more than half of what every rule has left, so near the limit the
+//! grant falls to one and the subject is decided call by call.
+//!
+//! Leases are per node, keyed by subject and by the exact rules of the
+//! request (their names and limits): a request with other rules is a
+//! different lease. Groups with a concurrency cap, a shadow rule, or a rule
+//! with `lease = false` are never leased.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::call::BucketReply;
+use crate::policy::Limit;
+use crate::rules::{Rule, SubjectGroup};
+
+const SHARDS: usize = 16;
+/// The most requests one lease asks for.
+const MAX_WANT: u32 = 1 << 16;
+
+/// One lease of one subject for one set of rules.
+struct Lease {
+    /// Requests still to admit from it.
+    left: u32,
+    granted: u32,
+    granted_at: Instant,
+    expires: Instant,
+    /// The rules' state right after the grant (room with the whole grant
+    /// charged): the headers of admissions from the lease start from it.
+    replies: Vec<BucketReply>,
+    /// The rules as granted, for the refund of what is left.
+    rules: Vec<Rule>,
+    ttl_ms: u64,
+}
+
+/// What one subject's requests with one set of rules look like on this node.
+struct Entry {
+    sig: u64,
+    lease: Option<Lease>,
+    /// What the next call asks for.
+    want: u32,
+    last_seen: Instant,
+}
+
+/// Requests' worth a lease gives back: refunded on the store that charged
+/// them.
+pub(crate) struct Returned {
+    pub(crate) tag: String,
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) ttl_ms: u64,
+    pub(crate) count: u32,
+}
+
+/// An admission from a lease: the headers' numbers as of the lease, less
+/// what this node has admitted from it since.
+pub(crate) struct Admitted {
+    pub(crate) buckets: Vec<BucketReply>,
+}
+
+/// What a subject's next call on the shared store should be.
+pub(crate) enum Take {
+    /// Admitted from the node's lease.
+    Admit(Admitted),
+    /// Ask the store, for this many requests.
+    Ask(u32),
+}
+
+/// Every lease this node holds.
+pub(crate) struct TokenLeases {
+    lease_for: Duration,
+    shards: Vec<Mutex<HashMap<String, Vec<Entry>>>>,
+    per_shard: usize,
+    /// Leases that ended with tokens left, to give back.
+    returning: Mutex<Vec<Returned>>,
+}
+
+impl TokenLeases {
+    /// Leases that last `lease_for` (zero: none are taken), for at most
+    /// `max_subjects` subjects.
+    pub(crate) fn new(lease_for: Duration, max_subjects: usize) -> TokenLeases {
+        TokenLeases {
+            lease_for,
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: (max_subjects / SHARDS).max(16),
+            returning: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        !self.lease_for.is_zero()
+    }
+
+    /// How long a lease lasts.
+    pub(crate) fn lease_for(&self) -> Duration {
+        self.lease_for
+    }
+
+    /// Queues what a lease held for the next sweep to give back.
+    pub(crate) fn give_back_returned(&self, r: Returned) {
+        if r.count > 0 {
+            self.returning
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(r);
+        }
+    }
+
+    fn shard(&self, tag: &str) -> &Mutex<HashMap<String, Vec<Entry>>> {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in tag.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        &self.shards[(h as usize) % SHARDS]
+    }
+
+    /// The request's next step for subject `tag` with `group`'s rules:
+    /// admitted from this node's lease, or a call on the store asking for
+    /// as many requests as the subject's arrivals here suggest.
+    pub(crate) fn take(&self, tag: &str, sig: u64, now: Instant) -> Take {
+        let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
+        if !shard.contains_key(tag) && shard.len() >= self.per_shard {
+            self.make_room(&mut shard, now);
+        }
+        let entries = shard.entry(tag.to_string()).or_default();
+        let at = match entries.iter().position(|e| e.sig == sig) {
+            Some(i) => i,
+            None => {
+                entries.push(Entry {
+                    sig,
+                    lease: None,
+                    want: 1,
+                    last_seen: now,
+                });
+                return Take::Ask(1);
+            }
+        };
+        let e = &mut entries[at];
+        let recent = now.saturating_duration_since(e.last_seen) < self.lease_for;
+        e.last_seen = now;
+        if let Some(lease) = e.lease.as_mut() {
+            if lease.left > 0 && now < lease.expires {
+                lease.left -= 1;
+                return Take::Admit(admission(lease, now));
+            }
+            // Spent or out of time: what is left goes back, and the next
+            // lease is sized on what this one served.
+            let Some(lease) = e.lease.take() else {
+                return Take::Ask(1);
+            };
+            e.want = next_want(&lease, now);
+            self.give_back(tag, lease);
+        }
+        Take::Ask(if recent { e.want.max(2) } else { 1 })
+    }
+
+    /// A decision on the store granted `granted` requests to this one:
+    /// the node admits the next `granted - 1` from memory. Joins a lease
+    /// still running (concurrent requests of a busy subject each bring a
+    /// grant): tokens a node holds are never parked where its own requests
+    /// cannot use them. Returns how many requests the node now holds.
+    pub(crate) fn granted(
+        &self,
+        tag: &str,
+        sig: u64,
+        group: &SubjectGroup<'_>,
+        granted: u32,
+        replies: &[BucketReply],
+        now: Instant,
+    ) -> u32 {
+        if granted < 2 {
+            return 0;
+        }
+        let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
+        let entries = shard.entry(tag.to_string()).or_default();
+        let fresh = Lease {
+            left: granted - 1,
+            granted,
+            granted_at: now,
+            expires: now + self.lease_for,
+            replies: replies.to_vec(),
+            rules: group.rules.iter().map(|r| (*r).clone()).collect(),
+            ttl_ms: group.ttl_ms,
+        };
+        let at = match entries.iter().position(|e| e.sig == sig) {
+            Some(i) => i,
+            None => {
+                entries.push(Entry {
+                    sig,
+                    lease: None,
+                    want: granted,
+                    last_seen: now,
+                });
+                entries.len() - 1
+            }
+        };
+        let e = &mut entries[at];
+        match e.lease.as_mut() {
+            Some(running) if now < running.expires => {
+                running.left += fresh.left;
+                running.granted += fresh.granted;
+                // The newer reading of the rules, and a full lease time.
+                running.replies = fresh.replies;
+                running.granted_at = now;
+                running.expires = fresh.expires;
+                running.left
+            }
+            _ => {
+                let left = fresh.left;
+                if let Some(old) = e.lease.replace(fresh) {
+                    self.give_back(tag, old);
+                }
+                left
+            }
+        }
+    }
+
+    /// An admission from the lease `sig` of `tag` if it still holds a
+    /// request (a refusal came back while another request's grant joined
+    /// it); never asks for anything.
+    pub(crate) fn take_held(&self, tag: &str, sig: u64, now: Instant) -> Option<Admitted> {
+        let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
+        let e = shard.get_mut(tag)?.iter_mut().find(|e| e.sig == sig)?;
+        let lease = e.lease.as_mut()?;
+        if lease.left == 0 || now >= lease.expires {
+            return None;
+        }
+        lease.left -= 1;
+        Some(admission(lease, now))
+    }
+
+    /// Whether this node holds leased requests of `tag` now (any rules).
+    pub(crate) fn holds(&self, tag: &str, now: Instant) -> bool {
+        let shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
+        shard.get(tag).is_some_and(|entries| {
+            entries.iter().any(|e| {
+                e.lease
+                    .as_ref()
+                    .is_some_and(|l| l.left > 0 && now < l.expires)
+            })
+        })
+    }
+
+    /// Ends every lease of `tag` (an unban, a plan change, a refund): what
+    /// is left goes back. Returns what a lease of `sig` held, if one did
+    /// (the caller gives it back itself, with its own refund).
+    pub(crate) fn end_subject(&self, tag: &str, sig: Option<u64>) -> Option<Returned> {
+        let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
+        let entries = shard.remove(tag)?;
+        let mut mine = None;
+        for e in entries {
+            let Some(lease) = e.lease else { continue };
+            if Some(e.sig) == sig {
+                mine = Some(Returned {
+                    tag: tag.to_string(),
+                    count: lease.left,
+                    rules: lease.rules,
+                    ttl_ms: lease.ttl_ms,
+                });
+            } else {
+                self.give_back(tag, lease);
+            }
+        }
+        mine
+    }
+
+    /// Ends every lease (a reload: rules may have changed).
+    pub(crate) fn end_all(&self) {
+        for shard in &self.shards {
+            let drained: Vec<(String, Vec<Entry>)> = shard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain()
+                .collect();
+            for (tag, entries) in drained {
+                for lease in entries.into_iter().filter_map(|e| e.lease) {
+                    self.give_back(&tag, lease);
+                }
+            }
+        }
+    }
+
+    /// Ends the leases whose time is over, and forgets subjects not seen
+    /// for a while; returns everything waiting to be given back.
+    pub(crate) fn sweep(&self, now: Instant) -> Vec<Returned> {
+        let idle = self.lease_for * 10;
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for (tag, entries) in shard.iter_mut() {
+                for e in entries.iter_mut() {
+                    if e.lease.as_ref().is_some_and(|l| now >= l.expires) {
+                        if let Some(lease) = e.lease.take() {
+                            e.want = next_want(&lease, now);
+                            self.give_back(tag, lease);
+                        }
+                    }
+                }
+                entries.retain(|e| {
+                    e.lease.is_some() || now.saturating_duration_since(e.last_seen) < idle
+                });
+            }
+            shard.retain(|_, entries| !entries.is_empty());
+        }
+        std::mem::take(&mut *self.returning.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Queues what `lease` has left for the sweep to give back.
+    fn give_back(&self, tag: &str, lease: Lease) {
+        if lease.left == 0 {
+            return;
+        }
+        self.returning
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Returned {
+                tag: tag.to_string(),
+                count: lease.left,
+                rules: lease.rules,
+                ttl_ms: lease.ttl_ms,
+            });
+    }
+
+    /// A full shard: forgets subjects without a lease, oldest first.
+    fn make_room(&self, shard: &mut HashMap<String, Vec<Entry>>, now: Instant) {
+        let idle = self.lease_for * 10;
+        shard.retain(|_, entries| {
+            entries
+                .iter()
+                .any(|e| e.lease.is_some() || now.saturating_duration_since(e.last_seen) < idle)
+        });
+        if shard.len() >= self.per_shard {
+            // Still full of recent subjects: drop those without a lease.
+            shard.retain(|_, entries| entries.iter().any(|e| e.lease.is_some()));
+        }
+    }
+}
+
+/// The headers' numbers of an admission from `lease` (its `left` already
+/// counted down).
+fn admission(lease: &Lease, now: Instant) -> Admitted {
+    let age = now.saturating_duration_since(lease.granted_at);
+    Admitted {
+        buckets: lease
+            .rules
+            .iter()
+            .zip(&lease.replies)
+            .map(|(rule, b)| as_of_lease(rule, b, lease.left, age))
+            .collect(),
+    }
+}
+
+/// How much the next lease of a subject asks for, from how the last one
+/// went: spent before its time, demand is higher (twice); expired with
+/// tokens left, it served what the subject needed (plus a quarter).
+fn next_want(lease: &Lease, now: Instant) -> u32 {
+    if lease.left == 0 && now < lease.expires {
+        (lease.granted.saturating_mul(2)).min(MAX_WANT)
+    } else {
+        let used = lease.granted - lease.left;
+        (used + used / 4).clamp(1, MAX_WANT)
+    }
+}
+
+/// A rule's headers for an admission from a lease: room as the grant left
+/// it plus the `left` requests this node still holds; a quota's reset
+/// counted down by the lease's `age`.
+pub(crate) fn as_of_lease(rule: &Rule, b: &BucketReply, left: u32, age: Duration) -> BucketReply {
+    let held = i64::from(left);
+    match rule.limit {
+        Limit::Rate(bucket) => BucketReply {
+            room_us: b.room_us + held * (bucket.interval_us * u64::from(bucket.cost)) as i64,
+            ..*b
+        },
+        Limit::Quota(q) => BucketReply {
+            room_us: b.room_us + held * i64::from(q.cost),
+            wait_us: (b.wait_us - age.as_micros() as i64).max(0),
+            ..*b
+        },
+        Limit::Concurrency(_) => *b,
+    }
+}
+
+/// Whether a group's requests may be admitted from a lease: only token
+/// buckets and quotas, none in shadow mode, none that opted out.
+pub(crate) fn leasable(group: &SubjectGroup<'_>) -> bool {
+    group
+        .rules
+        .iter()
+        .all(|r| !r.shadow && r.leasable && !r.is_concurrency())
+}
+
+/// The identity of a group's rules: their names and limits, in order.
+pub(crate) fn signature(group: &SubjectGroup<'_>) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for r in &group.rules {
+        r.name.hash(&mut h);
+        r.limit.hash(&mut h);
+    }
+    h.finish()
+}
