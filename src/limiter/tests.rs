@@ -89,6 +89,15 @@ struct Bench {
 }
 
 fn bench(rules_toml: &str, on_failure: OnFailure, breaker_failures: u32) -> Bench {
+    bench_with_leases(rules_toml, on_failure, breaker_failures, Duration::ZERO)
+}
+
+fn bench_with_leases(
+    rules_toml: &str,
+    on_failure: OnFailure,
+    breaker_failures: u32,
+    lease: Duration,
+) -> Bench {
     let text = format!("[upstream]\nurls = [\"http://127.0.0.1:1\"]\n{rules_toml}");
     let config = Config::parse(&text, "limiter-test").expect("a valid config");
     let rules = RuleSet::compile(&config.rules);
@@ -110,7 +119,7 @@ fn bench(rules_toml: &str, on_failure: OnFailure, breaker_failures: u32) -> Benc
         LimiterSettings {
             on_failure,
             max_decisions_per_second: 0,
-            lease: Duration::ZERO,
+            lease,
         },
         params,
         GatewayMetrics::resolve(),
@@ -474,4 +483,115 @@ fn deny_on_failure_refunds_what_earlier_subjects_were_charged() {
         (refund.tag.as_str(), refund.mode.as_str()),
         ("ip:198.51.100.12", "r:")
     );
+}
+
+const HOT: &str = r#"
+[[rules]]
+name = "per-ip"
+key = "ip"
+rate = 1
+per = "1h"
+burst = 1000
+
+[ban]
+enabled = false
+"#;
+
+impl Bench {
+    /// Calls the shared store has had.
+    fn store_calls(&self) -> usize {
+        self.shared().calls().len()
+    }
+}
+
+#[test]
+fn a_busy_subject_is_admitted_from_leases_never_past_what_redis_charged() {
+    let b = bench_with_leases(HOT, OnFailure::Local, 3, Duration::from_millis(300));
+    let tag = "ip:198.51.100.20";
+    for admitted in 1..=300u64 {
+        match b.request("198.51.100.20", "/", &[]) {
+            Outcome::Allowed(applied) => {
+                // Remaining as of the lease, less what this node admitted.
+                assert_eq!(applied, vec![("per-ip".to_string(), 1000 - admitted)]);
+            }
+            other => panic!("request {admitted}: {other:?}"),
+        }
+        let charged = 1000 - b.tokens(tag, "per-ip");
+        assert!(
+            charged >= admitted,
+            "request {admitted} was admitted before Redis charged it ({charged} charged)"
+        );
+    }
+    assert!(
+        b.store_calls() < 30,
+        "{} store calls for 300 requests",
+        b.store_calls()
+    );
+    // The lease runs out; what it held goes back, and Redis holds exactly
+    // what was admitted.
+    std::thread::sleep(Duration::from_millis(350));
+    b.rt.block_on(b.limiter.return_leases());
+    assert_eq!(b.tokens(tag, "per-ip"), 700);
+}
+
+#[test]
+fn near_the_limit_every_token_is_used_and_no_more() {
+    let b = bench_with_leases(
+        &HOT.replace("burst = 1000", "burst = 10"),
+        OnFailure::Local,
+        3,
+        Duration::from_secs(5),
+    );
+    let allowed = (0..15)
+        .filter(|_| matches!(b.request("198.51.100.21", "/", &[]), Outcome::Allowed(_)))
+        .count();
+    assert_eq!(
+        allowed, 10,
+        "a lease never takes a token a request then lacks"
+    );
+    assert_eq!(b.tokens("ip:198.51.100.21", "per-ip"), 0);
+}
+
+#[test]
+fn a_refusal_by_a_later_subject_ends_the_lease_and_gives_it_all_back() {
+    let b = bench_with_leases(
+        &IP_AND_GLOBAL
+            .replace("burst = 5", "burst = 100")
+            .replace("burst = 2", "burst = 60"),
+        OnFailure::Local,
+        3,
+        Duration::from_secs(5),
+    );
+    let mut allowed = 0;
+    for _ in 0..80 {
+        if matches!(b.request("198.51.100.22", "/", &[]), Outcome::Allowed(_)) {
+            allowed += 1;
+        }
+    }
+    // The global bucket (60) refused the rest; each refusal ended the IP
+    // subject's lease, whose tokens came back with the refused request's.
+    assert_eq!(allowed, 60);
+    b.rt.block_on(b.limiter.return_leases());
+    assert_eq!(b.tokens("ip:198.51.100.22", "per-ip"), 100 - 60);
+}
+
+#[test]
+fn an_ended_lease_gives_back_what_it_held() {
+    let b = bench_with_leases(HOT, OnFailure::Local, 3, Duration::from_secs(5));
+    for _ in 0..50 {
+        b.request("198.51.100.23", "/", &[]);
+    }
+    assert!(
+        b.tokens("ip:198.51.100.23", "per-ip") < 950,
+        "the node holds leased tokens"
+    );
+    b.limiter.end_leases_of("ip:198.51.100.23");
+    b.rt.block_on(b.limiter.return_leases());
+    assert_eq!(b.tokens("ip:198.51.100.23", "per-ip"), 950);
+    for _ in 0..50 {
+        b.request("198.51.100.23", "/", &[]);
+    }
+    b.limiter.end_all_leases();
+    b.rt.block_on(b.limiter.return_leases());
+    assert_eq!(b.tokens("ip:198.51.100.23", "per-ip"), 900);
 }

@@ -16,11 +16,14 @@
 //!
 //! How much to ask for follows the subject's arrivals on this node: a
 //! subject seen once asks for one request (no lease); one seen again within
-//! a lease time asks for two, then for twice what the last lease held while
-//! leases run out before their time, and for what the last lease really
-//! served (plus a quarter) once one expires with tokens left. Redis grants
-//! no more than half of what every rule has left, so near the limit the
-//! grant falls to one and the subject is decided call by call.
+//! a lease time asks for two, and from then on for what its arrival rate
+//! here, measured over the last lease, needs for one lease time, plus a
+//! quarter. Redis grants no more than half of what every rule has left, so
+//! near the limit the grant falls to one and the subject is decided call
+//! by call. When a lease's time is over while the subject still comes,
+//! the node keeps what the next lease time needs of what is left and gives
+//! back the rest (those tokens were charged all the same); a subject that
+//! stopped coming gets everything back at the next sweep.
 //!
 //! Leases are per node, keyed by subject and by the exact rules of the
 //! request (their names and limits): a request with other rules is a
@@ -38,13 +41,17 @@ use crate::rules::{Rule, SubjectGroup};
 
 const SHARDS: usize = 16;
 /// The most requests one lease asks for.
-const MAX_WANT: u32 = 1 << 16;
+const MAX_WANT: u32 = 1 << 20;
 
 /// One lease of one subject for one set of rules.
 struct Lease {
     /// Requests still to admit from it.
     left: u32,
-    granted: u32,
+    /// Requests admitted since `started` (the one that took it included).
+    served: u32,
+    /// When the current lease time began.
+    started: Instant,
+    /// When the headers' numbers (`replies`) were read from Redis.
     granted_at: Instant,
     expires: Instant,
     /// The rules' state right after the grant (room with the whole grant
@@ -163,15 +170,33 @@ impl TokenLeases {
         if let Some(lease) = e.lease.as_mut() {
             if lease.left > 0 && now < lease.expires {
                 lease.left -= 1;
+                lease.served += 1;
                 return Take::Admit(admission(lease, now));
             }
-            // Spent or out of time: what is left goes back, and the next
-            // lease is sized on what this one served.
-            let Some(lease) = e.lease.take() else {
-                return Take::Ask(1);
-            };
-            e.want = next_want(&lease, now);
-            self.give_back(tag, lease);
+            e.want = next_want(lease, now, self.lease_for);
+            if now >= lease.expires && lease.left > 0 {
+                // Its time is over and the subject still comes: keep what
+                // the next lease time needs, give back the rest.
+                let carry = lease.left.min(e.want);
+                let surplus = lease.left - carry;
+                lease.left = carry - 1;
+                lease.served = 1;
+                lease.started = now;
+                lease.expires = now + self.lease_for;
+                let admitted = admission(lease, now);
+                if surplus > 0 {
+                    let back = Returned {
+                        tag: tag.to_string(),
+                        count: surplus,
+                        rules: lease.rules.clone(),
+                        ttl_ms: lease.ttl_ms,
+                    };
+                    self.give_back_returned(back);
+                }
+                return Take::Admit(admitted);
+            }
+            // Spent: the next call asks for what the rate needs.
+            e.lease = None;
         }
         Take::Ask(if recent { e.want.max(2) } else { 1 })
     }
@@ -197,7 +222,8 @@ impl TokenLeases {
         let entries = shard.entry(tag.to_string()).or_default();
         let fresh = Lease {
             left: granted - 1,
-            granted,
+            served: 1,
+            started: now,
             granted_at: now,
             expires: now + self.lease_for,
             replies: replies.to_vec(),
@@ -220,7 +246,7 @@ impl TokenLeases {
         match e.lease.as_mut() {
             Some(running) if now < running.expires => {
                 running.left += fresh.left;
-                running.granted += fresh.granted;
+                running.served += 1;
                 // The newer reading of the rules, and a full lease time.
                 running.replies = fresh.replies;
                 running.granted_at = now;
@@ -248,6 +274,7 @@ impl TokenLeases {
             return None;
         }
         lease.left -= 1;
+        lease.served += 1;
         Some(admission(lease, now))
     }
 
@@ -312,7 +339,7 @@ impl TokenLeases {
                 for e in entries.iter_mut() {
                     if e.lease.as_ref().is_some_and(|l| now >= l.expires) {
                         if let Some(lease) = e.lease.take() {
-                            e.want = next_want(&lease, now);
+                            e.want = next_want(&lease, now, self.lease_for);
                             self.give_back(tag, lease);
                         }
                     }
@@ -371,16 +398,15 @@ fn admission(lease: &Lease, now: Instant) -> Admitted {
     }
 }
 
-/// How much the next lease of a subject asks for, from how the last one
-/// went: spent before its time, demand is higher (twice); expired with
-/// tokens left, it served what the subject needed (plus a quarter).
-fn next_want(lease: &Lease, now: Instant) -> u32 {
-    if lease.left == 0 && now < lease.expires {
-        (lease.granted.saturating_mul(2)).min(MAX_WANT)
-    } else {
-        let used = lease.granted - lease.left;
-        (used + used / 4).clamp(1, MAX_WANT)
-    }
+/// How much the next lease of a subject asks for: the requests one lease
+/// time needs at the rate the last lease served them, plus a quarter.
+fn next_want(lease: &Lease, now: Instant, lease_for: Duration) -> u32 {
+    let elapsed = now
+        .saturating_duration_since(lease.started)
+        .max(Duration::from_millis(1))
+        .min(lease_for.max(Duration::from_millis(1)));
+    let per_lease = f64::from(lease.served) * lease_for.as_secs_f64() / elapsed.as_secs_f64();
+    (per_lease * 1.25).ceil().clamp(2.0, f64::from(MAX_WANT)) as u32
 }
 
 /// A rule's headers for an admission from a lease: room as the grant left
