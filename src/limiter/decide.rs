@@ -177,6 +177,9 @@ impl<S: SharedStore> Limiter<S> {
             };
             let (mut reply, store) = self.decide_subject(&call).await;
             store.counter(&self.metrics.decisions).increment(1);
+            if let Some(sig) = sig {
+                self.tokens.answered(&pass.tags[i], sig);
+            }
             if let (Some(sig), Store::Redis, Status::Limited) = (sig, store, reply.status) {
                 // Refused while another request's lease of this subject
                 // came in: the node holds tokens Redis charged, and uses
@@ -187,21 +190,25 @@ impl<S: SharedStore> Limiter<S> {
                 }
             }
             if let (Some(sig), Store::Redis, Status::Allowed) = (sig, store, reply.status) {
-                if reply.granted > 1 {
+                let held = if reply.granted > 1 {
                     // The node holds tokens of this subject now: what it
                     // remembered of its refusals no longer holds.
                     self.deny.forget(&pass.tags[i]);
                     self.metrics.lease_grants.increment(1);
-                    let held = self.tokens.granted(
+                    self.tokens.granted(
                         &pass.tags[i],
                         sig,
                         g,
                         reply.granted,
                         &reply.buckets,
                         Instant::now(),
-                    );
-                    // This request's headers count the tokens the node
-                    // now holds as the subject's own.
+                    )
+                } else {
+                    self.tokens.held(&pass.tags[i], sig, Instant::now())
+                };
+                // This request's headers count the tokens the node holds
+                // as the subject's own.
+                if held > 0 {
                     for (rule, b) in g.rules.iter().zip(reply.buckets.iter_mut()) {
                         *b = as_of_lease(rule, b, held, Duration::ZERO);
                     }

@@ -93,6 +93,8 @@ pub(crate) struct Limiter<S = RedisStore> {
     deny: DenyCache,
     /// Tokens this node leased (see `tokens`).
     tokens: tokens::TokenLeases,
+    /// When the lease table was last walked for leases whose time is over.
+    last_lease_scan: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// Where a call on a subject goes: the shared store (with its shard's
@@ -148,6 +150,7 @@ impl<S: SharedStore> Limiter<S> {
                 },
                 LEASE_SUBJECTS,
             ),
+            last_lease_scan: std::sync::Mutex::new(None),
         }
     }
 
@@ -274,19 +277,36 @@ impl<S: SharedStore> Limiter<S> {
         self.tokens.end_all();
     }
 
-    /// How often [`Limiter::return_leases`] should run: a few times per
-    /// lease (`None`: leases are off).
+    /// How often [`Limiter::return_leases`] should run (`None`: leases are
+    /// off): often enough that an ended lease's tokens are back within a
+    /// few tens of milliseconds.
     pub(crate) fn lease_sweep_every(&self) -> Option<Duration> {
-        self.tokens
-            .enabled()
-            .then(|| (self.tokens.lease_for() / 2).max(Duration::from_millis(5)))
+        self.tokens.enabled().then(|| {
+            (self.tokens.lease_for() / 2)
+                .min(Duration::from_millis(25))
+                .max(Duration::from_millis(5))
+        })
     }
 
-    /// Ends the leases whose time is over and gives back every unused
-    /// token waiting to go back, each to the store that leased it, in one
+    /// Gives back every unused token waiting to go back (leases ended by an
+    /// event, a refund or a reload, or whose time is over: those are looked
+    /// for every half lease), each to the store that leased it, in one
     /// refund call per subject and rule set. Run periodically.
     pub(crate) async fn return_leases(&self) {
-        for r in self.tokens.sweep(std::time::Instant::now()) {
+        let now = std::time::Instant::now();
+        let scan = {
+            let mut last = self
+                .last_lease_scan
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let due = last
+                .is_none_or(|t| now.saturating_duration_since(t) >= self.tokens.lease_for() / 2);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        for r in self.tokens.sweep(now, scan) {
             let rules: Vec<&Rule> = r.rules.iter().collect();
             let call = SubjectCall {
                 tag: &r.tag,

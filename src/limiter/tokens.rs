@@ -49,6 +49,9 @@ struct Lease {
     left: u32,
     /// Requests admitted since `started` (the one that took it included).
     served: u32,
+    /// Requests granted into it since `started` (grants that joined it
+    /// included): a quarter of it left is when the next lease is asked for.
+    size: u32,
     /// When the current lease time began.
     started: Instant,
     /// When the headers' numbers (`replies`) were read from Redis.
@@ -69,6 +72,9 @@ struct Entry {
     /// What the next call asks for.
     want: u32,
     last_seen: Instant,
+    /// When a request of this subject went to ask for more (one at a time:
+    /// the others go on taking what the lease holds).
+    asking_since: Option<Instant>,
 }
 
 /// Requests' worth a lease gives back: refunded on the store that charged
@@ -160,6 +166,7 @@ impl TokenLeases {
                     lease: None,
                     want: 1,
                     last_seen: now,
+                    asking_since: None,
                 });
                 return Take::Ask(1);
             }
@@ -167,8 +174,20 @@ impl TokenLeases {
         let e = &mut entries[at];
         let recent = now.saturating_duration_since(e.last_seen) < self.lease_for;
         e.last_seen = now;
+        let asking = e
+            .asking_since
+            .is_some_and(|t| now.saturating_duration_since(t) < self.lease_for);
         if let Some(lease) = e.lease.as_mut() {
             if lease.left > 0 && now < lease.expires {
+                // Running low: one request asks for the next lease while
+                // the others go on taking what this one holds, so a busy
+                // subject makes one call per lease, not one per waiting
+                // request when the lease runs dry.
+                if !asking && lease.left <= (lease.size / 4).max(1) {
+                    e.want = next_want(lease, now, self.lease_for);
+                    e.asking_since = Some(now);
+                    return Take::Ask(e.want);
+                }
                 lease.left -= 1;
                 lease.served += 1;
                 return Take::Admit(admission(lease, now));
@@ -181,6 +200,7 @@ impl TokenLeases {
                 let surplus = lease.left - carry;
                 lease.left = carry - 1;
                 lease.served = 1;
+                lease.size = carry;
                 lease.started = now;
                 lease.expires = now + self.lease_for;
                 let admitted = admission(lease, now);
@@ -198,7 +218,15 @@ impl TokenLeases {
             // Spent: the next call asks for what the rate needs.
             e.lease = None;
         }
-        Take::Ask(if recent { e.want.max(2) } else { 1 })
+        if asking {
+            // Another request is asking for this subject's next lease.
+            return Take::Ask(1);
+        }
+        let want = if recent { e.want.max(2) } else { 1 };
+        if want > 1 {
+            e.asking_since = Some(now);
+        }
+        Take::Ask(want)
     }
 
     /// A decision on the store granted `granted` requests to this one:
@@ -223,6 +251,7 @@ impl TokenLeases {
         let fresh = Lease {
             left: granted - 1,
             served: 1,
+            size: granted,
             started: now,
             granted_at: now,
             expires: now + self.lease_for,
@@ -238,6 +267,7 @@ impl TokenLeases {
                     lease: None,
                     want: granted,
                     last_seen: now,
+                    asking_since: None,
                 });
                 entries.len() - 1
             }
@@ -247,6 +277,7 @@ impl TokenLeases {
             Some(running) if now < running.expires => {
                 running.left += fresh.left;
                 running.served += 1;
+                running.size += fresh.size;
                 // The newer reading of the rules, and a full lease time.
                 running.replies = fresh.replies;
                 running.granted_at = now;
@@ -263,6 +294,18 @@ impl TokenLeases {
         }
     }
 
+    /// A call on the store for `sig` of `tag` came back (granted, refused or
+    /// failed): another request may ask for the next lease.
+    pub(crate) fn answered(&self, tag: &str, sig: u64) {
+        let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = shard
+            .get_mut(tag)
+            .and_then(|entries| entries.iter_mut().find(|e| e.sig == sig))
+        {
+            e.asking_since = None;
+        }
+    }
+
     /// An admission from the lease `sig` of `tag` if it still holds a
     /// request (a refusal came back while another request's grant joined
     /// it); never asks for anything.
@@ -276,6 +319,17 @@ impl TokenLeases {
         lease.left -= 1;
         lease.served += 1;
         Some(admission(lease, now))
+    }
+
+    /// Requests the lease `sig` of `tag` holds now (0: none, or over).
+    pub(crate) fn held(&self, tag: &str, sig: u64, now: Instant) -> u32 {
+        let shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
+        shard
+            .get(tag)
+            .and_then(|entries| entries.iter().find(|e| e.sig == sig))
+            .and_then(|e| e.lease.as_ref())
+            .filter(|l| now < l.expires)
+            .map_or(0, |l| l.left)
     }
 
     /// Whether this node holds leased requests of `tag` now (any rules).
@@ -329,11 +383,13 @@ impl TokenLeases {
         }
     }
 
-    /// Ends the leases whose time is over, and forgets subjects not seen
-    /// for a while; returns everything waiting to be given back.
-    pub(crate) fn sweep(&self, now: Instant) -> Vec<Returned> {
+    /// Everything waiting to be given back; with `scan`, first ends the
+    /// leases whose time is over and forgets subjects not seen for a while
+    /// (a walk of the whole table: done every half lease, while the queue
+    /// of ended leases is emptied more often).
+    pub(crate) fn sweep(&self, now: Instant, scan: bool) -> Vec<Returned> {
         let idle = self.lease_for * 10;
-        for shard in &self.shards {
+        for shard in self.shards.iter().filter(|_| scan) {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             for (tag, entries) in shard.iter_mut() {
                 for e in entries.iter_mut() {
