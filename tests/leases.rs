@@ -154,6 +154,17 @@ const HOT: &str =
 /// Sends as `ip` to `url` from `clients` threads until `run` is over;
 /// returns the requests allowed and sent.
 fn flood(url: &str, ip: &str, clients: usize, run: Duration) -> (u64, u64) {
+    flood_until(url, ip, clients, run, |_, _| false)
+}
+
+/// The same, stopping early once `enough(allowed, sent)` says so.
+fn flood_until(
+    url: &str,
+    ip: &str,
+    clients: usize,
+    run: Duration,
+    enough: impl Fn(u64, u64) -> bool,
+) -> (u64, u64) {
     let (allowed, sent) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let stop = Arc::new(AtomicBool::new(false));
     let handles: Vec<_> = (0..clients)
@@ -171,7 +182,15 @@ fn flood(url: &str, ip: &str, clients: usize, run: Duration) -> (u64, u64) {
             })
         })
         .collect();
-    thread::sleep(run);
+    let until = Instant::now() + run;
+    while Instant::now() < until
+        && !enough(
+            allowed.load(Ordering::Relaxed),
+            sent.load(Ordering::Relaxed),
+        )
+    {
+        thread::sleep(Duration::from_millis(5));
+    }
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         h.join().unwrap();
@@ -209,14 +228,23 @@ fn redis_tokens(gw: &Gateway, rule: &str, subject: &str) -> f64 {
 fn a_node_killed_holding_leases_costs_only_what_it_held() {
     let (redis, up) = (RedisServer::start(), Upstream::start());
     let rule = "[[rules]]\nname = \"hot\"\nkey = \"ip\"\nrate = 1\nper = \"30m\"\nburst = 3000\n";
-    let mut gws = nodes(2, &redis, &up, rule, "");
+    // Leases long enough that a still holds one when it is killed.
+    let mut gws = nodes_leasing(2, &redis, &up, rule, "", "5s");
     let ip = "198.51.100.41";
-    let (on_a, _) = flood(&gws[0].url("/"), ip, 8, Duration::from_millis(800));
+    // a takes about a third of the bucket, then dies.
+    let (on_a, _) = flood_until(&gws[0].url("/"), ip, 8, Duration::from_secs(10), |a, _| {
+        a >= 1000
+    });
+    gws[0].kill9();
+    // What Redis charged and a did not admit is what a held when it died.
     let held_by_a = (3000.0 - redis_tokens(&gws[1], "hot", ip) - on_a as f64).round();
     assert!(held_by_a >= 1.0, "node a held no lease when killed");
-    gws[0].kill9();
-    let (on_b, _) = flood(&gws[1].url("/"), ip, 8, Duration::from_secs(3));
-    eprintln!("a admitted {on_a} and held {held_by_a} when killed; b admitted {on_b}");
+    // b goes on until the rest is spent.
+    let (on_b, sent_b) = flood_until(&gws[1].url("/"), ip, 8, Duration::from_secs(20), |a, s| {
+        s >= a + 100
+    });
+    eprintln!("a admitted {on_a} and held {held_by_a} when killed; b admitted {on_b} of {sent_b}");
+    assert!(sent_b > on_b, "b never reached the limit");
     assert!(
         (on_a + on_b) as f64 <= 3000.0 + 1.0,
         "{} admitted over a bound of 3000",
