@@ -105,6 +105,9 @@ struct Pass<'g, 'r> {
     decided: Vec<(SubjectReply, Store)>,
     /// The request's lease id for concurrency slots (`""`: none needed).
     lease: String,
+    /// The clock every call of this request is pinned to (`None`: the
+    /// stores' own).
+    now_us: Option<u64>,
 }
 
 impl<S: SharedStore> Limiter<S> {
@@ -112,6 +115,18 @@ impl<S: SharedStore> Limiter<S> {
     /// a time (IP first), refunding earlier subjects when a later one
     /// refuses; counts the outcome per rule in the metrics.
     pub(crate) async fn decide<'r>(&self, groups: &[SubjectGroup<'r>]) -> Decision<'r> {
+        self.decide_at(groups, None).await
+    }
+
+    /// [`Limiter::decide`] with the stores' clock pinned to `now_us` (µs
+    /// since the epoch) for every call it makes, refunds included; `None`
+    /// is the stores' own clock. The replay decides recorded requests at
+    /// their recorded time this way, through the same steps.
+    pub(crate) async fn decide_at<'r>(
+        &self,
+        groups: &[SubjectGroup<'r>],
+        now_us: Option<u64>,
+    ) -> Decision<'r> {
         let tags: Vec<String> = groups.iter().map(|g| g.subject.tag()).collect();
         let sent = Instant::now();
         let deny = match &self.shared {
@@ -138,6 +153,7 @@ impl<S: SharedStore> Limiter<S> {
             } else {
                 String::new()
             },
+            now_us,
         };
         for (i, g) in groups.iter().enumerate() {
             let call = SubjectCall {
@@ -146,7 +162,7 @@ impl<S: SharedStore> Limiter<S> {
                 ttl_ms: g.ttl_ms,
                 bannable: g.subject.bannable(),
                 mode: Mode::Decide,
-                now_us: None,
+                now_us,
                 lease: &pass.lease,
             };
             let (reply, store) = self.decide_subject(&call).await;
@@ -395,7 +411,7 @@ impl<S: SharedStore> Limiter<S> {
                 mode: Mode::Refund {
                     rule: rule.unwrap_or(""),
                 },
-                now_us: None,
+                now_us: pass.now_us,
                 lease: &pass.lease,
             };
             match self.on_store(*store, &call).await {
