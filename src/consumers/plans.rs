@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use actix_web::http::header::HeaderName;
-use actix_web::HttpRequest;
 
 use super::{key_hash, ConsumerTable};
 use crate::client_ip::ClientKey;
@@ -17,7 +16,8 @@ use crate::config::Config;
 use crate::path_match::PathReadings;
 use crate::policy::KeyKind;
 use crate::rules::{
-    KeyHeaderTooLong, MatchError, Rule, RuleSet, Subject, SubjectGroup, MAX_KEY_HEADER_LEN,
+    KeyHeader, KeyHeaderTooLong, MatchError, RequestParts, Rule, RuleSet, Subject, SubjectGroup,
+    MAX_KEY_HEADER_LEN,
 };
 
 /// One plan: its name and the rules it gives each consumer.
@@ -147,19 +147,22 @@ impl Plans {
     /// consumer's subject (which the `[[rules]]` keyed by the same header
     /// share, so one script call decides them all); a request without one
     /// gets the default plan on its client address.
-    pub(crate) fn apply<'r>(
+    pub(crate) fn apply<'r, R: RequestParts + ?Sized>(
         &'r self,
-        req: &HttpRequest,
+        req: &R,
         client: ClientKey,
         table: &ConsumerTable,
         groups: &mut Vec<SubjectGroup<'r>>,
     ) -> Result<(), MatchError> {
-        let (subject, plan) = match req.headers().get(&self.header) {
+        let (subject, plan) = match req.key_header(&self.header) {
             Some(v) => {
-                if v.len() > MAX_KEY_HEADER_LEN {
-                    return Err(KeyHeaderTooLong(self.header.to_string()).into());
-                }
-                let hash = key_hash(v.as_bytes());
+                let hash = match v {
+                    KeyHeader::Raw(v) if v.len() > MAX_KEY_HEADER_LEN => {
+                        return Err(KeyHeaderTooLong(self.header.to_string()).into());
+                    }
+                    KeyHeader::Raw(v) => key_hash(v),
+                    KeyHeader::Hashed(hash) => hash.to_string(),
+                };
                 let plan = self.plan_of(&hash, table).map(|(p, _)| p);
                 for g in groups.iter_mut() {
                     if matches!(&g.subject, Subject::Header { name, .. } if *name == self.header) {
