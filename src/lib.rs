@@ -13,6 +13,7 @@
 
 #![warn(unreachable_pub)]
 
+pub(crate) mod access_log;
 pub(crate) mod admin;
 pub(crate) mod bans;
 pub mod cli;

@@ -30,6 +30,7 @@ pub(crate) const DECISIONS: &str = "floodgate_decisions_total";
 pub(crate) const SHARD_DEGRADED: &str = "floodgate_redis_shard_degraded";
 pub(crate) const REDIS_RETRIES: &str = "floodgate_redis_retries_total";
 pub(crate) const DECISIONS_SHED: &str = "floodgate_redis_shed_total";
+pub(crate) const ACCESS_LOG_DROPPED: &str = "floodgate_access_log_dropped_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub(crate) const NO_RULE: &str = "-";
@@ -109,6 +110,10 @@ pub(crate) fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         DECISIONS_SHED,
         "Decisions past redis.max_decisions_per_second, sent to on_failure"
+    );
+    metrics::describe_counter!(
+        ACCESS_LOG_DROPPED,
+        "Access log lines dropped because the writer was behind (never waited for)"
     );
     Some(handle)
 }
