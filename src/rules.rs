@@ -219,7 +219,7 @@ fn host_matches(host: Option<&str>, h: &str) -> bool {
 }
 
 /// Who a group of rules is charged to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Subject {
     Ip(ClientKey),
     Header {
