@@ -129,8 +129,8 @@ impl Engine {
             }
         }
         let tally = Tally::new(all.iter().map(|(r, p)| (*r, p.clone())));
-        let suggest =
-            suggest.then(|| Suggest::new(all.iter().map(|(r, _)| (*r, pers.get(&*r.name).copied()))));
+        let suggest = suggest
+            .then(|| Suggest::new(all.iter().map(|(r, _)| (*r, pers.get(&*r.name).copied()))));
         let table = ConsumerTable::new(None, String::new(), config.plans.keys().cloned().collect());
         Engine {
             policy: Policy {

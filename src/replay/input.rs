@@ -118,9 +118,10 @@ impl LogFile {
                     }
                 }
                 Err(e) => {
-                    stats
-                        .read_errors
-                        .push(format!("{}: stopped at line {}: {e}", self.name, self.line_no));
+                    stats.read_errors.push(format!(
+                        "{}: stopped at line {}: {e}",
+                        self.name, self.line_no
+                    ));
                     self.done = true;
                 }
             }
@@ -239,10 +240,9 @@ impl Timeline {
     /// before it.
     pub(crate) fn next_record(&mut self) -> Option<Record> {
         loop {
-            let ripe = self
-                .waiting
-                .peek()
-                .is_some_and(|Reverse(w)| w.time_us.saturating_add(self.reorder_us) <= self.newest_us);
+            let ripe = self.waiting.peek().is_some_and(|Reverse(w)| {
+                w.time_us.saturating_add(self.reorder_us) <= self.newest_us
+            });
             if !ripe {
                 if let Some(i) = self.oldest_file() {
                     if let Some(record) = self.files[i].1.take() {
@@ -262,10 +262,8 @@ impl Timeline {
             if let Some(last) = self.last_out_us {
                 if record.time_us < last {
                     self.stats.late += 1;
-                    self.stats.latest_by_ms = self
-                        .stats
-                        .latest_by_ms
-                        .max((last - record.time_us) / 1000);
+                    self.stats.latest_by_ms =
+                        self.stats.latest_by_ms.max((last - record.time_us) / 1000);
                     record.time_us = last;
                 }
             }
@@ -286,7 +284,11 @@ mod tests {
     }
 
     fn file(name: &str, text: String) -> LogFile {
-        LogFile::from_reader(name, Box::new(std::io::Cursor::new(text.into_bytes())), Format::Auto)
+        LogFile::from_reader(
+            name,
+            Box::new(std::io::Cursor::new(text.into_bytes())),
+            Format::Auto,
+        )
     }
 
     fn drain(mut t: Timeline) -> (Vec<(u64, String)>, InputStats) {
@@ -308,12 +310,19 @@ mod tests {
             line("00.100", "10.0.0.5"),
         ]
         .concat();
-        let (out, stats) = drain(Timeline::new(vec![file("a", text)], JsonFields::default(), 1_000_000));
+        let (out, stats) = drain(Timeline::new(
+            vec![file("a", text)],
+            JsonFields::default(),
+            1_000_000,
+        ));
         let ips: Vec<&str> = out.iter().map(|(_, ip)| ip.as_str()).collect();
         // 0.2 s late within a 1 s window: back in its place. The 0.1 s line
         // comes after one at 3 s, past the window: it is decided at once,
         // at the time of the line before it (0.5 s).
-        assert_eq!(ips, ["10.0.0.1", "10.0.0.3", "10.0.0.2", "10.0.0.5", "10.0.0.4"]);
+        assert_eq!(
+            ips,
+            ["10.0.0.1", "10.0.0.3", "10.0.0.2", "10.0.0.5", "10.0.0.4"]
+        );
         assert_eq!(out[3].0, 500);
         assert_eq!((stats.late, stats.latest_by_ms), (1, 400));
     }
@@ -346,9 +355,16 @@ mod tests {
             line("00.000", "10.0.0.1"),
             line("01.000", "10.0.0.2")
         );
-        let (out, stats) = drain(Timeline::new(vec![file("x.log", text)], JsonFields::default(), 0));
+        let (out, stats) = drain(Timeline::new(
+            vec![file("x.log", text)],
+            JsonFields::default(),
+            0,
+        ));
         assert_eq!(out.len(), 2);
-        assert_eq!((stats.lines, stats.blank, stats.malformed, stats.rejected), (5, 1, 1, 1));
+        assert_eq!(
+            (stats.lines, stats.blank, stats.malformed, stats.rejected),
+            (5, 1, 1, 1)
+        );
         assert_eq!(stats.first_malformed[0].file, "x.log");
         assert_eq!(stats.first_malformed[0].line, 2);
     }

@@ -105,7 +105,9 @@ pub fn run(args: ReplayArgs, config: Option<PathBuf>) -> ExitCode {
 
 fn replay(args: ReplayArgs, config: Option<PathBuf>) -> Result<String, Usage> {
     let Some(path) = args.config.or(config) else {
-        return Err(Usage("--config PATH (the candidate configuration) is required".into()));
+        return Err(Usage(
+            "--config PATH (the candidate configuration) is required".into(),
+        ));
     };
     let config = Config::load(&path).map_err(|e| Usage(format!("invalid configuration: {e}")))?;
     let mut fields = JsonFields::default();

@@ -67,7 +67,9 @@ impl JsonFields {
     /// holding a header's SHA-256).
     pub(crate) fn set(&mut self, spec: &str) -> Result<(), String> {
         let Some((part, name)) = spec.split_once('=') else {
-            return Err(format!("--field {spec}: expected PART=NAME, such as time=ts"));
+            return Err(format!(
+                "--field {spec}: expected PART=NAME, such as time=ts"
+            ));
         };
         if name.is_empty() {
             return Err(format!("--field {spec}: the field name is empty"));
@@ -142,7 +144,10 @@ pub(crate) fn combined(line: &str) -> Result<Record, String> {
         .ok_or("not the combined format: no fields")?;
     let client = client(addr)?;
     let open = rest.find('[').ok_or("no [time] field")?;
-    let close = rest[open..].find(']').ok_or("the [time] field is not closed")? + open;
+    let close = rest[open..]
+        .find(']')
+        .ok_or("the [time] field is not closed")?
+        + open;
     let time_us = time::clf(&rest[open + 1..close]).ok_or_else(|| {
         format!(
             "the time `{}` is not dd/Mon/yyyy:hh:mm:ss +zzzz",
@@ -348,10 +353,7 @@ pub(crate) fn json(line: &str, fields: &JsonFields) -> Result<Record, String> {
             }
         },
     };
-    let host = p
-        .host
-        .filter(|h| !h.is_empty() && h != "-")
-        .or(authority);
+    let host = p.host.filter(|h| !h.is_empty() && h != "-").or(authority);
     let duration_us = match p.duration_ms {
         Some(ms) if ms.is_finite() && ms >= 0.0 => Some((ms * 1000.0).round() as u64),
         Some(ms) => return Err(format!("the duration {ms} is not a number of milliseconds")),
@@ -387,7 +389,8 @@ mod tests {
         let r = combined(v6).expect("an IPv6 line");
         assert_eq!(r.path, "/login");
         assert_eq!(r.host.as_deref(), Some("api.example.com"));
-        let quoted = r#"198.51.100.1 - - [10/Oct/2000:13:55:36 -0700] "GET /a\"b HTTP/1.1" 200 1 "-" "-""#;
+        let quoted =
+            r#"198.51.100.1 - - [10/Oct/2000:13:55:36 -0700] "GET /a\"b HTTP/1.1" 200 1 "-" "-""#;
         assert_eq!(combined(quoted).expect("escaped quote").path, r#"/a\"b"#);
     }
 
@@ -396,16 +399,46 @@ mod tests {
         for (line, says) in [
             ("", "no fields"),
             ("garbage", "no fields"),
-            ("example.com - - [10/Oct/2000:13:55:36 -0700] \"GET / HTTP/1.1\" 200 1", "not an IP address"),
-            ("203.0.113.7 - - 10/Oct/2000:13:55:36 -0700 \"GET / HTTP/1.1\" 200 1", "no [time]"),
-            ("203.0.113.7 - - [10/Oct/2000:13:55:36 -0700 \"GET / HTTP/1.1\" 200 1", "not closed"),
-            ("203.0.113.7 - - [yesterday] \"GET / HTTP/1.1\" 200 1", "is not dd/Mon"),
-            ("203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] GET / HTTP/1.1 200 1", "no quoted"),
-            ("203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] \"GET / HTTP/1.1", "not closed"),
-            ("203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] \"-\" 400 0", "not METHOD TARGET"),
-            ("203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] \"\\x16\\x03 / x\" 400 0", "not a method"),
-            ("203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] \"GET / HTTP/1.1\" ok 1", "three-digit"),
-            ("203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] \"GET / HTTP/1.1\"", "three-digit"),
+            (
+                "example.com - - [10/Oct/2000:13:55:36 -0700] \"GET / HTTP/1.1\" 200 1",
+                "not an IP address",
+            ),
+            (
+                "203.0.113.7 - - 10/Oct/2000:13:55:36 -0700 \"GET / HTTP/1.1\" 200 1",
+                "no [time]",
+            ),
+            (
+                "203.0.113.7 - - [10/Oct/2000:13:55:36 -0700 \"GET / HTTP/1.1\" 200 1",
+                "not closed",
+            ),
+            (
+                "203.0.113.7 - - [yesterday] \"GET / HTTP/1.1\" 200 1",
+                "is not dd/Mon",
+            ),
+            (
+                "203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] GET / HTTP/1.1 200 1",
+                "no quoted",
+            ),
+            (
+                "203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] \"GET / HTTP/1.1",
+                "not closed",
+            ),
+            (
+                "203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] \"-\" 400 0",
+                "not METHOD TARGET",
+            ),
+            (
+                "203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] \"\\x16\\x03 / x\" 400 0",
+                "not a method",
+            ),
+            (
+                "203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] \"GET / HTTP/1.1\" ok 1",
+                "three-digit",
+            ),
+            (
+                "203.0.113.7 - - [10/Oct/2000:13:55:36 -0700] \"GET / HTTP/1.1\"",
+                "three-digit",
+            ),
         ] {
             let e = combined(line).expect_err(line);
             assert!(e.contains(says), "{line}: {e}");
@@ -420,16 +453,28 @@ mod tests {
         assert_eq!(r.path, "/v1/a");
         assert_eq!(r.host.as_deref(), Some("api.example.com"));
         assert_eq!(r.duration_us, Some(12_500));
-        assert_eq!(r.keys, vec![(HeaderName::from_static("x-api-key"), "abc".into())]);
+        assert_eq!(
+            r.keys,
+            vec![(HeaderName::from_static("x-api-key"), "abc".into())]
+        );
         assert!(!r.rejected);
         let rejected = line.replace("\"allowed\"", "\"rejected\"");
-        assert!(json(&rejected, &JsonFields::default()).expect("a line").rejected);
+        assert!(
+            json(&rejected, &JsonFields::default())
+                .expect("a line")
+                .rejected
+        );
     }
 
     #[test]
     fn json_field_names_are_configurable() {
         let mut f = JsonFields::default();
-        for spec in ["time=ts", "client=remote_addr", "request=req", "key:x-api-key=key_sha"] {
+        for spec in [
+            "time=ts",
+            "client=remote_addr",
+            "request=req",
+            "key:x-api-key=key_sha",
+        ] {
             f.set(spec).expect(spec);
         }
         let line = r#"{"ts":1777636800.25,"remote_addr":"2001:db8::7","req":"POST /login HTTP/2.0","key_sha":"h","ua":{"deep":[1,2]}}"#;
@@ -437,7 +482,10 @@ mod tests {
         assert_eq!(r.time_us, 1_777_636_800_250_000);
         assert_eq!(r.method, "POST");
         assert_eq!(r.path, "/login");
-        assert_eq!(r.keys, vec![(HeaderName::from_static("x-api-key"), "h".into())]);
+        assert_eq!(
+            r.keys,
+            vec![(HeaderName::from_static("x-api-key"), "h".into())]
+        );
         for bad in ["time", "when=ts", "time=", "key:bad header=x"] {
             assert!(f.set(bad).is_err(), "{bad}");
         }
@@ -450,15 +498,42 @@ mod tests {
             ("{", "not a JSON object"),
             ("[1,2]", "not a JSON object"),
             ("{} trailing", "not a JSON object"),
-            (r#"{"client":"203.0.113.7","method":"GET","path":"/"}"#, "no `time`"),
-            (r#"{"time":"2026-05-01T12:00:00Z","method":"GET","path":"/"}"#, "no `client`"),
-            (r#"{"time":"yesterday","client":"203.0.113.7","method":"GET","path":"/"}"#, "not RFC 3339"),
-            (r#"{"time":-5,"client":"203.0.113.7","method":"GET","path":"/"}"#, "seconds since 1970"),
-            (r#"{"time":"2026-05-01T12:00:00Z","client":"nobody","method":"GET","path":"/"}"#, "not an IP"),
-            (r#"{"time":"2026-05-01T12:00:00Z","client":"203.0.113.7"}"#, "nor a `request`"),
-            (r#"{"time":"2026-05-01T12:00:00Z","client":7,"method":"GET","path":"/"}"#, "not a JSON object"),
-            (r#"{"time":"2026-05-01T12:00:00Z","client":"203.0.113.7","method":"GET","path":"/","keys":{"bad name":"h"}}"#, "not a header name"),
-            (r#"{"time":"2026-05-01T12:00:00Z","client":"203.0.113.7","method":"GET","path":"/","duration_ms":-1}"#, "milliseconds"),
+            (
+                r#"{"client":"203.0.113.7","method":"GET","path":"/"}"#,
+                "no `time`",
+            ),
+            (
+                r#"{"time":"2026-05-01T12:00:00Z","method":"GET","path":"/"}"#,
+                "no `client`",
+            ),
+            (
+                r#"{"time":"yesterday","client":"203.0.113.7","method":"GET","path":"/"}"#,
+                "not RFC 3339",
+            ),
+            (
+                r#"{"time":-5,"client":"203.0.113.7","method":"GET","path":"/"}"#,
+                "seconds since 1970",
+            ),
+            (
+                r#"{"time":"2026-05-01T12:00:00Z","client":"nobody","method":"GET","path":"/"}"#,
+                "not an IP",
+            ),
+            (
+                r#"{"time":"2026-05-01T12:00:00Z","client":"203.0.113.7"}"#,
+                "nor a `request`",
+            ),
+            (
+                r#"{"time":"2026-05-01T12:00:00Z","client":7,"method":"GET","path":"/"}"#,
+                "not a JSON object",
+            ),
+            (
+                r#"{"time":"2026-05-01T12:00:00Z","client":"203.0.113.7","method":"GET","path":"/","keys":{"bad name":"h"}}"#,
+                "not a header name",
+            ),
+            (
+                r#"{"time":"2026-05-01T12:00:00Z","client":"203.0.113.7","method":"GET","path":"/","duration_ms":-1}"#,
+                "milliseconds",
+            ),
         ] {
             let e = json(line, &f).expect_err(line);
             assert!(e.contains(says), "{line}: {e}");

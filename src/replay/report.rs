@@ -172,7 +172,10 @@ impl Report {
             self.to.as_deref().unwrap_or("-"),
         ));
         out.push(pairs(vec![
-            ("allowed", format!("{} ({} matched no rule)", t.allowed, t.unmatched)),
+            (
+                "allowed",
+                format!("{} ({} matched no rule)", t.allowed, t.unmatched),
+            ),
             ("limited", t.limited.to_string()),
             ("banned", t.banned.to_string()),
             ("allowlisted", t.allowlisted.to_string()),
@@ -204,7 +207,15 @@ impl Report {
         }
         out.push(String::new());
         out.push(table(
-            &["RULE", "PLAN", "MATCHED", "SUBJECTS", "REFUSED", "REFUSED SUBJECTS", "BANS"],
+            &[
+                "RULE",
+                "PLAN",
+                "MATCHED",
+                "SUBJECTS",
+                "REFUSED",
+                "REFUSED SUBJECTS",
+                "BANS",
+            ],
             self.rules
                 .iter()
                 .map(|r| {

@@ -241,7 +241,9 @@ impl Suggest {
                 }
                 let slot = &mut s.steps[(s.step % STEPS) as usize];
                 *slot = slot.saturating_add(1);
-                s.peak = s.peak.max(s.steps.iter().fold(0u32, |a, c| a.saturating_add(*c)));
+                s.peak = s
+                    .peak
+                    .max(s.steps.iter().fold(0u32, |a, c| a.saturating_add(*c)));
                 for ((_, interval), (tat, need)) in rates.iter().zip(s.tats.iter_mut()) {
                     // The stores' own steps: tat = max(tat, now) + cost x T,
                     // passing while tat - now <= burst x T.
@@ -343,8 +345,9 @@ impl Suggest {
                 });
             }
             _ => {
-                out.note =
-                    Some("a concurrency cap: no suggestion (it depends on durations, not rates)".into())
+                out.note = Some(
+                    "a concurrency cap: no suggestion (it depends on durations, not rates)".into(),
+                )
             }
         }
         out
@@ -373,7 +376,10 @@ mod tests {
     fn percentiles_are_nearest_rank() {
         let mut v: Vec<u64> = (1..=1000).rev().collect();
         let p = percentiles(&mut v).expect("values");
-        assert_eq!((p.p50, p.p90, p.p99, p.p99_9, p.max), (500, 900, 990, 999, 1000));
+        assert_eq!(
+            (p.p50, p.p90, p.p99, p.p99_9, p.max),
+            (500, 900, 990, 999, 1000)
+        );
         assert_eq!(percentiles(&mut [7]).map(|p| (p.p50, p.max)), Some((7, 7)));
         assert_eq!(percentiles(&mut []), None);
     }
@@ -385,7 +391,11 @@ mod tests {
         assert_eq!(smallest_limit(&mut needs, 1, 1), 7);
         assert_eq!(smallest_limit(&mut needs, 2, 1), 5);
         assert_eq!(smallest_limit(&mut needs, 5, 2), 2);
-        assert_eq!(smallest_limit(&mut [1, 1], 0, 3), 3, "never below the floor");
+        assert_eq!(
+            smallest_limit(&mut [1, 1], 0, 3),
+            3,
+            "never below the floor"
+        );
     }
 
     #[test]

@@ -133,7 +133,14 @@ pub(crate) fn rfc3339(s: &str) -> Option<u64> {
         frac = fraction_us(&f[..end])?;
         tail = &f[end..];
     }
-    to_us(days_from_civil(i64::from(y), m, d)?, h, mi, sec, frac, offset_s(tail)?)
+    to_us(
+        days_from_civil(i64::from(y), m, d)?,
+        h,
+        mi,
+        sec,
+        frac,
+        offset_s(tail)?,
+    )
 }
 
 /// Seconds since the epoch, with a fraction (`$msec`): to microseconds.
@@ -153,7 +160,10 @@ mod tests {
         // 2000-10-10T20:55:36Z
         assert_eq!(clf("10/Oct/2000:13:55:36 -0700"), Some(971_211_336_000_000));
         assert_eq!(clf("10/Oct/2000:20:55:36 +0000"), Some(971_211_336_000_000));
-        assert_eq!(clf("29/Feb/2024:00:00:00 +0000"), Some(1_709_164_800_000_000));
+        assert_eq!(
+            clf("29/Feb/2024:00:00:00 +0000"),
+            Some(1_709_164_800_000_000)
+        );
         for bad in [
             "10/Oct/2000:13:55:36",
             "10/Foo/2000:13:55:36 -0700",
