@@ -448,6 +448,39 @@ mod tests {
     }
 
     #[test]
+    fn lines_past_a_full_queue_are_dropped_and_the_spell_ends_when_one_fits() {
+        let (lines, rx) = sync_channel(2);
+        let log = AccessLog {
+            lines,
+            shared: Arc::new(Shared {
+                reopen: AtomicBool::new(false),
+                dropping: AtomicBool::new(false),
+                dropped_in_spell: AtomicU64::new(0),
+            }),
+        };
+        for i in 0..5 {
+            log.send(format!("{i}\n"));
+        }
+        assert!(
+            log.shared.dropping.load(Ordering::Acquire),
+            "a spell of drops"
+        );
+        assert_eq!(log.shared.dropped_in_spell.load(Ordering::Acquire), 3);
+        assert_eq!(
+            rx.try_recv().as_deref(),
+            Ok("0\n"),
+            "never blocks, keeps the oldest"
+        );
+        log.send("5\n".into());
+        assert!(
+            !log.shared.dropping.load(Ordering::Acquire),
+            "the spell is over"
+        );
+        assert_eq!(log.shared.dropped_in_spell.load(Ordering::Acquire), 0);
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), ["1\n", "5\n"]);
+    }
+
+    #[test]
     fn relative_paths_are_read_from_the_config_directory() {
         let cfg = Path::new("/etc/floodgate/floodgate.toml");
         assert_eq!(Target::resolve(cfg, "-"), Target::Stdout);

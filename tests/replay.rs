@@ -375,10 +375,8 @@ fn a_live_gateway_and_the_replay_of_its_log_refuse_alike() {
     let rules = "[[rules]]\nname = \"per-ip\"\nkey = \"ip\"\nrate = 1\nper = \"1h\"\nburst = 6\n\n\
                  [[rules]]\nname = \"per-key\"\nkey = \"header:X-Api-Key\"\nrate = 1\nper = \"1h\"\nburst = 5\n\n\
                  [[rules]]\nname = \"global-cap\"\nkey = \"global\"\nmatch = { path_prefix = \"/busy\" }\nrate = 1\nper = \"1h\"\nburst = 12\n";
-    let extra = format!(
-        "[consumers]\nkey = \"header:X-Api-Key\"\nkeys = {{ \"k-pro\" = \"pro\" }}\n\n[plans.pro]\nrules = [ {{ name = \"pro-quota\", quota = 3, period = \"day\" }} ]\n\n\
-         [ban]\nafter = 3\nwithin = \"1m\"\nduration = \"1m\"\n"
-    );
+    let extra = "[consumers]\nkey = \"header:X-Api-Key\"\nkeys = { \"k-pro\" = \"pro\" }\n\n[plans.pro]\nrules = [ { name = \"pro-quota\", quota = 3, period = \"day\" } ]\n\n\
+         [ban]\nafter = 3\nwithin = \"1m\"\nduration = \"1m\"\n";
     let p = prefix();
     let (port, admin_port) = (free_port(), free_port());
     let config = Gateway::config(
@@ -389,7 +387,7 @@ fn a_live_gateway_and_the_replay_of_its_log_refuse_alike() {
             upstream: &up.url(),
             prefix: &p,
             rules,
-            extra: &extra,
+            extra,
         },
     )
     .replacen(
@@ -533,4 +531,53 @@ fn a_live_gateway_and_the_replay_of_its_log_refuse_alike() {
         .collect();
     replay_banned.sort();
     assert_eq!(replay_banned, live_banned);
+}
+
+#[test]
+fn the_access_log_is_opened_again_on_reload_after_a_rotation() {
+    let up = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let rotated = dir.path().join("access.log.1");
+    let (port, admin_port) = (free_port(), free_port());
+    let config = Gateway::config(
+        port,
+        admin_port,
+        &Setup {
+            redis: None,
+            upstream: &up.url(),
+            prefix: "",
+            rules: "[[rules]]\nname = \"per-ip\"\nkey = \"ip\"\nrate = 100\nper = \"1s\"\nburst = 100\n",
+            extra: "",
+        },
+    )
+    .replacen("[server]\n", &format!("[server]\naccess_log = \"{}\"\n", log.display()), 1);
+    let gw = Gateway::start_config(port, admin_port, config, &[]);
+    let lines = |p: &Path| std::fs::read_to_string(p).map_or(0, |t| t.lines().count());
+
+    assert_eq!(get(&gw.url("/before"), &[]).status, 200);
+    wait_until("the first line", Duration::from_secs(10), || {
+        lines(&log) == 1
+    });
+    std::fs::rename(&log, &rotated).unwrap();
+    gw.hangup();
+    let mut sent = 1;
+    wait_until(
+        "a new file after the reload",
+        Duration::from_secs(10),
+        || {
+            assert_eq!(get(&gw.url("/after"), &[]).status, 200);
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(50));
+            lines(&log) > 0
+        },
+    );
+    // Every line is in one file or the other, none lost.
+    wait_until("every line written", Duration::from_secs(10), || {
+        lines(&log) + lines(&rotated) == sent
+    });
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(old.contains("\"path\":\"/before\""), "{old}");
+    let new = std::fs::read_to_string(&log).unwrap();
+    assert!(!new.contains("/before") && new.contains("/after"), "{new}");
 }

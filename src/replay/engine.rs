@@ -13,11 +13,12 @@
 //! does), or released at once when the log has no durations.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_web::http::header::HeaderName;
 use futures_util::FutureExt;
 use ipnet::IpNet;
 
@@ -93,6 +94,16 @@ pub(crate) struct Engine {
     /// A decision that did not complete at once (never expected: every
     /// store call is in process).
     pub(crate) stalled: u64,
+    /// What the logs lacked that the candidate's rules read.
+    seen: Seen,
+}
+
+/// What the replayed lines carried, for the report's warnings.
+#[derive(Default)]
+struct Seen {
+    no_host: u64,
+    no_duration: u64,
+    headers: HashSet<HeaderName>,
 }
 
 impl Engine {
@@ -149,6 +160,7 @@ impl Engine {
             tally,
             suggest,
             stalled: 0,
+            seen: Seen::default(),
         }
     }
 
@@ -157,6 +169,13 @@ impl Engine {
         let now = r.time_us;
         self.upkeep(now);
         self.tally.totals.requests += 1;
+        self.seen.no_host += u64::from(r.host.is_none());
+        self.seen.no_duration += u64::from(r.duration_us.is_none());
+        for (name, _) in &r.keys {
+            if !self.seen.headers.contains(name) {
+                self.seen.headers.insert(name.clone());
+            }
+        }
         // Phase 2: the allowlist.
         if allowlisted(&self.policy.allowlist, r.client) {
             self.tally.totals.allowlisted += 1;
@@ -305,6 +324,49 @@ impl Engine {
         while let Some(Reverse(h)) = self.held.pop() {
             self.leases(&h.set, false, h.end_us);
         }
+    }
+}
+
+impl Engine {
+    /// What the candidate reads that the logs did not carry: rules that
+    /// could not apply as they would live.
+    pub(crate) fn warnings(&self, config: &Config) -> Vec<String> {
+        let mut out = Vec::new();
+        let requests = self.tally.totals.requests;
+        let plan_rules = config.plans.values().flat_map(|p| p.rules.iter());
+        for c in config.rules.iter().chain(plan_rules.clone()) {
+            if c.matcher.host.is_some() && self.seen.no_host > 0 {
+                out.push(format!(
+                    "rule {} matches a host, and {} of {requests} lines carry none (it cannot match them)",
+                    c.name, self.seen.no_host
+                ));
+            }
+            if matches!(c.limit(), LimitConfig::Concurrency { .. }) && self.seen.no_duration > 0 {
+                out.push(format!(
+                    "rule {} caps requests in flight, and {} of {requests} lines carry no duration (their slots were given back at once)",
+                    c.name, self.seen.no_duration
+                ));
+            }
+        }
+        let consumer = config.consumers.as_ref().map(|c| c.key.as_str());
+        let keyed = config.rules.iter().filter_map(|c| c.key.as_deref());
+        for key in keyed.chain(consumer) {
+            let Some(Ok(name)) = key
+                .strip_prefix("header:")
+                .map(|h| HeaderName::from_bytes(h.trim().as_bytes()))
+            else {
+                continue;
+            };
+            if !self.seen.headers.contains(&name) && requests > 0 {
+                let line = format!(
+                    "{key} is never in the logs: the requests that carried it are replayed without it (floodgate logs the SHA-256 of the headers its own config keys on)"
+                );
+                if !out.contains(&line) {
+                    out.push(line);
+                }
+            }
+        }
+        out
     }
 }
 

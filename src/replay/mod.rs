@@ -147,6 +147,7 @@ fn replay(args: ReplayArgs, config: Option<PathBuf>) -> Result<String, Usage> {
         started.elapsed(),
         args.top,
     );
+    report.warnings = engine.warnings(&config);
     if let Some(s) = &engine.suggest {
         report.refuse_at_most = Some(share);
         report.suggestions = engine

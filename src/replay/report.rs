@@ -56,6 +56,8 @@ pub(crate) struct BansReport {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Report {
     pub(crate) logs: Vec<String>,
+    /// What the logs lacked that the candidate reads.
+    pub(crate) warnings: Vec<String>,
     pub(crate) input: InputStats,
     pub(crate) from: Option<String>,
     pub(crate) to: Option<String>,
@@ -70,6 +72,18 @@ pub(crate) struct Report {
     pub(crate) refuse_at_most: Option<f64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) suggestions: Vec<Suggestion>,
+}
+
+/// A share as a percentage with the digits it needs (`0.012%`, `25%`).
+fn percent(share: f64) -> String {
+    let p = share * 100.0;
+    if p == 0.0 || p >= 10.0 {
+        format!("{p:.0}%")
+    } else if p >= 1.0 {
+        format!("{p:.1}%")
+    } else {
+        format!("{p:.3}%")
+    }
 }
 
 fn rfc3339_ms(us: u64) -> String {
@@ -138,6 +152,7 @@ impl Report {
         let secs = elapsed.as_secs_f64();
         Report {
             logs,
+            warnings: Vec::new(),
             from: input.first_us.map(rfc3339_ms),
             to: input.last_us.map(rfc3339_ms),
             elapsed_s: (secs * 1000.0).round() / 1000.0,
@@ -205,6 +220,9 @@ impl Report {
         for e in &i.read_errors {
             out.push(printable(&format!("read error: {e}")));
         }
+        for w in &self.warnings {
+            out.push(printable(&format!("warning: {w}")));
+        }
         out.push(String::new());
         out.push(table(
             &[
@@ -225,7 +243,7 @@ impl Report {
                         r.matched.to_string(),
                         r.subjects.to_string(),
                         r.refused.to_string(),
-                        format!("{} ({:.2}%)", r.refused_subjects, r.refused_share * 100.0),
+                        format!("{} ({})", r.refused_subjects, percent(r.refused_share)),
                         r.bans.to_string(),
                     ]
                 })
@@ -293,7 +311,7 @@ impl Report {
             };
             rows.push(vec![
                 s.rule.clone(),
-                s.unit.clone(),
+                s.unit.trim_start_matches("requests per ").to_string(),
                 s.subjects.to_string(),
                 p(|p| p.p50),
                 p(|p| p.p90),
@@ -309,12 +327,12 @@ impl Report {
             ]);
         }
         format!(
-            "suggested limits (refusing at most {}% of each rule's subjects; peaks are each subject's busiest window):\n{}",
-            share * 100.0,
+            "suggested limits, refusing at most {} of each rule's subjects\n(P50..MAX: each subject's most requests in one WINDOW, over its subjects):\n{}",
+            percent(share),
             table(
                 &[
-                    "RULE", "PEAK OF", "SUBJECTS", "P50", "P90", "P99", "P99.9", "MAX", "SUGGESTED",
-                    "WOULD REFUSE",
+                    "RULE", "WINDOW", "SUBJECTS", "P50", "P90", "P99", "P99.9", "MAX", "SUGGESTED",
+                    "REFUSES",
                 ],
                 rows,
             )

@@ -153,11 +153,11 @@ impl Tally {
 }
 
 /// The `n` largest of `counts`, largest first (ties by subject name).
-pub(crate) fn top<'a>(
+pub(crate) fn top(
     counts: impl Iterator<Item = (u32, u64)>,
-    subjects: &'a Subjects,
+    subjects: &Subjects,
     n: usize,
-) -> Vec<(&'a str, u64)> {
+) -> Vec<(&str, u64)> {
     let mut all: Vec<(u32, u64)> = counts.collect();
     all.sort_by(|a, b| {
         b.1.cmp(&a.1)

@@ -145,7 +145,7 @@ pub(crate) fn rfc3339(s: &str) -> Option<u64> {
 
 /// Seconds since the epoch, with a fraction (`$msec`): to microseconds.
 pub(crate) fn epoch_seconds(secs: f64) -> Option<u64> {
-    if !secs.is_finite() || secs < 0.0 || secs > 1e11 {
+    if !secs.is_finite() || !(0.0..=1e11).contains(&secs) {
         return None;
     }
     Some((secs * 1e6).round() as u64)
