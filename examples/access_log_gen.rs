@@ -3,7 +3,8 @@
 //! addresses, as floodgate's own JSON lines or the combined format.
 //!
 //! The traffic is skewed the way public traffic is: a few clients send
-//! most requests (a client is drawn as `clients x u^3`, u uniform), one
+//! most requests (a client is drawn as `clients x u^3`, u uniform; `--skew`
+//! changes the exponent), one
 //! request in five carries one of `--keys` API keys (its SHA-256 in the
 //! line, as floodgate writes it), and arrivals are Poisson at `--rps`.
 //! The same flags give the same file (a fixed xorshift generator).
@@ -25,6 +26,10 @@ struct Options {
     /// Distinct API keys.
     #[arg(long, default_value_t = 2_000)]
     keys: u64,
+    /// How skewed clients are: a client is drawn as `clients x u^skew`
+    /// (1: all alike).
+    #[arg(long, default_value_t = 3)]
+    skew: i32,
     /// Requests per second, all clients together.
     #[arg(long, default_value_t = 2_000.0)]
     rps: f64,
@@ -76,7 +81,7 @@ fn main() -> std::io::Result<()> {
     let mut t_us = o.start as f64 * 1e6;
     for _ in 0..o.lines {
         t_us += -(1.0 - rng.unit()).ln() * 1e6 / o.rps;
-        let client = (o.clients as f64 * rng.unit().powi(3)) as u64;
+        let client = (o.clients as f64 * rng.unit().powi(o.skew)) as u64;
         let ip = format!(
             "10.{}.{}.{}",
             (client >> 16) & 255,

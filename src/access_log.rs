@@ -37,10 +37,10 @@ use actix_web::{HttpRequest, HttpResponse};
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::consumers::key_hash;
-use crate::gateway::Snapshot;
+use crate::consumers::{key_hash, Plans};
 use crate::metrics::ACCESS_LOG_DROPPED;
 use crate::policy::KeyKind;
+use crate::rules::RuleSet;
 
 /// The names of the fields of a line, in one place: the writer's and the
 /// replay reader's defaults.
@@ -129,14 +129,20 @@ impl Entry {
     }
 
     /// Who is asking (after trusted `X-Forwarded-For`), and the hashes of
-    /// the headers that key a rule or a consumer in `snap`.
-    pub(crate) fn identified(&mut self, client: IpAddr, req: &HttpRequest, snap: &Snapshot) {
+    /// the headers that key one of `rules` or the consumers of `plans`.
+    pub(crate) fn identified(
+        &mut self,
+        client: IpAddr,
+        req: &HttpRequest,
+        rules: &RuleSet,
+        plans: Option<&Plans>,
+    ) {
         self.client = Some(client);
-        let rule_headers = snap.rules.rules().iter().filter_map(|r| match &r.key {
+        let rule_headers = rules.rules().iter().filter_map(|r| match &r.key {
             KeyKind::Header(h) => Some(h),
             _ => None,
         });
-        let consumer = snap.plans.as_ref().map(|p| p.header());
+        let consumer = plans.map(|p| p.header());
         for name in rule_headers.chain(consumer) {
             self.hash_header(req, name);
         }

@@ -108,7 +108,7 @@ async fn serve(
     let ex = Exchange::identify(req, snap, gw, clients);
     let result = ex.limit().await;
     if let Some(entry) = entry {
-        entry.identified(ex.ip, &ex.req, snap);
+        entry.identified(ex.ip, &ex.req, &snap.rules, snap.plans.as_ref());
         entry.decided(ex.verdict.take());
     }
     match result {

@@ -137,7 +137,12 @@ impl LogFile {
             stats.malformed(&self.name, self.line_no, "longer than 1 MiB".into());
             return None;
         }
-        let text = String::from_utf8_lossy(&self.buf);
+        // Valid UTF-8 is checked at once; only a line with bad bytes is
+        // copied (with U+FFFD in their place).
+        let text = match std::str::from_utf8(&self.buf) {
+            Ok(t) => std::borrow::Cow::Borrowed(t),
+            Err(_) => String::from_utf8_lossy(&self.buf),
+        };
         let line = text.trim_end_matches(['\n', '\r']);
         if line.trim().is_empty() {
             stats.blank += 1;
@@ -173,7 +178,8 @@ impl LogFile {
 struct Waiting {
     time_us: u64,
     seq: u64,
-    record: Record,
+    /// Boxed: the heap moves its entries at every push and pop.
+    record: Box<Record>,
 }
 
 impl PartialEq for Waiting {
@@ -251,14 +257,14 @@ impl Timeline {
                         self.waiting.push(Reverse(Waiting {
                             time_us: record.time_us,
                             seq: self.seq,
-                            record,
+                            record: Box::new(record),
                         }));
                     }
                     continue;
                 }
             }
             let Reverse(w) = self.waiting.pop()?;
-            let mut record = w.record;
+            let mut record = *w.record;
             if let Some(last) = self.last_out_us {
                 if record.time_us < last {
                     self.stats.late += 1;

@@ -25,11 +25,11 @@
 //! it, so it refuses no more subjects than this says. Concurrency caps get
 //! no suggestion.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Serialize;
 
+use super::tally::IdMap;
 use crate::policy::{BucketSpec, Limit, Period};
 use crate::rules::Rule;
 
@@ -136,12 +136,12 @@ enum Tracker {
         step_us: u64,
         cost: u64,
         rates: Vec<(f64, u64)>,
-        subjects: HashMap<u32, RateSubject>,
+        subjects: IdMap<RateSubject>,
     },
     Quota {
         period: Period,
         cost: u64,
-        subjects: HashMap<u32, QuotaSubject>,
+        subjects: IdMap<QuotaSubject>,
     },
     None,
 }
@@ -202,13 +202,13 @@ impl Suggest {
                         step_us: (per.as_micros() as u64 / STEPS).max(1),
                         cost: u64::from(b.cost),
                         rates,
-                        subjects: HashMap::new(),
+                        subjects: IdMap::default(),
                     }
                 }
                 (Limit::Quota(q), _) => Tracker::Quota {
                     period: q.period,
                     cost: u64::from(q.cost),
-                    subjects: HashMap::new(),
+                    subjects: IdMap::default(),
                 },
                 _ => Tracker::None,
             })

@@ -4,9 +4,37 @@
 //! integers, and memory grows with the distinct subjects, not the lines.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use crate::rules::{Rule, Subject};
+
+/// A hasher for maps keyed by subject numbers: they are dense and given
+/// out by [`Subjects`], never chosen by a client, so one multiplication
+/// spreads them (SipHash cost a tenth of the replay's time).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by subject number.
+pub(crate) type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
+/// A set of subject numbers.
+pub(crate) type IdSet = HashSet<u32, BuildHasherDefault<IdHasher>>;
 
 /// Every distinct subject seen, by number.
 #[derive(Default)]
@@ -43,10 +71,10 @@ pub(crate) struct RuleTally {
     /// The plan it belongs to (`None`: `[[rules]]`).
     pub(crate) plan: Option<Arc<str>>,
     pub(crate) matched: u64,
-    pub(crate) subjects: HashSet<u32>,
+    pub(crate) subjects: IdSet,
     /// Requests this rule refused (it was the rule the client was told).
     pub(crate) refused: u64,
-    pub(crate) refused_by_subject: HashMap<u32, u64>,
+    pub(crate) refused_by_subject: IdMap<u64>,
     /// Bans made by this rule's refusals.
     pub(crate) bans: u64,
 }
@@ -80,7 +108,7 @@ pub(crate) struct Tally {
     index: HashMap<Arc<str>, usize>,
     pub(crate) subjects: Subjects,
     pub(crate) totals: Totals,
-    pub(crate) bans: HashMap<u32, SubjectBans>,
+    pub(crate) bans: IdMap<SubjectBans>,
 }
 
 impl Tally {
@@ -91,7 +119,7 @@ impl Tally {
             index: HashMap::new(),
             subjects: Subjects::default(),
             totals: Totals::default(),
-            bans: HashMap::new(),
+            bans: IdMap::default(),
         };
         for (rule, plan) in rules {
             t.index.insert(rule.name.clone(), t.rules.len());
@@ -99,9 +127,9 @@ impl Tally {
                 name: rule.name.clone(),
                 plan,
                 matched: 0,
-                subjects: HashSet::new(),
+                subjects: IdSet::default(),
                 refused: 0,
-                refused_by_subject: HashMap::new(),
+                refused_by_subject: IdMap::default(),
                 bans: 0,
             });
         }
