@@ -325,6 +325,20 @@ pub(crate) fn json(line: &str, fields: &JsonFields) -> Result<Record, String> {
         .deserialize(&mut de)
         .and_then(|p| de.end().map(|()| p))
         .map_err(|e| format!("not a JSON object of the expected fields: {e}"))?;
+    if p.decision.as_deref() == Some("rejected") {
+        // Answered before identity or limits (it may name no client):
+        // skipped, whatever else it holds.
+        return Ok(Record {
+            time_us: 0,
+            client: IpAddr::from([0, 0, 0, 0]),
+            method: String::new(),
+            path: String::new(),
+            host: None,
+            keys: Vec::new(),
+            duration_us: None,
+            rejected: true,
+        });
+    }
     let time_us = match &p.time {
         Some(Scalar::Str(s)) => time::rfc3339(s)
             .or_else(|| time::clf(s))
@@ -367,7 +381,7 @@ pub(crate) fn json(line: &str, fields: &JsonFields) -> Result<Record, String> {
         host,
         keys: p.keys,
         duration_us,
-        rejected: p.decision.as_deref() == Some("rejected"),
+        rejected: false,
     })
 }
 
@@ -464,6 +478,13 @@ mod tests {
                 .expect("a line")
                 .rejected
         );
+        // Screened before identity: no client, and still only skipped.
+        let screened = r#"{"time":"2026-05-01T12:00:00.250Z","client":null,"method":"CONNECT","host":"","path":"x:443","status":405,"decision":"rejected"}"#;
+        assert!(
+            json(screened, &JsonFields::default())
+                .expect("a line")
+                .rejected
+        );
     }
 
     #[test]
@@ -537,6 +558,40 @@ mod tests {
         ] {
             let e = json(line, &f).expect_err(line);
             assert!(e.contains(says), "{line}: {e}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// No line panics a reader: anything, or a real line with bytes
+        /// cut out or put in anywhere.
+        #[test]
+        fn no_line_panics(
+            junk in ".{0,200}",
+            at in 0usize..400,
+            cut in 0usize..40,
+            insert in ".{0,8}",
+        ) {
+            let f = JsonFields::default();
+            let _ = combined(&junk);
+            let _ = json(&junk, &f);
+            let _ = time::rfc3339(&junk);
+            let _ = time::clf(&junk);
+            let real = [APACHE.to_string(), r#"{"time":"2026-05-01T12:00:00.250+02:00","client":"2001:db8::1","method":"GET","path":"/a","keys":{"x":"h"},"duration_ms":1}"#.to_string()];
+            for line in real {
+                let mut chars: Vec<char> = line.chars().collect();
+                let at = at.min(chars.len());
+                let end = (at + cut).min(chars.len());
+                chars.splice(at..end, insert.chars());
+                let mutated: String = chars.into_iter().collect();
+                let _ = combined(&mutated);
+                let _ = json(&mutated, &f);
+            }
         }
     }
 }

@@ -247,7 +247,9 @@ impl Suggest {
                 for ((_, interval), (tat, need)) in rates.iter().zip(s.tats.iter_mut()) {
                     // The stores' own steps: tat = max(tat, now) + cost x T,
                     // passing while tat - now <= burst x T.
-                    *tat = (*tat).max(now_us) + *cost * *interval;
+                    *tat = (*tat)
+                        .max(now_us)
+                        .saturating_add(cost.saturating_mul(*interval));
                     *need = (*need).max((*tat - now_us).div_ceil(*interval));
                 }
             }

@@ -10,7 +10,9 @@
 /// Hinnant's `days_from_civil`, the inverse of
 /// [`crate::policy::civil_from_days`]. `None` before 1970.
 fn days_from_civil(y: i64, m: u32, d: u32) -> Option<u64> {
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+    // Four-digit years, as both formats write them: every time then fits
+    // the stores' microsecond arithmetic with room to spare.
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || !(1970..=9999).contains(&y) {
         return None;
     }
     let y = if m <= 2 { y - 1 } else { y };
@@ -40,7 +42,7 @@ fn offset_s(s: &str) -> Option<i64> {
         _ => return None,
     };
     let rest = rest.replace(':', "");
-    if rest.len() != 4 {
+    if rest.len() != 4 || !rest.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let h = i64::from(digits(&rest[..2])?);
@@ -70,7 +72,10 @@ fn to_us(days: u64, h: u32, mi: u32, sec: u32, frac_us: u64, offset: i64) -> Opt
     }
     let local = days * 86_400 + u64::from(h) * 3600 + u64::from(mi) * 60 + u64::from(sec);
     let utc = i64::try_from(local).ok()? - offset;
-    Some(u64::try_from(utc).ok()? * 1_000_000 + frac_us)
+    u64::try_from(utc)
+        .ok()?
+        .checked_mul(1_000_000)?
+        .checked_add(frac_us)
 }
 
 /// `10/Oct/2026:13:55:36 -0700` (the common log format's `$time_local`).
@@ -172,6 +177,8 @@ mod tests {
             "10/Oct/2000:13:55 -0700",
             "",
             "10/Oct/2000:13:55:36 -07",
+            "10/Oct/2000:13:55:36 +1é1",
+            "10/Oct/99999999:13:55:36 +0000",
         ] {
             assert_eq!(clf(bad), None, "{bad}");
         }
@@ -198,6 +205,9 @@ mod tests {
             "2000-10-10T20:55:36.Z",
             "2000-10-10T20:55:36Zjunk",
             "ΩΩΩΩΩΩΩΩΩΩΩΩΩΩΩΩΩΩΩΩ",
+            "2000-10-10T20:55:36+1é1",
+            "2000-10-10T20:55:36é",
+            "12345-10-10T20:55:36Z",
         ] {
             assert_eq!(rfc3339(bad), None, "{bad}");
         }
