@@ -409,4 +409,44 @@ mod tests {
         // 1 ms: at most one token per µs.
         assert_eq!(ladder(Duration::from_millis(1)).last(), Some(&1000.0));
     }
+
+    fn bucket_rule() -> crate::rules::RuleSet {
+        let text = "[upstream]\nurls = [\"http://127.0.0.1:1\"]\n[[rules]]\nname = \"r\"\nkey = \"ip\"\nrate = 1\nper = \"1s\"\nburst = 1\n";
+        let config = crate::config::Config::parse(text, "t.toml").expect("a valid config");
+        crate::rules::RuleSet::compile(&config.rules)
+    }
+
+    #[test]
+    fn the_proposal_is_the_smallest_rate_plus_burst_within_the_share() {
+        let rules = bucket_rule();
+        let rule = &rules.rules()[0];
+        let mut s = Suggest::new(std::iter::once((rule, Some(Duration::from_secs(1)))));
+        let t0 = 1_777_636_800_000_000;
+        // Subject 0: ten requests at once. Subject 1: one a second for 20 s.
+        for _ in 0..10 {
+            s.observe(0, 0, t0);
+        }
+        for k in 0..20 {
+            s.observe(0, 1, t0 + k * 1_000_000);
+        }
+        // Nobody refused: 1 per second absorbs subject 1, a burst of 10
+        // subject 0 (score 11; 0.5 per second would need a burst of 11).
+        let none = s.suggest(0, "r", 0.0);
+        assert!(
+            matches!(none.proposal, Some(Proposal::Rate { rate, burst: 10, .. }) if rate == 1.0),
+            "{none:?}"
+        );
+        assert_eq!(none.refused_subjects, 0);
+        let peaks = none.peaks.expect("peaks");
+        assert_eq!((peaks.p50, peaks.max), (1, 10));
+        // One of two may be refused: 1 per second with a burst of 1 refuses
+        // only the burst of subject 0 (score 2; 0.1 per second with a burst
+        // of 10, refusing subject 1 instead, scores 10.1).
+        let half = s.suggest(0, "r", 0.5);
+        assert!(
+            matches!(half.proposal, Some(Proposal::Rate { rate, burst: 1, .. }) if rate == 1.0),
+            "{half:?}"
+        );
+        assert_eq!(half.refused_subjects, 1);
+    }
 }
