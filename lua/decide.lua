@@ -41,8 +41,12 @@
 -- ARGV[1]  now in microseconds, or '' for redis TIME (tests pin the clock)
 -- ARGV[2]  'd' decide, 'r:<rule>' refund: give the costs back (rule <rule>
 --          of another subject refused the request; the request's leases
---          are released) and count a violation, or 'p' peek: evaluate
---          every rule at cost 0 and write nothing
+--          are released) and count a violation, 'p' peek: evaluate
+--          every rule at cost 0 and write nothing, or 't' top-up: a node
+--          that admits this request from tokens it holds asks for up to
+--          ARGV[12] more for its lease; charged like a decision when the
+--          subject can spare them, otherwise nothing is charged and the
+--          reply is a peek's (never a refusal: no violation is counted)
 -- ARGV[3]  idle TTL of the state hash, ms (every bucket of it refills,
 --          every quota period of it ends)
 -- ARGV[4]  '1' if the subject can be banned (check and escalate)
@@ -140,6 +144,8 @@ else
 end
 local now_ms = floor_of(now / 1000)
 local mode = sub(ARGV[A + 2], 1, 1)
+local topup = mode == 't'
+if topup then mode = 'd' end
 local ttl = tonumber(ARGV[A + 3])
 local bannable = ARGV[A + 4] == '1'
 local after = tonumber(ARGV[A + 5])
@@ -179,7 +185,7 @@ local now_s = floor_of(now / 1000000)
 -- of what each rule has left; shadow rules and concurrency caps are never
 -- leased (the node does not ask), and grant 1 if asked.
 local units = tonumber(ARGV[A + 12])
-if mode == 'd' and units > 1 then
+if mode == 'd' and (units > 1 or topup) then
   for i = 1, n do
     local base = 12 + (i - 1) * 6
     local kind = ARGV[A + base + 2]
@@ -203,7 +209,13 @@ if mode == 'd' and units > 1 then
     local share = floor_of(fits / 2)
     if share < units then units = share end
   end
-  if units < 1 then units = 1 end
+  if topup and units < 1 then
+    -- Nothing to spare: read, charge nothing, grant nothing.
+    units = 0
+    mode = 'p'
+  elseif units < 1 then
+    units = 1
+  end
 elseif mode ~= 'r' then
   units = 1
 end

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use actix_web::http::StatusCode;
 use arc_swap::ArcSwap;
 
+use crate::access_log::AccessLog;
 use crate::bans::{Bans, Breadth};
 use crate::client_ip::ClientIpResolver;
 use crate::config::Config;
@@ -82,6 +83,8 @@ pub(crate) struct Gateway {
     pub(crate) limiter: Arc<Limiter>,
     pub(crate) bans: Arc<Bans>,
     pub(crate) metrics: GatewayMetrics,
+    /// `server.access_log`, when set.
+    pub(crate) access_log: Option<Arc<AccessLog>>,
 }
 
 impl Gateway {
@@ -91,6 +94,7 @@ impl Gateway {
         limiter: Arc<Limiter>,
         bans: Arc<Bans>,
         metrics: GatewayMetrics,
+        access_log: Option<Arc<AccessLog>>,
     ) -> Gateway {
         Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -98,6 +102,7 @@ impl Gateway {
             limiter,
             bans,
             metrics,
+            access_log,
         }
     }
 

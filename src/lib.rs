@@ -9,10 +9,13 @@
 //! serves operators, [`reload`] applies a changed config file to the running
 //! gateway, [`tls`] serves HTTPS, and [`server`] wires them into listeners.
 //! [`dashboard`] is the operators' page on the admin listener and [`cli`]
-//! the `floodgate admin` command line.
+//! the `floodgate admin` command line. [`replay`] decides recorded traffic
+//! (access logs, among them [`access_log`]'s) with a candidate
+//! configuration.
 
 #![warn(unreachable_pub)]
 
+pub(crate) mod access_log;
 pub(crate) mod admin;
 pub(crate) mod bans;
 pub mod cli;
@@ -32,6 +35,7 @@ pub mod policy;
 pub(crate) mod proxy;
 pub mod redis_link;
 pub mod reload;
+pub mod replay;
 pub(crate) mod responses;
 pub mod rules;
 pub(crate) mod screening;

@@ -1,5 +1,6 @@
 //! The `floodgate` binary: flags, logging, then [`floodgate::server::run`],
-//! or `floodgate admin <verb>` ([`floodgate::cli`]) against a running node.
+//! or `floodgate admin <verb>` ([`floodgate::cli`]) against a running node,
+//! or `floodgate replay` ([`floodgate::replay`]) over recorded traffic.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,16 +31,22 @@ enum Command {
     /// Talk to a running node's admin API (exit 0 done, 1 not found,
     /// 2 usage or config error, 3 admin API unreachable or refused).
     Admin(floodgate::cli::AdminArgs),
+    /// Decide recorded requests (access logs) with a candidate
+    /// configuration and report what it would have refused and banned
+    /// (exit 0 done, 2 usage, config or log file error).
+    Replay(floodgate::replay::ReplayArgs),
 }
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
-    if let Some(Command::Admin(args)) = flags.command {
-        if flags.check {
-            eprintln!("floodgate: --check validates a configuration; it does not go with `admin`");
-            return ExitCode::from(2);
-        }
-        return floodgate::cli::run(args, flags.config);
+    if flags.check && flags.command.is_some() {
+        eprintln!("floodgate: --check validates a configuration; it does not go with a subcommand");
+        return ExitCode::from(2);
+    }
+    match flags.command {
+        Some(Command::Admin(args)) => return floodgate::cli::run(args, flags.config),
+        Some(Command::Replay(args)) => return floodgate::replay::run(args, flags.config),
+        None => {}
     }
     let Some(path) = flags.config else {
         eprintln!("floodgate: --config PATH is required");

@@ -34,6 +34,7 @@ pub const DECISIONS_SHED: &str = "floodgate_redis_shed_total";
 pub const LEASE_GRANTS: &str = "floodgate_lease_grants_total";
 pub const LEASE_ADMISSIONS: &str = "floodgate_lease_admissions_total";
 pub const LEASE_RETURNED: &str = "floodgate_lease_returned_total";
+pub(crate) const ACCESS_LOG_DROPPED: &str = "floodgate_access_log_dropped_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub(crate) const NO_RULE: &str = "-";
@@ -129,6 +130,10 @@ pub(crate) fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         DECISIONS_SHED,
         "Decisions past redis.max_decisions_per_second, sent to on_failure"
+    );
+    metrics::describe_counter!(
+        ACCESS_LOG_DROPPED,
+        "Access log lines dropped because the writer was behind (never waited for)"
     );
     Some(handle)
 }

@@ -191,6 +191,11 @@ impl Reloader {
             served.replace(cert.clone());
         }
         crate::log_throttle::LOG.set_window(config.server.log_throttle);
+        // A rotated access log is let go of: the file is opened again by
+        // its name.
+        if let Some(access_log) = &gw.access_log {
+            access_log.reopen();
+        }
         let previous = gw.snapshot();
         gw.replace_snapshot(Snapshot::new(config, Some(&previous)));
         // Leases were taken under the old rules: they end, and what they
@@ -226,7 +231,9 @@ pub(crate) fn reload_on_hangup(reloader: Arc<Reloader>) {
     actix_web::rt::spawn(async move {
         while hangups.recv().await.is_some() {
             // The outcome is logged (and counted) by the reload itself.
-            let _ = reloader.reload();
+            if reloader.reload().is_ok() {
+                reloader.gateway.limiter.return_leases().await;
+            }
         }
     });
 }
@@ -238,7 +245,8 @@ pub(crate) fn reload_on_hangup(reloader: Arc<Reloader>) {
 /// turning `server.tls` on or off), `server.workers`,
 /// `server.shutdown_timeout`, `server.admin_token_env`, `server.node_id`,
 /// what each connection and worker is built with (`server.send_timeout`,
-/// `client_body_timeout`, `max_body_size`, `response_buffer`),
+/// `client_body_timeout`, `max_body_size`, `response_buffer`), the access
+/// log's file (`server.access_log`; a reload reopens it),
 /// the whole `[redis]` section (the connection and key layout), the IPv6
 /// grouping of clients (`client_ip.ipv6_prefix`, part of every key), and the
 /// background intervals `ban.reconcile_interval` and `ban.audit_max_len`.
@@ -263,6 +271,8 @@ pub(crate) fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static 
     keep!("server.client_body_timeout", server.client_body_timeout);
     keep!("server.max_body_size", server.max_body_size);
     keep!("server.response_buffer", server.response_buffer);
+    // The writer thread is started with its file (a reload reopens it).
+    keep!("server.access_log", server.access_log);
     if old.server.tls.is_some() != new.server.tls.is_some() {
         changed.push("server.tls");
         new.server.tls = old.server.tls.clone();

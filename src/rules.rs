@@ -130,19 +130,19 @@ impl Rule {
 
     /// Whether the rule applies; an error when the path's readings
     /// disagree on it (see [`crate::path_match`]).
-    pub(crate) fn matches(
+    pub(crate) fn matches<R: RequestParts + ?Sized>(
         &self,
-        req: &HttpRequest,
+        req: &R,
         path: &PathReadings<'_>,
     ) -> Result<bool, AmbiguousPath> {
         if let Some(ms) = &self.methods {
-            let method = req.method().as_str();
+            let method = req.method();
             if !ms.iter().any(|m| m.as_str().eq_ignore_ascii_case(method)) {
                 return Ok(false);
             }
         }
         if let Some(h) = &self.host {
-            if !host_is(req, h) {
+            if !host_matches(req.host(), h) {
                 return Ok(false);
             }
         }
@@ -159,22 +159,71 @@ impl Rule {
     }
 }
 
-/// Whether `req` is for host `h` (with or without its port). The Host
-/// header itself (or HTTP/2's `:authority`): X-Forwarded-Host is
-/// client-controlled. Routes match hosts the same way.
+/// What matching reads of a request: its method, path, host and the
+/// headers rules are keyed by. A trait because two callers supply it: the
+/// front door from the live request, and the replay from a recorded log
+/// line, whose key headers are known only by their hash (an access log
+/// never holds an API key).
+pub(crate) trait RequestParts {
+    fn method(&self) -> &str;
+    /// The path as sent (still percent-encoded), without the query.
+    fn path(&self) -> &str;
+    /// The Host header, or HTTP/2's `:authority`.
+    fn host(&self) -> Option<&str>;
+    /// The value of header `name`, if the request has it.
+    fn key_header(&self, name: &HeaderName) -> Option<KeyHeader<'_>>;
+}
+
+/// A key header's value as a request source knows it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum KeyHeader<'a> {
+    /// The bytes the client sent.
+    Raw(&'a [u8]),
+    /// Only the SHA-256 of the value (lower-case hex), as the access log
+    /// records it: it names the same subject, one to one.
+    Hashed(&'a str),
+}
+
+impl RequestParts for HttpRequest {
+    fn method(&self) -> &str {
+        HttpRequest::method(self).as_str()
+    }
+
+    fn path(&self) -> &str {
+        HttpRequest::path(self)
+    }
+
+    /// The Host header itself (or HTTP/2's `:authority`): X-Forwarded-Host
+    /// is client-controlled.
+    fn host(&self) -> Option<&str> {
+        self.headers()
+            .get(actix_web::http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| self.uri().host())
+    }
+
+    fn key_header(&self, name: &HeaderName) -> Option<KeyHeader<'_>> {
+        self.headers()
+            .get(name)
+            .map(|v| KeyHeader::Raw(v.as_bytes()))
+    }
+}
+
+/// Whether `req` is for host `h` (with or without its port). Routes match
+/// hosts the same way.
 pub(crate) fn host_is(req: &HttpRequest, h: &str) -> bool {
-    let host = req
-        .headers()
-        .get(actix_web::http::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri().host())
-        .unwrap_or("");
+    host_matches(RequestParts::host(req), h)
+}
+
+/// Whether `host` (a Host header, port or not) is `h`.
+fn host_matches(host: Option<&str>, h: &str) -> bool {
+    let host = host.unwrap_or("");
     let bare = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
     bare.eq_ignore_ascii_case(h) || host.eq_ignore_ascii_case(h)
 }
 
 /// Who a group of rules is charged to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Subject {
     Ip(ClientKey),
     Header {
@@ -315,9 +364,9 @@ impl RuleSet {
 
     /// The matching rules of `req`, grouped by subject; the IP group (if
     /// any) comes first so that a refusal there saves the other calls.
-    pub(crate) fn groups<'r>(
+    pub(crate) fn groups<'r, R: RequestParts + ?Sized>(
         &'r self,
-        req: &HttpRequest,
+        req: &R,
         client: ClientKey,
     ) -> Result<Vec<SubjectGroup<'r>>, MatchError> {
         let mut groups: Vec<SubjectGroup<'r>> = Vec::new();
@@ -330,15 +379,19 @@ impl RuleSet {
                 KeyKind::Ip => Subject::Ip(client),
                 KeyKind::Global => Subject::Global,
                 KeyKind::Header(name) => {
-                    let Some(v) = req.headers().get(name) else {
-                        continue;
+                    let value = match req.key_header(name) {
+                        None => continue,
+                        Some(KeyHeader::Raw(v)) => {
+                            if v.len() > MAX_KEY_HEADER_LEN {
+                                return Err(KeyHeaderTooLong(name.to_string()).into());
+                            }
+                            encode_key_value(v)
+                        }
+                        Some(KeyHeader::Hashed(hash)) => hash.to_string(),
                     };
-                    if v.len() > MAX_KEY_HEADER_LEN {
-                        return Err(KeyHeaderTooLong(name.to_string()).into());
-                    }
                     Subject::Header {
                         name: name.clone(),
-                        value: encode_key_value(v.as_bytes()),
+                        value,
                     }
                 }
             };

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use actix_web::{web, App, HttpServer};
 
+use crate::access_log::{self, AccessLog};
 use crate::admin::{self, AdminState};
 use crate::bans::{key_tag, BanCache, BanEvent, BanTarget, Bans, Follower};
 use crate::config::Config;
@@ -236,12 +237,19 @@ impl Node {
         let config = &file.config;
         let public_addr = listeners.public.local_addr()?;
         let admin_addr = listeners.admin.local_addr()?;
+        let access_log = match config.server.access_log.as_deref() {
+            Some(setting) => Some(Arc::new(AccessLog::start(&access_log::Target::resolve(
+                &file.path, setting,
+            ))?)),
+            None => None,
+        };
         let gateway = web::Data::new(Gateway::new(
             Snapshot::new(config, None),
             consumers,
             limiter.clone(),
             bans.clone(),
             metrics,
+            access_log,
         ));
         let served = file
             .certificate

@@ -41,7 +41,10 @@ struct Call {
 fn call(prefix: &str, s: usize, now_us: u64, lease: usize) -> Call {
     let state = format!("{prefix}{{s{s}}}:b");
     let mut keys = vec![state];
-    let mut args: Vec<String> = vec![now_us.to_string(), "d".into(), "60000".into()];
+    // Every fifth call of a subject without a concurrency cap is a top-up
+    // (a node asking for more tokens for its lease).
+    let mode = if lease % 5 == 4 && s != 1 { "t" } else { "d" };
+    let mut args: Vec<String> = vec![now_us.to_string(), mode.into(), "60000".into()];
     let bannable = if s == 2 { "0" } else { "1" };
     args.push(bannable.into());
     // after, within_ms, duration_ms, factor, max_ms, memory_ms

@@ -146,10 +146,10 @@ fn redis_and_local_stores_decide_identically() {
         let tag = tags[rng.below(tags.len() as u64) as usize];
         let subset = &subsets[rng.below(subsets.len() as u64) as usize];
         let ttl_ms = ttls[rng.below(ttls.len() as u64) as usize];
-        let mode = if rng.below(12) == 0 {
-            Mode::Refund { rule: "elsewhere" }
-        } else {
-            Mode::Decide
+        let mode = match rng.below(12) {
+            0 => Mode::Refund { rule: "elsewhere" },
+            1 => Mode::TopUp,
+            _ => Mode::Decide,
         };
         // A quarter of the calls ask for a lease (a decision for up to 8
         // requests), or give back up to 8 requests' worth (a refund).
@@ -171,7 +171,15 @@ fn redis_and_local_stores_decide_identically() {
         let a = rt.block_on(DecisionStore::decide(&remote, &call)).unwrap();
         let b = local.decide(&call);
         assert_eq!(a, b, "step {step}: {call:?}");
-        if a.granted > 1 {
+        if mode == Mode::TopUp {
+            // A top-up never refuses: it grants what can be spared, or 0.
+            assert!(
+                matches!(a.status, Status::Allowed | Status::BannedBefore),
+                "step {step}: a top-up refused: {a:?}"
+            );
+            let seen_as = if a.granted > 0 { "TopUp" } else { "TopUpNone" };
+            *seen.entry(seen_as.to_string()).or_insert(0) += 1;
+        } else if a.granted > 1 {
             *seen.entry("Leased".to_string()).or_insert(0) += 1;
         }
         // Both stores keep the state until the same moment (the script's
@@ -186,7 +194,15 @@ fn redis_and_local_stores_decide_identically() {
         *seen.entry(format!("{:?}", a.status)).or_insert(0) += 1;
     }
     // The sequence exercised every outcome.
-    for status in ["Allowed", "Limited", "BannedBefore", "BannedNow", "Leased"] {
+    for status in [
+        "Allowed",
+        "Limited",
+        "BannedBefore",
+        "BannedNow",
+        "Leased",
+        "TopUp",
+        "TopUpNone",
+    ] {
         assert!(
             seen.get(status).copied().unwrap_or(0) > 5,
             "{status} barely seen: {seen:?}"

@@ -505,12 +505,17 @@ fn script_flush_mid_run_costs_no_request() {
     let stop = Arc::new(AtomicBool::new(false));
     let bad = Arc::new(AtomicU64::new(0));
     let ok = Arc::new(AtomicU64::new(0));
-    let workers: Vec<_> = (0..4)
-        .map(|_| {
+    let workers: Vec<_> = (0..4u32)
+        .map(|w| {
             let (url, stop, bad, ok) = (gw.url("/"), stop.clone(), bad.clone(), ok.clone());
             thread::spawn(move || {
+                // A new client each time: every request is a script call
+                // (a subject seen before would be admitted from a lease).
+                let mut n = 0u32;
                 while !stop.load(Ordering::Relaxed) {
-                    if get(&url, &[]).status == 200 {
+                    n += 1;
+                    let ip = format!("10.{w}.{}.{}", (n >> 8) & 255, n & 255);
+                    if get_as(&url, &ip).status == 200 {
                         ok.fetch_add(1, Ordering::Relaxed);
                     } else {
                         bad.fetch_add(1, Ordering::Relaxed);

@@ -522,11 +522,16 @@ async fn reload(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
         return r;
     }
     match state.reloader.reload() {
-        Ok(done) => HttpResponse::Ok().json(json!({
+        Ok(done) => {
+            // The leases the reload ended are back in Redis before the
+            // answer: a request after it sees every token it had.
+            state.gateway.limiter.return_leases().await;
+            HttpResponse::Ok().json(json!({
             "reloaded": true,
             "sha256": done.sha256,
             "restart_needed": done.restart_needed,
-        })),
+            }))
+        }
         Err(e) => json_error(
             StatusCode::BAD_REQUEST,
             json!({

@@ -10,7 +10,7 @@
 //! refused.
 
 mod client;
-mod render;
+pub(crate) mod render;
 mod target;
 mod verbs;
 

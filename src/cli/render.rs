@@ -1,5 +1,5 @@
 //! How the admin CLI prints: aligned tables for people, the API's JSON for
-//! scripts.
+//! scripts. `floodgate replay` prints its tables the same way.
 //!
 //! Values shown here come from the network and partly from clients (a ban
 //! reason, a header-keyed subject), so every cell goes through
@@ -12,7 +12,7 @@ use comfy_table::{presets, Table};
 use serde_json::Value;
 
 /// A table with a header row and no borders, columns aligned.
-pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut t = Table::new();
     t.load_preset(presets::NOTHING);
     t.set_header(header.iter().map(|h| h.to_string()));
@@ -23,7 +23,7 @@ pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 }
 
 /// Name/value lines, the names aligned.
-pub(super) fn pairs(rows: Vec<(&str, String)>) -> String {
+pub(crate) fn pairs(rows: Vec<(&str, String)>) -> String {
     let mut t = Table::new();
     t.load_preset(presets::NOTHING);
     for (k, v) in rows {
@@ -41,7 +41,7 @@ fn trim_lines(s: &str) -> String {
 }
 
 /// `s` with control characters escaped (`\u{1b}`), everything else as is.
-pub(super) fn printable(s: &str) -> String {
+pub(crate) fn printable(s: &str) -> String {
     if !s.chars().any(char::is_control) {
         return s.to_string();
     }

@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub(crate) log_throttle: Duration,
     /// `[server.tls]`: serve HTTPS (HTTP/2 and HTTP/1.1) instead of plain HTTP/1.1.
     pub(crate) tls: Option<TlsConfig>,
+    /// The access log: a file (relative paths from the config file's
+    /// directory) or `"-"` for standard output; `None`: no access log.
+    pub(crate) access_log: Option<String>,
 }
 
 /// `[server.tls]`: the certificate the front door presents. Relative paths
@@ -82,6 +85,7 @@ impl Default for ServerConfig {
             max_headers: 64,
             max_header_bytes: 32 * 1024,
             log_throttle: Duration::from_secs(10),
+            access_log: None,
         }
     }
 }
@@ -154,6 +158,16 @@ impl ServerConfig {
                 ));
             }
         }
+        if self
+            .access_log
+            .as_deref()
+            .is_some_and(|p| p.trim().is_empty() || p.contains('\0'))
+        {
+            return Err(Invalid::new(
+                "server.access_log",
+                "must be a file path, or \"-\" for standard output (leave it out for no access log)",
+            ));
+        }
         if self.admin_token_env.trim().is_empty() {
             return Err(Invalid::new(
                 "server.admin_token_env",
@@ -187,5 +201,16 @@ mod tests {
         ] {
             assert_eq!(parse(extra).unwrap_err().key, key, "{extra}");
         }
+    }
+
+    #[test]
+    fn the_access_log_is_a_path_or_a_dash() {
+        assert_eq!(
+            parse("[server]\naccess_log = \"\"\n").unwrap_err().key,
+            "server.access_log"
+        );
+        let c = parse("[server]\naccess_log = \"-\"\n").expect("valid");
+        assert_eq!(c.server.access_log.as_deref(), Some("-"));
+        assert!(parse("").expect("valid").server.access_log.is_none());
     }
 }

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use actix_web::http::header::HeaderName;
-use actix_web::HttpRequest;
 
 use super::{key_hash, ConsumerTable};
 use crate::client_ip::ClientKey;
@@ -17,7 +16,8 @@ use crate::config::{Config, UnknownKeys};
 use crate::path_match::PathReadings;
 use crate::policy::KeyKind;
 use crate::rules::{
-    KeyHeaderTooLong, MatchError, Rule, RuleSet, Subject, SubjectGroup, MAX_KEY_HEADER_LEN,
+    KeyHeader, KeyHeaderTooLong, MatchError, RequestParts, Rule, RuleSet, Subject, SubjectGroup,
+    MAX_KEY_HEADER_LEN,
 };
 
 /// One plan: its name and the rules it gives each consumer.
@@ -152,20 +152,26 @@ impl Plans {
     /// gets the default plan on its client address; so does one with a key
     /// no assignment names (its header rules do not apply either), unless
     /// `consumers.unknown_keys = "reject"`: made-up keys buy no fresh limits
-    /// and create no state of their own.
-    pub(crate) fn apply<'r>(
+    /// and create no state of their own. Generic over the request so that
+    /// replay decides recorded requests with the same code.
+    pub(crate) fn apply<'r, R: RequestParts + ?Sized>(
         &'r self,
-        req: &HttpRequest,
+        req: &R,
         client: ClientKey,
         table: &ConsumerTable,
         groups: &mut Vec<SubjectGroup<'r>>,
     ) -> Result<(), ConsumerError> {
-        let known = match req.headers().get(&self.header) {
+        let known = match req.key_header(&self.header) {
             Some(v) => {
-                if v.len() > MAX_KEY_HEADER_LEN {
-                    return Err(MatchError::from(KeyHeaderTooLong(self.header.to_string())).into());
-                }
-                let hash = key_hash(v.as_bytes());
+                let hash = match v {
+                    KeyHeader::Raw(v) if v.len() > MAX_KEY_HEADER_LEN => {
+                        return Err(
+                            MatchError::from(KeyHeaderTooLong(self.header.to_string())).into()
+                        );
+                    }
+                    KeyHeader::Raw(v) => key_hash(v),
+                    KeyHeader::Hashed(hash) => hash.to_string(),
+                };
                 if table.get(&hash).is_some() || self.static_keys.contains_key(&hash) {
                     Some(hash)
                 } else if self.unknown_keys == UnknownKeys::Reject {

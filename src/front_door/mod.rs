@@ -27,10 +27,12 @@
 
 mod forward;
 
+use std::cell::Cell;
 use std::net::{IpAddr, Ipv4Addr};
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
+use crate::access_log::{Entry, Verdict};
 use crate::client_ip::ClientKey;
 use crate::consumers::ConsumerError;
 use crate::gateway::{Gateway, Snapshot, UpstreamClients};
@@ -53,6 +55,8 @@ pub(crate) struct Exchange<'a> {
     /// The client (the peer, or what a trusted proxy says) and its key.
     ip: IpAddr,
     key: ClientKey,
+    /// What the phases decided, for the access log.
+    verdict: Cell<Verdict>,
 }
 
 /// Why the limiting phases stopped early.
@@ -81,11 +85,34 @@ pub(crate) async fn front_door(
     clients: web::Data<UpstreamClients>,
 ) -> HttpResponse {
     let snap = gw.snapshot();
-    if let Err(answer) = screen(&req, &snap) {
+    let Some(access_log) = &gw.access_log else {
+        return serve(req, payload, &snap, &gw, &clients, None).await;
+    };
+    let mut entry = Entry::begin(&req);
+    let resp = serve(req, payload, &snap, &gw, &clients, Some(&mut entry)).await;
+    access_log.finish(entry, resp)
+}
+
+/// Phases 0 to 6; `entry`, when there is an access log, learns who asked
+/// and what was decided.
+async fn serve(
+    req: HttpRequest,
+    payload: web::Payload,
+    snap: &Snapshot,
+    gw: &Gateway,
+    clients: &UpstreamClients,
+    entry: Option<&mut Entry>,
+) -> HttpResponse {
+    if let Err(answer) = screen(&req, snap) {
         return answer;
     }
-    let ex = Exchange::identify(req, &snap, &gw, &clients);
-    match ex.limit().await {
+    let ex = Exchange::identify(req, snap, gw, clients);
+    let result = ex.limit().await;
+    if let Some(entry) = entry {
+        entry.identified(ex.ip, &ex.req, &snap.rules, snap.plans.as_ref());
+        entry.decided(ex.verdict.take());
+    }
+    match result {
         Ok(admitted) => ex.forward(payload, admitted).await,
         Err(Exit::Forward) => ex.forward(payload, Admitted::default()).await,
         Err(Exit::Answer(answer)) => answer,
@@ -125,6 +152,7 @@ impl<'a> Exchange<'a> {
             trusted,
             ip,
             key,
+            verdict: Cell::new(Verdict::Rejected),
         }
     }
 
@@ -141,6 +169,7 @@ impl<'a> Exchange<'a> {
     fn allowlist(&self) -> Result<(), Exit> {
         if self.gw.bans.cache().is_allowlisted(self.ip) {
             self.gw.metrics.allowlisted.increment(1);
+            self.verdict.set(Verdict::Allowlisted);
             return Err(Exit::Forward);
         }
         Ok(())
@@ -151,6 +180,7 @@ impl<'a> Exchange<'a> {
         match self.gw.bans.cache().banned(self.ip, &self.key) {
             Some(left) => {
                 self.gw.metrics.banned.increment(1);
+                self.verdict.set(Verdict::Banned);
                 Err(Exit::Answer(responses::banned(self.snap.ban_status, left)))
             }
             None => Ok(()),
@@ -183,6 +213,7 @@ impl<'a> Exchange<'a> {
         }
         if groups.is_empty() {
             self.gw.metrics.allowed_unmatched.increment(1);
+            self.verdict.set(Verdict::Allowed);
             return Err(Exit::Forward);
         }
         Ok(groups)
@@ -191,7 +222,18 @@ impl<'a> Exchange<'a> {
     /// Phase 5: one store call per subject. A refusal is answered here; a
     /// ban this request made or met is handed to the ban service.
     async fn decide(&self, groups: &[SubjectGroup<'a>]) -> Result<Admitted<'a>, Exit> {
-        match self.gw.limiter.decide(groups).await {
+        let decision = self.gw.limiter.decide(groups).await;
+        self.verdict.set(match &decision {
+            Decision::Allowed { .. } => Verdict::Allowed,
+            Decision::Limited { violated, .. } => Verdict::Limited(
+                violated
+                    .first()
+                    .map_or_else(|| "-".into(), |v| v.rule.name.clone()),
+            ),
+            Decision::Banned { .. } => Verdict::Banned,
+            Decision::Unavailable => Verdict::Unavailable,
+        });
+        match decision {
             Decision::Allowed { applied, leases } => Ok(Admitted {
                 applied,
                 slots: leases.map(|set| SlotGuard::hold(self.gw.limiter.clone(), set)),

@@ -56,6 +56,12 @@ pub enum Mode<'a> {
     /// Read every rule's state as a request of cost 0 would, writing
     /// nothing (the admin API's view of a consumer or a bucket).
     Peek,
+    /// A request admitted from tokens this node holds asks for up to
+    /// `count` more for its lease: charged like a decision when the
+    /// subject can spare them (at most half of what every rule has left),
+    /// otherwise a peek that grants 0. Never a refusal, so never a
+    /// violation: the request itself was charged when its lease was.
+    TopUp,
 }
 
 /// One store call: a subject and its matching rules.

@@ -10,7 +10,7 @@ use super::call::{
     BucketReply, BucketState, DecisionStore, Mode, SharedStore, Status, SubjectCall, SubjectReply,
 };
 use super::slots::{new_lease_id, HeldSlots, LeaseSet, LeaseSlot};
-use super::tokens::{as_of_lease, leasable, signature, Admitted, Take};
+use super::tokens::{as_of_lease, Take};
 use super::{Limiter, Route};
 use crate::config::OnFailure;
 use crate::log_throttle::Verdict;
@@ -107,15 +107,18 @@ struct DenyMemory {
 }
 
 /// One request's subjects as they are being decided.
-struct Pass<'g, 'r> {
+pub(super) struct Pass<'g, 'r> {
     groups: &'g [SubjectGroup<'r>],
     tags: Vec<String>,
     /// The reply and store of each subject decided so far (allowed).
-    decided: Vec<(SubjectReply, Store)>,
+    pub(super) decided: Vec<(SubjectReply, Store)>,
     /// Each subject's lease signature, when its requests may be leased.
-    sigs: Vec<Option<u64>>,
+    pub(super) sigs: Vec<Option<u64>>,
     /// The request's lease id for concurrency slots (`""`: none needed).
     lease: String,
+    /// The clock every call of this request is pinned to (`None`: the
+    /// stores' own).
+    now_us: Option<u64>,
 }
 
 impl<S: SharedStore> Limiter<S> {
@@ -123,6 +126,18 @@ impl<S: SharedStore> Limiter<S> {
     /// a time (IP first), refunding earlier subjects when a later one
     /// refuses; counts the outcome per rule in the metrics.
     pub(crate) async fn decide<'r>(&self, groups: &[SubjectGroup<'r>]) -> Decision<'r> {
+        self.decide_at(groups, None).await
+    }
+
+    /// [`Limiter::decide`] with the stores' clock pinned to `now_us` (µs
+    /// since the epoch) for every call it makes, refunds included; `None`
+    /// is the stores' own clock. The replay decides recorded requests at
+    /// their recorded time this way, through the same steps.
+    pub(crate) async fn decide_at<'r>(
+        &self,
+        groups: &[SubjectGroup<'r>],
+        now_us: Option<u64>,
+    ) -> Decision<'r> {
         let tags: Vec<String> = groups.iter().map(|g| g.subject.tag()).collect();
         let sent = Instant::now();
         let deny = match &self.shared {
@@ -150,6 +165,7 @@ impl<S: SharedStore> Limiter<S> {
             } else {
                 String::new()
             },
+            now_us,
         };
         for (i, g) in groups.iter().enumerate() {
             // Leased tokens: admitted from this node's lease, or a call that
@@ -159,6 +175,13 @@ impl<S: SharedStore> Limiter<S> {
             if let Some(sig) = sig {
                 match self.tokens.take(&pass.tags[i], sig, Instant::now()) {
                     Take::Admit(admitted) => {
+                        self.metrics.decisions.redis.increment(1);
+                        self.admit_from_lease(&mut pass, sig, admitted);
+                        continue;
+                    }
+                    Take::TopUp(admitted, want) => {
+                        self.metrics.decisions.redis.increment(1);
+                        self.top_up(&pass.tags[i], sig, g, want, now_us).await;
                         self.admit_from_lease(&mut pass, sig, admitted);
                         continue;
                     }
@@ -171,7 +194,7 @@ impl<S: SharedStore> Limiter<S> {
                 ttl_ms: g.ttl_ms,
                 bannable: g.subject.bannable(),
                 mode: Mode::Decide,
-                now_us: None,
+                now_us,
                 lease: &pass.lease,
                 count,
             };
@@ -181,10 +204,11 @@ impl<S: SharedStore> Limiter<S> {
                 self.tokens.answered(&pass.tags[i], sig);
             }
             if let (Some(sig), Store::Redis, Status::Limited) = (sig, store, reply.status) {
-                // Refused while another request's lease of this subject
-                // came in: the node holds tokens Redis charged, and uses
-                // them rather than refuse.
-                if let Some(admitted) = self.tokens.take_held(&pass.tags[i], sig, Instant::now()) {
+                // Refused while the node holds tokens Redis charged for
+                // this subject (a lease, or one on its way back): used
+                // rather than refuse.
+                let held = self.tokens.take_held(&pass.tags[i], sig, &reply.buckets);
+                if let Some(admitted) = held {
                     self.admit_from_lease(&mut pass, sig, admitted);
                     continue;
                 }
@@ -204,7 +228,8 @@ impl<S: SharedStore> Limiter<S> {
                         Instant::now(),
                     )
                 } else {
-                    self.tokens.held(&pass.tags[i], sig, Instant::now())
+                    self.tokens
+                        .held(&pass.tags[i], sig, &reply.buckets, Instant::now())
                 };
                 // This request's headers count the tokens the node holds
                 // as the subject's own.
@@ -256,21 +281,6 @@ impl<S: SharedStore> Limiter<S> {
         self.allowed(pass)
     }
 
-    /// Records the current subject as admitted from this node's lease.
-    fn admit_from_lease(&self, pass: &mut Pass<'_, '_>, sig: u64, admitted: Admitted) {
-        self.metrics.decisions.redis.increment(1);
-        self.metrics.lease_admissions.increment(1);
-        pass.decided.push((
-            SubjectReply {
-                granted: 1,
-                buckets: admitted.buckets,
-                ..SubjectReply::undecided()
-            },
-            Store::Lease,
-        ));
-        pass.sigs.push(Some(sig));
-    }
-
     /// A request the deny cache refuses, with no store call.
     fn cached_refusal<'r>(
         &self,
@@ -280,7 +290,7 @@ impl<S: SharedStore> Limiter<S> {
     ) -> Option<Decision<'r>> {
         let d = self
             .deny
-            .refusal(groups, tags, now, |tag| self.tokens.holds(tag, now))?;
+            .refusal(groups, tags, now, |tag| self.tokens.holds(tag))?;
         self.metrics.deny_cache_hits.increment(1);
         d.rule.counters.limited.increment(1);
         Some(Decision::Limited {
@@ -435,15 +445,6 @@ impl<S: SharedStore> Limiter<S> {
         }
     }
 
-    /// The lease signature of `g`'s rules when its requests may be admitted
-    /// from leased tokens: leases on, the group leasable, its shard up.
-    fn lease_signature(&self, tag: &str, g: &SubjectGroup<'_>) -> Option<u64> {
-        if !self.tokens.enabled() || !leasable(g) {
-            return None;
-        }
-        matches!(self.route(tag), Route::Shared(..)).then(|| signature(g))
-    }
-
     /// Whether the shard holding `tag` answers now (its breaker is closed).
     fn redis_answers(&self, tag: &str) -> bool {
         matches!(self.route(tag), Route::Shared(..))
@@ -504,7 +505,7 @@ impl<S: SharedStore> Limiter<S> {
                 mode: Mode::Refund {
                     rule: rule.unwrap_or(""),
                 },
-                now_us: None,
+                now_us: pass.now_us,
                 lease: &pass.lease,
                 count: 1 + held,
             };

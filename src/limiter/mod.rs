@@ -31,6 +31,7 @@ mod call;
 mod cap;
 mod decide;
 mod deny_cache;
+mod leasing;
 mod local;
 mod redis_store;
 mod slots;
@@ -262,77 +263,6 @@ impl<S: SharedStore> Limiter<S> {
             }
         }
         held
-    }
-
-    /// Ends this node's leases of subject `tag` (an unban, a plan change):
-    /// what they held goes back at the next [`Limiter::return_leases`].
-    pub(crate) fn end_leases_of(&self, tag: &str) {
-        if let Some(held) = self.tokens.end_subject(tag, None) {
-            self.tokens.give_back_returned(held);
-        }
-    }
-
-    /// Ends every lease of this node (a reload: rules may have changed).
-    pub(crate) fn end_all_leases(&self) {
-        self.tokens.end_all();
-    }
-
-    /// How often [`Limiter::return_leases`] should run (`None`: leases are
-    /// off): often enough that an ended lease's tokens are back within a
-    /// few tens of milliseconds.
-    pub(crate) fn lease_sweep_every(&self) -> Option<Duration> {
-        self.tokens.enabled().then(|| {
-            (self.tokens.lease_for() / 2)
-                .min(Duration::from_millis(25))
-                .max(Duration::from_millis(5))
-        })
-    }
-
-    /// Gives back every unused token waiting to go back (leases ended by an
-    /// event, a refund or a reload, or whose time is over: those are looked
-    /// for every half lease), each to the store that leased it, in one
-    /// refund call per subject and rule set. Run periodically.
-    pub(crate) async fn return_leases(&self) {
-        let now = std::time::Instant::now();
-        let scan = {
-            let mut last = self
-                .last_lease_scan
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let due = last
-                .is_none_or(|t| now.saturating_duration_since(t) >= self.tokens.lease_for() / 2);
-            if due {
-                *last = Some(now);
-            }
-            due
-        };
-        for r in self.tokens.sweep(now, scan) {
-            let rules: Vec<&Rule> = r.rules.iter().collect();
-            let call = SubjectCall {
-                tag: &r.tag,
-                rules: &rules,
-                ttl_ms: r.ttl_ms,
-                bannable: false,
-                mode: Mode::Refund { rule: "" },
-                now_us: None,
-                lease: "",
-                count: r.count,
-            };
-            let result = match self.route(&r.tag) {
-                Route::Shared(shared, _) => shared.decide(&call).await.map(|_| ()),
-                // Its shard is down: the tokens stay spent (never too many
-                // admitted), and come back with time.
-                Route::Fallback => Ok(()),
-            };
-            match result {
-                Ok(()) => self.metrics.lease_returned.increment(u64::from(r.count)),
-                Err(e) => log::warn!(
-                    "could not give back {} leased requests of {}: {e}",
-                    r.count,
-                    r.tag
-                ),
-            }
-        }
     }
 
     /// Whether the shared store answers now, and whether the node uses it.

@@ -158,7 +158,11 @@ impl LocalStore {
 
     /// Forgets idle subjects and returns memory; run periodically.
     pub(crate) fn sweep(&self) {
-        let now_ms = wall_clock_us() / 1000;
+        self.sweep_at(wall_clock_us() / 1000);
+    }
+
+    /// [`LocalStore::sweep`] as of `now_ms` (the replay's recorded clock).
+    pub(crate) fn sweep_at(&self, now_ms: u64) {
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             shard.retain(|_, s| !s.is_idle(now_ms));

@@ -94,7 +94,10 @@ impl LocalStore {
         let s = shard.entry(call.tag.to_string()).or_default();
         s.expire(now_ms);
 
-        if call.bannable && matches!(call.mode, Mode::Decide) && s.ban_until_ms > now_ms {
+        if call.bannable
+            && matches!(call.mode, Mode::Decide | Mode::TopUp)
+            && s.ban_until_ms > now_ms
+        {
             return SubjectReply {
                 status: Status::BannedBefore,
                 ban_ms: s.ban_until_ms - now_ms,
@@ -106,6 +109,18 @@ impl LocalStore {
         }
         let now_s = now / 1_000_000;
         let units = granted_units(s, call, now, now_s);
+        // A top-up is a decision for what it is granted, or a peek.
+        let topped;
+        let call = match call.mode {
+            Mode::TopUp => {
+                topped = SubjectCall {
+                    mode: if units == 0 { Mode::Peek } else { Mode::Decide },
+                    ..call.clone()
+                };
+                &topped
+            }
+            _ => call,
+        };
 
         let mut buckets = Vec::with_capacity(call.rules.len());
         let mut written = Vec::with_capacity(call.rules.len());
@@ -297,7 +312,8 @@ impl LocalStore {
             buckets: Vec::new(),
         };
         let refused_rule = match call.mode {
-            Mode::Decide | Mode::Peek => match refused {
+            // (A top-up was made a decision or a peek above.)
+            Mode::Decide | Mode::Peek | Mode::TopUp => match refused {
                 None => {
                     write(s, true);
                     reply.buckets = buckets;
@@ -394,7 +410,7 @@ fn granted_units(s: &SubjectState, call: &SubjectCall<'_>, now: u64, now_s: u64)
         Mode::Refund { .. } => return call.count.max(1),
         Mode::Peek => return 1,
         Mode::Decide if call.count <= 1 => return 1,
-        Mode::Decide => {}
+        Mode::Decide | Mode::TopUp => {}
     }
     let mut units = u64::from(call.count);
     for rule in call.rules {
@@ -423,6 +439,10 @@ fn granted_units(s: &SubjectState, call: &SubjectCall<'_>, now: u64, now_s: u64)
             _ => 1,
         };
         units = units.min(fits / 2);
+    }
+    if call.mode == Mode::TopUp {
+        // Nothing to spare is nothing granted.
+        return units as u32;
     }
     units.max(1) as u32
 }

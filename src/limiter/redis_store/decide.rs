@@ -60,6 +60,7 @@ impl DecideCall {
         args.push(match call.mode {
             Mode::Decide => "d".to_string(),
             Mode::Peek => "p".to_string(),
+            Mode::TopUp => "t".to_string(),
             Mode::Refund { rule } => format!("r:{rule}"),
         });
         args.push(call.ttl_ms.to_string());

@@ -23,12 +23,17 @@
 //! by call. When a lease's time is over while the subject still comes,
 //! the node keeps what the next lease time needs of what is left and gives
 //! back the rest (those tokens were charged all the same); a subject that
-//! stopped coming gets everything back at the next sweep.
+//! stopped coming (not seen for half a lease time) gets everything back at
+//! the next sweep, and no lease is held past two lease times. A request
+//! Redis refuses while this node still holds tokens of its subject (in a
+//! lease, or queued to go back) takes one of those instead.
 //!
 //! Leases are per node, keyed by subject and by the exact rules of the
 //! request (their names and limits): a request with other rules is a
 //! different lease. Groups with a concurrency cap, a shadow rule, or a rule
 //! with `lease = false` are never leased.
+
+mod ending;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -45,6 +50,8 @@ const MAX_WANT: u32 = 1 << 20;
 
 /// One lease of one subject for one set of rules.
 struct Lease {
+    /// The signature of its rules (see [`signature`]).
+    sig: u64,
     /// Requests still to admit from it.
     left: u32,
     /// Requests admitted since `started` (the one that took it included).
@@ -81,6 +88,7 @@ struct Entry {
 /// them.
 pub(crate) struct Returned {
     pub(crate) tag: String,
+    pub(crate) sig: u64,
     pub(crate) rules: Vec<Rule>,
     pub(crate) ttl_ms: u64,
     pub(crate) count: u32,
@@ -96,6 +104,9 @@ pub(crate) struct Admitted {
 pub(crate) enum Take {
     /// Admitted from the node's lease.
     Admit(Admitted),
+    /// Admitted from the node's lease, which runs low: ask the store for
+    /// this many more (a top-up, which never refuses).
+    TopUp(Admitted, u32),
     /// Ask the store, for this many requests.
     Ask(u32),
 }
@@ -183,14 +194,19 @@ impl TokenLeases {
                 // the others go on taking what this one holds, so a busy
                 // subject makes one call per lease, not one per waiting
                 // request when the lease runs dry.
-                if !asking && lease.left <= (lease.size / 4).max(1) {
+                let low = !asking && lease.left <= (lease.size / 4).max(1);
+                if low {
                     e.want = next_want(lease, now, self.lease_for);
                     e.asking_since = Some(now);
-                    return Take::Ask(e.want);
                 }
                 lease.left -= 1;
                 lease.served += 1;
-                return Take::Admit(admission(lease, now));
+                let admitted = admission(lease, now);
+                return if low {
+                    Take::TopUp(admitted, e.want)
+                } else {
+                    Take::Admit(admitted)
+                };
             }
             e.want = next_want(lease, now, self.lease_for);
             if now >= lease.expires && lease.left > 0 {
@@ -207,6 +223,7 @@ impl TokenLeases {
                 if surplus > 0 {
                     let back = Returned {
                         tag: tag.to_string(),
+                        sig,
                         count: surplus,
                         rules: lease.rules.clone(),
                         ttl_ms: lease.ttl_ms,
@@ -249,6 +266,7 @@ impl TokenLeases {
         let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
         let entries = shard.entry(tag.to_string()).or_default();
         let fresh = Lease {
+            sig,
             left: granted - 1,
             served: 1,
             size: granted,
@@ -294,6 +312,52 @@ impl TokenLeases {
         }
     }
 
+    /// A top-up of the lease `sig` of `tag` granted `granted` more: they
+    /// join the lease (a new one if it ended meanwhile), with a full lease
+    /// time; `replies` is the rules' state with them charged.
+    pub(crate) fn topped_up(
+        &self,
+        tag: &str,
+        sig: u64,
+        group: &SubjectGroup<'_>,
+        granted: u32,
+        replies: &[BucketReply],
+        now: Instant,
+    ) {
+        let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
+        let entries = shard.entry(tag.to_string()).or_default();
+        let at = match entries.iter().position(|e| e.sig == sig) {
+            Some(i) => i,
+            None => {
+                entries.push(Entry {
+                    sig,
+                    lease: None,
+                    want: granted,
+                    last_seen: now,
+                    asking_since: None,
+                });
+                entries.len() - 1
+            }
+        };
+        let lease = entries[at].lease.get_or_insert_with(|| Lease {
+            sig,
+            left: 0,
+            served: 0,
+            size: 0,
+            started: now,
+            granted_at: now,
+            expires: now,
+            replies: replies.to_vec(),
+            rules: group.rules.iter().map(|r| (*r).clone()).collect(),
+            ttl_ms: group.ttl_ms,
+        });
+        lease.left += granted;
+        lease.size += granted;
+        lease.replies = replies.to_vec();
+        lease.granted_at = now;
+        lease.expires = now + self.lease_for;
+    }
+
     /// A call on the store for `sig` of `tag` came back (granted, refused or
     /// failed): another request may ask for the next lease.
     pub(crate) fn answered(&self, tag: &str, sig: u64) {
@@ -307,135 +371,97 @@ impl TokenLeases {
     }
 
     /// An admission from the lease `sig` of `tag` if it still holds a
-    /// request (a refusal came back while another request's grant joined
-    /// it); never asks for anything.
-    pub(crate) fn take_held(&self, tag: &str, sig: u64, now: Instant) -> Option<Admitted> {
-        let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
-        let e = shard.get_mut(tag)?.iter_mut().find(|e| e.sig == sig)?;
-        let lease = e.lease.as_mut()?;
-        if lease.left == 0 || now >= lease.expires {
-            return None;
+    /// request (a refusal came back while the node held tokens); never asks
+    /// for anything. `replies` is the refusal's reading of the rules, newer
+    /// than the lease's.
+    pub(crate) fn take_held(
+        &self,
+        tag: &str,
+        sig: u64,
+        replies: &[BucketReply],
+    ) -> Option<Admitted> {
+        let now = Instant::now();
+        {
+            let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
+            let lease = shard
+                .get_mut(tag)
+                .and_then(|entries| entries.iter_mut().find(|e| e.sig == sig))
+                .and_then(|e| e.lease.as_mut())
+                // An expired lease not yet given back still holds tokens
+                // charged for this node.
+                .filter(|l| l.left > 0);
+            if let Some(lease) = lease {
+                lease.left -= 1;
+                lease.served += 1;
+                lease.read(replies);
+                return Some(admission(lease, now));
+            }
         }
-        lease.left -= 1;
-        lease.served += 1;
-        Some(admission(lease, now))
-    }
-
-    /// Requests the lease `sig` of `tag` holds now (0: none, or over).
-    pub(crate) fn held(&self, tag: &str, sig: u64, now: Instant) -> u32 {
-        let shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
-        shard
-            .get(tag)
-            .and_then(|entries| entries.iter().find(|e| e.sig == sig))
-            .and_then(|e| e.lease.as_ref())
-            .filter(|l| now < l.expires)
-            .map_or(0, |l| l.left)
-    }
-
-    /// Whether this node holds leased requests of `tag` now (any rules).
-    pub(crate) fn holds(&self, tag: &str, now: Instant) -> bool {
-        let shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
-        shard.get(tag).is_some_and(|entries| {
-            entries.iter().any(|e| {
-                e.lease
-                    .as_ref()
-                    .is_some_and(|l| l.left > 0 && now < l.expires)
-            })
+        // Tokens of an ended lease on their way back are still this node's:
+        // the request takes one rather than be refused for want of it.
+        let mut returning = self.returning.lock().unwrap_or_else(|p| p.into_inner());
+        let r = returning
+            .iter_mut()
+            .find(|r| r.sig == sig && r.tag == tag && r.count > 0)?;
+        r.count -= 1;
+        Some(Admitted {
+            buckets: r
+                .rules
+                .iter()
+                .zip(replies)
+                .map(|(rule, b)| as_of_lease(rule, b, r.count, Duration::ZERO))
+                .collect(),
         })
     }
 
-    /// Ends every lease of `tag` (an unban, a plan change, a refund): what
-    /// is left goes back. Returns what a lease of `sig` held, if one did
-    /// (the caller gives it back itself, with its own refund).
-    pub(crate) fn end_subject(&self, tag: &str, sig: Option<u64>) -> Option<Returned> {
+    /// Requests the lease `sig` of `tag` holds now (0: none, or over).
+    /// `replies` is a newer reading of its rules (a call that took no
+    /// lease): the headers of the lease's next admissions start from it.
+    pub(crate) fn held(&self, tag: &str, sig: u64, replies: &[BucketReply], now: Instant) -> u32 {
         let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
-        let entries = shard.remove(tag)?;
-        let mut mine = None;
-        for e in entries {
-            let Some(lease) = e.lease else { continue };
-            if Some(e.sig) == sig {
-                mine = Some(Returned {
-                    tag: tag.to_string(),
-                    count: lease.left,
-                    rules: lease.rules,
-                    ttl_ms: lease.ttl_ms,
-                });
-            } else {
-                self.give_back(tag, lease);
-            }
-        }
-        mine
+        let Some(lease) = shard
+            .get_mut(tag)
+            .and_then(|entries| entries.iter_mut().find(|e| e.sig == sig))
+            .and_then(|e| e.lease.as_mut())
+            .filter(|l| now < l.expires)
+        else {
+            return 0;
+        };
+        lease.read(replies);
+        lease.left
     }
 
-    /// Ends every lease (a reload: rules may have changed).
-    pub(crate) fn end_all(&self) {
-        for shard in &self.shards {
-            let drained: Vec<(String, Vec<Entry>)> = shard
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .drain()
-                .collect();
-            for (tag, entries) in drained {
-                for lease in entries.into_iter().filter_map(|e| e.lease) {
-                    self.give_back(&tag, lease);
-                }
-            }
-        }
-    }
-
-    /// Everything waiting to be given back; with `scan`, first ends the
-    /// leases whose time is over and forgets subjects not seen for a while
-    /// (a walk of the whole table: done every half lease, while the queue
-    /// of ended leases is emptied more often).
-    pub(crate) fn sweep(&self, now: Instant, scan: bool) -> Vec<Returned> {
-        let idle = self.lease_for * 10;
-        for shard in self.shards.iter().filter(|_| scan) {
-            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            for (tag, entries) in shard.iter_mut() {
-                for e in entries.iter_mut() {
-                    if e.lease.as_ref().is_some_and(|l| now >= l.expires) {
-                        if let Some(lease) = e.lease.take() {
-                            e.want = next_want(&lease, now, self.lease_for);
-                            self.give_back(tag, lease);
-                        }
-                    }
-                }
-                entries.retain(|e| {
-                    e.lease.is_some() || now.saturating_duration_since(e.last_seen) < idle
-                });
-            }
-            shard.retain(|_, entries| !entries.is_empty());
-        }
-        std::mem::take(&mut *self.returning.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// Queues what `lease` has left for the sweep to give back.
-    fn give_back(&self, tag: &str, lease: Lease) {
-        if lease.left == 0 {
-            return;
-        }
-        self.returning
+    /// Whether this node holds leased requests of `tag` (any rules), in a
+    /// lease or on their way back.
+    pub(crate) fn holds(&self, tag: &str) -> bool {
+        let held = {
+            let shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
+            shard.get(tag).is_some_and(|entries| {
+                entries
+                    .iter()
+                    .any(|e| e.lease.as_ref().is_some_and(|l| l.left > 0))
+            })
+        };
+        held || self
+            .returning
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Returned {
-                tag: tag.to_string(),
-                count: lease.left,
-                rules: lease.rules,
-                ttl_ms: lease.ttl_ms,
-            });
+            .iter()
+            .any(|r| r.tag == tag && r.count > 0)
     }
+}
 
-    /// A full shard: forgets subjects without a lease, oldest first.
-    fn make_room(&self, shard: &mut HashMap<String, Vec<Entry>>, now: Instant) {
-        let idle = self.lease_for * 10;
-        shard.retain(|_, entries| {
-            entries
-                .iter()
-                .any(|e| e.lease.is_some() || now.saturating_duration_since(e.last_seen) < idle)
-        });
-        if shard.len() >= self.per_shard {
-            // Still full of recent subjects: drop those without a lease.
-            shard.retain(|_, entries| entries.iter().any(|e| e.lease.is_some()));
+impl Lease {
+    /// A newer reading of the rules from Redis: what the headers of the
+    /// next admissions start from (the old one would count tokens other
+    /// calls took since as still there).
+    /// Only the room is taken: a refusal's other numbers mean something
+    /// else (the wait for the next token, not for a full bucket).
+    fn read(&mut self, replies: &[BucketReply]) {
+        if replies.len() == self.replies.len() {
+            for (mine, newer) in self.replies.iter_mut().zip(replies) {
+                mine.room_us = newer.room_us;
+            }
         }
     }
 }

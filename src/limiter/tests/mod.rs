@@ -33,6 +33,8 @@ struct Scripted {
     fail: Cell<u32>,
     /// Fail every call on this subject.
     fail_on: RefCell<Option<String>>,
+    /// How long a refund is on its way before it lands.
+    slow_refunds: Cell<Duration>,
 }
 
 impl Scripted {
@@ -48,6 +50,7 @@ impl DecisionStore for Scripted {
             mode: match call.mode {
                 Mode::Decide => "d".into(),
                 Mode::Peek => "p".into(),
+                Mode::TopUp => "t".into(),
                 Mode::Refund { rule } => format!("r:{rule}"),
             },
             rules: call.rules.iter().map(|r| r.name.to_string()).collect(),
@@ -57,6 +60,9 @@ impl DecisionStore for Scripted {
         if self.fail.get() > 0 || failing_tag {
             self.fail.set(self.fail.get().saturating_sub(1));
             return Err(RedisFailure::Timeout(Duration::from_millis(50)));
+        }
+        if matches!(call.mode, Mode::Refund { .. }) && !self.slow_refunds.get().is_zero() {
+            tokio::time::sleep(self.slow_refunds.get()).await;
         }
         Ok(self.truth.decide(call))
     }
@@ -107,6 +113,7 @@ fn bench_with_leases(
         seen: RefCell::new(Vec::new()),
         fail: Cell::new(0),
         fail_on: RefCell::new(None),
+        slow_refunds: Cell::new(Duration::ZERO),
     };
     let limiter = Limiter::new(
         Some(scripted),
@@ -139,6 +146,17 @@ impl Bench {
     /// Decides one request from `ip` to `path` (with headers), and reduces
     /// the decision to what the tests compare.
     fn request(&self, ip: &str, path: &str, headers: &[(&str, &str)]) -> Outcome {
+        self.request_during(ip, path, headers, async {})
+    }
+
+    /// [`Bench::request`] with `first` polled first and run alongside.
+    fn request_during(
+        &self,
+        ip: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        first: impl std::future::Future<Output = ()>,
+    ) -> Outcome {
         let mut req = actix_web::test::TestRequest::get().uri(path);
         for (n, v) in headers {
             req = req.insert_header((*n, *v));
@@ -146,7 +164,10 @@ impl Bench {
         let req = req.to_http_request();
         let key = ClientKey::new(ip.parse().expect("an address"), 64);
         let groups = self.rules.groups(&req, key).expect("rules that match");
-        match self.rt.block_on(self.limiter.decide(&groups)) {
+        let (_, decision) = self
+            .rt
+            .block_on(async { tokio::join!(first, self.limiter.decide(&groups)) });
+        match decision {
             Decision::Allowed { applied, .. } => Outcome::Allowed(
                 applied
                     .iter()
@@ -485,113 +506,4 @@ fn deny_on_failure_refunds_what_earlier_subjects_were_charged() {
     );
 }
 
-const HOT: &str = r#"
-[[rules]]
-name = "per-ip"
-key = "ip"
-rate = 1
-per = "1h"
-burst = 1000
-
-[ban]
-enabled = false
-"#;
-
-impl Bench {
-    /// Calls the shared store has had.
-    fn store_calls(&self) -> usize {
-        self.shared().calls().len()
-    }
-}
-
-#[test]
-fn a_busy_subject_is_admitted_from_leases_never_past_what_redis_charged() {
-    let b = bench_with_leases(HOT, OnFailure::Local, 3, Duration::from_millis(300));
-    let tag = "ip:198.51.100.20";
-    for admitted in 1..=300u64 {
-        match b.request("198.51.100.20", "/", &[]) {
-            Outcome::Allowed(applied) => {
-                // Remaining as of the lease, less what this node admitted.
-                assert_eq!(applied, vec![("per-ip".to_string(), 1000 - admitted)]);
-            }
-            other => panic!("request {admitted}: {other:?}"),
-        }
-        let charged = 1000 - b.tokens(tag, "per-ip");
-        assert!(
-            charged >= admitted,
-            "request {admitted} was admitted before Redis charged it ({charged} charged)"
-        );
-    }
-    assert!(
-        b.store_calls() < 30,
-        "{} store calls for 300 requests",
-        b.store_calls()
-    );
-    // The lease runs out; what it held goes back, and Redis holds exactly
-    // what was admitted.
-    std::thread::sleep(Duration::from_millis(350));
-    b.rt.block_on(b.limiter.return_leases());
-    assert_eq!(b.tokens(tag, "per-ip"), 700);
-}
-
-#[test]
-fn near_the_limit_every_token_is_used_and_no_more() {
-    let b = bench_with_leases(
-        &HOT.replace("burst = 1000", "burst = 10"),
-        OnFailure::Local,
-        3,
-        Duration::from_secs(5),
-    );
-    let allowed = (0..15)
-        .filter(|_| matches!(b.request("198.51.100.21", "/", &[]), Outcome::Allowed(_)))
-        .count();
-    assert_eq!(
-        allowed, 10,
-        "a lease never takes a token a request then lacks"
-    );
-    assert_eq!(b.tokens("ip:198.51.100.21", "per-ip"), 0);
-}
-
-#[test]
-fn a_refusal_by_a_later_subject_ends_the_lease_and_gives_it_all_back() {
-    let b = bench_with_leases(
-        &IP_AND_GLOBAL
-            .replace("burst = 5", "burst = 100")
-            .replace("burst = 2", "burst = 60"),
-        OnFailure::Local,
-        3,
-        Duration::from_secs(5),
-    );
-    let mut allowed = 0;
-    for _ in 0..80 {
-        if matches!(b.request("198.51.100.22", "/", &[]), Outcome::Allowed(_)) {
-            allowed += 1;
-        }
-    }
-    // The global bucket (60) refused the rest; each refusal ended the IP
-    // subject's lease, whose tokens came back with the refused request's.
-    assert_eq!(allowed, 60);
-    b.rt.block_on(b.limiter.return_leases());
-    assert_eq!(b.tokens("ip:198.51.100.22", "per-ip"), 100 - 60);
-}
-
-#[test]
-fn an_ended_lease_gives_back_what_it_held() {
-    let b = bench_with_leases(HOT, OnFailure::Local, 3, Duration::from_secs(5));
-    for _ in 0..50 {
-        b.request("198.51.100.23", "/", &[]);
-    }
-    assert!(
-        b.tokens("ip:198.51.100.23", "per-ip") < 950,
-        "the node holds leased tokens"
-    );
-    b.limiter.end_leases_of("ip:198.51.100.23");
-    b.rt.block_on(b.limiter.return_leases());
-    assert_eq!(b.tokens("ip:198.51.100.23", "per-ip"), 950);
-    for _ in 0..50 {
-        b.request("198.51.100.23", "/", &[]);
-    }
-    b.limiter.end_all_leases();
-    b.rt.block_on(b.limiter.return_leases());
-    assert_eq!(b.tokens("ip:198.51.100.23", "per-ip"), 900);
-}
+mod leases;
