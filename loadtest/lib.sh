@@ -155,10 +155,10 @@ lt_floodgate_bin() {
         return
     fi
     local bin="$LT_ROOT/target/release/floodgate"
-    if [[ ! -x "$bin" ]]; then
-        lt_log "building floodgate (cargo build --release)"
-        (cd "$LT_ROOT" && cargo build --release --quiet) >&2 || lt_die "cargo build failed"
-    fi
+    # Always through cargo: a binary older than the sources would measure
+    # something else (cargo does nothing when it is up to date).
+    lt_log "building floodgate (cargo build --release)"
+    (cd "$LT_ROOT" && cargo build --release --quiet) >&2 || lt_die "cargo build failed"
     echo "$bin"
 }
 

@@ -22,9 +22,11 @@
 //! The parts: `call` (what a store call takes and answers), `decide` (the
 //! request's decision over its subjects), `breaker` (one circuit breaker per
 //! shard), `cap` (the per-node cap on decision calls), `deny_cache`,
-//! `slots` (concurrency slots a request holds), `local` (the in-process
-//! store) and `redis_store` (the Redis one, with its scripts' contract and
-//! the per-worker batching of calls).
+//! `slots` (concurrency slots a request holds), `tokens` and `leasing`
+//! (leased tokens: requests charged in Redis before they come, admitted
+//! from memory), `local` (the in-process store) and `redis_store` (the
+//! Redis one, with its scripts' contract and the per-worker batching of
+//! calls).
 
 mod breaker;
 mod call;
