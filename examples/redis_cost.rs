@@ -45,8 +45,9 @@ struct Options {
 }
 
 /// One subject's key and `decide.lua` arguments (see its header): Redis'
-/// clock, decide, idle TTL 1 h, bannable, escalation settings, no lease,
-/// one rule of 1 000 tokens per second with a burst far above the load.
+/// clock, decide, idle TTL 1 h, bannable, escalation settings, no
+/// concurrency lease, one request (no token lease), one rule of 1 000
+/// tokens per second with a burst far above the load.
 fn subject(i: usize) -> (String, Vec<String>) {
     let key = format!(
         "fgcost:{{ip:10.{}.{}.{}}}:b",
@@ -66,6 +67,7 @@ fn subject(i: usize) -> (String, Vec<String>) {
         "3600000",
         "86400000",
         "",
+        "1",
         "per_ip",
         "r",
         "1000",

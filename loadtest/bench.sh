@@ -54,6 +54,9 @@
 #             0 skips it)
 #   MANY_CLIENTS  distinct clients of the many-subjects scenarios (default
 #             100000)
+#   SCENARIOS only these scenarios (space-separated names), with
+#             proxy_pass and proxy_pass-many; targets of scenarios not run
+#             read as 0
 # With the defaults the whole run takes about 13 minutes.
 #
 # `bench.sh memory`: 100 000 distinct clients for 60 s against one floodgate
@@ -406,6 +409,15 @@ done
 scenarios=(upstream proxy_pass limit_req peer fg-norules fg-1rule fg-3rules fg-banned proxy_pass-many peer-many fg-many)
 # The scenarios whose clients are many (see run_wrk).
 declare -A many=([proxy_pass-many]=many [peer-many]=many [fg-many]=many)
+# SCENARIOS: a subset to run (space-separated names); proxy_pass and
+# proxy_pass-many are always run, the references of the ratios.
+if [[ -n "${SCENARIOS:-}" ]]; then
+    chosen=()
+    for s in "${scenarios[@]}"; do
+        case " $SCENARIOS proxy_pass proxy_pass-many " in *" $s "*) chosen+=("$s") ;; esac
+    done
+    scenarios=("${chosen[@]}")
+fi
 declare -A url=(
     [upstream]="http://127.0.0.1:$UPSTREAM_PORT/"
     [proxy_pass]="http://127.0.0.1:$proxy_port/"

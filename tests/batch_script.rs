@@ -43,7 +43,15 @@ fn call(prefix: &str, s: usize, now_us: u64, lease: usize) -> Call {
     let mut keys = vec![state];
     // Every fifth call of a subject without a concurrency cap is a top-up
     // (a node asking for more tokens for its lease).
-    let mode = if lease % 5 == 4 && s != 1 { "t" } else { "d" };
+    // Subjects 2 and 3 (one token bucket each) go the short path ('b') when
+    // they ask for one request.
+    let mode = if lease % 5 == 4 && s != 1 {
+        "t"
+    } else if s >= 2 && lease % 3 != 0 {
+        "b"
+    } else {
+        "d"
+    };
     let mut args: Vec<String> = vec![now_us.to_string(), mode.into(), "60000".into()];
     let bannable = if s == 2 { "0" } else { "1" };
     args.push(bannable.into());

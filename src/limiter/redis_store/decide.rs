@@ -57,7 +57,15 @@ impl DecideCall {
         );
         let mut args = Vec::with_capacity(12 + call.rules.len() * 6);
         args.push(call.now_us.map(|t| t.to_string()).unwrap_or_default());
+        // One request whose rules are all token buckets, none in shadow
+        // mode: the script's shorter path (the same decision).
+        let lean = call.count <= 1
+            && call
+                .rules
+                .iter()
+                .all(|r| matches!(r.limit, Limit::Rate(_)) && !r.shadow);
         args.push(match call.mode {
+            Mode::Decide if lean => "b".to_string(),
             Mode::Decide => "d".to_string(),
             Mode::Peek => "p".to_string(),
             Mode::TopUp => "t".to_string(),
