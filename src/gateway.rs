@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::consumers::{ConsumerTable, Plans};
 use crate::limiter::Limiter;
 use crate::metrics::GatewayMetrics;
-use crate::proxy::Upstream;
+use crate::proxy::{AnswerLimits, Upstream};
 use crate::rules::RuleSet;
 use crate::screening::HeaderLimits;
 use crate::upload::BodyLimits;
@@ -118,24 +118,30 @@ impl Gateway {
     }
 }
 
-/// One worker's upstream clients (awc clients are per thread), one per
+/// One worker's upstream clients (connections are per thread), one per
 /// pool, built on a pool's first request and dropped once no snapshot
 /// holds that pool any more; requests in flight finish on the client they
 /// started with.
 pub(crate) struct UpstreamClients {
     current: RefCell<Vec<(Arc<Pool>, Rc<Upstream>)>>,
     /// Set at start-up (`server.client_body_timeout`, `max_body_size`,
-    /// `response_buffer` need a restart).
+    /// `response_buffer`, `send_timeout` need a restart).
     body_limits: BodyLimits,
     response_buffer: usize,
+    send_timeout: std::time::Duration,
 }
 
 impl UpstreamClients {
-    pub(crate) fn new(body_limits: BodyLimits, response_buffer: usize) -> UpstreamClients {
+    pub(crate) fn new(
+        body_limits: BodyLimits,
+        response_buffer: usize,
+        send_timeout: std::time::Duration,
+    ) -> UpstreamClients {
         UpstreamClients {
             current: RefCell::new(Vec::new()),
             body_limits,
             response_buffer,
+            send_timeout,
         }
     }
 
@@ -147,11 +153,14 @@ impl UpstreamClients {
         }
         // Pools only this list still holds were replaced by a reload.
         current.retain(|(p, _)| Arc::strong_count(p) > 1);
-        let up = Rc::new(Upstream::new(
-            &pool.config,
-            self.body_limits,
-            self.response_buffer,
-        ));
+        let answers = AnswerLimits {
+            buffer_response: pool.config.buffer_response,
+            max_streaming_per_client: pool.config.streaming_cap(),
+            idle: pool.config.timeout,
+            piece: self.response_buffer,
+            send_timeout: self.send_timeout,
+        };
+        let up = Rc::new(Upstream::new(&pool.config, self.body_limits, answers));
         current.push((pool.clone(), up.clone()));
         up
     }

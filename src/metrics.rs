@@ -242,7 +242,12 @@ pub(crate) fn upstream_error(kind: &'static str) {
 
 /// Counts a request refused for the client's own fault.
 pub(crate) fn client_error(kind: &'static str) {
-    metrics::counter!(CLIENT_ERRORS, "kind" => kind).increment(1);
+    client_error_n(kind, 1);
+}
+
+/// Counts `n` client errors of one kind at once.
+pub(crate) fn client_error_n(kind: &'static str, n: u64) {
+    metrics::counter!(CLIENT_ERRORS, "kind" => kind).increment(n);
 }
 
 /// Counts a ban made by `source` (`auto`, `manual`).

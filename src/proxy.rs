@@ -1,15 +1,16 @@
 //! Forwarding allowed requests to the upstream, streaming both ways.
 //!
-//! One [`Upstream`] per worker thread and upstream pool (awc clients are not
-//! `Send`), each with its own keep-alive connections. Which URL of the pool
-//! takes a try, and whether it may, is asked of [`crate::upstreams`];
-//! `forward` decides whether a failed try may be repeated (see there) and
-//! reports each outcome back for passive ejection.
+//! One [`Upstream`] per worker thread and upstream pool, each with its own
+//! keep-alive connections ([`client`]: hyper's HTTP/1.1 client with a pool
+//! of ours). Which URL of the pool takes a try, and whether it may, is
+//! asked of [`crate::upstreams`]; `forward` decides whether a failed try
+//! may be repeated (see there) and reports each outcome back for passive
+//! ejection.
 //!
-//! Bodies are never collected: the request body is handed to the upstream
-//! as a stream (sized when the client gave a length), and the upstream's
-//! body flows back the same way, so memory per request stays at a few
-//! buffers whatever the size.
+//! The request body is never collected: it is handed to the upstream as a
+//! stream (sized when the client gave a length). The answer comes back
+//! read whole when it is small, or streamed at the client's pace
+//! ([`response`] says which, and what protects whom).
 //!
 //! Header handling follows RFC 9110 §7.6.1: hop-by-hop headers and every
 //! header named in `Connection` are dropped in both directions;
@@ -19,25 +20,24 @@
 //! An HTTP/2 request is forwarded as HTTP/1.1: its `:authority` becomes
 //! `X-Forwarded-Host` (the upstream gets its own `Host`), split `cookie`
 //! fields are joined again (RFC 9113 §8.2.3), and a body without a length
-//! goes upstream chunked. WebSocket upgrades are relayed by [`websocket`];
-//! the response on its way back is [`response`]'s.
+//! goes upstream chunked. WebSocket upgrades are relayed by [`websocket`].
 
+mod client;
 mod response;
+mod watch;
 pub(crate) mod websocket;
 
-pub(crate) use response::UpstreamResponse;
+pub(crate) use response::{set_buffer_total, AnswerLimits, UpstreamResponse};
 
 use std::net::IpAddr;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use actix_web::body::SizedStream;
-use actix_web::error::ParseError;
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
-use awc::error::{ConnectError, SendRequestError};
 
-use crate::client_ip::X_FORWARDED_FOR;
+use crate::client_ip::{ClientKey, X_FORWARDED_FOR};
 use crate::config::UpstreamConfig;
 use crate::upload::{BodyFault, BodyLimits, Upload};
 use crate::upstreams::{Failure, Pick, Pool};
@@ -133,6 +133,9 @@ impl UpstreamFailure {
 pub(crate) enum ForwardError {
     Upstream(UpstreamFailure),
     Client(BodyFault),
+    /// The client address already streams `upstream.max_streaming_per_client`
+    /// large answers (see `response`): 503 with Retry-After.
+    TooManyStreams,
 }
 
 /// Whole seconds of `d`, rounded up, at least 1 (for Retry-After).
@@ -154,42 +157,35 @@ fn safe_to_repeat(req: &HttpRequest) -> bool {
 /// The header a client sets to make a non-idempotent request safe to repeat.
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
-/// How an awc error came about, for what to do next.
+/// How a failed try came about, for what to do next.
 enum SendFailure {
     /// No connection was made (a connect() failed or timed out).
     Connect,
-    /// A connection failed before any response byte: typically a pooled
-    /// connection the upstream had closed. The request may have been written
-    /// and processed all the same, so only a request that is safe to repeat
-    /// may try again on a fresh connection.
+    /// A pooled connection failed before any response byte: typically one
+    /// the upstream had closed while idle. The request may have been
+    /// written and processed all the same, so only a request that is safe
+    /// to repeat may try again on a fresh connection.
     DeadConnection,
     Timeout,
     Other,
 }
 
-fn classify(e: &SendRequestError) -> SendFailure {
-    match e {
-        SendRequestError::Timeout => SendFailure::Timeout,
-        SendRequestError::Connect(ConnectError::Disconnected) => SendFailure::DeadConnection,
-        SendRequestError::Connect(_) => SendFailure::Connect,
-        SendRequestError::Send(_) => SendFailure::DeadConnection,
-        SendRequestError::Response(ParseError::Io(_)) => SendFailure::DeadConnection,
-        _ => SendFailure::Other,
+fn classify(e: &hyper::Error, reused: bool) -> SendFailure {
+    if e.is_timeout() {
+        SendFailure::Timeout
+    } else if reused && !e.is_parse() && !e.is_user() {
+        SendFailure::DeadConnection
+    } else {
+        SendFailure::Other
     }
 }
 
 /// One worker's connections to the URLs of one pool.
 pub(crate) struct Upstream {
-    /// Keeps idle connections for `upstream.idle_timeout`.
-    client: awc::Client,
-    /// Never reuses a connection: the one retry after a pooled connection
-    /// turned out dead must not draw another stale one from the pool.
-    fresh: awc::Client,
+    conns: Rc<client::Connections>,
     timeout: Duration,
     body_limits: BodyLimits,
-    /// `server.response_buffer`: the largest piece of a response body
-    /// handed to the client connection at once.
-    response_buffer: usize,
+    answers: AnswerLimits,
     fresh_retries: metrics::Counter,
 }
 
@@ -197,33 +193,25 @@ impl Upstream {
     pub(crate) fn new(
         config: &UpstreamConfig,
         body_limits: BodyLimits,
-        response_buffer: usize,
+        answers: AnswerLimits,
     ) -> Upstream {
-        let build = |keep_alive: Duration| {
-            let connector = awc::Connector::new()
-                .timeout(config.connect_timeout)
-                .limit(config.max_connections)
-                .conn_keep_alive(keep_alive);
-            awc::Client::builder()
-                .connector(connector)
-                .timeout(config.timeout)
-                .disable_redirects()
-                .no_default_headers()
-                .finish()
-        };
         Upstream {
-            client: build(config.idle_timeout),
-            fresh: build(Duration::ZERO),
+            conns: Rc::new(client::Connections::new(
+                config.max_connections,
+                config.connect_timeout,
+                config.idle_timeout,
+            )),
             timeout: config.timeout,
             body_limits,
-            response_buffer,
+            answers,
             fresh_retries: metrics::counter!(crate::metrics::UPSTREAM_FRESH_RETRIES),
         }
     }
 
     /// Forwards `req` with its body to a URL of `pool` (trying others when
     /// that is safe, see below); `peer` is who asked, `trusted_peer`
-    /// whether it is a trusted proxy (its X-Forwarded-* are kept).
+    /// whether it is a trusted proxy (its X-Forwarded-* are kept), and
+    /// `client` the address rules see (it bounds the answers it streams).
     pub(crate) async fn forward(
         &self,
         pool: &Pool,
@@ -231,6 +219,7 @@ impl Upstream {
         payload: web::Payload,
         trusted_peer: bool,
         peer: IpAddr,
+        client: ClientKey,
     ) -> Result<UpstreamResponse, ForwardError> {
         let path = req
             .uri()
@@ -257,6 +246,40 @@ impl Upstream {
             return Err(ForwardError::Client(BodyFault::TooLarge));
         }
         let upload = Upload::new(payload, self.body_limits);
+        let method = http::Method::from_bytes(req.method().as_str().as_bytes())
+            .map_err(|_| ForwardError::Client(BodyFault::Malformed))?;
+        let head = req.method() == Method::HEAD;
+        // The request's head as the upstream gets it, less `Host`.
+        let mut out = HeaderMap::new();
+        copy_end_to_end(
+            headers,
+            &mut out,
+            &[
+                &header::HOST,
+                &header::CONTENT_LENGTH,
+                &header::EXPECT,
+                &X_FORWARDED_FOR,
+                &X_FORWARDED_PROTO,
+                &X_FORWARDED_HOST,
+            ],
+        );
+        set_forwarded(req, &mut out, trusted_peer, peer);
+        if req.version() == actix_web::http::Version::HTTP_2 {
+            join_cookies(&mut out);
+        }
+        let mut out = to_http_headers(&out);
+        match length {
+            Some(len) if !chunked && len > 0 => {
+                out.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+            }
+            _ if has_body => {
+                out.insert(
+                    http::header::TRANSFER_ENCODING,
+                    http::HeaderValue::from_static("chunked"),
+                );
+            }
+            _ => {}
+        }
 
         // A connect failure moves on to another URL, whatever the method:
         // the upstream cannot have seen the request. A dead pooled
@@ -284,35 +307,23 @@ impl Upstream {
         loop {
             let target = pool.target(i);
             let flight = target.begin();
-            let client = if fresh_retry {
-                &self.fresh
+            let mut headers = out.clone();
+            if let Ok(host) = http::HeaderValue::from_str(target.host()) {
+                headers.insert(http::header::HOST, host);
+            }
+            let (body, pump) = if has_body {
+                let (body, pump) = client::OutBody::pumped(upload.body());
+                (body, Some(pump))
             } else {
-                &self.client
+                (client::OutBody::Empty, None)
             };
-            let mut creq = client
-                .request(req.method().clone(), format!("{}{}", target.base, path))
-                .no_decompress();
-            if fresh_retry {
-                creq = creq.force_close();
-            }
-            let out = creq.headers_mut();
-            copy_end_to_end(
-                headers,
-                out,
-                &[
-                    &header::HOST,
-                    &header::CONTENT_LENGTH,
-                    &header::EXPECT,
-                    &X_FORWARDED_FOR,
-                    &X_FORWARDED_PROTO,
-                    &X_FORWARDED_HOST,
-                ],
-            );
-            set_forwarded(req, out, trusted_peer, peer);
-            if req.version() == actix_web::http::Version::HTTP_2 {
-                join_cookies(out);
-            }
-            // `upstream.timeout` bounds the wait for the response head. With
+            let mut creq = http::Request::new(body);
+            *creq.method_mut() = method.clone();
+            *creq.uri_mut() =
+                http::Uri::try_from(path).unwrap_or_else(|_| http::Uri::from_static("/"));
+            *creq.headers_mut() = headers;
+            // `upstream.timeout` bounds the wait for the response head,
+            // waiting for a pooled connection (or a connect) included. With
             // a body, that wait starts when the upload ends: a large upload
             // may take as long as it keeps moving (a stalled client is cut
             // after `server.client_body_timeout` without a byte). A further
@@ -323,16 +334,43 @@ impl Upstream {
                 deadline.saturating_duration_since(Instant::now())
             };
             first = false;
-            let sent = if has_body {
-                let creq = creq.timeout(UNBOUNDED_UPLOAD);
-                let body = upload.body();
-                let send = match length {
-                    Some(len) if !chunked => creq.send_body(SizedStream::new(len, body)),
-                    _ => creq.send_stream(body),
+            let conn_by = Instant::now() + limit;
+            let exchange = async {
+                let mut conn = self
+                    .conns
+                    .checkout(&target.authority, fresh_retry, conn_by)
+                    .await
+                    .map_err(|e| match e {
+                        client::ConnectError::Failed(why) => (SendFailure::Connect, why),
+                        client::ConnectError::Timeout => (
+                            SendFailure::Timeout,
+                            "no upstream connection free in time".to_string(),
+                        ),
+                    })?;
+                let reused = conn.reused;
+                let send = conn.send(creq);
+                let sent = match pump {
+                    None => send.await,
+                    Some(pump) => {
+                        // The body is read here, in the request's task
+                        // (see `client::OutBody`), while the head is sent.
+                        tokio::pin!(send, pump);
+                        match futures_util::future::select(send, pump).await {
+                            futures_util::future::Either::Left((r, _)) => r,
+                            futures_util::future::Either::Right((true, send)) => send.await,
+                            futures_util::future::Either::Right((false, _)) => {
+                                return Err((SendFailure::Other, "the client's body failed".into()))
+                            }
+                        }
+                    }
                 };
+                match sent {
+                    Ok(resp) => Ok((conn, resp)),
+                    Err(e) => Err((classify(&e, reused), e.to_string())),
+                }
+            };
+            let sent = if has_body {
                 let head_deadline = async {
-                    // Waiting for a pooled connection (or a connect) counts
-                    // against `timeout` too, as for a request without a body.
                     let waiting = async {
                         tokio::time::sleep(limit).await;
                         if upload.started() {
@@ -346,16 +384,28 @@ impl Upstream {
                     tokio::pin!(waiting, uploaded);
                     futures_util::future::select(waiting, uploaded).await;
                 };
-                tokio::pin!(head_deadline);
-                match futures_util::future::select(send, head_deadline).await {
+                // The client's body failing ends the exchange at once,
+                // whatever the upstream makes of the half-sent request.
+                let head_deadline = async {
+                    let faulted = upload.faulted();
+                    tokio::pin!(faulted, head_deadline);
+                    futures_util::future::select(faulted, head_deadline).await;
+                };
+                tokio::pin!(head_deadline, exchange);
+                match futures_util::future::select(exchange, head_deadline).await {
                     futures_util::future::Either::Left((r, _)) => r,
-                    futures_util::future::Either::Right(_) => Err(SendRequestError::Timeout),
+                    futures_util::future::Either::Right(_) => {
+                        Err((SendFailure::Timeout, "no answer in time".to_string()))
+                    }
                 }
             } else {
-                creq.timeout(limit).send().await
+                match tokio::time::timeout(limit, exchange).await {
+                    Ok(r) => r,
+                    Err(_) => Err((SendFailure::Timeout, "no answer in time".to_string())),
+                }
             };
-            let e = match sent {
-                Ok(resp) => {
+            let (kind, e) = match sent {
+                Ok((conn, resp)) => {
                     upload.release();
                     // 502, 503 and 504 say the URL is in trouble; any other
                     // answer (a 500 included: it may be this request's fault)
@@ -364,21 +414,35 @@ impl Upstream {
                         502..=504 => pool.failed(i, Failure::Answer, "a 502, 503 or 504 answer"),
                         _ => target.succeeded(),
                     }
-                    return Ok(response::build(
+                    let built = response::build(
                         resp,
-                        self.timeout,
-                        self.response_buffer,
+                        conn,
+                        &self.conns,
+                        head,
+                        client,
+                        self.answers,
                         flight,
-                    ));
+                    )
+                    .await;
+                    return match built {
+                        Ok(r) => Ok(r),
+                        Err(response::AnswerError::TooManyStreams) => {
+                            Err(ForwardError::TooManyStreams)
+                        }
+                        Err(response::AnswerError::Broken(why)) => {
+                            log::warn!("upstream {} failed: {why}", target.base);
+                            Err(ForwardError::Upstream(UpstreamFailure::Broken))
+                        }
+                    };
                 }
-                Err(e) => e,
+                Err(failure) => failure,
             };
             drop(flight);
             if let Some(fault) = upload.fault() {
                 return Err(ForwardError::Client(fault));
             }
             let may_go_on = upload.replayable() && deadline > Instant::now();
-            let failure = match classify(&e) {
+            let failure = match kind {
                 SendFailure::Connect => {
                     log::warn!("upstream {} unreachable: {e}", target.base);
                     pool.failed(i, Failure::Unreachable, "connect failed");
@@ -422,6 +486,20 @@ impl Upstream {
             return Err(ForwardError::Upstream(failure));
         }
     }
+}
+
+/// The same headers as the HTTP client's types.
+fn to_http_headers(from: &HeaderMap) -> http::HeaderMap {
+    let mut out = http::HeaderMap::with_capacity(from.len() + 2);
+    for (name, value) in from.iter() {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(name.as_str().as_bytes()),
+            http::HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            out.append(n, v);
+        }
+    }
+    out
 }
 
 /// HTTP/2 may split `cookie` into several fields; an HTTP/1.1 upstream
@@ -492,7 +570,3 @@ fn set_forwarded(req: &HttpRequest, out: &mut HeaderMap, trusted_peer: bool, pee
         out.insert(X_FORWARDED_HOST.clone(), host);
     }
 }
-
-/// A per-request bound for uploads that effectively turns awc's own one
-/// off; [`UploadBody`] and the head deadline bound them instead.
-const UNBOUNDED_UPLOAD: Duration = Duration::from_secs(365 * 24 * 3600);

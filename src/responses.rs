@@ -177,6 +177,21 @@ pub(crate) fn no_healthy_upstream(retry_after_s: u64) -> HttpResponse {
         .body(json!({"error": "no_healthy_upstream", "retry_after": secs}).to_string())
 }
 
+/// A client address already streaming `upstream.max_streaming_per_client`
+/// large answers: 503, to come back when one of them has ended.
+pub(crate) fn too_many_streams() -> HttpResponse {
+    let mut b = HttpResponse::build(StatusCode::SERVICE_UNAVAILABLE);
+    b.insert_header((RETRY_AFTER, 1));
+    b.content_type("application/json").body(
+        json!({
+            "error": "too_many_streams",
+            "message": "this client address is already receiving as many large answers as it may at once",
+            "retry_after": 1
+        })
+        .to_string(),
+    )
+}
+
 /// A WebSocket upgrade while `upstream.websocket = false`.
 pub(crate) fn websocket_refused() -> HttpResponse {
     json_error(

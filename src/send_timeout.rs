@@ -11,6 +11,9 @@
 //! aborts the connection (Linux 5.11 and later count the closed window).
 //! The HTTP server then drops the response, which closes its upstream
 //! connection. It costs nothing per request and needs no timer of ours.
+//! (An HTTP/2 stream whose client keeps the connection alive but never
+//! opens the stream's window is the response body's watch's, in
+//! `proxy::watch`.)
 //! Separate from `server` because it is one socket option with its reasons.
 
 use std::any::Any;
@@ -19,18 +22,29 @@ use std::time::Duration;
 use actix_web::dev::Extensions;
 
 /// The callback for `HttpServer::on_connect` that arms the timeout on each
-/// plain TCP connection, and turns Nagle's algorithm off on it: a response
-/// head and its first body bytes go out as separate writes, and Nagle
-/// would hold the second back until the first is acknowledged.
+/// TCP connection, plain or under TLS, and turns Nagle's algorithm off on
+/// it: a response head and its first body bytes go out as separate writes,
+/// and Nagle would hold the second back until the first is acknowledged.
 pub(crate) fn on_connect(
     timeout: Duration,
 ) -> impl Fn(&dyn Any, &mut Extensions) + Send + Sync + 'static {
     move |conn, _| {
-        if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        if let Some(tcp) = tcp_of(conn) {
             let _ = tcp.set_nodelay(true);
             arm(tcp, timeout);
+        } else {
+            log::warn!("a client connection of an unknown kind: server.send_timeout not armed");
         }
     }
+}
+
+/// The TCP connection under an accepted connection of either listener.
+fn tcp_of(conn: &dyn Any) -> Option<&actix_web::rt::net::TcpStream> {
+    type Tls = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
+    if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        return Some(tcp);
+    }
+    conn.downcast_ref::<Tls>().map(|tls| tls.get_ref().0)
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]

@@ -268,6 +268,8 @@ impl Node {
         );
 
         let response_buffer = config.server.response_buffer;
+        let send_timeout = config.server.send_timeout;
+        crate::proxy::set_buffer_total(config.server.response_buffer_total);
         let body_limits = BodyLimits {
             idle: config.server.client_body_timeout,
             max_size: config.server.max_body_size,
@@ -287,6 +289,7 @@ impl Node {
                     .app_data(web::Data::new(UpstreamClients::new(
                         body_limits,
                         response_buffer,
+                        send_timeout,
                     )))
                     .default_service(web::to(front_door::front_door))
             }

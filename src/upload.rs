@@ -154,8 +154,27 @@ impl Upload {
 
     /// Resolves once the client's body has been read in full.
     pub(crate) async fn finished(&self) {
-        if !self.finished.get() {
-            self.done.notified().await;
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.finished.get() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Resolves once the client's body has failed (its fault is set).
+    pub(crate) async fn faulted(&self) {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.fault.get().is_some() {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -185,6 +204,7 @@ impl Upload {
 
     fn fail(&self, fault: BodyFault) -> PayloadError {
         self.fault.set(Some(fault));
+        self.done.notify_waiters();
         let e = std::io::Error::other(fault.message());
         PayloadError::Io(e)
     }

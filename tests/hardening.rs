@@ -255,13 +255,35 @@ fn unreachable_means_a_connect_failed() {
 
 // ------------------------------------------------------------ 2. slow readers
 
-/// Opens `n` connections that each ask for `path` and never read.
+/// Opens `n` connections that each ask for `path` and never read, all
+/// from 127.0.0.1.
 fn stalled_clients(port: u16, n: usize, path: &str, within: Duration) -> Vec<TcpStream> {
+    stalled_clients_as(port, n, path, within, false)
+}
+
+/// The same, each client `distinct` (an address of its own in
+/// X-Forwarded-For, 127.0.0.1 being a trusted proxy) or not.
+fn stalled_clients_as(
+    port: u16,
+    n: usize,
+    path: &str,
+    within: Duration,
+    distinct: bool,
+) -> Vec<TcpStream> {
     let started = Instant::now();
     let mut socks = Vec::with_capacity(n);
     while socks.len() < n && started.elapsed() < within {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        let xff = if distinct {
+            format!(
+                "X-Forwarded-For: 10.77.{}.{}\r\n",
+                socks.len() / 250,
+                socks.len() % 250 + 1
+            )
+        } else {
+            String::new()
+        };
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{xff}\r\n").as_bytes())
             .unwrap();
         socks.push(s);
     }
@@ -364,8 +386,10 @@ fn an_upload_waits_for_a_pooled_connection_no_longer_than_the_timeout() {
         "timeout = \"1s\"\nmax_connections = 1",
         "",
     );
-    // Stalled readers hold the one connection each worker may open.
-    let socks = stalled_clients(gw.port, 8, "/bytes/16777216", Duration::from_secs(10));
+    // Stalled readers (each an address of its own, so none is held back
+    // by the cap on one address' streams) hold the one connection each
+    // worker may open.
+    let socks = stalled_clients_as(gw.port, 8, "/bytes/16777216", Duration::from_secs(10), true);
     thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     let r = call("POST", &gw.url("/upload"), &[], Some("{\"a\":1}"));
@@ -431,7 +455,7 @@ fn client_faults_are_answered_4xx_and_not_counted_as_upstream_errors() {
         },
         limit,
     );
-    assert_eq!(malformed, 400);
+    assert_eq!(malformed, 400, "{}", gw.log());
     // A chunk of 2^64-1 bytes is cut at max_body_size: 413.
     let huge = status_of(
         gw.port,

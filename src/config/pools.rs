@@ -56,6 +56,22 @@ pub struct UpstreamConfig {
     /// Further tries on another URL for a request that is safe to repeat.
     #[serde(default = "default_retries")]
     pub(crate) retries: u32,
+    /// Answers of at most this many bytes (their length known) are read
+    /// whole and their connection freed at once; 0 streams every answer.
+    #[serde(default = "default_buffer_response")]
+    pub(crate) buffer_response: usize,
+    /// Larger answers one client address may stream at once (every worker
+    /// together); default a quarter of `max_connections`; 0 = no cap.
+    #[serde(default)]
+    pub(crate) max_streaming_per_client: Option<usize>,
+}
+
+impl UpstreamConfig {
+    /// `max_streaming_per_client`, its default worked out.
+    pub(crate) fn streaming_cap(&self) -> usize {
+        self.max_streaming_per_client
+            .unwrap_or((self.max_connections / 4).max(1))
+    }
 }
 
 /// `health = { ... }`: a GET of `path` on every URL every `interval`; a
@@ -119,6 +135,9 @@ fn default_max_ejected_percent() -> u32 {
     50
 }
 
+fn default_buffer_response() -> usize {
+    256 * 1024
+}
 fn default_eject_after() -> u32 {
     5
 }
@@ -140,6 +159,9 @@ fn default_unhealthy_after() -> u32 {
 fn default_healthy_after() -> u32 {
     2
 }
+
+/// The largest `buffer_response`: one answer held in memory at most.
+const MAX_BUFFER_RESPONSE: usize = 64 * 1024 * 1024;
 
 /// Checks `[upstream]`, every `[upstreams.NAME]` and every `[[routes]]`.
 pub(super) fn validate(config: &Config) -> Result<(), Invalid> {
@@ -241,6 +263,15 @@ fn validate_pool(key: &str, pool: &UpstreamConfig) -> Result<(), Invalid> {
         return Err(Invalid::new(
             format!("{key}.max_connections"),
             "must be at least 1",
+        ));
+    }
+    if pool.buffer_response > MAX_BUFFER_RESPONSE {
+        return Err(Invalid::new(
+            format!("{key}.buffer_response"),
+            format!(
+                "must be at most {MAX_BUFFER_RESPONSE} bytes (64 MiB), got {}",
+                pool.buffer_response
+            ),
         ));
     }
     if pool.eject_after > 0 && (pool.eject_for.is_zero() || pool.eject_for > DAY) {

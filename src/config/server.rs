@@ -43,6 +43,9 @@ pub struct ServerConfig {
     /// Response bytes buffered per client connection before the gateway
     /// stops reading from the upstream.
     pub response_buffer: usize,
+    /// Memory all answers read whole may hold at once (see
+    /// `upstream.buffer_response`); past it, answers are streamed.
+    pub(crate) response_buffer_total: usize,
     /// Most request headers (values) a request may carry.
     pub max_headers: usize,
     /// Most bytes in a request's header section (names, values, separators).
@@ -82,6 +85,7 @@ impl Default for ServerConfig {
             client_body_timeout: Duration::from_secs(30),
             max_body_size: 1 << 30,
             response_buffer: 8 * 1024,
+            response_buffer_total: 64 * 1024 * 1024,
             max_headers: 64,
             max_header_bytes: 32 * 1024,
             log_throttle: Duration::from_secs(10),
@@ -113,6 +117,12 @@ impl ServerConfig {
                     "must be from 1024 to 1048576 bytes, got {}",
                     self.response_buffer
                 ),
+            ));
+        }
+        if self.response_buffer_total > 1 << 40 {
+            return Err(Invalid::new(
+                "server.response_buffer_total",
+                format!("must be at most 1 TiB, got {}", self.response_buffer_total),
             ));
         }
         if !(1..=MAX_HEADERS_PARSED).contains(&self.max_headers) {

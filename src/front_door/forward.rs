@@ -59,7 +59,7 @@ impl Exchange<'_> {
         let up = self.clients.for_pool(pool);
         let started = std::time::Instant::now();
         let result = up
-            .forward(pool, &self.req, payload, self.trusted, self.peer)
+            .forward(pool, &self.req, payload, self.trusted, self.peer, self.key)
             .await;
         self.gw
             .metrics
@@ -73,6 +73,10 @@ impl Exchange<'_> {
             Err(ForwardError::Upstream(failure)) => {
                 crate::metrics::upstream_error(failure.code());
                 failure.answer()
+            }
+            Err(ForwardError::TooManyStreams) => {
+                crate::metrics::client_error("too_many_streams");
+                responses::too_many_streams()
             }
             Err(ForwardError::Client(fault)) => {
                 crate::metrics::client_error(fault.code());

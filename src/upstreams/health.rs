@@ -69,6 +69,13 @@ impl Target {
     }
 
     /// Requests to this URL whose response has not ended yet.
+    /// `host[:port]` as the URL gives it: the `Host` of forwarded requests.
+    pub(crate) fn host(&self) -> &str {
+        self.base
+            .split_once("://")
+            .map_or(self.base.as_str(), |(_, rest)| rest)
+    }
+
     pub(crate) fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Relaxed)
     }
