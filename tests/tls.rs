@@ -11,28 +11,12 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 
 fn rule(name: &str, path: &str, burst: u32) -> String {
     format!(
         "[[rules]]\nname = \"{name}\"\nkey = \"ip\"\nrate = 1\nper = \"60s\"\nburst = {burst}\nmatch = {{ path_prefix = \"{path}\" }}\n"
-    )
-}
-
-/// Writes `issued` as cert.pem / key.pem into `dir`; returns the
-/// `[server.tls]` section naming them.
-fn install(dir: &Path, issued: &Issued) -> String {
-    write_file(dir, "cert.pem", &issued.cert_pem);
-    write_file(dir, "key.pem", &issued.key_pem);
-    format!(
-        "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
-        dir.join("cert.pem").display(),
-        dir.join("key.pem").display()
     )
 }
 
@@ -59,37 +43,6 @@ fn curl(ca: &Path, args: &[&str], input: Option<&[u8]>) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A TLS connection to the gateway, trusting `ca_pem`, offering `alpn`.
-fn connect(
-    port: u16,
-    ca_pem: &str,
-    alpn: &[&[u8]],
-) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let conn =
-        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())
-            .unwrap();
-    let sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, sock);
-    while tls.conn.is_handshaking() {
-        tls.conn.complete_io(&mut tls.sock).unwrap();
-    }
-    tls
 }
 
 /// The leaf certificate the gateway presented on `tls`.

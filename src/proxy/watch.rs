@@ -114,9 +114,13 @@ fn sweep() {
         });
         cut
     });
-    if cut.is_empty() {
-        return;
+    if !cut.is_empty() {
+        cut_off(cut);
     }
+}
+
+/// Cuts `cut` off: what each held is dropped at once.
+fn cut_off(cut: Vec<Rc<Watched>>) {
     crate::metrics::client_error_n("response_stalled", cut.len() as u64);
     for w in cut {
         // One text: the logger writes it once, then a count per window.

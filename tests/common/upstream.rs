@@ -53,6 +53,14 @@ impl Upstream {
                             }),
                         )
                         .route(
+                            // `n` bytes with a Content-Length (the gateway
+                            // may read such an answer whole).
+                            "/sized/{n}",
+                            web::to(|p: web::Path<usize>| async move {
+                                HttpResponse::Ok().body(vec![b'y'; p.into_inner()])
+                            }),
+                        )
+                        .route(
                             "/bytes/{n}",
                             web::to(|p: web::Path<usize>| async move {
                                 let n = p.into_inner();
