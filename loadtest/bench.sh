@@ -33,6 +33,12 @@
 #   peer-many        the peer keyed by X-Forwarded-For (PEER_KEY=xff)
 #   fg-many          floodgate, one never-refusing rule keyed by client
 #
+# And HTTP/2 over TLS, driven by h2load (H2_STREAMS streams per
+# connection) instead of wrk, against the same upstream over HTTP/1.1:
+#   proxy_pass-h2    nginx `listen ... ssl http2` + proxy_pass (the reference)
+#   fg-h2            floodgate with TLS, no rules (forwarding only)
+# Their latency columns come from h2load's per-request log.
+#
 # Rounds are interleaved (A B C D E F, A B C D E F, ...) so that drift of
 # the machine hits every scenario alike. For each number of connections it
 # prints a markdown table: median (min–max) of requests/s, p50 and p99
@@ -55,8 +61,9 @@
 #   MANY_CLIENTS  distinct clients of the many-subjects scenarios (default
 #             100000)
 #   SCENARIOS only these scenarios (space-separated names), with
-#             proxy_pass and proxy_pass-many; targets of scenarios not run
-#             read as 0
+#             proxy_pass, proxy_pass-many and proxy_pass-h2; targets of
+#             scenarios not run read as 0
+#   H2_STREAMS  concurrent streams per HTTP/2 connection (default 10)
 # With the defaults the whole run takes about 13 minutes.
 #
 # `bench.sh memory`: 100 000 distinct clients for 60 s against one floodgate
@@ -67,8 +74,9 @@
 #   MEM_MAX_GROWTH  fail when RSS grows more than this many percent from the
 #                 middle of the run to its end (default 25)
 #
-# Needs nginx, wrk, GNU time, and for the peer the nginx Lua module and its
-# Redis client (all installed with apt-get when missing), redis-server.
+# Needs nginx, wrk, GNU time, openssl, h2load (nghttp2-client), and for the
+# peer the nginx Lua module and its Redis client (all installed with apt-get
+# when missing), redis-server.
 # All traffic stays on 127.0.0.1; everything started is stopped on exit.
 
 # Ports are assigned through lt_free_port's printf -v, which shellcheck cannot follow.
@@ -95,10 +103,11 @@ THREADS="${THREADS:-2}"
 CONNS="${CONNS:-64 256}"
 WARMUP="${WARMUP:-1s}"
 MANY_CLIENTS="${MANY_CLIENTS:-100000}"
+H2_STREAMS="${H2_STREAMS:-10}"
 ((MANY_CLIENTS <= 131072)) || { echo "MANY_CLIENTS must be at most 131072 (198.18.0.0/15)" >&2; exit 2; }
 ADMIN_TOKEN="${FLOODGATE_ADMIN_TOKEN:-bench-admin-token}"
 
-lt_ensure_apt nginx:nginx-light wrk:wrk /usr/bin/time:time
+lt_ensure_apt nginx:nginx-light wrk:wrk /usr/bin/time:time h2load:nghttp2-client openssl:openssl
 lt_need nginx "apt-get install -y nginx-light"
 lt_need wrk "apt-get install -y wrk"
 PEER_SCRIPT="${PEER_SCRIPT:-$LT_ROOT/../shared/bench/peer_openresty.sh}"
@@ -192,6 +201,35 @@ run_wrk() {
     if [[ "${4:-}" == many ]]; then script=(-s "$LT_DIR/clients.lua" "$url" -- "$THREADS" "$MANY_CLIENTS"); else script=("$url"); fi
     lt_run timeout --kill-after=5 $(($(lt_seconds "$dur") + 30)) \
         wrk -t "$THREADS" -c "$conns" -d "$dur" --timeout 5s --latency "${script[@]}"
+}
+
+# run_h2load_timed CONNS DURATION URL: h2load over HTTP/2 for DURATION,
+# its output rewritten as the wrk lines wrk_parse reads (req/s, p50 and p99
+# from h2load's per-request log, non-2xx, errors), then its CPU seconds.
+run_h2load_timed() {
+    local conns="$1" dur="$2" url="$3" log="$LT_DIR/h2load-requests.log"
+    local secs
+    secs=$(lt_seconds "$dur")
+    local out
+    out=$(timeout --kill-after=5 $((secs + 30)) /usr/bin/time -f "wrk-cpu %U %S" \
+        h2load -t "$THREADS" -c "$conns" -m "$H2_STREAMS" -D "$secs" --warm-up-time=1 \
+        --log-file="$log" "$url" 2>&1) || true
+    awk -v secs="$secs" '
+        /^finished in/ { for (i = 1; i <= NF; i++) if ($i ~ /req\/s,?$/) { gsub(/,/, "", $(i-1)); rps = $(i-1) } }
+        /^requests:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^succeeded/) ok = $i; if ($(i+1) ~ /^errored/) err = $i } }
+        /^status codes:/ { gsub(/,/, ""); s2 = $3; s3 = $5; s4 = $7; s5 = $9 }
+        /^wrk-cpu/ { print }
+        END {
+            printf "Requests/sec: %s\n", rps
+            printf "%d requests in %ss\n", ok, secs
+            printf "Non-2xx or 3xx responses: %d\n", s4 + s5
+            printf "Socket errors: connect 0, read 0, write 0, timeout %d\n", err
+        }' <<<"$out"
+    if [[ -s "$log" ]]; then
+        cut -f3 "$log" | sort -n | awk '{ v[NR] = $1 } END {
+            if (NR > 0) { printf "50%% %dus\n", v[int(NR * 0.5) + 1]; printf "99%% %dus\n", v[int(NR * 0.99) + 1] } }'
+    fi
+    rm -f "$log"
 }
 
 # run_wrk_timed CONNS DURATION URL [many]: run_wrk, then wrk's own CPU
@@ -302,9 +340,16 @@ fi
 
 # ============================================================== compare
 
-# The reference nginx: one worker, two servers on the same upstream pool.
+# A certificate for the HTTP/2 scenarios (both sides serve the same one).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+    -keyout "$LT_DIR/bench-key.pem" -out "$LT_DIR/bench-cert.pem" >/dev/null 2>&1 ||
+    lt_die "openssl could not make the benchmark's certificate"
+
+# The reference nginx: one worker, three servers on the same upstream pool.
 lt_free_port proxy_port
 lt_free_port limit_port
+lt_free_port h2_port
 proxy_conf="$(lt_nginx_conf proxy "
     upstream backend {
         server 127.0.0.1:$UPSTREAM_PORT;
@@ -317,6 +362,19 @@ proxy_conf="$(lt_nginx_conf proxy "
     limit_req_zone \$binary_remote_addr zone=bench:1m rate=10000000r/s;
     server {
         listen 127.0.0.1:$proxy_port;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+        }
+    }
+    # HTTP/2 over TLS in front of the same HTTP/1.1 upstream.
+    server {
+        listen 127.0.0.1:$h2_port ssl http2;
+        ssl_certificate $LT_DIR/bench-cert.pem;
+        ssl_certificate_key $LT_DIR/bench-key.pem;
+        http2_max_concurrent_streams 1024;
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -338,6 +396,7 @@ lt_start_nginx proxy "$proxy_conf"
 proxy_nginx_pid="$LT_LAST_PID"
 lt_wait_for 10 "nginx proxy_pass" curl -fsS -o /dev/null "http://127.0.0.1:$proxy_port/"
 lt_wait_for 10 "nginx limit_req" curl -fsS -o /dev/null "http://127.0.0.1:$limit_port/"
+lt_wait_for 10 "nginx HTTP/2" curl -fsSk --http2 -o /dev/null "https://127.0.0.1:$h2_port/"
 
 # The OpenResty-style peer, on the same Redis and upstream.
 [[ -x "$PEER_SCRIPT" || -r "$PEER_SCRIPT" ]] || lt_die "the peer script is missing: $PEER_SCRIPT (set PEER_SCRIPT)"
@@ -388,6 +447,12 @@ lt_start_gateway fg-many "$(fg_config many "$fgm_port" "$fgm_admin" "bm:" \
     "$(never_refuses only 1000000)")" "$fgm_admin"
 fgm_pid="$LT_LAST_PID"
 
+lt_free_port fgh_port
+lt_free_port fgh_admin
+lt_start_gateway fg-h2 "$(fg_config h2 "$fgh_port" "$fgh_admin" "bh:" "" |
+    sed "s|^\[redis\]|[server.tls]\ncert = \"$LT_DIR/bench-cert.pem\"\nkey = \"$LT_DIR/bench-key.pem\"\n\n[redis]|")" "$fgh_admin"
+fgh_pid="$LT_LAST_PID"
+
 lt_free_port fgb_port
 lt_free_port fgb_admin
 lt_start_gateway fg-banned "$(fg_config banned "$fgb_port" "$fgb_admin" "bb:" \
@@ -405,8 +470,10 @@ for p in "$fg0_port" "$fg1_port" "$fg3_port" "$fgm_port" "$peer_port" "$peerx_po
     code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$p/")
     [[ "$code" == 200 ]] || lt_die "floodgate on :$p answers $code, expected 200"
 done
+code=$(curl -sk --http2 -o /dev/null -w '%{http_version} %{http_code}' "https://127.0.0.1:$fgh_port/")
+[[ "$code" == "2 200" ]] || lt_die "floodgate over HTTP/2 answers $code, expected 2 200"
 
-scenarios=(upstream proxy_pass limit_req peer fg-norules fg-1rule fg-3rules fg-banned proxy_pass-many peer-many fg-many)
+scenarios=(upstream proxy_pass limit_req peer fg-norules fg-1rule fg-3rules fg-banned proxy_pass-many peer-many fg-many proxy_pass-h2 fg-h2)
 # The scenarios whose clients are many (see run_wrk).
 declare -A many=([proxy_pass-many]=many [peer-many]=many [fg-many]=many)
 # SCENARIOS: a subset to run (space-separated names); proxy_pass and
@@ -414,7 +481,7 @@ declare -A many=([proxy_pass-many]=many [peer-many]=many [fg-many]=many)
 if [[ -n "${SCENARIOS:-}" ]]; then
     chosen=()
     for s in "${scenarios[@]}"; do
-        case " $SCENARIOS proxy_pass proxy_pass-many " in *" $s "*) chosen+=("$s") ;; esac
+        case " $SCENARIOS proxy_pass proxy_pass-many proxy_pass-h2 " in *" $s "*) chosen+=("$s") ;; esac
     done
     scenarios=("${chosen[@]}")
 fi
@@ -430,13 +497,16 @@ declare -A url=(
     [proxy_pass-many]="http://127.0.0.1:$proxy_port/"
     [peer-many]="http://127.0.0.1:$peerx_port/"
     [fg-many]="http://127.0.0.1:$fgm_port/"
+    [proxy_pass-h2]="https://127.0.0.1:$h2_port/"
+    [fg-h2]="https://127.0.0.1:$fgh_port/"
 )
-declare -A pid_of=([fg-norules]="$fg0_pid" [fg-1rule]="$fg1_pid" [fg-3rules]="$fg3_pid" [fg-banned]="$fgb_pid" [fg-many]="$fgm_pid")
+declare -A pid_of=([fg-norules]="$fg0_pid" [fg-1rule]="$fg1_pid" [fg-3rules]="$fg3_pid" [fg-banned]="$fgb_pid" [fg-many]="$fgm_pid" [fg-h2]="$fgh_pid")
 # The process that answers each scenario (nginx masters count their workers).
 declare -A proxy_pid=(
     [upstream]="" [proxy_pass]="$proxy_nginx_pid" [limit_req]="$proxy_nginx_pid" [peer]="$peer_pid"
     [fg-norules]="$fg0_pid" [fg-1rule]="$fg1_pid" [fg-3rules]="$fg3_pid" [fg-banned]="$fgb_pid"
     [proxy_pass-many]="$proxy_nginx_pid" [peer-many]="$peerx_pid" [fg-many]="$fgm_pid"
+    [proxy_pass-h2]="$proxy_nginx_pid" [fg-h2]="$fgh_pid"
 )
 
 rounds_n=$(echo "$CONNS" | wc -w)
@@ -449,7 +519,11 @@ results="$LT_DIR/results.tsv"
 for conns in $CONNS; do
     if [[ "$WARMUP" != 0 && "$WARMUP" != 0s ]]; then
         for s in "${scenarios[@]}"; do
-            run_wrk "$conns" "$WARMUP" "${url[$s]}" "${many[$s]:-}" >/dev/null
+            if [[ "$s" == *-h2 ]]; then
+                run_h2load_timed "$conns" "$WARMUP" "${url[$s]}" >/dev/null
+            else
+                run_wrk "$conns" "$WARMUP" "${url[$s]}" "${many[$s]:-}" >/dev/null
+            fi
         done
     fi
     for ((round = 1; round <= ROUNDS; round++)); do
@@ -459,7 +533,11 @@ for conns in $CONNS; do
             rcpu0=$(lt_cpu_ticks "$REDIS_PID")
             ucpu0=$(lt_cpu_ticks "$UPSTREAM_PID")
             out="$LT_DIR/wrk-$conns-$round-$s.txt"
-            run_wrk_timed "$conns" "$DURATION" "${url[$s]}" "${many[$s]:-}" >"$out"
+            if [[ "$s" == *-h2 ]]; then
+                run_h2load_timed "$conns" "$DURATION" "${url[$s]}" >"$out"
+            else
+                run_wrk_timed "$conns" "$DURATION" "${url[$s]}" "${many[$s]:-}" >"$out"
+            fi
             pcpu1=$(lt_cpu_ticks ${proxy_pid[$s]})
             rcpu1=$(lt_cpu_ticks "$REDIS_PID")
             ucpu1=$(lt_cpu_ticks "$UPSTREAM_PID")
@@ -474,7 +552,7 @@ for conns in $CONNS; do
         done
     done
     # Peak memory of each floodgate once this connection count is done.
-    for s in fg-norules fg-1rule fg-3rules fg-banned fg-many; do
+    for s in fg-norules fg-1rule fg-3rules fg-banned fg-many fg-h2; do
         printf '%s\t%s\n' "$conns" "$s $(lt_mem "${pid_of[$s]}" VmHWM)" >>"$LT_DIR/hwm.tsv"
     done
 done
@@ -498,7 +576,7 @@ echo "# floodgate vs nginx: ROUNDS=$ROUNDS DURATION=$DURATION THREADS=$THREADS, 
 echo
 echo "$(nproc) CPUs; $(nginx -v 2>&1); $(redis-server --version | awk '{print $1, $2, $3}'); floodgate $("$FLOODGATE" --version 2>/dev/null | awk '{print $NF}')."
 echo "Ratios are to nginx proxy_pass under the same load (req/s: higher is better; latency: lower is better):"
-echo "the *-many scenarios to proxy_pass-many, the others to proxy_pass."
+echo "the *-many scenarios to proxy_pass-many, the *-h2 ones (h2load, HTTP/2 over TLS) to proxy_pass-h2, the others to proxy_pass."
 for conns in $CONNS; do
     echo
     echo "## $conns connections"
@@ -508,6 +586,7 @@ for conns in $CONNS; do
     for s in "${scenarios[@]}"; do
         ref=proxy_pass
         [[ -n "${many[$s]:-}" ]] && ref=proxy_pass-many
+        [[ "$s" == *-h2 ]] && ref=proxy_pass-h2
         read -r ref_rps _ _ < <(stats 4 "$conns" "$ref")
         read -r ref_p50 _ _ < <(stats 5 "$conns" "$ref")
         read -r ref_p99 _ _ < <(stats 6 "$conns" "$ref")
@@ -605,7 +684,11 @@ for conns in $CONNS; do
     verdict "c=$conns fg-1rule req/s × peer" "$(ratio fg-1rule peer 4 "$conns")" ">=" 1.6
     verdict "c=$conns fg-1rule p99 × peer p99" "$(ratio fg-1rule peer 6 "$conns")" "<=" 1.0
     verdict "c=$conns fg-1rule Redis calls per request" "$(calls_per_request "$conns" fg-1rule)" "<=" 0.01
-    verdict "c=$conns fg-norules req/s × proxy_pass" "$(ratio fg-norules proxy_pass 4 "$conns")" ">=" 0.9
+    # Forwarding.
+    verdict "c=$conns fg-norules req/s × proxy_pass" "$(ratio fg-norules proxy_pass 4 "$conns")" ">=" 1.0
+    verdict "c=$conns fg-norules proxy CPU µs/req × proxy_pass's" \
+        "$(awk -v a="$(per_request 12 "$conns" fg-norules)" -v b="$(per_request 12 "$conns" proxy_pass)" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')" "<=" 1.0
+    verdict "c=$conns fg-h2 req/s × proxy_pass-h2" "$(ratio fg-h2 proxy_pass-h2 4 "$conns")" ">=" 1.0
     verdict "c=$conns fg-banned Redis calls per request" "$(calls_per_request "$conns" fg-banned)" "<=" 0
     # Many subjects: a Redis decision per request.
     verdict "c=$conns fg-many req/s × peer-many" "$(ratio fg-many peer-many 4 "$conns")" ">=" 1.3

@@ -311,11 +311,10 @@ impl Upstream {
             if let Ok(host) = http::HeaderValue::from_str(target.host()) {
                 headers.insert(http::header::HOST, host);
             }
-            let (body, pump) = if has_body {
-                let (body, pump) = client::OutBody::pumped(upload.body());
-                (body, Some(pump))
+            let body = if has_body {
+                client::OutBody::Upload(upload.body())
             } else {
-                (client::OutBody::Empty, None)
+                client::OutBody::Empty
             };
             let mut creq = http::Request::new(body);
             *creq.method_mut() = method.clone();
@@ -348,23 +347,7 @@ impl Upstream {
                         ),
                     })?;
                 let reused = conn.reused;
-                let send = conn.send(creq);
-                let sent = match pump {
-                    None => send.await,
-                    Some(pump) => {
-                        // The body is read here, in the request's task
-                        // (see `client::OutBody`), while the head is sent.
-                        tokio::pin!(send, pump);
-                        match futures_util::future::select(send, pump).await {
-                            futures_util::future::Either::Left((r, _)) => r,
-                            futures_util::future::Either::Right((true, send)) => send.await,
-                            futures_util::future::Either::Right((false, _)) => {
-                                return Err((SendFailure::Other, "the client's body failed".into()))
-                            }
-                        }
-                    }
-                };
-                match sent {
+                match conn.send(creq).await {
                     Ok(resp) => Ok((conn, resp)),
                     Err(e) => Err((classify(&e, reused), e.to_string())),
                 }

@@ -16,12 +16,14 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::Stream;
 use http_body::{Body, Frame, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -34,79 +36,19 @@ use crate::upload::UploadBody;
 /// the largest response head it accepts).
 pub(crate) const READ_BUFFER: usize = 8 * 1024;
 
-/// A request body on its way upstream: none, or the client's, handed over
-/// chunk by chunk by [`pump`] running in the request's own task.
-///
-/// Why not let the connection's task read the client's body itself: the
-/// HTTP server notices a broken body (a malformed chunk) while it runs the
-/// request's task, and disconnects right after that task's turn. Read from
-/// the request's task, the fault is seen in that same turn and answered
-/// (400), instead of the client losing its connection without a word.
+/// A request body on its way upstream: none, or the client's, streamed.
+/// It is read when the connection is driven, which is always from the
+/// request's own task (see [`Conn`]): the HTTP server notices a broken
+/// body (a malformed chunk) while it runs that task, and disconnects right
+/// after; read there, the fault is answered (400) in the same turn.
 pub(crate) enum OutBody {
     Empty,
-    Pumped {
-        rx: tokio::sync::mpsc::Receiver<Bytes>,
-        /// Set by the pump when the client's body ended: a channel closed
-        /// without it is a body cut short, never a complete one.
-        done: Rc<Cell<bool>>,
-    },
+    Upload(UploadBody),
 }
-
-impl OutBody {
-    /// A pumped body and the pump that feeds it from `upload`.
-    pub(crate) fn pumped(upload: UploadBody) -> (OutBody, impl std::future::Future<Output = bool>) {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let done = Rc::new(Cell::new(false));
-        (
-            OutBody::Pumped {
-                rx,
-                done: done.clone(),
-            },
-            pump(upload, tx, done),
-        )
-    }
-}
-
-/// Moves the client's body to the connection, a chunk at a time (the
-/// channel holds one: the client is read no faster than the upstream
-/// takes it). False when the client's body failed (see [`Upload::fault`]).
-///
-/// [`Upload::fault`]: crate::upload::Upload::fault
-async fn pump(
-    mut upload: UploadBody,
-    tx: tokio::sync::mpsc::Sender<Bytes>,
-    done: Rc<Cell<bool>>,
-) -> bool {
-    use futures_util::StreamExt;
-    while let Some(chunk) = upload.next().await {
-        match chunk {
-            Ok(b) => {
-                if tx.send(b).await.is_err() {
-                    return true; // the connection is gone: nothing to feed
-                }
-            }
-            Err(_) => return false,
-        }
-    }
-    done.set(true);
-    true
-}
-
-/// The client's body ended before its end (or the request gave up on it).
-#[derive(Debug)]
-pub(crate) struct CutShort;
-
-impl std::fmt::Display for CutShort {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the request body was cut short")
-    }
-}
-
-impl std::error::Error for CutShort {}
 
 impl Body for OutBody {
     type Data = Bytes;
-    type Error = CutShort;
+    type Error = actix_web::error::PayloadError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -114,12 +56,9 @@ impl Body for OutBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             OutBody::Empty => Poll::Ready(None),
-            OutBody::Pumped { rx, done } => match rx.poll_recv(cx) {
-                Poll::Ready(Some(b)) => Poll::Ready(Some(Ok(Frame::data(b)))),
-                Poll::Ready(None) if done.get() => Poll::Ready(None),
-                Poll::Ready(None) => Poll::Ready(Some(Err(CutShort))),
-                Poll::Pending => Poll::Pending,
-            },
+            OutBody::Upload(body) => Pin::new(body)
+                .poll_next(cx)
+                .map(|chunk| chunk.map(|r| r.map(Frame::data))),
         }
     }
 
@@ -130,7 +69,7 @@ impl Body for OutBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             OutBody::Empty => SizeHint::with_exact(0),
-            OutBody::Pumped { .. } => SizeHint::default(),
+            OutBody::Upload(_) => SizeHint::default(),
         }
     }
 }
@@ -148,22 +87,69 @@ impl Drop for Open {
     }
 }
 
-/// A connection taken from the pool for one exchange. Dropped rather than
-/// put back (its answer not read to the end, an error), it is closed at
-/// once: nothing else could use it, and an upstream that keeps sending
-/// must not keep it open.
+/// A connection taken from the pool for one exchange, driven by the task
+/// that uses it: sending the request, reading the answer and reading the
+/// client's body all happen in the request's own task, with no task of the
+/// connection's own to wake and hand results over (one task switch and
+/// its channels less per request). Dropped rather than put back (its
+/// answer not read to the end, an error), it is closed at once.
 pub(crate) struct Conn {
     tx: Sender,
+    io: Pin<Box<http1::Connection<TokioIo<TcpStream>, OutBody>>>,
     /// Whether it served an exchange before (a failure on it before any
     /// answer may mean the upstream had closed it while idle).
     pub(crate) reused: bool,
+    /// Set once the connection has ended.
+    ended: bool,
     authority: Rc<str>,
-    task: tokio::task::AbortHandle,
+    _open: Open,
 }
 
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.task.abort();
+impl Conn {
+    /// Lets the connection read and write what it can; ready once it has
+    /// ended (closed by either side, or failed).
+    pub(crate) fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.ended {
+            return Poll::Ready(());
+        }
+        match self.io.as_mut().poll(cx) {
+            Poll::Ready(result) => {
+                if let Err(e) = result {
+                    log::debug!("upstream connection ended: {e}");
+                }
+                self.ended = true;
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Sends `req` on this connection; the answer's head, or hyper's error.
+    pub(crate) async fn send(
+        &mut self,
+        req: http::Request<OutBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+        let answer = self.tx.send_request(req);
+        tokio::pin!(answer);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = answer.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+            if self.drive(cx).is_ready() {
+                // Ended: the answer resolves (to an error) now.
+                return answer.as_mut().poll(cx);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Whether the connection takes a request now (driving it once).
+    fn ready_now(&mut self) -> bool {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let _ = self.drive(&mut cx);
+        !self.ended && matches!(self.tx.poll_ready(&mut cx), Poll::Ready(Ok(())))
     }
 }
 
@@ -225,7 +211,7 @@ impl Connections {
     ) -> Result<Conn, ConnectError> {
         loop {
             if !fresh {
-                if let Some(conn) = self.take_idle(authority).await {
+                if let Some(conn) = self.take_idle(authority) {
                     return Ok(conn);
                 }
             }
@@ -249,16 +235,16 @@ impl Connections {
         }
     }
 
-    /// The most recently idle connection to `authority` still usable.
-    async fn take_idle(&self, authority: &str) -> Option<Conn> {
+    /// The most recently idle connection to `authority` still usable (one
+    /// the upstream closed while idle is noticed here, driven once).
+    fn take_idle(&self, authority: &str) -> Option<Conn> {
         loop {
             let idle = self.idle.borrow_mut().get_mut(authority)?.pop()?;
-            if idle.conn.tx.is_closed() || idle.since.elapsed() >= self.idle_timeout {
+            if idle.since.elapsed() >= self.idle_timeout {
                 continue; // dropped: its connection closes
             }
             let mut conn = idle.conn;
-            // Ready at once unless the connection is closing.
-            if conn.tx.ready().await.is_err() {
+            if !conn.ready_now() {
                 continue;
             }
             conn.reused = true;
@@ -319,23 +305,19 @@ impl Connections {
                 )))
             }
         };
-        let task = actix_web::rt::spawn(async move {
-            let _open = permit;
-            if let Err(e) = conn.await {
-                log::debug!("upstream connection ended: {e}");
-            }
-        });
         Ok(Conn {
             tx,
+            io: Box::pin(conn),
             reused: false,
+            ended: false,
             authority: self.key(authority),
-            task: task.abort_handle(),
+            _open: permit,
         })
     }
 
     /// A connection whose exchange ended cleanly, for the next request.
     pub(crate) fn put_back(&self, conn: Conn) {
-        if conn.tx.is_closed() {
+        if conn.ended || conn.tx.is_closed() {
             return;
         }
         self.idle
@@ -347,15 +329,5 @@ impl Connections {
                 since: Instant::now(),
             });
         self.freed.notify_one();
-    }
-}
-
-impl Conn {
-    /// Sends `req` on this connection; the answer's head, or hyper's error.
-    pub(crate) async fn send(
-        &mut self,
-        req: http::Request<OutBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
-        self.tx.send_request(req).await
     }
 }

@@ -153,6 +153,7 @@ pub(super) async fn build(
     flight: InFlight,
 ) -> Result<UpstreamResponse, AnswerError> {
     let (parts, mut body) = resp.into_parts();
+    let mut conn = conn;
     let status = StatusCode::from_u16(parts.status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut headers = HeaderMap::new();
     for (name, value) in &parts.headers {
@@ -186,7 +187,7 @@ pub(super) async fn build(
     let mut prefix = Bytes::new();
     if size.is_none() && !bodyless && limits.buffer_response > 0 {
         let max = limits.buffer_response.min(client::READ_BUFFER);
-        let (got, ended) = read_available(&mut body, max).await?;
+        let (got, ended) = read_available(&mut body, &mut conn, max).await?;
         if ended {
             let got_len = got.len();
             drop(flight);
@@ -208,7 +209,7 @@ pub(super) async fn build(
         .filter(|n| *n <= limits.buffer_response as u64)
         .and_then(|n| Reserved::take(n as usize))
     {
-        let whole = read_whole(&mut body, reserved.0, limits.idle).await?;
+        let whole = read_whole(&mut body, &mut conn, reserved.0, limits.idle).await?;
         drop(flight);
         pool.put_back(conn);
         Held::Buffered(Buffered {
@@ -280,13 +281,17 @@ fn respond(
 
 /// What of `body` is there already (the connection's task may run twice
 /// to deliver it), up to `max` bytes, and whether that is all of it.
-async fn read_available(body: &mut Incoming, max: usize) -> Result<(Bytes, bool), AnswerError> {
+async fn read_available(
+    body: &mut Incoming,
+    conn: &mut Conn,
+    max: usize,
+) -> Result<(Bytes, bool), AnswerError> {
     use futures_util::FutureExt;
-    use http_body_util::BodyExt;
     let mut got = BytesMut::with_capacity(max);
     let mut waits = 0;
     loop {
-        match body.frame().now_or_never() {
+        let next = std::future::poll_fn(|cx| poll_frame_driven(body, conn, cx));
+        match next.now_or_never() {
             Some(None) => return Ok((got.freeze(), true)),
             Some(Some(Err(e))) => return Err(AnswerError::Broken(e.to_string())),
             Some(Some(Ok(frame))) => {
@@ -309,11 +314,16 @@ async fn read_available(body: &mut Incoming, max: usize) -> Result<(Bytes, bool)
 
 /// Reads `body` whole (its length `len`, known), failing if it stalls for
 /// `idle` or breaks off.
-async fn read_whole(body: &mut Incoming, len: usize, idle: Duration) -> Result<Bytes, AnswerError> {
-    use http_body_util::BodyExt;
+async fn read_whole(
+    body: &mut Incoming,
+    conn: &mut Conn,
+    len: usize,
+    idle: Duration,
+) -> Result<Bytes, AnswerError> {
     let mut whole = BytesMut::with_capacity(len);
     loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
+        let next = std::future::poll_fn(|cx| poll_frame_driven(body, conn, cx));
+        let frame = match tokio::time::timeout(idle, next).await {
             Err(_) => return Err(AnswerError::Broken(format!("body stalled for {idle:?}"))),
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(AnswerError::Broken(e.to_string())),
@@ -327,6 +337,23 @@ async fn read_whole(body: &mut Incoming, len: usize, idle: Duration) -> Result<B
         }
     }
     Ok(whole.freeze())
+}
+
+/// The next frame of `body`, the connection driven as needed: the body is
+/// asked first (so that the connection knows it is wanted), then the
+/// connection reads, then the body is asked again.
+fn poll_frame_driven(
+    body: &mut Incoming,
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+    if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+        return Poll::Ready(frame);
+    }
+    if conn.drive(cx).is_ready() && body.is_end_stream() {
+        return Poll::Ready(None);
+    }
+    Pin::new(body).poll_frame(cx)
 }
 
 /// A buffered answer: what the client has not taken yet.
@@ -449,7 +476,11 @@ fn poll_paced(
         return Poll::Ready(Some(Ok(p.rest.split_to(n))));
     }
     loop {
-        match Pin::new(&mut p.body).poll_frame(cx) {
+        let polled = match p.conn.as_mut() {
+            Some(conn) => poll_frame_driven(&mut p.body, conn, cx),
+            None => Pin::new(&mut p.body).poll_frame(cx),
+        };
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 p.idle.progress();
                 let Ok(mut data) = frame.into_data() else {
