@@ -47,7 +47,13 @@
 --          that admits this request from tokens it holds asks for up to
 --          ARGV[12] more for its lease; charged like a decision when the
 --          subject can spare them, otherwise nothing is charged and the
---          reply is a peek's (never a refusal: no violation is counted)
+--          reply is a peek's (never a refusal: no violation is counted),
+--          or 's' settle: the answer of an admitted request told its real
+--          cost; each rule's cost (below) is the difference, signed: taken
+--          off (a refund, never below an untouched bucket) when negative,
+--          charged when positive even past the limit (the subject is then
+--          in debt and its next requests wait); never a refusal, never a
+--          violation, and the state lives until the debt is paid
 -- ARGV[3]  idle TTL of the state hash, ms (every bucket of it refills,
 --          every quota period of it ends)
 -- ARGV[4]  '1' if the subject can be banned (check and escalate)
@@ -147,6 +153,9 @@ local now_ms = floor_of(now / 1000)
 local mode = sub(ARGV[A + 2], 1, 1)
 local topup = mode == 't'
 if topup then mode = 'd' end
+-- A settlement is a refund of the negated differences (see ARGV[2]).
+local settle = mode == 's'
+if settle then mode = 'r' end
 local ttl = tonumber(ARGV[A + 3])
 local bannable = ARGV[A + 4] == '1'
 local after = tonumber(ARGV[A + 5])
@@ -294,9 +303,13 @@ for i = 1, n do
     local tat = tonumber(cur[i]) or now
     if tat < now then tat = now end
     if mode == 'r' then
+      if settle then cost = -cost end
       tat = tat - cost
       if tat < now then tat = now end
       pass = true
+      -- A debt is kept until it is paid.
+      local paid_ms = floor_of(tat / 1000) + 1
+      if settle and paid_ms > keep then keep = paid_ms end
     elseif tat + cost - now <= cap then
       tat = tat + cost
       pass = true
@@ -313,6 +326,7 @@ for i = 1, n do
     local ps, pc = string.match(cur[i] or '', '^(%d+):(%d+)$')
     if ps ~= nil and tonumber(ps) == start then count = tonumber(pc) end
     if mode == 'r' then
+      if settle then cost = -cost end
       count = count - cost
       if count < 0 then count = 0 end
       pass = true
@@ -401,6 +415,7 @@ if mode == 'r' then
     hset(hkey, args)
     pexpire(hkey, keep - now_ms)
   end
+  if settle then return out end
   refused = sub(ARGV[A + 2], 3)
 end
 

@@ -57,6 +57,17 @@ pub enum Limit {
     Concurrency(ConcurrencySpec),
 }
 
+impl Limit {
+    /// What one request takes by default (a slot, for a cap).
+    pub fn cost(&self) -> u32 {
+        match self {
+            Limit::Rate(b) => b.cost,
+            Limit::Quota(q) => q.cost,
+            Limit::Concurrency(_) => 1,
+        }
+    }
+}
+
 /// A token bucket in the exact integer form both stores use (GCRA):
 /// one token every `interval_us` microseconds, `burst` tokens at most.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

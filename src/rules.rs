@@ -279,6 +279,20 @@ pub(crate) struct SubjectGroup<'r> {
     /// How long the subject's state may live in the store once idle: long
     /// enough for every bucket of this subject kind to refill.
     pub(crate) ttl_ms: u64,
+    /// What this request costs on each rule, in the order of `rules`, when
+    /// a rule takes its cost from the request (see [`Rule::cost_header`]);
+    /// empty: every rule's own cost.
+    pub(crate) costs: Vec<i64>,
+}
+
+impl SubjectGroup<'_> {
+    /// What this request costs on rule `i`.
+    pub(crate) fn cost_of(&self, i: usize) -> i64 {
+        self.costs
+            .get(i)
+            .copied()
+            .unwrap_or_else(|| self.rules.get(i).map_or(1, |r| i64::from(r.limit.cost())))
+    }
 }
 
 /// A request header that cannot serve as a rate-limit key.
@@ -401,6 +415,7 @@ impl RuleSet {
                     ttl_ms: rule.subject_ttl_ms,
                     subject,
                     rules: vec![rule],
+                    costs: Vec::new(),
                 }),
             }
         }

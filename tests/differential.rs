@@ -149,14 +149,26 @@ fn redis_and_local_stores_decide_identically() {
         let mode = match rng.below(12) {
             0 => Mode::Refund { rule: "elsewhere" },
             1 => Mode::TopUp,
+            2 => Mode::Settle,
             _ => Mode::Decide,
         };
         // A quarter of the calls ask for a lease (a decision for up to 8
         // requests), or give back up to 8 requests' worth (a refund).
-        let count = if rng.below(4) == 0 {
+        let count = if mode != Mode::Settle && rng.below(4) == 0 {
             1 + rng.below(8) as u32
         } else {
             1
+        };
+        // A settlement's costs are signed differences; a decision or a
+        // refund names its own costs a third of the time (a cost read from a header).
+        let costs: Vec<i64> = match mode {
+            Mode::Settle => subset.iter().map(|_| rng.below(7) as i64 - 3).collect(),
+            // (Only single requests name costs: leases are never taken
+            // for rules whose cost varies.)
+            Mode::Decide | Mode::Refund { .. } if count == 1 && rng.below(3) == 0 => {
+                subset.iter().map(|_| rng.below(4) as i64).collect()
+            }
+            _ => Vec::new(),
         };
         let call = SubjectCall {
             tag,
@@ -167,10 +179,19 @@ fn redis_and_local_stores_decide_identically() {
             now_us: Some(now_us),
             lease: "",
             count,
+            costs: &costs,
         };
         let a = rt.block_on(DecisionStore::decide(&remote, &call)).unwrap();
         let b = local.decide(&call);
         assert_eq!(a, b, "step {step}: {call:?}");
+        if mode == Mode::Settle {
+            // A settlement never refuses and never counts a violation.
+            assert!(
+                matches!(a.status, Status::Allowed | Status::BannedBefore),
+                "step {step}: a settlement refused: {a:?}"
+            );
+            *seen.entry("Settled".to_string()).or_insert(0) += 1;
+        }
         if mode == Mode::TopUp {
             // A top-up never refuses: it grants what can be spared, or 0.
             assert!(
@@ -202,6 +223,7 @@ fn redis_and_local_stores_decide_identically() {
         "Leased",
         "TopUp",
         "TopUpNone",
+        "Settled",
     ] {
         assert!(
             seen.get(status).copied().unwrap_or(0) > 5,
@@ -255,7 +277,7 @@ lease = "500ms"
 shadow = true
 
 [ban]
-after = 6
+after = 4
 within = "2s"
 duration = "3s"
 factor = 1.5
@@ -303,7 +325,7 @@ fn quotas_and_concurrency_decide_identically_in_both_stores() {
     // Leases handed out: (tag, subset index, lease id).
     let mut held: Vec<(usize, usize, String)> = Vec::new();
     let mut seen = std::collections::HashMap::new();
-    for step in 0..4000u64 {
+    for step in 0..6000u64 {
         now_us += match rng.below(40) {
             0..=17 => rng.below(2_000),
             18..=31 => rng.below(400_000),
@@ -349,7 +371,23 @@ fn quotas_and_concurrency_decide_identically_in_both_stores() {
         let mode = match op {
             2 => Mode::Peek,
             3 => Mode::Refund { rule: "elsewhere" },
+            4 if step % 2 == 0 => Mode::Settle,
             _ => Mode::Decide,
+        };
+        // A settlement moves quotas and buckets only (never a slot): its
+        // rules are those of the subset that count (see `Rule::settle`).
+        let rules_of: Vec<&Rule> = if mode == Mode::Settle {
+            subsets[s]
+                .iter()
+                .copied()
+                .filter(|r| !matches!(r.limit, floodgate::policy::Limit::Concurrency(_)))
+                .collect()
+        } else {
+            subsets[s].clone()
+        };
+        let costs: Vec<i64> = match mode {
+            Mode::Settle => rules_of.iter().map(|_| rng.below(9) as i64 - 3).collect(),
+            _ => Vec::new(),
         };
         let lease = if op == 3 && !held.is_empty() {
             held[rng.below(held.len() as u64) as usize].2.clone()
@@ -358,19 +396,28 @@ fn quotas_and_concurrency_decide_identically_in_both_stores() {
         };
         let call = SubjectCall {
             tag: tags[t],
-            rules: &subsets[s],
+            rules: &rules_of,
             ttl_ms,
             bannable: true,
             mode,
             now_us: Some(now_us),
             lease: &lease,
             count: 1,
+            costs: &costs,
         };
         let a = rt.block_on(DecisionStore::decide(&remote, &call)).unwrap();
         let b = local.decide(&call);
         assert_eq!(a, b, "step {step}: {call:?}");
         if mode == Mode::Decide && a.status == Status::Allowed {
             held.push((t, s, lease));
+        }
+        if mode == Mode::Settle {
+            assert!(
+                matches!(a.status, Status::Allowed | Status::BannedBefore),
+                "step {step}: a settlement refused: {a:?}"
+            );
+            *seen.entry("Settled".to_string()).or_insert(0) += 1;
+            continue;
         }
         for (rule, bucket) in subsets[s].iter().zip(&a.buckets) {
             *seen
@@ -392,6 +439,7 @@ fn quotas_and_concurrency_decide_identically_in_both_stores() {
         "lease renew=true held=true",
         "lease renew=true held=false",
         "lease renew=false held=false",
+        "Settled",
     ] {
         assert!(
             seen.get(outcome).copied().unwrap_or(0) > 3,
@@ -424,6 +472,7 @@ fn the_script_ends_a_day_quota_at_midnight_utc_and_a_month_quota_on_the_first() 
             now_us: Some(now_us),
             lease: "",
             count: 1,
+            costs: &[],
         };
         rt.block_on(DecisionStore::decide(&store, &call)).unwrap()
     };

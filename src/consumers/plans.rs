@@ -223,6 +223,7 @@ impl Plans {
                     subject,
                     rules: matching,
                     ttl_ms: self.ttl_ms,
+                    costs: Vec::new(),
                 };
                 // The client's own subject goes first (see RuleSet::groups).
                 if group.subject.bannable() {

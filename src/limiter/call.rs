@@ -62,6 +62,11 @@ pub enum Mode<'a> {
     /// otherwise a peek that grants 0. Never a refusal, so never a
     /// violation: the request itself was charged when its lease was.
     TopUp,
+    /// An admitted request's answer told its real cost: each rule's cost
+    /// in `costs` is the difference from what was charged, signed (a
+    /// refund when negative, a charge when positive, even past the limit:
+    /// a debt the subject's next requests wait out). Never a refusal.
+    Settle,
 }
 
 /// One store call: a subject and its matching rules.
@@ -81,6 +86,17 @@ pub struct SubjectCall<'a> {
     /// tokens; the store grants no more than half of what every rule has
     /// left, and 1 near the limit). Refunding: exactly this many.
     pub count: u32,
+    /// Each rule's cost for this call, in the order of `rules` (a cost
+    /// the request named, or a settlement's signed difference); empty:
+    /// every rule's own `cost`.
+    pub costs: &'a [i64],
+}
+
+impl SubjectCall<'_> {
+    /// The cost of rule `i` in this call (see `costs`).
+    pub(crate) fn cost_of(&self, i: usize, own: u32) -> i64 {
+        self.costs.get(i).copied().unwrap_or(i64::from(own))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -197,6 +197,7 @@ impl<S: SharedStore> Limiter<S> {
                 now_us,
                 lease: &pass.lease,
                 count,
+                costs: &g.costs,
             };
             let (mut reply, store) = self.decide_subject(&call).await;
             store.counter(&self.metrics.decisions).increment(1);
@@ -486,13 +487,14 @@ impl<S: SharedStore> Limiter<S> {
                     .map_or(0, |r| r.count),
                 None => 0,
             };
-            let charged: Vec<&Rule> = g
+            let (charged, costs): (Vec<&Rule>, Vec<i64>) = g
                 .rules
                 .iter()
+                .enumerate()
                 .zip(&reply.buckets)
                 .filter(|(_, b)| b.state == BucketState::Charged)
-                .map(|(r, _)| *r)
-                .collect();
+                .map(|((i, r), _)| (*r, g.cost_of(i)))
+                .unzip();
             // Banned by a later subject: nothing to count, only give back.
             if rule.is_none() && charged.is_empty() {
                 continue;
@@ -508,6 +510,7 @@ impl<S: SharedStore> Limiter<S> {
                 now_us: pass.now_us,
                 lease: &pass.lease,
                 count: 1 + held,
+                costs: if g.costs.is_empty() { &[] } else { &costs },
             };
             match self.on_store(*store, &call).await {
                 Ok(r) if r.status == Status::BannedNow => {

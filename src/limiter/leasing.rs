@@ -63,6 +63,7 @@ impl<S: SharedStore> Limiter<S> {
             now_us,
             lease: "",
             count: want,
+            costs: &[],
         };
         let started = Instant::now();
         let result = shared.decide(&call).await;
@@ -148,6 +149,7 @@ impl<S: SharedStore> Limiter<S> {
                 now_us: None,
                 lease: "",
                 count: r.count,
+                costs: &[],
             };
             let result = match self.route(&r.tag) {
                 Route::Shared(shared, _) => shared.decide(&call).await.map(|_| ()),

@@ -224,6 +224,7 @@ impl<S: SharedStore> Limiter<S> {
             now_us: None,
             lease: "",
             count: 1,
+            costs: &[],
         };
         match self.route(tag) {
             Route::Shared(shared, _) => shared.decide(&call).await,

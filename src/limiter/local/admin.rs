@@ -208,6 +208,7 @@ mod tests {
                 now_us: None,
                 lease: "",
                 count: 1,
+                costs: &[],
             };
             assert_eq!(store.decide(&call).status, Status::Allowed);
         }

@@ -132,19 +132,22 @@ impl LocalStore {
         if s.ban_expires_ms > now_ms {
             keep = keep.max(s.ban_expires_ms);
         }
-        for rule in call.rules {
-            let cost_of = |c: u64| {
-                if call.mode == Mode::Peek {
+        let settle = call.mode == Mode::Settle;
+        for (i, rule) in call.rules.iter().enumerate() {
+            // A settlement's signed difference (see `Mode::Settle`).
+            let delta = call.cost_of(i, rule.limit.cost());
+            let cost_of = |own: u32| {
+                if call.mode == Mode::Peek || settle {
                     0
                 } else {
-                    c * u64::from(units)
+                    call.cost_of(i, own).max(0) as u64 * u64::from(units)
                 }
             };
             let (pass, room, wait, value) = match rule.limit {
                 Limit::Rate(b) => {
                     let t = b.interval_us;
                     let cap = t * u64::from(b.burst);
-                    let cost = t * cost_of(u64::from(b.cost));
+                    let cost = t * cost_of(b.cost);
                     let stored = s
                         .tats
                         .iter()
@@ -152,6 +155,13 @@ impl LocalStore {
                         .map(|(_, v)| *v);
                     let mut tat = stored.unwrap_or(now).max(now);
                     let pass = match call.mode {
+                        Mode::Settle => {
+                            let moved = tat as i64 + delta * t as i64;
+                            tat = (moved.max(now as i64)) as u64;
+                            // A debt is kept until it is paid.
+                            keep = keep.max(tat / 1000 + 1);
+                            true
+                        }
                         Mode::Refund { .. } => {
                             tat = tat.saturating_sub(cost).max(now);
                             true
@@ -172,7 +182,7 @@ impl LocalStore {
                 }
                 Limit::Quota(q) => {
                     let (start, stop) = q.period.bounds(now_s);
-                    let cost = cost_of(u64::from(q.cost));
+                    let cost = cost_of(q.cost);
                     let mut count = s
                         .quotas
                         .iter()
@@ -181,6 +191,10 @@ impl LocalStore {
                         .map(|(.., c)| *c)
                         .unwrap_or(0);
                     let pass = match call.mode {
+                        Mode::Settle => {
+                            count = (count as i64 + delta).max(0) as u64;
+                            true
+                        }
                         Mode::Refund { .. } => {
                             count = count.saturating_sub(cost);
                             true
@@ -325,6 +339,11 @@ impl LocalStore {
                 write(s, false);
                 rule.to_string()
             }
+            Mode::Settle => {
+                write(s, false);
+                reply.buckets = buckets;
+                return reply;
+            }
         };
 
         reply.status = Status::Limited;
@@ -408,6 +427,7 @@ pub(crate) fn wall_clock_us() -> u64 {
 fn granted_units(s: &SubjectState, call: &SubjectCall<'_>, now: u64, now_s: u64) -> u32 {
     match call.mode {
         Mode::Refund { .. } => return call.count.max(1),
+        Mode::Settle => return 1,
         Mode::Peek => return 1,
         Mode::Decide if call.count <= 1 => return 1,
         Mode::Decide | Mode::TopUp => {}

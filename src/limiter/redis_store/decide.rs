@@ -60,6 +60,7 @@ impl DecideCall {
         // One request whose rules are all token buckets, none in shadow
         // mode: the script's shorter path (the same decision).
         let lean = call.count <= 1
+            && call.costs.is_empty()
             && call
                 .rules
                 .iter()
@@ -69,6 +70,7 @@ impl DecideCall {
             Mode::Decide => "d".to_string(),
             Mode::Peek => "p".to_string(),
             Mode::TopUp => "t".to_string(),
+            Mode::Settle => "s".to_string(),
             Mode::Refund { rule } => format!("r:{rule}"),
         });
         args.push(call.ttl_ms.to_string());
@@ -76,20 +78,20 @@ impl DecideCall {
         args.extend(ban.argv.iter().cloned());
         args.push(call.lease.to_string());
         args.push(call.count.max(1).to_string());
-        for rule in call.rules {
+        for (i, rule) in call.rules.iter().enumerate() {
             args.push(rule.name.to_string());
             let [kind, a, b, c] = match rule.limit {
                 Limit::Rate(b) => [
                     "r".to_string(),
                     b.interval_us.to_string(),
                     b.burst.to_string(),
-                    b.cost.to_string(),
+                    call.cost_of(i, b.cost).to_string(),
                 ],
                 Limit::Quota(q) => [
                     "q".to_string(),
                     q.period.code().to_string(),
                     q.quota.to_string(),
-                    q.cost.to_string(),
+                    call.cost_of(i, q.cost).to_string(),
                 ],
                 Limit::Concurrency(c) => [
                     "c".to_string(),

@@ -32,6 +32,7 @@ impl Bench {
                 now_us: None,
                 lease: "",
                 count: 1,
+                costs: &[],
             };
             self.shared().truth.decide(&call);
         }

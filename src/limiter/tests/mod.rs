@@ -51,6 +51,7 @@ impl DecisionStore for Scripted {
                 Mode::Decide => "d".into(),
                 Mode::Peek => "p".into(),
                 Mode::TopUp => "t".into(),
+                Mode::Settle => "s".into(),
                 Mode::Refund { rule } => format!("r:{rule}"),
             },
             rules: call.rules.iter().map(|r| r.name.to_string()).collect(),
@@ -198,6 +199,7 @@ impl Bench {
             now_us: None,
             lease: "",
             count: 1,
+            costs: &[],
         };
         let reply = self.shared().truth.decide(&call);
         rate_info(rule, &reply.buckets[0]).remaining
