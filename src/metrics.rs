@@ -35,6 +35,8 @@ pub const LEASE_GRANTS: &str = "floodgate_lease_grants_total";
 pub const LEASE_ADMISSIONS: &str = "floodgate_lease_admissions_total";
 pub const LEASE_RETURNED: &str = "floodgate_lease_returned_total";
 pub(crate) const ACCESS_LOG_DROPPED: &str = "floodgate_access_log_dropped_total";
+pub const SETTLEMENTS: &str = "floodgate_settlements_total";
+pub const SETTLE_ERRORS: &str = "floodgate_settle_errors_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub(crate) const NO_RULE: &str = "-";
@@ -130,6 +132,14 @@ pub(crate) fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         DECISIONS_SHED,
         "Decisions past redis.max_decisions_per_second, sent to on_failure"
+    );
+    metrics::describe_counter!(
+        SETTLEMENTS,
+        "Rules' reservations put right once the answer was known: charged (the answer cost more), refunded (less, or a status the rule does not count)"
+    );
+    metrics::describe_counter!(
+        SETTLE_ERRORS,
+        "Reservations settled as they stood: the answer's cost was missing or invalid, or the store could not be told"
     );
     metrics::describe_counter!(
         ACCESS_LOG_DROPPED,
@@ -238,6 +248,17 @@ impl GatewayMetrics {
 /// Counts an upstream failure of `kind` (`connect`, `timeout`, `other`).
 pub(crate) fn upstream_error(kind: &'static str) {
     metrics::counter!(UPSTREAM_ERRORS, "kind" => kind).increment(1);
+}
+
+/// Counts one rule's reservation put right (`charged`, `refunded`).
+pub(crate) fn settled(outcome: &'static str) {
+    metrics::counter!(SETTLEMENTS, "outcome" => outcome).increment(1);
+}
+
+/// Counts one rule's reservation left as it stood, and why (`missing`,
+/// `invalid`, `store`).
+pub(crate) fn settle_error(reason: &'static str) {
+    metrics::counter!(SETTLE_ERRORS, "reason" => reason).increment(1);
 }
 
 /// Counts a request refused for the client's own fault.

@@ -22,6 +22,7 @@
 //! fields are joined again (RFC 9113 §8.2.3), and a body without a length
 //! goes upstream chunked. WebSocket upgrades are relayed by [`websocket`].
 
+mod body;
 mod client;
 mod response;
 mod watch;

@@ -12,7 +12,7 @@ use actix_web::http::Method;
 use actix_web::HttpRequest;
 
 use crate::client_ip::ClientKey;
-use crate::config::{LimitConfig, RuleConfig};
+use crate::config::{CostConfig, LimitConfig, RuleConfig};
 use crate::metrics::RuleCounters;
 use crate::path_match::PathReadings;
 use crate::policy::{ceil_secs, BucketSpec, ConcurrencySpec, KeyKind, Limit, QuotaSpec};
@@ -42,8 +42,51 @@ pub struct Rule {
     /// `floodgate_requests_total` of this rule, one handle per decision.
     pub(crate) counters: RuleCounters,
     /// May its requests be admitted from leased tokens (`lease = false`
-    /// says no)?
+    /// says no, and so does a charge that depends on the request or its
+    /// answer)?
     pub(crate) leasable: bool,
+    /// How the request and its answer change the charge, when they do.
+    pub(crate) adjust: Option<Arc<Adjust>>,
+}
+
+/// What makes a rule's charge depend on the request or on its answer
+/// (`cost = "header:..."`, `settle`, `count`): the charge up front is a
+/// reservation, put right once the answer is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Adjust {
+    /// The request header naming the cost, and the most it may name.
+    pub(crate) cost_header: Option<(HeaderName, u32)>,
+    /// The answer's header (or trailer) telling the real cost.
+    pub(crate) settle: Option<HeaderName>,
+    /// The answer statuses the rule is charged for (inclusive ranges);
+    /// empty: every answer.
+    pub(crate) count: Vec<(u16, u16)>,
+}
+
+impl Adjust {
+    fn of(c: &RuleConfig) -> Option<Adjust> {
+        if !c.adjusts() {
+            return None;
+        }
+        let name = |h: &str| HeaderName::from_bytes(h.as_bytes()).ok();
+        Some(Adjust {
+            cost_header: match &c.cost {
+                CostConfig::Header(h) => name(h).map(|n| (n, c.most_charged())),
+                CostConfig::Fixed(_) => None,
+            },
+            settle: c.settle.as_ref().and_then(|s| name(&s.0)),
+            count: c
+                .count
+                .as_ref()
+                .map(|k| k.status.iter().map(|p| (p.from, p.to)).collect())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Whether an answer with `status` is charged.
+    pub(crate) fn counts(&self, status: u16) -> bool {
+        self.count.is_empty() || self.count.iter().any(|(a, b)| (*a..=*b).contains(&status))
+    }
 }
 
 impl Rule {
@@ -52,7 +95,7 @@ impl Rule {
     pub(crate) fn compile(c: &RuleConfig, key: KeyKind) -> Rule {
         let (limit, policy) = match c.limit() {
             LimitConfig::Rate { rate, per, burst } => {
-                let bucket = BucketSpec::new(rate, per, burst, c.cost);
+                let bucket = BucketSpec::new(rate, per, burst, c.charge());
                 let window = ceil_secs(bucket.capacity_us()).max(1);
                 (
                     Limit::Rate(bucket),
@@ -63,7 +106,7 @@ impl Rule {
                 Limit::Quota(QuotaSpec {
                     quota,
                     period,
-                    cost: c.cost,
+                    cost: c.charge(),
                 }),
                 format!("\"{}\";q={};w={}", c.name, quota, period.window_s()),
             ),
@@ -92,7 +135,8 @@ impl Rule {
                 .unwrap_or_else(|_| HeaderValue::from_static("")),
             subject_ttl_ms: 0,
             counters: RuleCounters::new(&c.name),
-            leasable: c.leasable(),
+            leasable: c.leasable() && !c.adjusts(),
+            adjust: Adjust::of(c).map(Arc::new),
         }
     }
 
@@ -286,6 +330,53 @@ pub(crate) struct SubjectGroup<'r> {
 }
 
 impl SubjectGroup<'_> {
+    /// Reads the costs the request names for rules that take theirs from
+    /// a header (`costs`); a rule whose header is absent costs its
+    /// `default_cost`. A value that is not a whole number from 1 to the
+    /// rule's `max_cost` is refused: nothing is charged.
+    pub(crate) fn price<R: RequestParts + ?Sized>(&mut self, req: &R) -> Result<(), BadCost> {
+        let named = |r: &Rule| r.adjust.as_ref().and_then(|a| a.cost_header.clone());
+        if !self.rules.iter().any(|r| named(r).is_some()) {
+            return Ok(());
+        }
+        let mut costs = Vec::with_capacity(self.rules.len());
+        for r in &self.rules {
+            let own = i64::from(r.limit.cost());
+            let cost = match named(r) {
+                None => own,
+                // (The replay knows key headers only by their hash: it
+                // charges the default.)
+                Some((name, max)) => match req.key_header(&name) {
+                    Some(KeyHeader::Raw(v)) => {
+                        let bad = |problem: String| BadCost {
+                            header: name.to_string(),
+                            problem,
+                        };
+                        let text = std::str::from_utf8(v)
+                            .map_err(|_| bad("is not a number".into()))?
+                            .trim();
+                        match text.parse::<u64>() {
+                            Ok(n) if n >= 1 && n <= u64::from(max) => n as i64,
+                            Ok(n) => {
+                                return Err(bad(format!("{n} is not from 1 to {max}")));
+                            }
+                            Err(_) => {
+                                return Err(bad(format!(
+                                    "`{}` is not a whole number from 1 to {max}",
+                                    text.chars().take(32).collect::<String>()
+                                )))
+                            }
+                        }
+                    }
+                    _ => own,
+                },
+            };
+            costs.push(cost);
+        }
+        self.costs = costs;
+        Ok(())
+    }
+
     /// What this request costs on rule `i`.
     pub(crate) fn cost_of(&self, i: usize) -> i64 {
         self.costs
@@ -293,6 +384,14 @@ impl SubjectGroup<'_> {
             .copied()
             .unwrap_or_else(|| self.rules.get(i).map_or(1, |r| i64::from(r.limit.cost())))
     }
+}
+
+/// A cost a request names that cannot be charged.
+#[derive(Debug, thiserror::Error)]
+#[error("header {header} names the request's cost: {problem}")]
+pub(crate) struct BadCost {
+    header: String,
+    problem: String,
 }
 
 /// A request header that cannot serve as a rate-limit key.

@@ -359,7 +359,7 @@ fn suggested_limits_refuse_no_more_than_the_asked_share_when_replayed() {
 /// The subject a refusal of `rule` falls on, from a recorded line.
 fn subject_of(rule: &str, line: &Value) -> String {
     match rule {
-        "per-ip" => format!("ip:{}", line["client"].as_str().unwrap()),
+        "per-ip" | "failures" => format!("ip:{}", line["client"].as_str().unwrap()),
         "global-cap" => "global".into(),
         _ => format!("consumer:{}", line["keys"]["x-api-key"].as_str().unwrap()),
     }
@@ -374,7 +374,8 @@ fn a_live_gateway_and_the_replay_of_its_log_refuse_alike() {
     // and Redis' cannot matter: every refusal is about counts and order.
     let rules = "[[rules]]\nname = \"per-ip\"\nkey = \"ip\"\nrate = 1\nper = \"1h\"\nburst = 6\n\n\
                  [[rules]]\nname = \"per-key\"\nkey = \"header:X-Api-Key\"\nrate = 1\nper = \"1h\"\nburst = 5\n\n\
-                 [[rules]]\nname = \"global-cap\"\nkey = \"global\"\nmatch = { path_prefix = \"/busy\" }\nrate = 1\nper = \"1h\"\nburst = 12\n";
+                 [[rules]]\nname = \"global-cap\"\nkey = \"global\"\nmatch = { path_prefix = \"/busy\" }\nrate = 1\nper = \"1h\"\nburst = 12\n\n\
+                 [[rules]]\nname = \"failures\"\nkey = \"ip\"\nmatch = { path_prefix = \"/status\" }\nrate = 1\nper = \"1h\"\nburst = 3\ncount = { status = [401] }\n";
     let extra = "[consumers]\nkey = \"header:X-Api-Key\"\nkeys = { \"k-pro\" = \"pro\" }\n\n[plans.pro]\nrules = [ { name = \"pro-quota\", quota = 3, period = \"day\" } ]\n\n\
          [ban]\nafter = 3\nwithin = \"1m\"\nduration = \"1m\"\n";
     let p = prefix();
@@ -426,6 +427,22 @@ fn a_live_gateway_and_the_replay_of_its_log_refuse_alike() {
                 .collect(),
         );
     }
+    // Only answers 401 count on `failures`: the third 401 spends its
+    // last token, and the 200 after it is refused (as the replay must
+    // know from the statuses the log recorded).
+    scripts.push(
+        [
+            "/status/401",
+            "/status/200",
+            "/status/200",
+            "/status/401",
+            "/status/401",
+            "/status/200",
+        ]
+        .into_iter()
+        .map(|p| ("10.9.2.1".to_string(), p, None))
+        .collect(),
+    );
     let mut rng = Rng(0xfeed);
     let mut sent = 0;
     while scripts.iter().any(|s| !s.is_empty()) {

@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 mod ban;
 mod consumers;
+mod cost;
 mod error;
 mod pools;
 mod redis;
@@ -32,6 +33,7 @@ mod summary;
 pub(crate) use ban::{parse_cidr, BanConfig, ClientIpConfig};
 pub(crate) use consumers::UnknownKeys;
 pub(crate) use consumers::{check_consumer_key, ConsumersConfig, PlanConfig};
+pub(crate) use cost::{CostConfig, MAX_COST};
 pub(crate) use error::{ConfigError, Invalid};
 pub(crate) use pools::{HealthConfig, RouteConfig, UpstreamConfig};
 pub(crate) use redis::{OnFailure, RedisConfig};

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::cost::{check_cost, CostConfig, CountConfig, SettleConfig};
 use super::Invalid;
 use crate::policy::{KeyKind, Period};
 
@@ -43,8 +44,21 @@ pub struct RuleConfig {
     pub(crate) per: Option<Duration>,
     #[serde(default)]
     pub(crate) burst: Option<u32>,
-    #[serde(default = "one")]
-    pub(crate) cost: u32,
+    /// A number, or `"header:<Name>"` (see [`CostConfig`]).
+    #[serde(default)]
+    pub(crate) cost: CostConfig,
+    /// With a header cost: the most one request may reserve (required).
+    #[serde(default)]
+    pub(crate) max_cost: Option<u32>,
+    /// With a header cost: what a request that names none is charged.
+    #[serde(default)]
+    pub(crate) default_cost: Option<u32>,
+    /// The answer's header telling the real cost (see [`SettleConfig`]).
+    #[serde(default)]
+    pub(crate) settle: Option<SettleConfig>,
+    /// The answers the rule is charged for (see [`CountConfig`]).
+    #[serde(default)]
+    pub(crate) count: Option<CountConfig>,
     #[serde(default)]
     pub(crate) quota: Option<u64>,
     #[serde(default)]
@@ -86,12 +100,12 @@ impl RuleConfig {
             LimitConfig::Rate { rate, per, burst } => format!(
                 "{rate} per {}, burst {burst}, cost {}{shadow}",
                 humantime::format_duration(per),
-                self.cost
+                self.describe_cost()
             ),
             LimitConfig::Quota { quota, period } => format!(
                 "quota {quota} per calendar {} (UTC), cost {}{shadow}",
                 period.name(),
-                self.cost
+                self.describe_cost()
             ),
             LimitConfig::Concurrency { max, lease } => format!(
                 "at most {max} in flight (lease {}){shadow}",
@@ -165,8 +179,36 @@ impl RuleConfig {
     }
 }
 
-fn one() -> u32 {
-    1
+impl RuleConfig {
+    /// The cost keys in words, for `--check`.
+    fn describe_cost(&self) -> String {
+        let mut out = match &self.cost {
+            CostConfig::Fixed(n) => n.to_string(),
+            CostConfig::Header(h) => format!(
+                "from header {h} (at most {}, {} when absent)",
+                self.most_charged(),
+                self.charge()
+            ),
+        };
+        if let Some(SettleConfig(h)) = &self.settle {
+            out.push_str(&format!(", settled by the answer's {h}"));
+        }
+        if let Some(c) = &self.count {
+            let list: Vec<String> = c
+                .status
+                .iter()
+                .map(|p| {
+                    if p.from == p.to {
+                        p.from.to_string()
+                    } else {
+                        format!("{}-{}", p.from, p.to)
+                    }
+                })
+                .collect();
+            out.push_str(&format!(", counted for answers {}", list.join(", ")));
+        }
+        out
+    }
 }
 
 /// Plan and rule names: what headers, metrics and Redis fields can carry.
@@ -222,9 +264,6 @@ pub(super) fn check_rule(rule: &RuleConfig, in_plan: bool) -> Result<(), Invalid
         }
         _ => {}
     }
-    if rule.cost == 0 {
-        return Err(Invalid::new(".cost", "must be at least 1"));
-    }
     match rule.limit() {
         LimitConfig::Rate { .. } => {
             let (Some(rate), Some(per), Some(burst)) = (rule.rate, rule.per, rule.burst) else {
@@ -259,15 +298,6 @@ pub(super) fn check_rule(rule: &RuleConfig, in_plan: bool) -> Result<(), Invalid
             if burst == 0 {
                 return Err(Invalid::new(".burst", "must be at least 1"));
             }
-            if rule.cost > burst {
-                return Err(Invalid::new(
-                    ".cost",
-                    format!(
-                        "{} is larger than burst {burst}: no request could ever pass",
-                        rule.cost
-                    ),
-                ));
-            }
         }
         LimitConfig::Quota { quota, .. } => {
             if rule.quota.is_none() || rule.period.is_none() {
@@ -280,15 +310,6 @@ pub(super) fn check_rule(rule: &RuleConfig, in_plan: bool) -> Result<(), Invalid
                 return Err(Invalid::new(
                     ".quota",
                     format!("must be from 1 to 10^12, got {quota}"),
-                ));
-            }
-            if u64::from(rule.cost) > quota {
-                return Err(Invalid::new(
-                    ".cost",
-                    format!(
-                        "{} is larger than quota {quota}: no request could ever pass",
-                        rule.cost
-                    ),
                 ));
             }
         }
@@ -305,12 +326,6 @@ pub(super) fn check_rule(rule: &RuleConfig, in_plan: bool) -> Result<(), Invalid
                     format!("must be from 1 to 1000000, got {max}"),
                 ));
             }
-            if rule.cost != 1 {
-                return Err(Invalid::new(
-                    ".cost",
-                    "a request takes one concurrency slot; leave cost out",
-                ));
-            }
             if lease < Duration::from_millis(100) || lease > Duration::from_secs(3600) {
                 return Err(Invalid::new(".lease", "must be from 100ms to 1h"));
             }
@@ -322,6 +337,7 @@ pub(super) fn check_rule(rule: &RuleConfig, in_plan: bool) -> Result<(), Invalid
             }
         }
     }
+    check_cost(rule)?;
     match (&rule.key, in_plan) {
         (Some(_), true) => {
             return Err(Invalid::new(

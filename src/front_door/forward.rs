@@ -3,12 +3,13 @@
 //! rules that applied, and its concurrency slots held until the response
 //! (or the relayed connection) ends, whatever the answer is.
 
-use actix_web::http::Method;
+use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpResponse};
 
 use super::{Admitted, Exchange};
 use crate::in_flight;
-use crate::proxy::{websocket, ForwardError};
+use crate::limiter::Reservation;
+use crate::proxy::{websocket, ForwardError, UpstreamResponse};
 use crate::responses;
 
 impl Exchange<'_> {
@@ -19,8 +20,12 @@ impl Exchange<'_> {
         admitted: Admitted<'_>,
     ) -> HttpResponse {
         let head = self.req.method() == Method::HEAD;
-        let Admitted { applied, slots } = admitted;
-        let resp = self.answer(payload, &applied).await;
+        let Admitted {
+            applied,
+            slots,
+            reservation,
+        } = admitted;
+        let resp = self.answer(payload, &applied, reservation).await;
         match slots {
             Some(slots) => in_flight::carry(resp, slots, head).await,
             None => resp,
@@ -33,6 +38,7 @@ impl Exchange<'_> {
         self,
         payload: web::Payload,
         applied: &[crate::limiter::RateInfo<'_>],
+        reservation: Reservation,
     ) -> HttpResponse {
         let pool = match self.snap.pools.route(&self.req) {
             Ok(p) => p,
@@ -45,16 +51,19 @@ impl Exchange<'_> {
             if !pool.config.websocket {
                 return responses::websocket_refused();
             }
-            return match websocket::relay(&self.req, payload, pool, self.trusted, self.peer).await {
-                Ok(mut relayed) => {
-                    responses::add_rate_headers(&mut relayed.builder, applied);
-                    relayed.into_response()
-                }
-                Err(failure) => {
-                    crate::metrics::upstream_error(failure.code());
-                    failure.answer()
-                }
-            };
+            let resp =
+                match websocket::relay(&self.req, payload, pool, self.trusted, self.peer).await {
+                    Ok(mut relayed) => {
+                        responses::add_rate_headers(&mut relayed.builder, applied);
+                        relayed.into_response()
+                    }
+                    Err(failure) => {
+                        crate::metrics::upstream_error(failure.code());
+                        failure.answer()
+                    }
+                };
+            self.settle(reservation, None, resp.status()).await;
+            return resp;
         }
         let up = self.clients.for_pool(pool);
         let started = std::time::Instant::now();
@@ -65,10 +74,12 @@ impl Exchange<'_> {
             .metrics
             .upstream_seconds
             .record(started.elapsed().as_secs_f64());
-        match result {
+        let resp = match result {
             Ok(mut resp) => {
                 responses::add_rate_headers(&mut resp.builder, applied);
-                resp.into_response()
+                let status = resp.status();
+                self.settle(reservation, Some(&mut resp), status).await;
+                return resp.into_response();
             }
             Err(ForwardError::Upstream(failure)) => {
                 crate::metrics::upstream_error(failure.code());
@@ -82,6 +93,49 @@ impl Exchange<'_> {
                 crate::metrics::client_error(fault.code());
                 responses::client_error(fault.status(), fault.code(), fault.message())
             }
+        };
+        self.settle(reservation, None, resp.status()).await;
+        resp
+    }
+
+    /// Puts right what the request reserved on rules that settle or count
+    /// (see [`crate::limiter::Reservation`]), now that its answer's head is
+    /// known (`up`: the upstream's answer; `None`: the gateway answered
+    /// itself, with no cost to read). What the head tells is settled before
+    /// the client sees the answer; what the trailers will tell, before it
+    /// sees the body's end.
+    async fn settle(
+        &self,
+        mut r: Reservation,
+        up: Option<&mut UpstreamResponse>,
+        status: StatusCode,
+    ) {
+        if r.is_empty() {
+            return;
+        }
+        let limiter = self.gw.limiter.clone();
+        let status = status.as_u16();
+        let Some(up) = up else {
+            r.head(status, |_| None);
+            r.end(|_| None);
+            limiter.settle(&mut r).await;
+            return;
+        };
+        let waits = r.head(status, |name| up.header(name));
+        limiter.settle(&mut r).await;
+        if waits {
+            up.on_end(Box::new(move |trailers| {
+                Box::pin(async move {
+                    r.end(|name| {
+                        trailers
+                            .as_ref()
+                            .and_then(|t| t.get(name))
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string)
+                    });
+                    limiter.settle(&mut r).await;
+                })
+            }));
         }
     }
 }

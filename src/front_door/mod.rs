@@ -37,7 +37,7 @@ use crate::client_ip::ClientKey;
 use crate::consumers::ConsumerError;
 use crate::gateway::{Gateway, Snapshot, UpstreamClients};
 use crate::in_flight::SlotGuard;
-use crate::limiter::{Decision, RateInfo};
+use crate::limiter::{Decision, RateInfo, Reservation};
 use crate::responses;
 use crate::rules::SubjectGroup;
 use crate::screening;
@@ -75,6 +75,8 @@ pub(crate) enum Exit {
 pub(crate) struct Admitted<'a> {
     applied: Vec<RateInfo<'a>>,
     slots: Option<SlotGuard>,
+    /// What rules that settle or count reserved (see `forward`).
+    reservation: Reservation,
 }
 
 /// The front door: every public request comes here.
@@ -211,6 +213,10 @@ impl<'a> Exchange<'a> {
                     }
                 })?;
         }
+        for g in &mut groups {
+            g.price(&self.req)
+                .map_err(|e| bad_request("bad_cost", e.to_string()))?;
+        }
         if groups.is_empty() {
             self.gw.metrics.allowed_unmatched.increment(1);
             self.verdict.set(Verdict::Allowed);
@@ -234,9 +240,14 @@ impl<'a> Exchange<'a> {
             Decision::Unavailable => Verdict::Unavailable,
         });
         match decision {
-            Decision::Allowed { applied, leases } => Ok(Admitted {
+            Decision::Allowed {
+                applied,
+                leases,
+                reservation,
+            } => Ok(Admitted {
                 applied,
                 slots: leases.map(|set| SlotGuard::hold(self.gw.limiter.clone(), set)),
+                reservation,
             }),
             Decision::Limited {
                 violated,

@@ -9,6 +9,7 @@ use metrics::Counter;
 use super::call::{
     BucketReply, BucketState, DecisionStore, Mode, SharedStore, Status, SubjectCall, SubjectReply,
 };
+use super::settle::Reservation;
 use super::slots::{new_lease_id, HeldSlots, LeaseSet, LeaseSlot};
 use super::tokens::{as_of_lease, Take};
 use super::{Limiter, Route};
@@ -54,6 +55,9 @@ pub(crate) enum Decision<'r> {
     Allowed {
         applied: Vec<RateInfo<'r>>,
         leases: Option<LeaseSet>,
+        /// What rules that settle or count reserved, to be put right
+        /// once the answer is known (see `settle`).
+        reservation: Reservation,
     },
     /// Refused by `violated` (never empty), the one keeping the client
     /// waiting longest first.
@@ -330,7 +334,10 @@ impl<S: SharedStore> Limiter<S> {
         rule.counters.limited.increment(1);
         if let (Some(deny), Store::Redis) = (deny, store) {
             if !(deny.bans_on && g.subject.bannable()) {
-                for (r, b) in &refusing {
+                // A rule whose charge the request or its answer changes
+                // is never repeated from memory: another request's cost,
+                // or a settlement, moves it.
+                for (r, b) in refusing.iter().filter(|(r, _)| r.adjust.is_none()) {
                     self.deny.remember(&pass.tags[i], r, b, deny.sent);
                 }
             }
@@ -358,12 +365,24 @@ impl<S: SharedStore> Limiter<S> {
     fn allowed<'r>(&self, pass: Pass<'_, 'r>) -> Decision<'r> {
         let mut applied: Vec<RateInfo<'r>> = Vec::new();
         let mut held = Vec::new();
+        let mut reservation = Reservation::new(pass.now_us);
         for ((g, (reply, store)), tag) in pass.groups.iter().zip(&pass.decided).zip(&pass.tags) {
             if *store == Store::Allow {
                 for rule in &g.rules {
                     rule.counters.allowed.increment(1);
                 }
                 continue;
+            }
+            if g.rules.iter().any(|r| r.adjust.is_some()) {
+                let charged = g
+                    .rules
+                    .iter()
+                    .enumerate()
+                    .zip(&reply.buckets)
+                    .filter(|(_, b)| b.state == BucketState::Charged)
+                    .map(|((i, r), _)| (*r, g.cost_of(i)))
+                    .collect();
+                reservation.add(tag, *store, g.ttl_ms, charged);
             }
             let slots: Vec<LeaseSlot> = g
                 .rules
@@ -401,7 +420,11 @@ impl<S: SharedStore> Limiter<S> {
             id: pass.lease,
             subjects: held,
         });
-        Decision::Allowed { applied, leases }
+        Decision::Allowed {
+            applied,
+            leases,
+            reservation,
+        }
     }
 
     /// Decides one subject: on Redis if its shard's breaker is closed and
@@ -452,7 +475,7 @@ impl<S: SharedStore> Limiter<S> {
     }
 
     /// Sends a call to the store that decided the subject.
-    async fn on_store(
+    pub(super) async fn on_store(
         &self,
         store: Store,
         call: &SubjectCall<'_>,

@@ -36,6 +36,7 @@ mod deny_cache;
 mod leasing;
 mod local;
 mod redis_store;
+mod settle;
 mod slots;
 #[cfg(test)]
 mod tests;
@@ -57,6 +58,7 @@ pub(crate) use deny_cache::DenyCache;
 pub(crate) use local::wall_clock_us;
 pub use local::LocalStore;
 pub use redis_store::RedisStore;
+pub(crate) use settle::Reservation;
 pub(crate) use slots::LeaseSet;
 pub use slots::{LeaseCall, LeaseSlot};
 

@@ -20,11 +20,9 @@
 //!   `server.send_timeout` (see `watch`).
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix_web::body::SizedStream;
@@ -32,10 +30,10 @@ use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, HttpResponseBuilder};
 use bytes::{Bytes, BytesMut};
-use futures_util::Stream;
 use http_body::Body;
 use hyper::body::Incoming;
 
+use super::body::{poll_frame_driven, Buffered, EndHook, Held, Paced, ResponseBody, Trailers};
 use super::client::{self, Conn, Connections};
 use super::watch::{self, Watched};
 use super::{connection_listed, is_hop_by_hop};
@@ -61,7 +59,7 @@ pub(crate) fn set_buffer_total(bytes: usize) {
 }
 
 /// Bytes of buffered answers reserved until dropped.
-struct Reserved(usize);
+pub(super) struct Reserved(usize);
 
 impl Reserved {
     fn take(n: usize) -> Option<Reserved> {
@@ -87,7 +85,7 @@ impl Drop for Reserved {
 }
 
 /// One streamed answer of a client address, counted until dropped.
-struct Streaming(ClientKey);
+pub(super) struct Streaming(ClientKey);
 
 impl Streaming {
     fn take(client: ClientKey, cap: usize) -> Option<Streaming> {
@@ -185,9 +183,10 @@ pub(super) async fn build(
     // buffer's worth (no more than a streamed answer holds anyway); if that
     // is all of it, it is buffered like a sized one.
     let mut prefix = Bytes::new();
+    let trailers = Trailers::default();
     if size.is_none() && !bodyless && limits.buffer_response > 0 {
         let max = limits.buffer_response.min(client::READ_BUFFER);
-        let (got, ended) = read_available(&mut body, &mut conn, max).await?;
+        let (got, ended) = read_available(&mut body, &mut conn, max, &trailers).await?;
         if ended {
             let got_len = got.len();
             drop(flight);
@@ -197,7 +196,8 @@ pub(super) async fn build(
                 rest: got,
             });
             let len = Some(got_len as u64);
-            return Ok(respond(builder, held, None, status, len, limits.piece));
+            let body = ResponseBody::new(held, None, limits.piece, trailers);
+            return Ok(respond(builder, body, headers, status, len));
         }
         prefix = got;
     }
@@ -234,6 +234,7 @@ pub(super) async fn build(
             pool: pool.clone(),
             idle: IdleDeadline::new(limits.idle),
             rest: prefix,
+            trailers: trailers.clone(),
             _streaming: streaming,
             _flight: flight,
         })
@@ -244,38 +245,54 @@ pub(super) async fn build(
         }
         _ => None,
     };
-    Ok(respond(builder, kind, watched, status, size, limits.piece))
+    let body = ResponseBody::new(kind, watched, limits.piece, trailers);
+    Ok(respond(builder, body, headers, status, size))
 }
 
-/// The response around `kind`, which `watched` holds when there is one.
+/// The answer around `body`.
 fn respond(
     builder: HttpResponseBuilder,
-    kind: Held,
-    watched: Option<Rc<Watched>>,
+    body: ResponseBody,
+    headers: HeaderMap,
     status: StatusCode,
     size: Option<u64>,
-    piece: usize,
 ) -> UpstreamResponse {
-    let held = match (&watched, kind) {
-        (Some(w), Held::Buffered(b)) => {
-            w.hold(Box::new(b));
-            Held::Watched
-        }
-        (Some(w), Held::Paced(p)) => {
-            w.hold(Box::new(p));
-            Held::Watched
-        }
-        (_, kind) => kind,
-    };
     UpstreamResponse {
         builder,
-        body: ResponseBody {
+        body,
+        headers,
+        size,
+        status,
+    }
+}
+
+impl ResponseBody {
+    /// The body around `kind`, which `watched` holds when there is one.
+    fn new(
+        kind: Held,
+        watched: Option<Rc<Watched>>,
+        piece: usize,
+        trailers: Trailers,
+    ) -> ResponseBody {
+        let held = match (&watched, kind) {
+            (Some(w), Held::Buffered(b)) => {
+                w.hold(Box::new(b));
+                Held::Watched
+            }
+            (Some(w), Held::Paced(p)) => {
+                w.hold(Box::new(p));
+                Held::Watched
+            }
+            (_, kind) => kind,
+        };
+        ResponseBody {
             held,
             watched,
             piece,
-        },
-        size,
-        status,
+            trailers,
+            on_end: None,
+            ending: None,
+        }
     }
 }
 
@@ -285,6 +302,7 @@ async fn read_available(
     body: &mut Incoming,
     conn: &mut Conn,
     max: usize,
+    trailers: &Trailers,
 ) -> Result<(Bytes, bool), AnswerError> {
     use futures_util::FutureExt;
     let mut got = BytesMut::with_capacity(max);
@@ -296,10 +314,17 @@ async fn read_available(
             Some(Some(Err(e))) => return Err(AnswerError::Broken(e.to_string())),
             Some(Some(Ok(frame))) => {
                 waits = 0;
-                if let Ok(data) = frame.into_data() {
-                    got.extend_from_slice(&data);
-                    if got.len() >= max {
-                        return Ok((got.freeze(), false));
+                match frame.into_data() {
+                    Ok(data) => {
+                        got.extend_from_slice(&data);
+                        if got.len() >= max {
+                            return Ok((got.freeze(), false));
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            *trailers.borrow_mut() = Some(t);
+                        }
                     }
                 }
             }
@@ -339,194 +364,36 @@ async fn read_whole(
     Ok(whole.freeze())
 }
 
-/// The next frame of `body`, the connection driven as needed: the body is
-/// asked first (so that the connection knows it is wanted), then the
-/// connection reads, then the body is asked again.
-fn poll_frame_driven(
-    body: &mut Incoming,
-    conn: &mut Conn,
-    cx: &mut Context<'_>,
-) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-    if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
-        return Poll::Ready(frame);
-    }
-    if conn.drive(cx).is_ready() && body.is_end_stream() {
-        return Poll::Ready(None);
-    }
-    Pin::new(body).poll_frame(cx)
-}
-
-/// A buffered answer: what the client has not taken yet.
-struct Buffered {
-    rest: Bytes,
-    /// Counted in `server.response_buffer_total` (an answer of unknown
-    /// length is read whole only up to a read buffer's worth, and kept
-    /// even when the total is spent: no more than a streamed one holds).
-    _reserved: Option<Reserved>,
-}
-
-/// A streamed answer: its upstream body and connection.
-struct Paced {
-    body: Incoming,
-    /// Back to the pool when the body has been read to its end.
-    conn: Option<Conn>,
-    pool: Rc<Connections>,
-    idle: IdleDeadline,
-    /// What is left of the last chunk read, handed on in pieces.
-    rest: Bytes,
-    _streaming: Streaming,
-    _flight: InFlight,
-}
-
-/// Where a response body's bytes are.
-enum Held {
-    Nothing,
-    Buffered(Buffered),
-    Paced(Paced),
-    /// In the watch, which may free them (see [`Watched::hold`]).
-    Watched,
-}
-
-/// The response body handed to the client's connection.
-pub(crate) struct ResponseBody {
-    held: Held,
-    watched: Option<Rc<Watched>>,
-    piece: usize,
-}
-
-impl Stream for ResponseBody {
-    type Item = Result<Bytes, std::io::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        let piece = this.piece;
-        let Some(w) = this.watched.clone() else {
-            return poll_held(&mut this.held, piece, cx);
-        };
-        if w.is_cut() {
-            return Poll::Ready(Some(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the client took no bytes within server.send_timeout",
-            ))));
-        }
-        let mut slot = w.release();
-        let polled = match slot.as_mut() {
-            None => Poll::Ready(None),
-            Some(any) => {
-                if let Some(b) = any.downcast_mut::<Buffered>() {
-                    poll_buffered(b, piece)
-                } else if let Some(p) = any.downcast_mut::<Paced>() {
-                    poll_paced(p, piece, cx)
-                } else {
-                    Poll::Ready(None)
-                }
-            }
-        };
-        match &polled {
-            Poll::Ready(Some(Ok(_))) => {
-                w.asked(true);
-                if let Some(s) = slot {
-                    w.hold(s);
-                }
-            }
-            Poll::Pending => {
-                w.asked(false);
-                if let Some(s) = slot {
-                    w.hold(s);
-                }
-            }
-            // Over: what it held is dropped here.
-            _ => w.asked(false),
-        }
-        polled
-    }
-}
-
-fn poll_held(
-    held: &mut Held,
-    piece: usize,
-    cx: &mut Context<'_>,
-) -> Poll<Option<Result<Bytes, std::io::Error>>> {
-    let polled = match held {
-        Held::Nothing | Held::Watched => return Poll::Ready(None),
-        Held::Buffered(b) => poll_buffered(b, piece),
-        Held::Paced(p) => poll_paced(p, piece, cx),
-    };
-    if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-        *held = Held::Nothing;
-    }
-    polled
-}
-
-fn poll_buffered(b: &mut Buffered, piece: usize) -> Poll<Option<Result<Bytes, std::io::Error>>> {
-    if b.rest.is_empty() {
-        return Poll::Ready(None);
-    }
-    let n = b.rest.len().min(piece);
-    Poll::Ready(Some(Ok(b.rest.split_to(n))))
-}
-
-fn poll_paced(
-    p: &mut Paced,
-    piece: usize,
-    cx: &mut Context<'_>,
-) -> Poll<Option<Result<Bytes, std::io::Error>>> {
-    if !p.rest.is_empty() {
-        let n = p.rest.len().min(piece);
-        return Poll::Ready(Some(Ok(p.rest.split_to(n))));
-    }
-    loop {
-        let polled = match p.conn.as_mut() {
-            Some(conn) => poll_frame_driven(&mut p.body, conn, cx),
-            None => Pin::new(&mut p.body).poll_frame(cx),
-        };
-        match polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                p.idle.progress();
-                let Ok(mut data) = frame.into_data() else {
-                    continue; // trailers: not passed on
-                };
-                if data.is_empty() {
-                    continue;
-                }
-                if data.len() > piece {
-                    p.rest = data.split_off(piece);
-                }
-                return Poll::Ready(Some(Ok(data)));
-            }
-            Poll::Ready(Some(Err(e))) => {
-                return Poll::Ready(Some(Err(std::io::Error::other(e.to_string()))))
-            }
-            Poll::Ready(None) => {
-                if let Some(conn) = p.conn.take() {
-                    p.pool.put_back(conn);
-                }
-                return Poll::Ready(None);
-            }
-            Poll::Pending if p.idle.expired(cx) => {
-                log::warn!(
-                    "upstream body stalled for {:?}; closing the response",
-                    p.idle.limit()
-                );
-                return Poll::Ready(Some(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "upstream body stalled",
-                ))));
-            }
-            Poll::Pending => return Poll::Pending,
-        }
-    }
-}
-
 /// The upstream's answer, ready to be decorated and sent to the client.
 pub(crate) struct UpstreamResponse {
     pub(crate) builder: HttpResponseBuilder,
     body: ResponseBody,
+    /// The upstream's headers as they came (hop-by-hop ones included).
+    headers: HeaderMap,
     size: Option<u64>,
     status: StatusCode,
 }
 
 impl UpstreamResponse {
+    /// The upstream's status.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The upstream's header `name`, as text.
+    pub(crate) fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
+    /// Runs `hook` with the answer's trailers when its body ends, before
+    /// the client sees the end (see [`EndHook`]).
+    pub(crate) fn on_end(&mut self, hook: EndHook) {
+        self.body.on_end = Some(hook);
+    }
+
     /// Streams the body back: sized when the upstream gave its length.
     pub(crate) fn into_response(mut self) -> HttpResponse {
         let s = self.status;

@@ -245,8 +245,29 @@ impl Engine {
             return;
         };
         match decision {
-            Decision::Allowed { leases, .. } => {
+            Decision::Allowed {
+                leases,
+                mut reservation,
+                ..
+            } => {
                 self.tally.totals.allowed += 1;
+                // Put right as the gateway did: a rule counting some
+                // statuses gives back what others cost; a settled cost is
+                // not in the log, so the reservation stands.
+                if !reservation.is_empty() {
+                    if let Some(status) = r.status {
+                        reservation.head(status, |_| None);
+                    }
+                    reservation.end(|_| None);
+                    if self
+                        .limiter
+                        .settle(&mut reservation)
+                        .now_or_never()
+                        .is_none()
+                    {
+                        self.stalled += 1;
+                    }
+                }
                 if let Some(set) = leases {
                     let end = now.saturating_add(r.duration_us.unwrap_or(0));
                     self.hold(set, now, end);

@@ -38,6 +38,7 @@ pub(crate) struct JsonFields {
     /// missing (nginx's `$request`).
     request: String,
     duration_ms: String,
+    status: String,
     /// An object of header name to SHA-256, as floodgate writes it.
     keys: String,
     decision: String,
@@ -55,6 +56,7 @@ impl Default for JsonFields {
             host: field::HOST.into(),
             request: "request".into(),
             duration_ms: field::DURATION_MS.into(),
+            status: "status".into(),
             keys: field::KEYS.into(),
             decision: field::DECISION.into(),
             key_fields: Vec::new(),
@@ -88,11 +90,12 @@ impl JsonFields {
             "host" => &mut self.host,
             "request" => &mut self.request,
             "duration_ms" => &mut self.duration_ms,
+            "status" => &mut self.status,
             "keys" => &mut self.keys,
             "decision" => &mut self.decision,
             _ => {
                 return Err(format!(
-                    "--field {spec}: `{part}` is not one of time, client, method, path, host, request, duration_ms, keys, decision, key:<header>"
+                    "--field {spec}: `{part}` is not one of time, client, method, path, host, request, duration_ms, status, keys, decision, key:<header>"
                 ))
             }
         };
@@ -175,6 +178,7 @@ pub(crate) fn combined(line: &str) -> Result<Record, String> {
         host,
         keys: Vec::new(),
         duration_us: None,
+        status: status.parse().ok(),
         rejected: false,
     })
 }
@@ -235,6 +239,7 @@ struct Parts {
     host: Option<String>,
     request: Option<String>,
     duration_ms: Option<f64>,
+    status: Option<u16>,
     keys: Vec<(HeaderName, String)>,
     decision: Option<String>,
 }
@@ -296,6 +301,8 @@ impl<'de> Visitor<'de> for Pick<'_> {
                 p.request = map.next_value()?;
             } else if k == f.duration_ms {
                 p.duration_ms = map.next_value()?;
+            } else if k == f.status {
+                p.status = map.next_value()?;
             } else if k == f.decision {
                 p.decision = map.next_value()?;
             } else if k == f.keys {
@@ -336,6 +343,7 @@ pub(crate) fn json(line: &str, fields: &JsonFields) -> Result<Record, String> {
             host: None,
             keys: Vec::new(),
             duration_us: None,
+            status: None,
             rejected: true,
         });
     }
@@ -381,6 +389,7 @@ pub(crate) fn json(line: &str, fields: &JsonFields) -> Result<Record, String> {
         host,
         keys: p.keys,
         duration_us,
+        status: p.status,
         rejected: false,
     })
 }

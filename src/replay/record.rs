@@ -23,6 +23,9 @@ pub(crate) struct Record {
     /// How long the request was in flight, when the log says (concurrency
     /// rules hold their slot this long).
     pub(crate) duration_us: Option<u64>,
+    /// The answer's status, when the log says (rules that `count` some
+    /// statuses only are charged for those).
+    pub(crate) status: Option<u16>,
     /// floodgate answered it before any limit applied (`decision` =
     /// `rejected`): it was never charged, so it is not replayed.
     pub(crate) rejected: bool,

@@ -90,6 +90,18 @@ impl Gateway {
         })
     }
 
+    /// A gateway on `redis` in front of the upstream at `url`.
+    pub fn on_url(redis: &RedisServer, url: &str, rules: &str, extra: &str) -> Gateway {
+        let p = prefix();
+        Self::start(&Setup {
+            redis: Some(redis.url()),
+            upstream: url,
+            prefix: &p,
+            rules,
+            extra,
+        })
+    }
+
     pub fn start(setup: &Setup<'_>) -> Gateway {
         let (port, admin_port) = (free_port(), free_port());
         Self::start_config(port, admin_port, Self::config(port, admin_port, setup), &[])
