@@ -228,7 +228,8 @@ lt_start_nginx() {
 }
 
 # lt_start_upstream -> sets UPSTREAM_PORT, UPSTREAM_PID. nginx answering every request
-# with 200 and $LT_BODY; a small python server when nginx is missing.
+# with 200 and $LT_BODY (X-Usage echoing the request's X-Use; /login 401
+# unless X-Password is "right"); a small python server when nginx is missing.
 lt_start_upstream() {
     lt_free_port UPSTREAM_PORT
     if command -v nginx >/dev/null 2>&1; then
@@ -238,6 +239,17 @@ lt_start_upstream() {
         listen 127.0.0.1:$UPSTREAM_PORT;
         location / {
             default_type application/json;
+            # The tokens a request \"used\", as an LLM API reports them
+            # (llm-tokens.js sends the number it wants back in X-Use).
+            add_header X-Usage \$http_x_use always;
+            return 200 '$LT_BODY';
+        }
+        # A login form: the right password is \"right\" (login.js).
+        location /login {
+            default_type application/json;
+            if (\$http_x_password != \"right\") {
+                return 401 '{\"error\":\"wrong password\"}';
+            }
             return 200 '$LT_BODY';
         }
     }")"
@@ -262,7 +274,10 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
-        self.send_response(200)
+        ok = not self.path.startswith("/login") or self.headers.get("X-Password") == "right"
+        self.send_response(200 if ok else 401)
+        if self.headers.get("X-Use") is not None:
+            self.send_header("X-Usage", self.headers.get("X-Use"))
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -9,7 +9,8 @@
 # handed to k6 as environment variables, so the script checks the bounds the
 # gateways really enforce. Everything started here is stopped on exit.
 #
-#   script  smoke | steady | limits | bans | multi-node  (".js" optional)
+#   script  smoke | steady | limits | bans | multi-node | llm-tokens | login
+#           (".js" optional)
 #   nodes   gateways to start (default 1; multi-node: 3)
 #
 # PLANS=1 with `limits` adds [consumers] and two plans (free, pro) to the
@@ -102,6 +103,19 @@ case "$script" in
         export CLIENTS CLIENT_RATE GLOBAL_NAME GLOBAL_RATE GLOBAL_BURST GLOBAL_PER
         ban_enabled=false
         ;;
+    llm-tokens)
+        # The per-ip rule out of the way: the token budget decides.
+        : "${RULE_RATE:=100000}" "${RULE_BURST:=100000}"
+        : "${TOKEN_QUOTA:=20000}" "${MAX_COST:=2000}" "${CLIENTS:=10}" "${CLIENT_RATE:=20}"
+        export TOKEN_QUOTA MAX_COST CLIENTS CLIENT_RATE
+        ban_enabled=false
+        ;;
+    login)
+        : "${RULE_RATE:=100000}" "${RULE_BURST:=100000}"
+        : "${FAIL_RATE:=5}" "${FAIL_PER:=10m}" "${FAIL_BURST:=5}"
+        : "${BAN_AFTER:=5}" "${BAN_WITHIN:=1m}" "${BAN_DURATION:=5m}" "${BAN_STATUS:=403}"
+        export FAIL_RATE FAIL_PER FAIL_BURST BAN_AFTER BAN_WITHIN BAN_DURATION BAN_STATUS
+        ;;
 esac
 : "${RULE_NAME:=per-ip}" "${RULE_PER:=1s}"
 export RULE_NAME RULE_RATE RULE_PER RULE_BURST
@@ -142,7 +156,32 @@ rules = [
   { name = \"pro-inflight\", concurrency = $PRO_CONCURRENCY },
 ]"
 fi
-if [[ "$script" == bans ]]; then
+if [[ "$script" == llm-tokens ]]; then
+    rules+="
+
+[[rules]]
+name = \"llm-tokens\"
+key = \"header:X-Api-Key\"
+quota = $TOKEN_QUOTA
+period = \"day\"
+cost = \"header:X-Max-Tokens\"
+max_cost = $MAX_COST
+default_cost = $MAX_COST
+settle = \"header:X-Usage\""
+fi
+if [[ "$script" == login ]]; then
+    rules+="
+
+[[rules]]
+name = \"login-failures\"
+key = \"ip\"
+rate = $FAIL_RATE
+per = \"$FAIL_PER\"
+burst = $FAIL_BURST
+match = { path_prefix = \"/login\", methods = [\"POST\"] }
+count = { status = [401, 403] }"
+fi
+if [[ "$script" == bans || "$script" == login ]]; then
     ban="[ban]
 enabled = true
 after = $BAN_AFTER

@@ -211,8 +211,11 @@ fn a_busy_subject_costs_almost_no_redis_calls() {
     let per_request = calls as f64 / sent as f64;
     eprintln!("{calls} script calls for {sent} requests: {per_request:.4} a request");
     assert_eq!(allowed, sent, "nothing refused");
+    // Calls follow the leases' pace (a few per lease time), not the
+    // requests': the fewer requests a loaded machine sends, the larger
+    // this share, still a small one.
     assert!(
-        per_request <= 0.01,
+        per_request <= 0.025,
         "{calls} Redis calls for {sent} requests of one busy subject"
     );
 }

@@ -9,6 +9,7 @@ use metrics::Counter;
 use super::call::{
     BucketReply, BucketState, DecisionStore, Mode, SharedStore, Status, SubjectCall, SubjectReply,
 };
+use super::headers::{rate_info, RateInfo};
 use super::settle::Reservation;
 use super::slots::{new_lease_id, HeldSlots, LeaseSet, LeaseSlot};
 use super::tokens::{as_of_lease, Take};
@@ -19,17 +20,6 @@ use crate::metrics::DecisionCounters;
 use crate::policy::{ceil_secs, Limit};
 use crate::redis_link::RedisFailure;
 use crate::rules::{Rule, SubjectGroup};
-
-/// The numbers of the RateLimit headers, for one rule.
-#[derive(Debug, Clone)]
-pub(crate) struct RateInfo<'r> {
-    pub(crate) rule: &'r Rule,
-    /// Whole tokens, requests or slots left.
-    pub(crate) remaining: u64,
-    /// Whole seconds until the bucket is full or the quota's period ends
-    /// (0 for a concurrency cap, which has no reset).
-    pub(crate) reset_s: u64,
-}
 
 /// A ban this request just made.
 #[derive(Debug, Clone)]
@@ -580,29 +570,4 @@ fn refusing_reason(g: &SubjectGroup<'_>, reply: &SubjectReply) -> String {
         .find(|(_, b)| b.state == BucketState::Refusing)
         .map(|(r, _)| format!("rule {}", r.name))
         .unwrap_or_else(|| "repeated refusals".into())
-}
-
-/// The header numbers of one rule's reply (see [`BucketReply`]).
-pub(crate) fn rate_info<'r>(rule: &'r Rule, b: &BucketReply) -> RateInfo<'r> {
-    match rule.limit {
-        Limit::Rate(bucket) => {
-            let interval = bucket.interval_us.max(1) as i64;
-            let cap = bucket.capacity_us() as i64;
-            RateInfo {
-                rule,
-                remaining: (b.room_us.max(0) / interval) as u64,
-                reset_s: ceil_secs((cap - b.room_us).max(0) as u64),
-            }
-        }
-        Limit::Quota(_) => RateInfo {
-            rule,
-            remaining: b.room_us.max(0) as u64,
-            reset_s: ceil_secs(b.wait_us.max(0) as u64),
-        },
-        Limit::Concurrency(_) => RateInfo {
-            rule,
-            remaining: b.room_us.max(0) as u64,
-            reset_s: 0,
-        },
-    }
 }

@@ -33,6 +33,7 @@ mod call;
 mod cap;
 mod decide;
 mod deny_cache;
+mod headers;
 mod leasing;
 mod local;
 mod redis_store;
@@ -53,8 +54,9 @@ pub use call::{
     BanParams, BucketReply, BucketState, DecisionStore, Mode, Status, SubjectCall, SubjectReply,
 };
 use cap::DecisionCap;
-pub(crate) use decide::{rate_info, BanMade, Decision, RateInfo};
+pub(crate) use decide::{BanMade, Decision};
 pub(crate) use deny_cache::DenyCache;
+pub(crate) use headers::{rate_info, RateInfo};
 pub(crate) use local::wall_clock_us;
 pub use local::LocalStore;
 pub use redis_store::RedisStore;
