@@ -539,3 +539,47 @@ fn concurrent_failed_logins_never_pass_more_than_the_burst() {
     assert_eq!(failed, 5, "{statuses:?}");
     assert_eq!(api.hits(), 5);
 }
+
+/// A plan's token budget: `floodgate admin consumers get` (the admin API
+/// under it) shows the settled usage, debt included.
+#[test]
+fn the_admin_api_shows_a_consumers_settled_usage() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    let plans = r#"
+[consumers]
+key = "header:X-Api-Key"
+keys = { "k-llm" = "pro" }
+
+[plans.pro]
+rules = [
+  { name = "llm-tokens", quota = 5000, period = "day",
+    cost = "header:X-Max-Tokens", max_cost = 4000, default_cost = 1000,
+    settle = "header:X-Usage" },
+]
+"#;
+    let gw = Gateway::on_url(&redis, &api.url(), "", plans);
+    let used = |gw: &Gateway| {
+        let v = gw.admin("GET", "/admin/consumers/k-llm", None).json();
+        let rule = v["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "llm-tokens")
+            .cloned()
+            .unwrap_or_else(|| panic!("{v}"));
+        (rule["used"].as_u64(), rule["remaining"].as_u64())
+    };
+    let first = ask(&gw, "/v1/complete", "k-llm", Some(4000), Some(300));
+    assert_eq!(remaining(&first, "llm-tokens"), Some(1000), "{first:?}");
+    assert_eq!(used(&gw), (Some(300), Some(4700)));
+    // 4000 reserved, 6000 used: in debt past the quota.
+    assert_eq!(
+        ask(&gw, "/v1/stream", "k-llm", Some(4000), Some(6000)).status,
+        200
+    );
+    assert_eq!(used(&gw), (Some(6300), Some(0)));
+    let resp = ask(&gw, "/v1/complete", "k-llm", Some(1), Some(1));
+    assert_eq!(resp.status, 429, "in debt until the next day");
+    assert!(resp.header("Retry-After").is_some());
+}

@@ -197,7 +197,9 @@ pub(super) async fn get(req: HttpRequest, state: web::Data<AdminState>) -> HttpR
                 Limit::Quota(q) => json!({
                     "kind": "quota",
                     "period": q.period.name(),
-                    "used": q.quota.saturating_sub(info.remaining),
+                    // Past the quota when a settlement put the consumer
+                    // in debt.
+                    "used": (q.quota as i64).saturating_sub(b.room_us).max(0),
                     "resets_in_s": info.reset_s,
                 }),
                 Limit::Concurrency(c) => json!({
