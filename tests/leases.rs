@@ -94,6 +94,7 @@ const BURST: u64 = 20;
 
 #[test]
 fn three_nodes_keep_every_subject_within_its_bound() {
+    let _shared = beside_others();
     let (redis, up) = (RedisServer::start(), Upstream::start());
     let rule = format!(
         "[[rules]]\nname = \"per-ip\"\nkey = \"ip\"\nrate = {RATE}\nper = \"1s\"\nburst = {BURST}\n"
@@ -201,21 +202,44 @@ fn flood_until(
     )
 }
 
+/// The busy-subject test measures calls per request at full load: the
+/// other tests of this file, which load the machine too, wait for it.
+static ALONE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// What every other test of this file holds while it runs.
+fn beside_others() -> std::sync::RwLockReadGuard<'static, ()> {
+    ALONE.read().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn a_busy_subject_costs_almost_no_redis_calls() {
+    let _alone = ALONE.write().unwrap_or_else(|e| e.into_inner());
     let (redis, up) = (RedisServer::start(), Upstream::start());
     let gw = &nodes(1, &redis, &up, HOT, "")[0];
     let before = redis.calls("evalsha") + redis.calls("eval");
+    let started = Instant::now();
     let (allowed, sent) = flood(&gw.url("/"), "198.51.100.40", 16, Duration::from_secs(3));
+    let elapsed = started.elapsed();
     let calls = redis.calls("evalsha") + redis.calls("eval") - before;
     let per_request = calls as f64 / sent as f64;
-    eprintln!("{calls} script calls for {sent} requests: {per_request:.4} a request");
+    // redis.lease is 100 ms by default.
+    let lease_times = elapsed.as_secs_f64() / 0.1;
+    eprintln!(
+        "{calls} script calls for {sent} requests: {per_request:.4} a request, {:.2} a lease time",
+        calls as f64 / lease_times
+    );
     assert_eq!(allowed, sent, "nothing refused");
-    // Calls follow the leases' pace (a few per lease time), not the
-    // requests': the fewer requests a loaded machine sends, the larger
-    // this share, still a small one.
+    // The calls follow the leases' pace (a grant, a top-up and a return
+    // per lease time at most), not the requests': a debug build on a
+    // shared machine sends a few thousand requests here, a release build
+    // at full load tens of thousands (0.0003 calls a request in the
+    // bench). Either way requests far outnumber calls.
     assert!(
-        per_request <= 0.025,
+        calls as f64 <= 4.0 * lease_times,
+        "{calls} Redis calls in {elapsed:?} for one busy subject"
+    );
+    assert!(
+        per_request <= 0.02,
         "{calls} Redis calls for {sent} requests of one busy subject"
     );
 }
@@ -229,6 +253,7 @@ fn redis_tokens(gw: &Gateway, rule: &str, subject: &str) -> f64 {
 
 #[test]
 fn a_node_killed_holding_leases_costs_only_what_it_held() {
+    let _shared = beside_others();
     let (redis, up) = (RedisServer::start(), Upstream::start());
     let rule = "[[rules]]\nname = \"hot\"\nkey = \"ip\"\nrate = 1\nper = \"30m\"\nburst = 3000\n";
     // Leases long enough that a still holds one when it is killed.
@@ -262,6 +287,7 @@ fn a_node_killed_holding_leases_costs_only_what_it_held() {
 
 #[test]
 fn a_reload_gives_leased_tokens_back() {
+    let _shared = beside_others();
     let (redis, up) = (RedisServer::start(), Upstream::start());
     let gw = &nodes_leasing(1, &redis, &up, HOT, "", "5s")[0];
     let ip = "198.51.100.42";
@@ -279,6 +305,7 @@ fn a_reload_gives_leased_tokens_back() {
 
 #[test]
 fn a_ban_gives_the_banned_clients_leased_tokens_back() {
+    let _shared = beside_others();
     let (redis, up) = (RedisServer::start(), Upstream::start());
     let gw = &nodes_leasing(1, &redis, &up, HOT, "", "5s")[0];
     let ip = "198.51.100.43";
@@ -298,6 +325,7 @@ fn a_ban_gives_the_banned_clients_leased_tokens_back() {
 
 #[test]
 fn a_plan_change_gives_the_consumers_leased_tokens_back() {
+    let _shared = beside_others();
     let (redis, up) = (RedisServer::start(), Upstream::start());
     let rule = "[[rules]]\nname = \"per-key\"\nkey = \"header:X-Api-Key\"\nrate = 1\nper = \"10s\"\nburst = 100000\n";
     let plans = "[consumers]\nkey = \"header:X-Api-Key\"\nkeys = { \"k-1\" = \"free\" }\n\n[plans.free]\n\n[plans.pro]\n";
