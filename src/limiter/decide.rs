@@ -364,15 +364,7 @@ impl<S: SharedStore> Limiter<S> {
                 continue;
             }
             if g.rules.iter().any(|r| r.adjust.is_some()) {
-                let charged = g
-                    .rules
-                    .iter()
-                    .enumerate()
-                    .zip(&reply.buckets)
-                    .filter(|(_, b)| b.state == BucketState::Charged)
-                    .map(|((i, r), _)| (*r, g.cost_of(i)))
-                    .collect();
-                reservation.add(tag, *store, g.ttl_ms, charged);
+                reservation.add(tag, *store, g.ttl_ms, charged(g, reply));
             }
             let slots: Vec<LeaseSlot> = g
                 .rules
@@ -500,14 +492,7 @@ impl<S: SharedStore> Limiter<S> {
                     .map_or(0, |r| r.count),
                 None => 0,
             };
-            let (charged, costs): (Vec<&Rule>, Vec<i64>) = g
-                .rules
-                .iter()
-                .enumerate()
-                .zip(&reply.buckets)
-                .filter(|(_, b)| b.state == BucketState::Charged)
-                .map(|((i, r), _)| (*r, g.cost_of(i)))
-                .unzip();
+            let (charged, costs): (Vec<&Rule>, Vec<i64>) = charged(g, reply).into_iter().unzip();
             // Banned by a later subject: nothing to count, only give back.
             if rule.is_none() && charged.is_empty() {
                 continue;
@@ -561,6 +546,17 @@ fn note_shadow_refusal(rule: &Rule, tag: &str) {
         ),
         Verdict::Suppress => {}
     }
+}
+
+/// The rules of `g` that `reply` charged, with what each was charged.
+fn charged<'r>(g: &SubjectGroup<'r>, reply: &SubjectReply) -> Vec<(&'r Rule, i64)> {
+    g.rules
+        .iter()
+        .enumerate()
+        .zip(&reply.buckets)
+        .filter(|(_, b)| b.state == BucketState::Charged)
+        .map(|((i, r), _)| (*r, g.cost_of(i)))
+        .collect()
 }
 
 fn refusing_reason(g: &SubjectGroup<'_>, reply: &SubjectReply) -> String {
