@@ -66,6 +66,8 @@ fn exported(name: &str) -> bool {
         metrics::SHARD_DEGRADED,
         metrics::DECISIONS_SHED,
         metrics::CONFIG_RELOADS,
+        metrics::SETTLE_ERRORS,
+        metrics::SETTLEMENTS,
     ];
     all.iter().any(|m| {
         name == *m
@@ -85,7 +87,7 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
         &dir,
     );
     let text = assert_success(&out, "promtool check rules");
-    assert!(text.contains("SUCCESS: 14 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 15 rules found"), "{text}");
     let out = run(
         "promtool",
         &["test", "rules", "floodgate-alerts.test.yml"],
