@@ -190,7 +190,9 @@ impl<S: SharedStore> Limiter<S> {
             }
             if let Err(e) = self.on_store(s.store, &call).await {
                 crate::metrics::settle_error("store");
-                log::warn!("could not settle {} after its answer: {e}", s.tag);
+                // One line per kind of failure and log window (the
+                // subject is left out: a Redis outage fails them all).
+                log::warn!("could not settle reservations after their answers; they stand as reserved: {e}");
             }
         }
     }
