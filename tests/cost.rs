@@ -583,3 +583,40 @@ rules = [
     assert_eq!(resp.status, 429, "in debt until the next day");
     assert!(resp.header("Retry-After").is_some());
 }
+
+/// Settlement on a token bucket: the real cost moves the bucket, and a
+/// debt past the burst keeps the subject waiting until refill pays it.
+#[test]
+fn a_token_bucket_settles_into_debt_and_is_refilled_out_of_it() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    // 1000 tokens, one back every 10 ms.
+    let rules = r#"
+[[rules]]
+name = "llm-tokens"
+key = "header:X-Api-Key"
+rate = 100
+per = "1s"
+burst = 1000
+cost = "header:X-Max-Tokens"
+max_cost = 1000
+default_cost = 100
+settle = "header:X-Usage"
+"#;
+    let gw = Gateway::on_url(&redis, &api.url(), rules, "");
+    let resp = ask(&gw, "/v1/complete", "k", Some(100), Some(400));
+    assert_eq!(remaining(&resp, "llm-tokens"), Some(900), "the reservation");
+    let resp = ask(&gw, "/v1/complete", "k", Some(1), Some(0));
+    let left = remaining(&resp, "llm-tokens").unwrap();
+    // 400 used, then 1 reserved (settled to 0 after this answer); a
+    // little refilled meanwhile.
+    assert!((599..=620).contains(&left), "{left} left");
+    // 1000 reserved at most, 2500 used: 1500 past an empty bucket.
+    let resp = ask(&gw, "/v1/stream", "k", Some(600), Some(2500));
+    assert_eq!(resp.status, 200);
+    let refused = ask(&gw, "/v1/complete", "k", Some(1), Some(1));
+    assert_eq!(refused.status, 429, "in debt");
+    let wait: u64 = refused.header("Retry-After").unwrap().parse().unwrap();
+    // About 1900 tokens short of one (at 100 a second): some 19 s.
+    assert!((17..=21).contains(&wait), "Retry-After {wait}");
+}
