@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod path_match;
 pub mod policy;
 pub(crate) mod proxy;
+pub(crate) mod proxy_protocol;
 pub mod redis_link;
 pub mod reload;
 pub mod replay;

@@ -35,6 +35,7 @@ pub const LEASE_GRANTS: &str = "floodgate_lease_grants_total";
 pub const LEASE_ADMISSIONS: &str = "floodgate_lease_admissions_total";
 pub const LEASE_RETURNED: &str = "floodgate_lease_returned_total";
 pub(crate) const ACCESS_LOG_DROPPED: &str = "floodgate_access_log_dropped_total";
+pub(crate) const PROXY_PROTOCOL: &str = "floodgate_proxy_protocol_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub(crate) const NO_RULE: &str = "-";
@@ -134,6 +135,10 @@ pub(crate) fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         ACCESS_LOG_DROPPED,
         "Access log lines dropped because the writer was behind (never waited for)"
+    );
+    metrics::describe_counter!(
+        PROXY_PROTOCOL,
+        "Public connections by what their PROXY protocol header did (server.proxy_protocol): v1, v2, unnamed, absent, untrusted, malformed, timeout"
     );
     Some(handle)
 }
