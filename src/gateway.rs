@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 
 use crate::access_log::AccessLog;
 use crate::bans::{Bans, Breadth};
+use crate::blocklists::Blocklists;
 use crate::client_ip::ClientIpResolver;
 use crate::config::Config;
 use crate::consumers::{ConsumerTable, Plans};
@@ -82,6 +83,8 @@ pub(crate) struct Gateway {
     pub(crate) consumers: Arc<ConsumerTable>,
     pub(crate) limiter: Arc<Limiter>,
     pub(crate) bans: Arc<Bans>,
+    /// `[[blocklists]]`, kept fresh by their own thread.
+    pub(crate) blocklists: Arc<Blocklists>,
     pub(crate) metrics: GatewayMetrics,
     /// `server.access_log`, when set.
     pub(crate) access_log: Option<Arc<AccessLog>>,
@@ -93,6 +96,7 @@ impl Gateway {
         consumers: Arc<ConsumerTable>,
         limiter: Arc<Limiter>,
         bans: Arc<Bans>,
+        blocklists: Arc<Blocklists>,
         metrics: GatewayMetrics,
         access_log: Option<Arc<AccessLog>>,
     ) -> Gateway {
@@ -101,6 +105,7 @@ impl Gateway {
             consumers,
             limiter,
             bans,
+            blocklists,
             metrics,
             access_log,
         }

@@ -18,6 +18,7 @@
 pub(crate) mod access_log;
 pub(crate) mod admin;
 pub(crate) mod bans;
+pub(crate) mod blocklists;
 pub mod cli;
 pub mod client_ip;
 pub mod config;

@@ -36,6 +36,11 @@ pub const LEASE_ADMISSIONS: &str = "floodgate_lease_admissions_total";
 pub const LEASE_RETURNED: &str = "floodgate_lease_returned_total";
 pub(crate) const ACCESS_LOG_DROPPED: &str = "floodgate_access_log_dropped_total";
 pub(crate) const PROXY_PROTOCOL: &str = "floodgate_proxy_protocol_total";
+pub(crate) const BLOCKLIST_HITS: &str = "floodgate_blocklist_hits_total";
+pub(crate) const BLOCKLIST_ENTRIES: &str = "floodgate_blocklist_entries";
+pub(crate) const BLOCKLIST_BAD_LINES: &str = "floodgate_blocklist_bad_lines";
+pub(crate) const BLOCKLIST_STALE: &str = "floodgate_blocklist_stale";
+pub(crate) const BLOCKLIST_READS: &str = "floodgate_blocklist_reads_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub(crate) const NO_RULE: &str = "-";
@@ -139,6 +144,26 @@ pub(crate) fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         PROXY_PROTOCOL,
         "Public connections by what their PROXY protocol header did (server.proxy_protocol): v1, v2, unnamed, absent, untrusted, malformed, timeout"
+    );
+    metrics::describe_counter!(
+        BLOCKLIST_HITS,
+        "Requests refused because their client is in this [[blocklists]] list (also counted as banned), by list"
+    );
+    metrics::describe_gauge!(
+        BLOCKLIST_ENTRIES,
+        "Addresses and networks in force from this list, by list"
+    );
+    metrics::describe_gauge!(
+        BLOCKLIST_BAD_LINES,
+        "Lines of this list's file skipped at its last read (not an address or network), by list"
+    );
+    metrics::describe_gauge!(
+        BLOCKLIST_STALE,
+        "1 while this list's file cannot be read and its last good content is in force, by list"
+    );
+    metrics::describe_counter!(
+        BLOCKLIST_READS,
+        "Reads of a list's file, by list and result (ok, error)"
     );
     Some(handle)
 }

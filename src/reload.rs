@@ -64,6 +64,7 @@ impl ConfigFile {
             Some(t) => Some(tls::load(path, t)?),
             None => None,
         };
+        crate::blocklists::check_files(path, &config.blocklists)?;
         Ok(ConfigFile {
             path: path.to_path_buf(),
             config,
@@ -196,6 +197,9 @@ impl Reloader {
         if let Some(access_log) = &gw.access_log {
             access_log.reopen();
         }
+        // Every list is read again within a second (its content stays
+        // until then).
+        gw.blocklists.configure(&file.path, &config.blocklists);
         let previous = gw.snapshot();
         gw.replace_snapshot(Snapshot::new(config, Some(&previous)));
         // Leases were taken under the old rules: they end, and what they

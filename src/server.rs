@@ -250,6 +250,7 @@ impl Node {
             consumers,
             limiter.clone(),
             bans.clone(),
+            crate::blocklists::Blocklists::start(&file.path, &config.blocklists),
             metrics,
             access_log,
         ));

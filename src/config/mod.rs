@@ -21,6 +21,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 mod ban;
+mod blocklists;
 mod consumers;
 mod error;
 mod pools;
@@ -30,6 +31,7 @@ mod server;
 mod summary;
 
 pub(crate) use ban::{parse_cidr, BanConfig, ClientIpConfig};
+pub(crate) use blocklists::BlocklistConfig;
 pub(crate) use consumers::UnknownKeys;
 pub(crate) use consumers::{check_consumer_key, ConsumersConfig, PlanConfig};
 pub(crate) use error::{ConfigError, Invalid};
@@ -71,6 +73,9 @@ pub struct Config {
     /// `[plans.NAME]`: the rules each plan gives its consumers.
     #[serde(default)]
     pub(crate) plans: BTreeMap<String, PlanConfig>,
+    /// `[[blocklists]]`: files of addresses whose clients are refused.
+    #[serde(default)]
+    pub(crate) blocklists: Vec<BlocklistConfig>,
 }
 
 impl Config {
@@ -115,6 +120,7 @@ impl Config {
         let mut names = HashSet::new();
         rules::validate(&self.rules, &mut names)?;
         consumers::validate_plans(self, &mut names)?;
+        blocklists::validate(&self.blocklists)?;
         self.ban.validate()
     }
 }

@@ -5,6 +5,7 @@
 //! 1. [`Exchange::identify`] - peer address, trusted proxies, X-Forwarded-For;
 //! 2. [`Exchange::allowlist`] - in memory, then forward with no Redis call;
 //! 3. [`Exchange::ban_cache`] - in memory, answer with no Redis call;
+//!    then [`Exchange::blocklists`], the `[[blocklists]]` files, the same way;
 //! 4. [`Exchange::rules`] - the matching rules and the consumer's plan
 //!    rules, grouped by subject;
 //! 5. [`Exchange::decide`] - one store call per subject;
@@ -160,6 +161,7 @@ impl<'a> Exchange<'a> {
     async fn limit(&self) -> Result<Admitted<'a>, Exit> {
         self.allowlist()?;
         self.ban_cache()?;
+        self.blocklists()?;
         let groups = self.rules()?;
         self.decide(&groups).await
     }
@@ -182,6 +184,22 @@ impl<'a> Exchange<'a> {
                 self.gw.metrics.banned.increment(1);
                 self.verdict.set(Verdict::Banned);
                 Err(Exit::Answer(responses::banned(self.snap.ban_status, left)))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Phase 3, continued: a client in a `[[blocklists]]` list gets the ban
+    /// answer (the list's status, or `ban.status`), counted as banned.
+    fn blocklists(&self) -> Result<(), Exit> {
+        match self.gw.blocklists.listed(self.ip) {
+            Some(listed) => {
+                self.gw.metrics.banned.increment(1);
+                self.verdict.set(Verdict::Banned);
+                Err(Exit::Answer(responses::banned(
+                    listed.status.unwrap_or(self.snap.ban_status),
+                    listed.retry_after,
+                )))
             }
             None => Ok(()),
         }
