@@ -21,6 +21,7 @@ use crate::blocklists::Blocklists;
 use crate::client_ip::ClientIpResolver;
 use crate::config::Config;
 use crate::consumers::{ConsumerTable, Plans};
+use crate::identity::Identity;
 use crate::limiter::Limiter;
 use crate::metrics::GatewayMetrics;
 use crate::proxy::{AnswerLimits, Upstream};
@@ -76,6 +77,13 @@ impl Snapshot {
     }
 }
 
+/// What parties other than the gateway say about a client: the blocklist
+/// files, and the issuers of bearer tokens.
+pub(crate) struct Vouchers {
+    pub(crate) blocklists: Arc<Blocklists>,
+    pub(crate) identity: Arc<Identity>,
+}
+
 /// Everything the front door needs, shared by all workers.
 pub(crate) struct Gateway {
     snapshot: ArcSwap<Snapshot>,
@@ -85,6 +93,8 @@ pub(crate) struct Gateway {
     pub(crate) bans: Arc<Bans>,
     /// `[[blocklists]]`, kept fresh by their own thread.
     pub(crate) blocklists: Arc<Blocklists>,
+    /// `[jwt]`: the bearer token's verifier.
+    pub(crate) identity: Arc<Identity>,
     pub(crate) metrics: GatewayMetrics,
     /// `server.access_log`, when set.
     pub(crate) access_log: Option<Arc<AccessLog>>,
@@ -96,16 +106,21 @@ impl Gateway {
         consumers: Arc<ConsumerTable>,
         limiter: Arc<Limiter>,
         bans: Arc<Bans>,
-        blocklists: Arc<Blocklists>,
+        vouchers: Vouchers,
         metrics: GatewayMetrics,
         access_log: Option<Arc<AccessLog>>,
     ) -> Gateway {
+        let Vouchers {
+            blocklists,
+            identity,
+        } = vouchers;
         Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             consumers,
             limiter,
             bans,
             blocklists,
+            identity,
             metrics,
             access_log,
         }

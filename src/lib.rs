@@ -26,6 +26,7 @@ pub mod consumers;
 pub(crate) mod dashboard;
 pub(crate) mod front_door;
 pub(crate) mod gateway;
+pub(crate) mod identity;
 pub(crate) mod in_flight;
 pub(crate) mod keys;
 pub mod limiter;

@@ -41,6 +41,10 @@ pub(crate) const BLOCKLIST_ENTRIES: &str = "floodgate_blocklist_entries";
 pub(crate) const BLOCKLIST_BAD_LINES: &str = "floodgate_blocklist_bad_lines";
 pub(crate) const BLOCKLIST_STALE: &str = "floodgate_blocklist_stale";
 pub(crate) const BLOCKLIST_READS: &str = "floodgate_blocklist_reads_total";
+pub(crate) const JWT: &str = "floodgate_jwt_total";
+pub(crate) const JWKS_KEYS: &str = "floodgate_jwks_keys";
+pub(crate) const JWKS_REFRESH: &str = "floodgate_jwks_refresh_total";
+pub(crate) const JWKS_STALE: &str = "floodgate_jwks_stale";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub(crate) const NO_RULE: &str = "-";
@@ -164,6 +168,16 @@ pub(crate) fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         BLOCKLIST_READS,
         "Reads of a list's file, by list and result (ok, error)"
+    );
+    metrics::describe_counter!(
+        JWT,
+        "Bearer tokens by outcome ([jwt]): valid, absent, or why one was refused"
+    );
+    metrics::describe_gauge!(JWKS_KEYS, "Keys of the JWKS in force");
+    metrics::describe_counter!(JWKS_REFRESH, "Fetches of the JWKS, by result (ok, error)");
+    metrics::describe_gauge!(
+        JWKS_STALE,
+        "1 while the JWKS cannot be fetched and the keys fetched before stay in force"
     );
     Some(handle)
 }

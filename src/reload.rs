@@ -200,6 +200,8 @@ impl Reloader {
         // Every list is read again within a second (its content stays
         // until then).
         gw.blocklists.configure(&file.path, &config.blocklists);
+        // A changed [jwt] gets a new verifier (its JWKS read first).
+        gw.identity.configure(&file.path, config.jwt.as_ref());
         let previous = gw.snapshot();
         gw.replace_snapshot(Snapshot::new(config, Some(&previous)));
         // Leases were taken under the old rules: they end, and what they

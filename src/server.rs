@@ -15,7 +15,7 @@ use crate::bans::{key_tag, BanCache, BanEvent, BanTarget, Bans, Follower};
 use crate::config::Config;
 use crate::consumers::ConsumerTable;
 use crate::front_door;
-use crate::gateway::{Gateway, Snapshot, UpstreamClients};
+use crate::gateway::{Gateway, Snapshot, UpstreamClients, Vouchers};
 use crate::limiter::{BanParams, Breakers, Limiter, LimiterSettings, LocalStore, RedisStore};
 use crate::metrics::GatewayMetrics;
 use crate::redis_link::RedisLink;
@@ -250,7 +250,10 @@ impl Node {
             consumers,
             limiter.clone(),
             bans.clone(),
-            crate::blocklists::Blocklists::start(&file.path, &config.blocklists),
+            Vouchers {
+                blocklists: crate::blocklists::Blocklists::start(&file.path, &config.blocklists),
+                identity: crate::identity::Identity::start(&file.path, config.jwt.as_ref()),
+            },
             metrics,
             access_log,
         ));

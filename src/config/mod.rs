@@ -24,6 +24,7 @@ mod ban;
 mod blocklists;
 mod consumers;
 mod error;
+mod identity;
 mod pools;
 mod redis;
 mod rules;
@@ -35,6 +36,7 @@ pub(crate) use blocklists::BlocklistConfig;
 pub(crate) use consumers::UnknownKeys;
 pub(crate) use consumers::{check_consumer_key, ConsumersConfig, PlanConfig};
 pub(crate) use error::{ConfigError, Invalid};
+pub(crate) use identity::{InvalidToken, JwtConfig};
 pub(crate) use pools::{HealthConfig, RouteConfig, UpstreamConfig};
 pub(crate) use redis::{OnFailure, RedisConfig};
 pub(crate) use rules::{LimitConfig, RuleConfig};
@@ -73,6 +75,9 @@ pub struct Config {
     /// `[plans.NAME]`: the rules each plan gives its consumers.
     #[serde(default)]
     pub(crate) plans: BTreeMap<String, PlanConfig>,
+    /// `[jwt]`: how bearer tokens are verified for `jwt:<claim>` keys.
+    #[serde(default)]
+    pub(crate) jwt: Option<JwtConfig>,
     /// `[[blocklists]]`: files of addresses whose clients are refused.
     #[serde(default)]
     pub(crate) blocklists: Vec<BlocklistConfig>,
@@ -121,6 +126,7 @@ impl Config {
         rules::validate(&self.rules, &mut names)?;
         consumers::validate_plans(self, &mut names)?;
         blocklists::validate(&self.blocklists)?;
+        identity::validate(self)?;
         self.ban.validate()
     }
 }

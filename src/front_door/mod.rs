@@ -6,8 +6,9 @@
 //! 2. [`Exchange::allowlist`] - in memory, then forward with no Redis call;
 //! 3. [`Exchange::ban_cache`] - in memory, answer with no Redis call;
 //!    then [`Exchange::blocklists`], the `[[blocklists]]` files, the same way;
-//! 4. [`Exchange::rules`] - the matching rules and the consumer's plan
-//!    rules, grouped by subject;
+//! 4. [`Exchange::token`] - the bearer token verified (`[jwt]`), then
+//!    [`Exchange::rules`] - the matching rules and the consumer's plan
+//!    rules, grouped by subject (keyed by verified claims only);
 //! 5. [`Exchange::decide`] - one store call per subject;
 //! 6. [`Exchange::forward`] - to the routed pool (plus RateLimit headers);
 //!    refusals were answered by the phase that made them (429, ban status,
@@ -37,6 +38,7 @@ use crate::access_log::{Entry, Verdict};
 use crate::client_ip::ClientKey;
 use crate::consumers::ConsumerError;
 use crate::gateway::{Gateway, Snapshot, UpstreamClients};
+use crate::identity::{Claims, Token, WithClaims};
 use crate::in_flight::SlotGuard;
 use crate::limiter::{Decision, RateInfo};
 use crate::responses;
@@ -162,7 +164,8 @@ impl<'a> Exchange<'a> {
         self.allowlist()?;
         self.ban_cache()?;
         self.blocklists()?;
-        let groups = self.rules()?;
+        let claims = self.token()?;
+        let groups = self.rules(claims.as_ref())?;
         self.decide(&groups).await
     }
 
@@ -205,10 +208,28 @@ impl<'a> Exchange<'a> {
         }
     }
 
+    /// Phase 4, first: the bearer token. Its claims when it verifies; a
+    /// bad one is answered 401, or decided as no token at all with
+    /// `jwt.invalid = "anonymous"`.
+    fn token(&self) -> Result<Option<Claims>, Exit> {
+        match self.gw.identity.token(self.req.headers()) {
+            Token::None => Ok(None),
+            Token::Verified(claims) => Ok(Some(claims)),
+            Token::Invalid { why, reject: true } => {
+                Err(Exit::Answer(responses::invalid_token(why)))
+            }
+            Token::Invalid { reject: false, .. } => Ok(None),
+        }
+    }
+
     /// Phase 4: the rules that match, with the consumer's plan rules,
     /// grouped by subject. A key header too long or a path whose readings
     /// disagree is refused with 400; no rule at all forwards.
-    fn rules(&self) -> Result<Vec<SubjectGroup<'a>>, Exit> {
+    fn rules(&self, claims: Option<&Claims>) -> Result<Vec<SubjectGroup<'a>>, Exit> {
+        let req = WithClaims {
+            req: &self.req,
+            claims,
+        };
         let bad_request = |kind: &'static str, message: String| {
             crate::metrics::client_error(kind);
             Exit::Answer(responses::bad_request(message))
@@ -216,11 +237,11 @@ impl<'a> Exchange<'a> {
         let mut groups = self
             .snap
             .rules
-            .groups(&self.req, self.key)
+            .groups(&req, self.key)
             .map_err(|e| bad_request(e.kind(), e.to_string()))?;
         if let Some(plans) = &self.snap.plans {
             plans
-                .apply(&self.req, self.key, &self.gw.consumers, &mut groups)
+                .apply(&req, self.key, &self.gw.consumers, &mut groups)
                 .map_err(|e| match e {
                     ConsumerError::Match(e) => Exit::Answer(responses::bad_request(e.to_string())),
                     ConsumerError::UnknownKey(_) => {
