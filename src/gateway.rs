@@ -21,6 +21,7 @@ use crate::blocklists::Blocklists;
 use crate::client_ip::ClientIpResolver;
 use crate::config::Config;
 use crate::consumers::{ConsumerTable, Plans};
+use crate::crowdsec::Crowdsec;
 use crate::identity::Identity;
 use crate::limiter::Limiter;
 use crate::metrics::GatewayMetrics;
@@ -78,10 +79,11 @@ impl Snapshot {
 }
 
 /// What parties other than the gateway say about a client: the blocklist
-/// files, and the issuers of bearer tokens.
+/// files, the issuers of bearer tokens, CrowdSec's decisions.
 pub(crate) struct Vouchers {
     pub(crate) blocklists: Arc<Blocklists>,
     pub(crate) identity: Arc<Identity>,
+    pub(crate) crowdsec: Arc<Crowdsec>,
 }
 
 /// Everything the front door needs, shared by all workers.
@@ -95,6 +97,8 @@ pub(crate) struct Gateway {
     pub(crate) blocklists: Arc<Blocklists>,
     /// `[jwt]`: the bearer token's verifier.
     pub(crate) identity: Arc<Identity>,
+    /// `[crowdsec]`: the decisions this node enforces as a bouncer.
+    pub(crate) crowdsec: Arc<Crowdsec>,
     pub(crate) metrics: GatewayMetrics,
     /// `server.access_log`, when set.
     pub(crate) access_log: Option<Arc<AccessLog>>,
@@ -113,6 +117,7 @@ impl Gateway {
         let Vouchers {
             blocklists,
             identity,
+            crowdsec,
         } = vouchers;
         Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -121,6 +126,7 @@ impl Gateway {
             bans,
             blocklists,
             identity,
+            crowdsec,
             metrics,
             access_log,
         }

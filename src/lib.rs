@@ -23,6 +23,7 @@ pub mod cli;
 pub mod client_ip;
 pub mod config;
 pub mod consumers;
+pub(crate) mod crowdsec;
 pub(crate) mod dashboard;
 pub(crate) mod front_door;
 pub(crate) mod gateway;

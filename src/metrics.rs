@@ -45,6 +45,11 @@ pub(crate) const JWT: &str = "floodgate_jwt_total";
 pub(crate) const JWKS_KEYS: &str = "floodgate_jwks_keys";
 pub(crate) const JWKS_REFRESH: &str = "floodgate_jwks_refresh_total";
 pub(crate) const JWKS_STALE: &str = "floodgate_jwks_stale";
+pub(crate) const CROWDSEC_HITS: &str = "floodgate_crowdsec_hits_total";
+pub(crate) const CROWDSEC_DECISIONS: &str = "floodgate_crowdsec_decisions";
+pub(crate) const CROWDSEC_PULLS: &str = "floodgate_crowdsec_pulls_total";
+pub(crate) const CROWDSEC_UP: &str = "floodgate_crowdsec_up";
+pub(crate) const CROWDSEC_SKIPPED: &str = "floodgate_crowdsec_skipped_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub(crate) const NO_RULE: &str = "-";
@@ -178,6 +183,26 @@ pub(crate) fn install() -> Option<PrometheusHandle> {
     metrics::describe_gauge!(
         JWKS_STALE,
         "1 while the JWKS cannot be fetched and the keys fetched before stay in force"
+    );
+    metrics::describe_counter!(
+        CROWDSEC_HITS,
+        "Requests refused by a CrowdSec decision (also counted as banned)"
+    );
+    metrics::describe_gauge!(
+        CROWDSEC_DECISIONS,
+        "CrowdSec ban decisions in force on this node"
+    );
+    metrics::describe_counter!(
+        CROWDSEC_PULLS,
+        "Polls of the CrowdSec decisions stream, by result (ok, error)"
+    );
+    metrics::describe_gauge!(
+        CROWDSEC_UP,
+        "1 while the last poll of the CrowdSec Local API worked"
+    );
+    metrics::describe_counter!(
+        CROWDSEC_SKIPPED,
+        "CrowdSec decisions not enforced: not a ban, another scope, a bad value, or past crowdsec.max_decisions"
     );
     Some(handle)
 }

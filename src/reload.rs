@@ -253,7 +253,8 @@ pub(crate) fn reload_on_hangup(reloader: Arc<Reloader>) {
 /// what each connection and worker is built with (`server.send_timeout`,
 /// `client_body_timeout`, `max_body_size`, `response_buffer`), the access
 /// log's file (`server.access_log`; a reload reopens it), the PROXY
-/// protocol step (`server.proxy_protocol`),
+/// protocol step (`server.proxy_protocol`), the CrowdSec bouncer
+/// (`[crowdsec]`),
 /// the whole `[redis]` section (the connection and key layout), the IPv6
 /// grouping of clients (`client_ip.ipv6_prefix`, part of every key), and the
 /// background intervals `ban.reconcile_interval` and `ban.audit_max_len`.
@@ -282,6 +283,8 @@ pub(crate) fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static 
     keep!("server.access_log", server.access_log);
     // The public listener is built with or without the PROXY step.
     keep!("server.proxy_protocol", server.proxy_protocol);
+    // The bouncer's poller is started once, with its key.
+    keep!("crowdsec", crowdsec);
     if old.server.tls.is_some() != new.server.tls.is_some() {
         changed.push("server.tls");
         new.server.tls = old.server.tls.clone();

@@ -253,6 +253,7 @@ impl Node {
             Vouchers {
                 blocklists: crate::blocklists::Blocklists::start(&file.path, &config.blocklists),
                 identity: crate::identity::Identity::start(&file.path, config.jwt.as_ref()),
+                crowdsec: crate::crowdsec::Crowdsec::start(config.crowdsec.as_ref()),
             },
             metrics,
             access_log,

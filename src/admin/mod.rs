@@ -240,7 +240,11 @@ async fn list_bans(req: HttpRequest, state: web::Data<AdminState>) -> HttpRespon
         return r;
     }
     match state.gateway.bans.list().await {
-        Ok(list) => HttpResponse::Ok().json(list),
+        Ok(mut list) => {
+            // CrowdSec's decisions, listed with their origin.
+            list.extend(state.gateway.crowdsec.views());
+            HttpResponse::Ok().json(list)
+        }
         Err(e) => failed(e),
     }
 }

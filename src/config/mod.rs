@@ -23,6 +23,7 @@ use serde::Deserialize;
 mod ban;
 mod blocklists;
 mod consumers;
+mod crowdsec;
 mod error;
 mod identity;
 mod pools;
@@ -35,6 +36,7 @@ pub(crate) use ban::{parse_cidr, BanConfig, ClientIpConfig};
 pub(crate) use blocklists::BlocklistConfig;
 pub(crate) use consumers::UnknownKeys;
 pub(crate) use consumers::{check_consumer_key, ConsumersConfig, PlanConfig};
+pub(crate) use crowdsec::CrowdsecConfig;
 pub(crate) use error::{ConfigError, Invalid};
 pub(crate) use identity::{InvalidToken, JwtConfig};
 pub(crate) use pools::{HealthConfig, RouteConfig, UpstreamConfig};
@@ -78,6 +80,9 @@ pub struct Config {
     /// `[jwt]`: how bearer tokens are verified for `jwt:<claim>` keys.
     #[serde(default)]
     pub(crate) jwt: Option<JwtConfig>,
+    /// `[crowdsec]`: the CrowdSec Local API this node is a bouncer of.
+    #[serde(default)]
+    pub(crate) crowdsec: Option<CrowdsecConfig>,
     /// `[[blocklists]]`: files of addresses whose clients are refused.
     #[serde(default)]
     pub(crate) blocklists: Vec<BlocklistConfig>,
@@ -127,6 +132,9 @@ impl Config {
         consumers::validate_plans(self, &mut names)?;
         blocklists::validate(&self.blocklists)?;
         identity::validate(self)?;
+        if let Some(c) = &self.crowdsec {
+            crowdsec::validate(c)?;
+        }
         self.ban.validate()
     }
 }

@@ -5,7 +5,8 @@
 //! 1. [`Exchange::identify`] - peer address, trusted proxies, X-Forwarded-For;
 //! 2. [`Exchange::allowlist`] - in memory, then forward with no Redis call;
 //! 3. [`Exchange::ban_cache`] - in memory, answer with no Redis call;
-//!    then [`Exchange::blocklists`], the `[[blocklists]]` files, the same way;
+//!    then [`Exchange::blocklists`], the `[[blocklists]]` files and
+//!    CrowdSec's decisions, the same way;
 //! 4. [`Exchange::token`] - the bearer token verified (`[jwt]`), then
 //!    [`Exchange::rules`] - the matching rules and the consumer's plan
 //!    rules, grouped by subject (keyed by verified claims only);
@@ -194,14 +195,22 @@ impl<'a> Exchange<'a> {
 
     /// Phase 3, continued: a client in a `[[blocklists]]` list gets the ban
     /// answer (the list's status, or `ban.status`), counted as banned.
+    /// A client CrowdSec banned gets the same answer, for the time its
+    /// decision has left.
     fn blocklists(&self) -> Result<(), Exit> {
-        match self.gw.blocklists.listed(self.ip) {
-            Some(listed) => {
+        let listed = self
+            .gw
+            .blocklists
+            .listed(self.ip)
+            .map(|l| (l.retry_after, l.status))
+            .or_else(|| self.gw.crowdsec.banned(self.ip));
+        match listed {
+            Some((left, status)) => {
                 self.gw.metrics.banned.increment(1);
                 self.verdict.set(Verdict::Banned);
                 Err(Exit::Answer(responses::banned(
-                    listed.status.unwrap_or(self.snap.ban_status),
-                    listed.retry_after,
+                    status.unwrap_or(self.snap.ban_status),
+                    left,
                 )))
             }
             None => Ok(()),
