@@ -170,8 +170,9 @@ fn cscli_decisions_are_enforced_within_a_poll_listed_and_lifted() {
         "30m",
     ]);
     let started = Instant::now();
-    wait_until("the decision enforced", Duration::from_secs(5), || {
-        refused(&gw, "127.0.0.9")
+    // Both within a poll of their making (1 s, and the time to ask).
+    wait_until("the decisions enforced", Duration::from_secs(5), || {
+        refused(&gw, "127.0.0.9") && refused(&gw, "10.1.200.3")
     });
     assert!(started.elapsed() < Duration::from_millis(2500));
     let r = get_as(&gw.url("/"), "127.0.0.9");

@@ -164,6 +164,12 @@ async fn proxied(
     match accept(&mut tcp, peer.ip(), trusted(peer.ip()), outcomes).await {
         Ok(Arrival::Named(client)) => Some((tcp, Some(client))),
         Ok(Arrival::Unnamed | Arrival::Direct) => Some((tcp, Some(peer))),
+        // A connection that ended before saying anything (a balancer's
+        // TCP health check) is not worth a warning.
+        Err(refusal @ super::Refusal::Io { .. }) => {
+            log::debug!("connection closed: {refusal}");
+            None
+        }
         Err(refusal) => {
             log::warn!("connection closed: {refusal}");
             None
