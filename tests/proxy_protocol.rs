@@ -37,7 +37,13 @@ impl Haproxy {
              backend gateway_v1\n  server gw 127.0.0.1:{gateway_port} send-proxy\n"
         );
         let path = write_file(dir.path(), "haproxy.cfg", &config);
-        let child = Command::new("haproxy")
+        // Debian installs it in /usr/sbin, not always on a user's PATH.
+        let binary = if Path::new("/usr/sbin/haproxy").exists() {
+            "/usr/sbin/haproxy"
+        } else {
+            "haproxy"
+        };
+        let child = Command::new(binary)
             .arg("-db")
             .arg("-f")
             .arg(&path)
