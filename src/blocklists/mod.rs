@@ -211,9 +211,12 @@ impl List {
                 }
                 watch.failing = false;
                 watch.seen = Some(stamp);
+                let entries = table.entries();
+                // In force before it is counted as read.
+                self.table.store(Arc::new(table));
                 self.stale.set(0.0);
                 self.reads_ok.increment(1);
-                self.entries.set(table.entries() as f64);
+                self.entries.set(entries as f64);
                 self.bad_lines.set(bad.count as f64);
                 let took = started.elapsed();
                 if bad.count > 0 {
@@ -221,7 +224,7 @@ impl List {
                     log::warn!(
                         "blocklist {}: {} entries from {} in {} ms; {} lines skipped as not an address or network (lines {}{})",
                         self.name,
-                        table.entries(),
+                        entries,
                         self.path.display(),
                         took.as_millis(),
                         bad.count,
@@ -232,12 +235,11 @@ impl List {
                     log::info!(
                         "blocklist {}: {} entries from {} in {} ms",
                         self.name,
-                        table.entries(),
+                        entries,
                         self.path.display(),
                         took.as_millis()
                     );
                 }
-                self.table.store(Arc::new(table));
             }
             Err(why) => self.failed(&mut watch, &why),
         }
