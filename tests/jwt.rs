@@ -497,3 +497,38 @@ fn a_jwks_url_is_refreshed_and_a_bad_document_keeps_the_keys_in_force() {
     assert_eq!(with_token(&gw, "/", &old_token).status, 401);
     assert_eq!(gw.metric("floodgate_jwks_stale"), 0.0);
 }
+
+#[test]
+fn a_token_with_an_unknown_kid_fetches_the_jwks_early_but_not_every_time() {
+    let (redis, up) = (RedisServer::start(), Upstream::start());
+    let (old, new) = (es256("old"), es256("new"));
+    let server = JwksServer::start(jwks(&[&old]));
+    let url = format!("http://127.0.0.1:{}/jwks.json", server.port);
+    // No periodic fetch within the test: only the early one.
+    let gw = start(
+        &redis,
+        &up,
+        PER_SUB,
+        &jwt_section(&url, "jwks_refresh = \"1h\""),
+    );
+    assert_eq!(server.fetches(), 1);
+    server.serve(jwks(&[&old, &new]));
+    let new_token = sign(&new, &claims(json!({"sub":"b"})));
+    let started = std::time::Instant::now();
+    wait_until("the new key fetched", Duration::from_secs(30), || {
+        with_token(&gw, "/", &new_token).status == 200
+    });
+    eprintln!(
+        "a rotated key verified {:?} after its first token",
+        started.elapsed()
+    );
+    // Hundreds of tokens naming a kid nobody has cost one fetch per gap.
+    let mut stranger = es256("stranger");
+    stranger.kid = "nobody".into();
+    let forged = sign(&stranger, &claims(json!({"sub":"c"})));
+    for _ in 0..200 {
+        assert_eq!(with_token(&gw, "/", &forged).status, 401);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(server.fetches() <= 3, "{} fetches", server.fetches());
+}

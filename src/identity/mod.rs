@@ -21,6 +21,7 @@
 mod jwks;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -162,7 +163,16 @@ struct Verifier {
     config: JwtConfig,
     secret: Option<DecodingKey>,
     keys: ArcSwap<KeySet>,
+    /// A token named a `kid` the JWKS lacks: perhaps a key just rotated
+    /// in, so the refresher fetches the JWKS early (at most every
+    /// [`EARLY_REFRESH_GAP`]).
+    kid_missed: AtomicBool,
 }
+
+/// The least time between two fetches of the JWKS that tokens with an
+/// unknown `kid` ask for, so that they cannot make the gateway hammer the
+/// identity provider.
+const EARLY_REFRESH_GAP: Duration = Duration::from_secs(10);
 
 impl Verifier {
     fn start(config_file: &Path, config: JwtConfig) -> Arc<Verifier> {
@@ -184,6 +194,7 @@ impl Verifier {
             config: config.clone(),
             secret,
             keys: ArcSwap::from_pointee(KeySet::default()),
+            kid_missed: AtomicBool::new(false),
         });
         if let Some(jwks) = &config.jwks {
             let source = if jwks.starts_with("https://") || jwks.starts_with("http://") {
@@ -227,6 +238,9 @@ impl Verifier {
             _ => return Err("unsupported_algorithm"),
         };
         if candidates.is_empty() {
+            if header.kid.is_some() && header.alg != Algorithm::HS256 {
+                self.kid_missed.store(true, Ordering::Relaxed);
+            }
             return Err("unknown_key");
         }
         let validation = self.validation(header.alg);
@@ -358,15 +372,18 @@ impl Refresher {
         let spawned = std::thread::Builder::new()
             .name("jwks".into())
             .spawn(move || {
-                let mut next = Instant::now() + self.every;
+                let mut last = Instant::now();
                 loop {
                     std::thread::sleep(Duration::from_secs(1));
                     let Some(verifier) = verifier.upgrade() else {
                         return;
                     };
-                    if Instant::now() >= next {
+                    let due = last.elapsed() >= self.every;
+                    let early = last.elapsed() >= EARLY_REFRESH_GAP
+                        && verifier.kid_missed.swap(false, Ordering::Relaxed);
+                    if due || early {
                         self.refresh(&verifier);
-                        next = Instant::now() + self.every;
+                        last = Instant::now();
                     }
                 }
             });
