@@ -142,7 +142,7 @@ impl Entry {
             KeyKind::Header(h) => Some(h),
             _ => None,
         });
-        let consumer = plans.map(|p| p.header());
+        let consumer = plans.and_then(|p| p.header());
         for name in rule_headers.chain(consumer) {
             self.hash_header(req, name);
         }

@@ -17,9 +17,12 @@ use arc_swap::ArcSwap;
 
 use crate::access_log::AccessLog;
 use crate::bans::{Bans, Breadth};
+use crate::blocklists::Blocklists;
 use crate::client_ip::ClientIpResolver;
 use crate::config::Config;
 use crate::consumers::{ConsumerTable, Plans};
+use crate::crowdsec::Crowdsec;
+use crate::identity::Identity;
 use crate::limiter::Limiter;
 use crate::metrics::GatewayMetrics;
 use crate::proxy::{AnswerLimits, Upstream};
@@ -75,6 +78,14 @@ impl Snapshot {
     }
 }
 
+/// What parties other than the gateway say about a client: the blocklist
+/// files, the issuers of bearer tokens, CrowdSec's decisions.
+pub(crate) struct Vouchers {
+    pub(crate) blocklists: Arc<Blocklists>,
+    pub(crate) identity: Arc<Identity>,
+    pub(crate) crowdsec: Arc<Crowdsec>,
+}
+
 /// Everything the front door needs, shared by all workers.
 pub(crate) struct Gateway {
     snapshot: ArcSwap<Snapshot>,
@@ -82,6 +93,12 @@ pub(crate) struct Gateway {
     pub(crate) consumers: Arc<ConsumerTable>,
     pub(crate) limiter: Arc<Limiter>,
     pub(crate) bans: Arc<Bans>,
+    /// `[[blocklists]]`, kept fresh by their own thread.
+    pub(crate) blocklists: Arc<Blocklists>,
+    /// `[jwt]`: the bearer token's verifier.
+    pub(crate) identity: Arc<Identity>,
+    /// `[crowdsec]`: the decisions this node enforces as a bouncer.
+    pub(crate) crowdsec: Arc<Crowdsec>,
     pub(crate) metrics: GatewayMetrics,
     /// `server.access_log`, when set.
     pub(crate) access_log: Option<Arc<AccessLog>>,
@@ -93,14 +110,23 @@ impl Gateway {
         consumers: Arc<ConsumerTable>,
         limiter: Arc<Limiter>,
         bans: Arc<Bans>,
+        vouchers: Vouchers,
         metrics: GatewayMetrics,
         access_log: Option<Arc<AccessLog>>,
     ) -> Gateway {
+        let Vouchers {
+            blocklists,
+            identity,
+            crowdsec,
+        } = vouchers;
         Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             consumers,
             limiter,
             bans,
+            blocklists,
+            identity,
+            crowdsec,
             metrics,
             access_log,
         }

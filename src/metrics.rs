@@ -37,6 +37,21 @@ pub const LEASE_RETURNED: &str = "floodgate_lease_returned_total";
 pub(crate) const ACCESS_LOG_DROPPED: &str = "floodgate_access_log_dropped_total";
 pub const SETTLEMENTS: &str = "floodgate_settlements_total";
 pub const SETTLE_ERRORS: &str = "floodgate_settle_errors_total";
+pub(crate) const PROXY_PROTOCOL: &str = "floodgate_proxy_protocol_total";
+pub(crate) const BLOCKLIST_HITS: &str = "floodgate_blocklist_hits_total";
+pub(crate) const BLOCKLIST_ENTRIES: &str = "floodgate_blocklist_entries";
+pub(crate) const BLOCKLIST_BAD_LINES: &str = "floodgate_blocklist_bad_lines";
+pub(crate) const BLOCKLIST_STALE: &str = "floodgate_blocklist_stale";
+pub(crate) const BLOCKLIST_READS: &str = "floodgate_blocklist_reads_total";
+pub(crate) const JWT: &str = "floodgate_jwt_total";
+pub(crate) const JWKS_KEYS: &str = "floodgate_jwks_keys";
+pub(crate) const JWKS_REFRESH: &str = "floodgate_jwks_refresh_total";
+pub(crate) const JWKS_STALE: &str = "floodgate_jwks_stale";
+pub(crate) const CROWDSEC_HITS: &str = "floodgate_crowdsec_hits_total";
+pub(crate) const CROWDSEC_DECISIONS: &str = "floodgate_crowdsec_decisions";
+pub(crate) const CROWDSEC_PULLS: &str = "floodgate_crowdsec_pulls_total";
+pub(crate) const CROWDSEC_UP: &str = "floodgate_crowdsec_up";
+pub(crate) const CROWDSEC_SKIPPED: &str = "floodgate_crowdsec_skipped_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).
 pub(crate) const NO_RULE: &str = "-";
@@ -144,6 +159,60 @@ pub(crate) fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         ACCESS_LOG_DROPPED,
         "Access log lines dropped because the writer was behind (never waited for)"
+    );
+    metrics::describe_counter!(
+        PROXY_PROTOCOL,
+        "Public connections by what their PROXY protocol header did (server.proxy_protocol): v1, v2, unnamed, absent, untrusted, malformed, timeout"
+    );
+    metrics::describe_counter!(
+        BLOCKLIST_HITS,
+        "Requests refused because their client is in this [[blocklists]] list (also counted as banned), by list"
+    );
+    metrics::describe_gauge!(
+        BLOCKLIST_ENTRIES,
+        "Addresses and networks in force from this list, by list"
+    );
+    metrics::describe_gauge!(
+        BLOCKLIST_BAD_LINES,
+        "Lines of this list's file skipped at its last read (not an address or network), by list"
+    );
+    metrics::describe_gauge!(
+        BLOCKLIST_STALE,
+        "1 while this list's file cannot be read and its last good content is in force, by list"
+    );
+    metrics::describe_counter!(
+        BLOCKLIST_READS,
+        "Reads of a list's file, by list and result (ok, error)"
+    );
+    metrics::describe_counter!(
+        JWT,
+        "Bearer tokens by outcome ([jwt]): valid, absent, or why one was refused"
+    );
+    metrics::describe_gauge!(JWKS_KEYS, "Keys of the JWKS in force");
+    metrics::describe_counter!(JWKS_REFRESH, "Fetches of the JWKS, by result (ok, error)");
+    metrics::describe_gauge!(
+        JWKS_STALE,
+        "1 while the JWKS cannot be fetched and the keys fetched before stay in force"
+    );
+    metrics::describe_counter!(
+        CROWDSEC_HITS,
+        "Requests refused by a CrowdSec decision (also counted as banned)"
+    );
+    metrics::describe_gauge!(
+        CROWDSEC_DECISIONS,
+        "CrowdSec ban decisions in force on this node"
+    );
+    metrics::describe_counter!(
+        CROWDSEC_PULLS,
+        "Polls of the CrowdSec decisions stream, by result (ok, error)"
+    );
+    metrics::describe_gauge!(
+        CROWDSEC_UP,
+        "1 while the last poll of the CrowdSec Local API worked"
+    );
+    metrics::describe_counter!(
+        CROWDSEC_SKIPPED,
+        "CrowdSec decisions not enforced: not a ban, another scope, a bad value, or past crowdsec.max_decisions"
     );
     Some(handle)
 }

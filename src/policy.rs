@@ -26,13 +26,31 @@ pub enum KeyKind {
     Ip,
     /// The value of a request header; requests without it skip the rule.
     Header(HeaderName),
+    /// A claim of the request's verified bearer token (`[jwt]`); requests
+    /// without a verified token, or whose token lacks the claim, skip the
+    /// rule. Never an unverified claim.
+    Claim(String),
     /// One bucket for the whole gateway.
     Global,
 }
 
 impl KeyKind {
-    /// Parses `ip`, `global` or `header:<Name>`.
+    /// Parses `ip`, `global`, `header:<Name>` or `jwt:<claim>`.
     pub(crate) fn parse(s: &str) -> Result<KeyKind, String> {
+        if let Some(claim) = s.strip_prefix("jwt:") {
+            let valid = !claim.is_empty()
+                && claim.len() <= 64
+                && claim
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.:/".contains(&b));
+            return if valid {
+                Ok(KeyKind::Claim(claim.to_string()))
+            } else {
+                Err(format!(
+                    "`{claim}` is not a claim name (1 to 64 letters, digits, '_', '-', '.', ':' or '/')"
+                ))
+            };
+        }
         match s {
             "ip" => Ok(KeyKind::Ip),
             "global" => Ok(KeyKind::Global),
@@ -41,7 +59,7 @@ impl KeyKind {
                     .map(KeyKind::Header)
                     .map_err(|_| format!("`{name}` is not a valid header name")),
                 None => Err(format!(
-                    "`{s}` is not one of \"ip\", \"global\", \"header:<Name>\""
+                    "`{s}` is not one of \"ip\", \"global\", \"header:<Name>\", \"jwt:<claim>\""
                 )),
             },
         }

@@ -64,6 +64,7 @@ impl ConfigFile {
             Some(t) => Some(tls::load(path, t)?),
             None => None,
         };
+        crate::blocklists::check_files(path, &config.blocklists)?;
         Ok(ConfigFile {
             path: path.to_path_buf(),
             config,
@@ -196,6 +197,11 @@ impl Reloader {
         if let Some(access_log) = &gw.access_log {
             access_log.reopen();
         }
+        // Every list is read again within a second (its content stays
+        // until then).
+        gw.blocklists.configure(&file.path, &config.blocklists);
+        // A changed [jwt] gets a new verifier (its JWKS read first).
+        gw.identity.configure(&file.path, config.jwt.as_ref());
         let previous = gw.snapshot();
         gw.replace_snapshot(Snapshot::new(config, Some(&previous)));
         // Leases were taken under the old rules: they end, and what they
@@ -246,7 +252,9 @@ pub(crate) fn reload_on_hangup(reloader: Arc<Reloader>) {
 /// `server.shutdown_timeout`, `server.admin_token_env`, `server.node_id`,
 /// what each connection and worker is built with (`server.send_timeout`,
 /// `client_body_timeout`, `max_body_size`, `response_buffer`), the access
-/// log's file (`server.access_log`; a reload reopens it),
+/// log's file (`server.access_log`; a reload reopens it), the PROXY
+/// protocol step (`server.proxy_protocol`), the CrowdSec bouncer
+/// (`[crowdsec]`),
 /// the whole `[redis]` section (the connection and key layout), the IPv6
 /// grouping of clients (`client_ip.ipv6_prefix`, part of every key), and the
 /// background intervals `ban.reconcile_interval` and `ban.audit_max_len`.
@@ -273,6 +281,10 @@ pub(crate) fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static 
     keep!("server.response_buffer", server.response_buffer);
     // The writer thread is started with its file (a reload reopens it).
     keep!("server.access_log", server.access_log);
+    // The public listener is built with or without the PROXY step.
+    keep!("server.proxy_protocol", server.proxy_protocol);
+    // The bouncer's poller is started once, with its key.
+    keep!("crowdsec", crowdsec);
     if old.server.tls.is_some() != new.server.tls.is_some() {
         changed.push("server.tls");
         new.server.tls = old.server.tls.clone();

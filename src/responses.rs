@@ -154,6 +154,25 @@ pub(crate) fn unknown_key(message: String) -> HttpResponse {
         .body(body.to_string())
 }
 
+/// A bearer token that does not verify, with `jwt.invalid = "reject"`:
+/// 401 problem+json; `why` is the `floodgate_jwt_total` outcome.
+pub(crate) fn invalid_token(why: &str) -> HttpResponse {
+    let body = json!({
+        "type": "about:blank",
+        "title": "Unauthorized",
+        "status": 401,
+        "error": "invalid_token",
+        "message": format!("the bearer token was refused: {why}"),
+    });
+    HttpResponse::build(StatusCode::UNAUTHORIZED)
+        .insert_header((
+            actix_web::http::header::WWW_AUTHENTICATE,
+            "Bearer error=\"invalid_token\"",
+        ))
+        .content_type("application/problem+json")
+        .body(body.to_string())
+}
+
 /// A request the gateway cannot decide on (e.g. an oversized key header).
 pub(crate) fn bad_request(message: String) -> HttpResponse {
     json_error(

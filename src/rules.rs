@@ -216,6 +216,12 @@ pub(crate) trait RequestParts {
     fn host(&self) -> Option<&str>;
     /// The value of header `name`, if the request has it.
     fn key_header(&self, name: &HeaderName) -> Option<KeyHeader<'_>>;
+    /// The value of claim `name` of the request's bearer token, only once
+    /// the token is verified (`crate::identity`); `None` otherwise, so an
+    /// unverified claim never keys a subject.
+    fn claim(&self, _name: &str) -> Option<&str> {
+        None
+    }
 }
 
 /// A key header's value as a request source knows it.
@@ -279,6 +285,11 @@ pub(crate) enum Subject {
     Consumer {
         hash: String,
     },
+    /// A verified token's claim (`key = "jwt:<claim>"`).
+    Claim {
+        claim: String,
+        value: String,
+    },
     Global,
 }
 
@@ -290,6 +301,7 @@ impl Subject {
             Subject::Ip(k) => format!("ip:{k}"),
             Subject::Header { name, value } => format!("hdr:{}:{value}", name.as_str()),
             Subject::Consumer { hash } => format!("consumer:{hash}"),
+            Subject::Claim { claim, value } => format!("jwt:{claim}:{value}"),
             Subject::Global => "global".to_string(),
         }
     }
@@ -507,6 +519,13 @@ impl RuleSet {
                         value,
                     }
                 }
+                KeyKind::Claim(claim) => match req.claim(claim) {
+                    None => continue,
+                    Some(v) => Subject::Claim {
+                        claim: claim.clone(),
+                        value: claim_key_value(v),
+                    },
+                },
             };
             match groups.iter_mut().find(|g| g.subject == subject) {
                 Some(g) => g.rules.push(rule),
@@ -523,9 +542,25 @@ impl RuleSet {
     }
 }
 
+/// A verified claim's value as a subject name: as it is (encoded) when
+/// short, its SHA-256 past [`MAX_KEY_HEADER_LEN`] (the issuer vouches for
+/// it, so a long value is not refused, only kept short).
+pub(crate) fn claim_key_value(v: &str) -> String {
+    if v.len() > MAX_KEY_HEADER_LEN {
+        use sha2::Digest;
+        sha2::Sha256::digest(v.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    } else {
+        encode_key_value(v.as_bytes())
+    }
+}
+
 fn same_subject_kind(a: &KeyKind, b: &KeyKind) -> bool {
     match (a, b) {
         (KeyKind::Header(x), KeyKind::Header(y)) => x == y,
+        (KeyKind::Claim(x), KeyKind::Claim(y)) => x == y,
         _ => std::mem::discriminant(a) == std::mem::discriminant(b),
     }
 }

@@ -15,7 +15,7 @@ use crate::bans::{key_tag, BanCache, BanEvent, BanTarget, Bans, Follower};
 use crate::config::Config;
 use crate::consumers::ConsumerTable;
 use crate::front_door;
-use crate::gateway::{Gateway, Snapshot, UpstreamClients};
+use crate::gateway::{Gateway, Snapshot, UpstreamClients, Vouchers};
 use crate::limiter::{BanParams, Breakers, Limiter, LimiterSettings, LocalStore, RedisStore};
 use crate::metrics::GatewayMetrics;
 use crate::redis_link::RedisLink;
@@ -25,6 +25,8 @@ use crate::upload::BodyLimits;
 
 /// Subjects the in-process store tracks at most (bounded memory).
 const LOCAL_MAX_SUBJECTS: usize = 1_000_000;
+/// Client connections the public listener holds at most, per worker.
+const MAX_CONNECTIONS: usize = 100_000;
 
 fn node_id(config: &Config) -> String {
     config.server.node_id.clone().unwrap_or_else(|| {
@@ -248,6 +250,11 @@ impl Node {
             consumers,
             limiter.clone(),
             bans.clone(),
+            Vouchers {
+                blocklists: crate::blocklists::Blocklists::start(&file.path, &config.blocklists),
+                identity: crate::identity::Identity::start(&file.path, config.jwt.as_ref()),
+                crowdsec: crate::crowdsec::Crowdsec::start(config.crowdsec.as_ref()),
+            },
             metrics,
             access_log,
         ));
@@ -281,7 +288,7 @@ impl Node {
         } else {
             config.server.workers
         };
-        let public = HttpServer::new({
+        let app = {
             let gateway = gateway.clone();
             move || {
                 App::new()
@@ -293,20 +300,39 @@ impl Node {
                     )))
                     .default_service(web::to(front_door::front_door))
             }
-        })
-        .workers(workers)
-        .max_connections(100_000)
-        .h1_write_buffer_size(config.server.response_buffer)
-        .on_connect(crate::send_timeout::on_connect(config.server.send_timeout))
-        .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1))
-        .disable_signals();
-        let public = match &served {
-            Some(served) => {
-                public.listen_rustls_0_23(listeners.public, tls::server_config(served.clone())?)
-            }
-            None => public.listen(listeners.public),
-        }?
-        .run();
+        };
+        let shutdown_timeout = config.server.shutdown_timeout.as_secs().max(1);
+        let tls_config = match &served {
+            Some(served) => Some(tls::server_config(served.clone())?),
+            None => None,
+        };
+        let public = if config.server.proxy_protocol {
+            let gateway = gateway.clone();
+            crate::proxy_protocol::serve(crate::proxy_protocol::PublicListener {
+                listener: listeners.public,
+                app,
+                trusted: move |peer| gateway.snapshot().resolver.is_trusted(peer),
+                on_connect: crate::send_timeout::on_connect(send_timeout),
+                tls: tls_config,
+                workers,
+                max_connections: MAX_CONNECTIONS,
+                write_buffer: response_buffer,
+                shutdown_timeout,
+            })?
+        } else {
+            let public = HttpServer::new(app)
+                .workers(workers)
+                .max_connections(MAX_CONNECTIONS)
+                .h1_write_buffer_size(response_buffer)
+                .on_connect(crate::send_timeout::on_connect(send_timeout))
+                .shutdown_timeout(shutdown_timeout)
+                .disable_signals();
+            match tls_config {
+                Some(tls_config) => public.listen_rustls_0_23(listeners.public, tls_config),
+                None => public.listen(listeners.public),
+            }?
+            .run()
+        };
 
         if !admin_addr.ip().is_loopback() {
             log::warn!(

@@ -240,7 +240,11 @@ async fn list_bans(req: HttpRequest, state: web::Data<AdminState>) -> HttpRespon
         return r;
     }
     match state.gateway.bans.list().await {
-        Ok(list) => HttpResponse::Ok().json(list),
+        Ok(mut list) => {
+            // CrowdSec's decisions, listed with their origin.
+            list.extend(state.gateway.crowdsec.views());
+            HttpResponse::Ok().json(list)
+        }
         Err(e) => failed(e),
     }
 }
@@ -441,7 +445,12 @@ async fn bucket(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
             }
         },
         // The consumer header's rules are charged to the consumer.
-        KeyKind::Header(name) if snapshot.plans.as_ref().is_some_and(|p| p.header() == name) => {
+        KeyKind::Header(name)
+            if snapshot
+                .plans
+                .as_ref()
+                .is_some_and(|p| p.header() == Some(name)) =>
+        {
             Subject::Consumer {
                 hash: crate::consumers::key_hash(raw_subject.as_bytes()),
             }
@@ -449,6 +458,20 @@ async fn bucket(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
         KeyKind::Header(name) => Subject::Header {
             name: name.clone(),
             value: encode_key_value(raw_subject.as_bytes()),
+        },
+        KeyKind::Claim(claim)
+            if snapshot
+                .plans
+                .as_ref()
+                .is_some_and(|p| p.claim() == Some(claim.as_str())) =>
+        {
+            Subject::Consumer {
+                hash: crate::consumers::key_hash(raw_subject.as_bytes()),
+            }
+        }
+        KeyKind::Claim(claim) => Subject::Claim {
+            claim: claim.clone(),
+            value: crate::rules::claim_key_value(&raw_subject),
         },
         KeyKind::Global => Subject::Global,
     };

@@ -16,8 +16,13 @@ use crate::policy::KeyKind;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ConsumersConfig {
-    /// `header:<Name>`: the header carrying the consumer's key.
+    /// `header:<Name>`: the header carrying the consumer's key; or
+    /// `jwt:<claim>`: the claim of the verified bearer token that does.
     pub(crate) key: String,
+    /// With a `jwt:` key: the claim naming the consumer's plan (used when
+    /// no assignment names one, before `default_plan`).
+    #[serde(default)]
+    pub(crate) plan_claim: Option<String>,
     /// The plan of requests with an unknown or missing key; none: such
     /// requests get no plan rules.
     #[serde(default)]
@@ -93,12 +98,29 @@ pub(super) fn validate_plans(config: &Config, names: &mut HashSet<String>) -> Re
         return Ok(());
     };
     match KeyKind::parse(&c.key) {
-        Ok(KeyKind::Header(_)) => {}
+        Ok(KeyKind::Header(_)) => {
+            if c.plan_claim.is_some() {
+                return Err(Invalid::new(
+                    "consumers.plan_claim",
+                    "needs consumers.key = \"jwt:<claim>\": only a verified token's claims name a plan",
+                ));
+            }
+        }
+        Ok(KeyKind::Claim(_)) => {
+            if let Some(p) = &c.plan_claim {
+                if !matches!(KeyKind::parse(&format!("jwt:{p}")), Ok(KeyKind::Claim(_))) {
+                    return Err(Invalid::new(
+                        "consumers.plan_claim",
+                        format!("`{p}` is not a claim name"),
+                    ));
+                }
+            }
+        }
         _ => {
             return Err(Invalid::new(
                 "consumers.key",
                 format!(
-                    "`{}`: give \"header:<Name>\", the header carrying the consumer's key",
+                    "`{}`: give \"header:<Name>\", the header carrying the consumer's key, or \"jwt:<claim>\", the token claim that does",
                     c.key
                 ),
             ))

@@ -21,9 +21,12 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 mod ban;
+mod blocklists;
 mod consumers;
 mod cost;
+mod crowdsec;
 mod error;
+mod identity;
 mod pools;
 mod redis;
 mod rules;
@@ -31,10 +34,13 @@ mod server;
 mod summary;
 
 pub(crate) use ban::{parse_cidr, BanConfig, ClientIpConfig};
+pub(crate) use blocklists::BlocklistConfig;
 pub(crate) use consumers::UnknownKeys;
 pub(crate) use consumers::{check_consumer_key, ConsumersConfig, PlanConfig};
 pub(crate) use cost::{CostConfig, MAX_COST};
+pub(crate) use crowdsec::CrowdsecConfig;
 pub(crate) use error::{ConfigError, Invalid};
+pub(crate) use identity::{InvalidToken, JwtConfig};
 pub(crate) use pools::{HealthConfig, RouteConfig, UpstreamConfig};
 pub(crate) use redis::{OnFailure, RedisConfig};
 pub(crate) use rules::{LimitConfig, RuleConfig};
@@ -73,6 +79,15 @@ pub struct Config {
     /// `[plans.NAME]`: the rules each plan gives its consumers.
     #[serde(default)]
     pub(crate) plans: BTreeMap<String, PlanConfig>,
+    /// `[jwt]`: how bearer tokens are verified for `jwt:<claim>` keys.
+    #[serde(default)]
+    pub(crate) jwt: Option<JwtConfig>,
+    /// `[crowdsec]`: the CrowdSec Local API this node is a bouncer of.
+    #[serde(default)]
+    pub(crate) crowdsec: Option<CrowdsecConfig>,
+    /// `[[blocklists]]`: files of addresses whose clients are refused.
+    #[serde(default)]
+    pub(crate) blocklists: Vec<BlocklistConfig>,
 }
 
 impl Config {
@@ -117,6 +132,11 @@ impl Config {
         let mut names = HashSet::new();
         rules::validate(&self.rules, &mut names)?;
         consumers::validate_plans(self, &mut names)?;
+        blocklists::validate(&self.blocklists)?;
+        identity::validate(self)?;
+        if let Some(c) = &self.crowdsec {
+            crowdsec::validate(c)?;
+        }
         self.ban.validate()
     }
 }

@@ -58,6 +58,9 @@ pub struct ServerConfig {
     /// The access log: a file (relative paths from the config file's
     /// directory) or `"-"` for standard output; `None`: no access log.
     pub(crate) access_log: Option<String>,
+    /// Read a PROXY protocol header (v1 or v2) from trusted proxies on the
+    /// public listener: the client it names is the client.
+    pub(crate) proxy_protocol: bool,
 }
 
 /// `[server.tls]`: the certificate the front door presents. Relative paths
@@ -90,6 +93,7 @@ impl Default for ServerConfig {
             max_header_bytes: 32 * 1024,
             log_throttle: Duration::from_secs(10),
             access_log: None,
+            proxy_protocol: false,
         }
     }
 }

@@ -105,6 +105,54 @@ impl Config {
             let _ = writeln!(s, "ban           off");
         }
         let _ = writeln!(s, "allowlist     {} entries", self.allowlist.len());
+        self.identity_summary(&mut s);
         s
+    }
+
+    /// The lines of SPEC section 16: PROXY protocol, `[jwt]`,
+    /// `[[blocklists]]`, `[crowdsec]`.
+    fn identity_summary(&self, s: &mut String) {
+        use std::fmt::Write;
+        if self.server.proxy_protocol {
+            let _ = writeln!(
+                s,
+                "proxy         PROXY protocol v1/v2 from client_ip.trusted_proxies"
+            );
+        }
+        if let Some(j) = &self.jwt {
+            let keys: Vec<String> = j
+                .jwks
+                .iter()
+                .map(|k| format!("JWKS {k}"))
+                .chain(j.secret_env.iter().map(|e| format!("HS256 secret in ${e}")))
+                .collect();
+            let invalid = match j.invalid {
+                super::InvalidToken::Reject => "401",
+                super::InvalidToken::Anonymous => "anonymous",
+            };
+            let _ = writeln!(
+                s,
+                "jwt           {}; bad tokens: {invalid}",
+                keys.join(", ")
+            );
+        }
+        for b in &self.blocklists {
+            let _ = writeln!(
+                s,
+                "blocklist     {}: {} (checked every {})",
+                b.name(),
+                b.path.display(),
+                humantime::format_duration(b.poll)
+            );
+        }
+        if let Some(c) = &self.crowdsec {
+            let _ = writeln!(
+                s,
+                "crowdsec      {} every {} (key in ${})",
+                c.url,
+                humantime::format_duration(c.poll),
+                c.api_key_env
+            );
+        }
     }
 }

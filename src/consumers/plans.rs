@@ -34,6 +34,8 @@ pub(crate) enum PlanSource {
     Runtime,
     /// `consumers.keys` in the config file.
     Config,
+    /// `consumers.plan_claim` of the request's verified token.
+    Claim,
     /// `consumers.default_plan`.
     Default,
 }
@@ -43,7 +45,25 @@ impl PlanSource {
         match self {
             PlanSource::Runtime => "runtime",
             PlanSource::Config => "config",
+            PlanSource::Claim => "claim",
             PlanSource::Default => "default",
+        }
+    }
+}
+
+/// What carries a consumer's key: a header (an API key), or a claim of
+/// the request's verified bearer token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ConsumerKey {
+    Header(HeaderName),
+    Claim(String),
+}
+
+impl ConsumerKey {
+    fn kind(&self) -> KeyKind {
+        match self {
+            ConsumerKey::Header(h) => KeyKind::Header(h.clone()),
+            ConsumerKey::Claim(c) => KeyKind::Claim(c.clone()),
         }
     }
 }
@@ -51,7 +71,9 @@ impl PlanSource {
 /// `[consumers]` and `[plans.*]`, compiled.
 #[derive(Debug)]
 pub(crate) struct Plans {
-    header: HeaderName,
+    key: ConsumerKey,
+    /// `consumers.plan_claim`: a verified claim naming the plan.
+    plan_claim: Option<String>,
     plans: Vec<Plan>,
     default: Option<usize>,
     /// SHA-256 of a static key -> plan.
@@ -68,8 +90,10 @@ impl Plans {
     /// every rule.
     pub(crate) fn compile(config: &Config, rules: &RuleSet) -> Option<Plans> {
         let c = config.consumers.as_ref()?;
-        let KeyKind::Header(header) = KeyKind::parse(&c.key).ok()? else {
-            return None;
+        let key = match KeyKind::parse(&c.key).ok()? {
+            KeyKind::Header(h) => ConsumerKey::Header(h),
+            KeyKind::Claim(c) => ConsumerKey::Claim(c),
+            _ => return None,
         };
         let plans: Vec<Plan> = config
             .plans
@@ -79,7 +103,7 @@ impl Plans {
                 rules: p
                     .rules
                     .iter()
-                    .map(|r| Rule::compile(r, KeyKind::Header(header.clone())))
+                    .map(|r| Rule::compile(r, key.kind()))
                     .collect(),
             })
             .collect();
@@ -97,10 +121,11 @@ impl Plans {
             .max()
             .unwrap_or(0);
         let ttl_ms = rules
-            .ttl_ms(&KeyKind::Header(header.clone()))
+            .ttl_ms(&key.kind())
             .max(longest_plan_rule.div_ceil(1000) + 1000);
         Some(Plans {
-            header,
+            plan_claim: c.plan_claim.clone(),
+            key,
             plans,
             default,
             static_keys,
@@ -109,9 +134,20 @@ impl Plans {
         })
     }
 
-    /// The header that carries a consumer's key.
-    pub(crate) fn header(&self) -> &HeaderName {
-        &self.header
+    /// The header that carries a consumer's key, if a header does.
+    pub(crate) fn header(&self) -> Option<&HeaderName> {
+        match &self.key {
+            ConsumerKey::Header(h) => Some(h),
+            ConsumerKey::Claim(_) => None,
+        }
+    }
+
+    /// The token claim that carries a consumer's key, if a claim does.
+    pub(crate) fn claim(&self) -> Option<&str> {
+        match &self.key {
+            ConsumerKey::Claim(c) => Some(c),
+            ConsumerKey::Header(_) => None,
+        }
     }
 
     pub(crate) fn plans(&self) -> &[Plan] {
@@ -131,6 +167,18 @@ impl Plans {
     /// runtime assignment, else a static one, else the default plan. A
     /// runtime plan this config does not define is passed over.
     pub(crate) fn plan_of(&self, hash: &str, table: &ConsumerTable) -> Option<(&Plan, PlanSource)> {
+        self.plan_for(hash, table, None)
+    }
+
+    /// [`Self::plan_of`], with the plan a verified token's
+    /// `consumers.plan_claim` names (if this config defines it) between the
+    /// static assignments and the default plan.
+    fn plan_for(
+        &self,
+        hash: &str,
+        table: &ConsumerTable,
+        claimed: Option<&str>,
+    ) -> Option<(&Plan, PlanSource)> {
         let runtime = table
             .get(hash)
             .and_then(|name| self.find(&name))
@@ -140,6 +188,11 @@ impl Plans {
                 self.static_keys
                     .get(hash)
                     .map(|i| (&self.plans[*i], PlanSource::Config))
+            })
+            .or_else(|| {
+                claimed
+                    .and_then(|name| self.find(name))
+                    .map(|p| (p, PlanSource::Claim))
             })
             .or_else(|| self.default.map(|i| (&self.plans[i], PlanSource::Default)))
     }
@@ -161,13 +214,21 @@ impl Plans {
         table: &ConsumerTable,
         groups: &mut Vec<SubjectGroup<'r>>,
     ) -> Result<(), ConsumerError> {
-        let known = match req.key_header(&self.header) {
+        let header = match &self.key {
+            ConsumerKey::Header(h) => h,
+            ConsumerKey::Claim(claim) => {
+                // A verified token's consumer is always known: its issuer
+                // vouches for it. No verified token: no consumer.
+                let known = req.claim(claim).map(|v| key_hash(v.as_bytes()));
+                let claimed = self.plan_claim.as_deref().and_then(|c| req.claim(c));
+                return self.add_plan_rules(req, client, table, groups, known, claimed);
+            }
+        };
+        let known = match req.key_header(header) {
             Some(v) => {
                 let hash = match v {
                     KeyHeader::Raw(v) if v.len() > MAX_KEY_HEADER_LEN => {
-                        return Err(
-                            MatchError::from(KeyHeaderTooLong(self.header.to_string())).into()
-                        );
+                        return Err(MatchError::from(KeyHeaderTooLong(header.to_string())).into());
                     }
                     KeyHeader::Raw(v) => key_hash(v),
                     KeyHeader::Hashed(hash) => hash.to_string(),
@@ -175,16 +236,30 @@ impl Plans {
                 if table.get(&hash).is_some() || self.static_keys.contains_key(&hash) {
                     Some(hash)
                 } else if self.unknown_keys == UnknownKeys::Reject {
-                    return Err(ConsumerError::UnknownKey(self.header.to_string()));
+                    return Err(ConsumerError::UnknownKey(header.to_string()));
                 } else {
                     None
                 }
             }
             None => None,
         };
+        self.add_plan_rules(req, client, table, groups, known, None)
+    }
+
+    /// The rest of [`Self::apply`] once the consumer is known (`known`: the
+    /// hash of its key) or not: its subject and its plan's rules.
+    fn add_plan_rules<'r, R: RequestParts + ?Sized>(
+        &'r self,
+        req: &R,
+        client: ClientKey,
+        table: &ConsumerTable,
+        groups: &mut Vec<SubjectGroup<'r>>,
+        known: Option<String>,
+        claimed: Option<&str>,
+    ) -> Result<(), ConsumerError> {
         let (subject, plan) = match known {
             Some(hash) => {
-                let plan = self.plan_of(&hash, table).map(|(p, _)| p);
+                let plan = self.plan_for(&hash, table, claimed).map(|(p, _)| p);
                 for g in groups.iter_mut() {
                     if self.is_key_group(g) {
                         g.subject = Subject::Consumer { hash: hash.clone() };
@@ -238,7 +313,14 @@ impl Plans {
 
     /// A group of the `[[rules]]` keyed by the consumer header.
     fn is_key_group(&self, g: &SubjectGroup<'_>) -> bool {
-        matches!(&g.subject, Subject::Header { name, .. } if *name == self.header)
+        match &self.key {
+            ConsumerKey::Header(h) => {
+                matches!(&g.subject, Subject::Header { name, .. } if name == h)
+            }
+            ConsumerKey::Claim(c) => {
+                matches!(&g.subject, Subject::Claim { claim, .. } if claim == c)
+            }
+        }
     }
 }
 

@@ -5,8 +5,11 @@
 //! 1. [`Exchange::identify`] - peer address, trusted proxies, X-Forwarded-For;
 //! 2. [`Exchange::allowlist`] - in memory, then forward with no Redis call;
 //! 3. [`Exchange::ban_cache`] - in memory, answer with no Redis call;
-//! 4. [`Exchange::rules`] - the matching rules and the consumer's plan
-//!    rules, grouped by subject;
+//!    then [`Exchange::blocklists`], the `[[blocklists]]` files and
+//!    CrowdSec's decisions, the same way;
+//! 4. [`Exchange::token`] - the bearer token verified (`[jwt]`), then
+//!    [`Exchange::rules`] - the matching rules and the consumer's plan
+//!    rules, grouped by subject (keyed by verified claims only);
 //! 5. [`Exchange::decide`] - one store call per subject;
 //! 6. [`Exchange::forward`] - to the routed pool (plus RateLimit headers);
 //!    refusals were answered by the phase that made them (429, ban status,
@@ -36,6 +39,7 @@ use crate::access_log::{Entry, Verdict};
 use crate::client_ip::ClientKey;
 use crate::consumers::ConsumerError;
 use crate::gateway::{Gateway, Snapshot, UpstreamClients};
+use crate::identity::{Claims, Token, WithClaims};
 use crate::in_flight::SlotGuard;
 use crate::limiter::{Decision, RateInfo, Reservation};
 use crate::responses;
@@ -162,7 +166,9 @@ impl<'a> Exchange<'a> {
     async fn limit(&self) -> Result<Admitted<'a>, Exit> {
         self.allowlist()?;
         self.ban_cache()?;
-        let groups = self.rules()?;
+        self.blocklists()?;
+        let claims = self.token()?;
+        let groups = self.rules(claims.as_ref())?;
         self.decide(&groups).await
     }
 
@@ -189,10 +195,52 @@ impl<'a> Exchange<'a> {
         }
     }
 
+    /// Phase 3, continued: a client in a `[[blocklists]]` list gets the ban
+    /// answer (the list's status, or `ban.status`), counted as banned.
+    /// A client CrowdSec banned gets the same answer, for the time its
+    /// decision has left.
+    fn blocklists(&self) -> Result<(), Exit> {
+        let listed = self
+            .gw
+            .blocklists
+            .listed(self.ip)
+            .map(|l| (l.retry_after, l.status))
+            .or_else(|| self.gw.crowdsec.banned(self.ip));
+        match listed {
+            Some((left, status)) => {
+                self.gw.metrics.banned.increment(1);
+                self.verdict.set(Verdict::Banned);
+                Err(Exit::Answer(responses::banned(
+                    status.unwrap_or(self.snap.ban_status),
+                    left,
+                )))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Phase 4, first: the bearer token. Its claims when it verifies; a
+    /// bad one is answered 401, or decided as no token at all with
+    /// `jwt.invalid = "anonymous"`.
+    fn token(&self) -> Result<Option<Claims>, Exit> {
+        match self.gw.identity.token(self.req.headers()) {
+            Token::None => Ok(None),
+            Token::Verified(claims) => Ok(Some(claims)),
+            Token::Invalid { why, reject: true } => {
+                Err(Exit::Answer(responses::invalid_token(why)))
+            }
+            Token::Invalid { reject: false, .. } => Ok(None),
+        }
+    }
+
     /// Phase 4: the rules that match, with the consumer's plan rules,
     /// grouped by subject. A key header too long or a path whose readings
     /// disagree is refused with 400; no rule at all forwards.
-    fn rules(&self) -> Result<Vec<SubjectGroup<'a>>, Exit> {
+    fn rules(&self, claims: Option<&Claims>) -> Result<Vec<SubjectGroup<'a>>, Exit> {
+        let req = WithClaims {
+            req: &self.req,
+            claims,
+        };
         let bad_request = |kind: &'static str, message: String| {
             crate::metrics::client_error(kind);
             Exit::Answer(responses::bad_request(message))
@@ -200,11 +248,11 @@ impl<'a> Exchange<'a> {
         let mut groups = self
             .snap
             .rules
-            .groups(&self.req, self.key)
+            .groups(&req, self.key)
             .map_err(|e| bad_request(e.kind(), e.to_string()))?;
         if let Some(plans) = &self.snap.plans {
             plans
-                .apply(&self.req, self.key, &self.gw.consumers, &mut groups)
+                .apply(&req, self.key, &self.gw.consumers, &mut groups)
                 .map_err(|e| match e {
                     ConsumerError::Match(e) => Exit::Answer(responses::bad_request(e.to_string())),
                     ConsumerError::UnknownKey(_) => {
