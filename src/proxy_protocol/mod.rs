@@ -130,10 +130,18 @@ pub(crate) async fn accept(
     trusted: bool,
     outcomes: &Outcomes,
 ) -> Result<Arrival, Refusal> {
-    let read = tokio::time::timeout(HEADER_TIMEOUT, read_header(tcp, peer, trusted));
+    let seen = std::cell::Cell::new(false);
+    let read = tokio::time::timeout(HEADER_TIMEOUT, read_header(tcp, peer, trusted, &seen));
     let result = match read.await {
         Ok(result) => result,
-        Err(_) => Err(Refusal::Timeout(peer)),
+        // Part of a header, never finished.
+        Err(_) if seen.get() => Err(Refusal::Timeout(peer)),
+        // Nothing at all (a preconnect, an idle check): closed as HTTP
+        // would close it, without a warning.
+        Err(_) => Err(Refusal::Io {
+            peer,
+            source: io::ErrorKind::TimedOut.into(),
+        }),
     };
     match &result {
         Ok((arrival, v2)) => outcomes.arrival(*arrival, *v2),
@@ -181,6 +189,7 @@ async fn read_header(
     tcp: &mut TcpStream,
     peer: IpAddr,
     trusted: bool,
+    seen: &std::cell::Cell<bool>,
 ) -> Result<(Arrival, bool), Refusal> {
     let io = |source| Refusal::Io { peer, source };
     let malformed = |why: String| Refusal::Malformed { peer, why };
@@ -190,6 +199,7 @@ async fn read_header(
         if n == 0 {
             return Err(io(io::ErrorKind::UnexpectedEof.into()));
         }
+        seen.set(true);
         let seen = &buf[..n];
         let start = classify(seen);
         if start == Start::Other {
