@@ -41,16 +41,16 @@ pub(crate) const PROXY_PROTOCOL: &str = "floodgate_proxy_protocol_total";
 pub(crate) const BLOCKLIST_HITS: &str = "floodgate_blocklist_hits_total";
 pub(crate) const BLOCKLIST_ENTRIES: &str = "floodgate_blocklist_entries";
 pub(crate) const BLOCKLIST_BAD_LINES: &str = "floodgate_blocklist_bad_lines";
-pub(crate) const BLOCKLIST_STALE: &str = "floodgate_blocklist_stale";
+pub const BLOCKLIST_STALE: &str = "floodgate_blocklist_stale";
 pub(crate) const BLOCKLIST_READS: &str = "floodgate_blocklist_reads_total";
 pub(crate) const JWT: &str = "floodgate_jwt_total";
 pub(crate) const JWKS_KEYS: &str = "floodgate_jwks_keys";
 pub(crate) const JWKS_REFRESH: &str = "floodgate_jwks_refresh_total";
-pub(crate) const JWKS_STALE: &str = "floodgate_jwks_stale";
+pub const JWKS_STALE: &str = "floodgate_jwks_stale";
 pub(crate) const CROWDSEC_HITS: &str = "floodgate_crowdsec_hits_total";
 pub(crate) const CROWDSEC_DECISIONS: &str = "floodgate_crowdsec_decisions";
 pub(crate) const CROWDSEC_PULLS: &str = "floodgate_crowdsec_pulls_total";
-pub(crate) const CROWDSEC_UP: &str = "floodgate_crowdsec_up";
+pub const CROWDSEC_UP: &str = "floodgate_crowdsec_up";
 pub(crate) const CROWDSEC_SKIPPED: &str = "floodgate_crowdsec_skipped_total";
 
 /// Label value for decisions that belong to no rule (bans, allowlist).

@@ -68,6 +68,9 @@ fn exported(name: &str) -> bool {
         metrics::CONFIG_RELOADS,
         metrics::SETTLE_ERRORS,
         metrics::SETTLEMENTS,
+        metrics::BLOCKLIST_STALE,
+        metrics::JWKS_STALE,
+        metrics::CROWDSEC_UP,
     ];
     all.iter().any(|m| {
         name == *m
@@ -87,7 +90,7 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
         &dir,
     );
     let text = assert_success(&out, "promtool check rules");
-    assert!(text.contains("SUCCESS: 15 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 18 rules found"), "{text}");
     let out = run(
         "promtool",
         &["test", "rules", "floodgate-alerts.test.yml"],
