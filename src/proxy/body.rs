@@ -98,6 +98,22 @@ pub(crate) struct ResponseBody {
 }
 
 impl ResponseBody {
+    /// The whole of a buffered answer the HTTP server may take at once
+    /// (one too small to be watched, with nothing to run at its end), so
+    /// that it goes out with its head in one write.
+    pub(super) fn take_whole(&mut self) -> Option<Bytes> {
+        if self.watched.is_some() || self.on_end.is_some() {
+            return None;
+        }
+        match std::mem::replace(&mut self.held, Held::Nothing) {
+            Held::Buffered(b) => Some(b.rest),
+            other => {
+                self.held = other;
+                None
+            }
+        }
+    }
+
     /// The next piece of the body; its end once `on_end` has run.
     fn poll_pieces(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, std::io::Error>>> {
         if let Some(f) = self.ending.as_mut() {

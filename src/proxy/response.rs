@@ -400,7 +400,14 @@ impl UpstreamResponse {
         if s.is_informational() || s == StatusCode::NO_CONTENT || s == StatusCode::NOT_MODIFIED {
             return self.builder.finish();
         }
+        if let Some(whole) = self.body.take_whole() {
+            return self.builder.body(whole);
+        }
         match self.size {
+            // A settlement waits for the body's end: with a length, the
+            // client would have the whole answer (and could ask again)
+            // before it is done; unframed, it waits for the end itself.
+            Some(_) if self.body.on_end.is_some() => self.builder.streaming(self.body),
             Some(n) => self.builder.body(SizedStream::new(n, self.body)),
             None => self.builder.streaming(self.body),
         }
