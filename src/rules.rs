@@ -347,7 +347,9 @@ impl SubjectGroup<'_> {
     /// `default_cost`. A value that is not a whole number from 1 to the
     /// rule's `max_cost` is refused: nothing is charged.
     pub(crate) fn price<R: RequestParts + ?Sized>(&mut self, req: &R) -> Result<(), BadCost> {
-        let named = |r: &Rule| r.adjust.as_ref().and_then(|a| a.cost_header.clone());
+        fn named(r: &Rule) -> Option<&(HeaderName, u32)> {
+            r.adjust.as_deref().and_then(|a| a.cost_header.as_ref())
+        }
         if !self.rules.iter().any(|r| named(r).is_some()) {
             return Ok(());
         }
@@ -358,7 +360,7 @@ impl SubjectGroup<'_> {
                 None => own,
                 // (The replay knows key headers only by their hash: it
                 // charges the default.)
-                Some((name, max)) => match req.key_header(&name) {
+                Some(&(ref name, max)) => match req.key_header(name) {
                     Some(KeyHeader::Raw(v)) => {
                         let bad = |problem: String| BadCost {
                             header: name.to_string(),

@@ -118,20 +118,11 @@ impl Lapi {
 }
 
 fn bouncer(redis: &RedisServer, up: &Upstream, url: &str) -> Gateway {
-    let p = prefix();
-    let (port, admin_port) = (free_port(), free_port());
-    let config = Gateway::config(
-        port,
-        admin_port,
-        &Setup {
-            redis: Some(redis.url()),
-            upstream: &up.url(),
-            prefix: &p,
-            rules: "",
-            extra: &format!(
-                "[crowdsec]\nurl = \"{url}\"\napi_key_env = \"FG_CROWDSEC_KEY\"\npoll = \"1s\"\n"
-            ),
-        },
+    let (port, admin_port, config) = Gateway::config_on(
+        redis,
+        &up.url(),
+        "",
+        &format!("[crowdsec]\nurl = \"{url}\"\napi_key_env = \"FG_CROWDSEC_KEY\"\npoll = \"1s\"\n"),
     );
     Gateway::start_config(port, admin_port, config, &[("FG_CROWDSEC_KEY", KEY)])
 }
@@ -237,21 +228,14 @@ fn cscli_decisions_are_enforced_within_a_poll_listed_and_lifted() {
 fn a_refused_key_is_counted_and_logged() {
     let (redis, up) = (RedisServer::start(), Upstream::start());
     let lapi = Lapi::start();
-    let p = prefix();
-    let (port, admin_port) = (free_port(), free_port());
-    let config = Gateway::config(
-        port,
-        admin_port,
-        &Setup {
-            redis: Some(redis.url()),
-            upstream: &up.url(),
-            prefix: &p,
-            rules: "",
-            extra: &format!(
-                "[crowdsec]\nurl = \"{}\"\napi_key_env = \"FG_CROWDSEC_KEY\"\npoll = \"1s\"\n",
-                lapi.url()
-            ),
-        },
+    let (port, admin_port, config) = Gateway::config_on(
+        &redis,
+        &up.url(),
+        "",
+        &format!(
+            "[crowdsec]\nurl = \"{}\"\napi_key_env = \"FG_CROWDSEC_KEY\"\npoll = \"1s\"\n",
+            lapi.url()
+        ),
     );
     let gw = Gateway::start_config(port, admin_port, config, &[("FG_CROWDSEC_KEY", "wrong")]);
     wait_until("a poll", Duration::from_secs(5), || {

@@ -135,19 +135,7 @@ fn jwt_section(jwks: &str, extra: &str) -> String {
 }
 
 fn start(redis: &RedisServer, up: &Upstream, rules: &str, extra: &str) -> Gateway {
-    let p = prefix();
-    let (port, admin_port) = (free_port(), free_port());
-    let config = Gateway::config(
-        port,
-        admin_port,
-        &Setup {
-            redis: Some(redis.url()),
-            upstream: &up.url(),
-            prefix: &p,
-            rules,
-            extra,
-        },
-    );
+    let (port, admin_port, config) = Gateway::config_on(redis, &up.url(), rules, extra);
     Gateway::start_config(port, admin_port, config, &[("TEST_JWT_SECRET", SECRET)])
 }
 

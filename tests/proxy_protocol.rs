@@ -115,20 +115,8 @@ fn proxied(extra: &str) -> String {
 }
 
 fn start_gateway(redis: &RedisServer, up: &Upstream, extra: &str) -> Gateway {
-    let p = prefix();
-    let (port, admin_port) = (free_port(), free_port());
-    let config = Gateway::config(
-        port,
-        admin_port,
-        &Setup {
-            redis: Some(redis.url()),
-            upstream: &up.url(),
-            prefix: &p,
-            rules: RULE,
-            extra: &proxied(extra),
-        },
-    )
-    .replacen("[server]\n", "[server]\nproxy_protocol = true\n", 1);
+    let (port, admin_port, config) = Gateway::config_on(redis, &up.url(), RULE, &proxied(extra));
+    let config = config.replacen("[server]\n", "[server]\nproxy_protocol = true\n", 1);
     Gateway::start_config(port, admin_port, config, &[])
 }
 

@@ -378,20 +378,8 @@ fn a_live_gateway_and_the_replay_of_its_log_refuse_alike() {
                  [[rules]]\nname = \"failures\"\nkey = \"ip\"\nmatch = { path_prefix = \"/status\" }\nrate = 1\nper = \"1h\"\nburst = 3\ncount = { status = [401] }\n";
     let extra = "[consumers]\nkey = \"header:X-Api-Key\"\nkeys = { \"k-pro\" = \"pro\" }\n\n[plans.pro]\nrules = [ { name = \"pro-quota\", quota = 3, period = \"day\" } ]\n\n\
          [ban]\nafter = 3\nwithin = \"1m\"\nduration = \"1m\"\n";
-    let p = prefix();
-    let (port, admin_port) = (free_port(), free_port());
-    let config = Gateway::config(
-        port,
-        admin_port,
-        &Setup {
-            redis: Some(redis.url()),
-            upstream: &up.url(),
-            prefix: &p,
-            rules,
-            extra,
-        },
-    )
-    .replacen(
+    let (port, admin_port, config) = Gateway::config_on(&redis, &up.url(), rules, extra);
+    let config = config.replacen(
         "[server]\n",
         &format!("[server]\naccess_log = \"{}\"\n", log_path.display()),
         1,

@@ -92,14 +92,29 @@ impl Gateway {
 
     /// A gateway on `redis` in front of the upstream at `url`.
     pub fn on_url(redis: &RedisServer, url: &str, rules: &str, extra: &str) -> Gateway {
+        let (port, admin_port, config) = Self::config_on(redis, url, rules, extra);
+        Self::start_config(port, admin_port, config, &[])
+    }
+
+    /// Fresh ports and the config of a gateway on `redis` (a key prefix
+    /// of its own) in front of the upstream at `url`, for a test that
+    /// edits the text or sets environment before [`Gateway::start_config`].
+    pub fn config_on(
+        redis: &RedisServer,
+        url: &str,
+        rules: &str,
+        extra: &str,
+    ) -> (u16, u16, String) {
         let p = prefix();
-        Self::start(&Setup {
+        let (port, admin_port) = (free_port(), free_port());
+        let setup = Setup {
             redis: Some(redis.url()),
             upstream: url,
             prefix: &p,
             rules,
             extra,
-        })
+        };
+        (port, admin_port, Self::config(port, admin_port, &setup))
     }
 
     pub fn start(setup: &Setup<'_>) -> Gateway {

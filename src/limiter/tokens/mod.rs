@@ -84,6 +84,22 @@ struct Entry {
     asking_since: Option<Instant>,
 }
 
+/// The index of `sig`'s entry in `entries`, added (wanting `want`, seen
+/// `now`) when there is none.
+fn entry_of(entries: &mut Vec<Entry>, sig: u64, want: u32, now: Instant) -> usize {
+    if let Some(i) = entries.iter().position(|e| e.sig == sig) {
+        return i;
+    }
+    entries.push(Entry {
+        sig,
+        lease: None,
+        want,
+        last_seen: now,
+        asking_since: None,
+    });
+    entries.len() - 1
+}
+
 /// Requests' worth a lease gives back: refunded on the store that charged
 /// them.
 pub(crate) struct Returned {
@@ -277,19 +293,7 @@ impl TokenLeases {
             rules: group.rules.iter().map(|r| (*r).clone()).collect(),
             ttl_ms: group.ttl_ms,
         };
-        let at = match entries.iter().position(|e| e.sig == sig) {
-            Some(i) => i,
-            None => {
-                entries.push(Entry {
-                    sig,
-                    lease: None,
-                    want: granted,
-                    last_seen: now,
-                    asking_since: None,
-                });
-                entries.len() - 1
-            }
-        };
+        let at = entry_of(entries, sig, granted, now);
         let e = &mut entries[at];
         match e.lease.as_mut() {
             Some(running) if now < running.expires => {
@@ -326,19 +330,7 @@ impl TokenLeases {
     ) {
         let mut shard = self.shard(tag).lock().unwrap_or_else(|p| p.into_inner());
         let entries = shard.entry(tag.to_string()).or_default();
-        let at = match entries.iter().position(|e| e.sig == sig) {
-            Some(i) => i,
-            None => {
-                entries.push(Entry {
-                    sig,
-                    lease: None,
-                    want: granted,
-                    last_seen: now,
-                    asking_since: None,
-                });
-                entries.len() - 1
-            }
-        };
+        let at = entry_of(entries, sig, granted, now);
         let lease = entries[at].lease.get_or_insert_with(|| Lease {
             sig,
             left: 0,
